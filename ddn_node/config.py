@@ -1,0 +1,456 @@
+"""The node's one typed settings object.
+
+Read from a TOML file and ``DDN_*`` environment overrides, validated once at start-up.
+Every other part of the node reads a :class:`Settings`; none writes it, and this module
+imports no other part of ``ddn_node`` (it sits below everything).
+
+Environment overrides use ``__`` between levels, for example ``DDN_NODE__PORT=11113`` or
+``DDN_DATABASE__URL=postgresql+psycopg://...``. Values are parsed as TOML scalars where
+possible (``DDN_NODE__PORT=11113`` is an int, ``DDN_WEB__ENABLED=false`` a bool).
+
+Relative paths are resolved against the working directory the node runs in (systemd:
+``WorkingDirectory=``), so the example configuration works from a checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DDN_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value):
+        raise ValueError("must be 1-16 printable characters without backslash (DICOM AE title)")
+    return stripped
+
+
+class _Section(BaseModel):
+    # Unknown keys are a typo the administrator wants to hear about, not silently ignore.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Section):
+    """DICOM TLS (PS3.15 B.1) on a second port."""
+
+    enabled: bool = False
+    port: Port = 2762
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = Field(
+        default=None, description="CA bundle; when set, peers must present a certificate it signed"
+    )
+
+    @model_validator(mode="after")
+    def _need_cert(self) -> TLSSettings:
+        if self.enabled and (self.cert is None or self.key is None):
+            raise ValueError("tls.enabled needs both 'cert' and 'key'")
+        return self
+
+
+class NodeSettings(_Section):
+    """The DICOM edge: who we are and how we listen."""
+
+    ae_title: str = "DDN_NODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_pdu_size: Annotated[int, Field(ge=0)] = 131072
+    acse_timeout_s: Seconds = 30
+    dimse_timeout_s: Seconds = 60
+    network_timeout_s: Seconds = 60
+    spool_dir: Path = Path("var/spool")
+    disk_reserve_mb: Annotated[int, Field(ge=0)] = 1024
+    max_instance_mb: Annotated[int, Field(ge=1)] = 2048
+    tls: TLSSettings = TLSSettings()
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class PeerSettings(_Section):
+    """One calling AE allowed to associate. ``hosts`` are IPs or CIDR blocks."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    quiet_period_s: Seconds | None = None
+    description: str = ""
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for host in value:
+            if host == "*":
+                continue
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{host!r} is not an IP address or CIDR block") from exc
+        return value
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/ddn-node.db"
+    pool_size: Annotated[int, Field(ge=1)] = 5
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not (value.startswith("sqlite") or value.startswith("postgresql")):
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        return value
+
+
+class CompletionSettings(_Section):
+    """When is a study complete? No DICOM message says so (PS3.4 B.4); we wait for quiet."""
+
+    quiet_period_s: Seconds = 30
+    force_complete_s: Seconds = 900
+    sweep_interval_s: Seconds = 2
+
+
+class QueueSettings(_Section):
+    lease_s: Seconds = 300
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    retry_delay_s: Seconds = 30
+
+
+class WorkerSettings(_Section):
+    enabled: bool = True
+    device: str = "cpu"
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    torch_threads: Annotated[int, Field(ge=0)] = 0
+    poll_interval_s: Seconds = 1.0
+
+
+class RoutingRule(_Section):
+    """Maps studies to a model artifact head. Empty lists match anything."""
+
+    name: str
+    model: Path
+    head: str
+    modalities: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list)
+    views: list[str] = Field(default_factory=list)
+    sop_classes: list[str] = Field(default_factory=list)
+
+
+class DestinationSettings(_Section):
+    name: str
+    ae_title: str
+    host: str
+    port: Port
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class DeliverySettings(_Section):
+    max_attempts: Annotated[int, Field(ge=1)] = 10
+    backoff_initial_s: Seconds = 5
+    backoff_max_s: Seconds = 900
+    sweep_interval_s: Seconds = 2
+    timeout_s: Seconds = 30
+
+
+class Priority(StrEnum):
+    STAT = "STAT"
+    HIGH = "HIGH"
+    ROUTINE = "ROUTINE"
+    NOT_ANALYSED = "NOT_ANALYSED"
+
+
+class TriageSettings(_Section):
+    """How an abnormality score and findings become a priority (explained in the UI)."""
+
+    critical_findings: list[str] = Field(default_factory=lambda: ["Pneumothorax"])
+    high_score: Annotated[float, Field(ge=0, le=1)] = 0.5
+    ageing_minutes_per_step: Annotated[float, Field(ge=0)] = 240.0
+    """ROUTINE studies gain one step of rank per this many minutes waiting (0 = off)."""
+
+
+class UserSettings(_Section):
+    name: str
+    password_hash: str = Field(description="argon2 hash, made with 'ddn-node hash-password'")
+    role: Literal["radiologist", "admin"] = "radiologist"
+
+
+class TokenSettings(_Section):
+    name: str
+    sha256: str = Field(description="sha256 hex of the bearer token")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lower-case hex characters (sha256 of the token)")
+        return value
+
+
+class WebSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    secret_key: str = Field(default="", description="signs session cookies; generated if empty")
+    session_max_age_s: Seconds = 8 * 3600
+    login_rate_per_minute: Annotated[int, Field(ge=1)] = 10
+    users: list[UserSettings] = Field(default_factory=list)
+    tokens: list[TokenSettings] = Field(default_factory=list)
+
+
+class HL7Settings(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 2575
+    sending_application: str = "DDN_NODE"
+    sending_facility: str = "RAD"
+    receiving_application: str = "RIS"
+    receiving_facility: str = "RAD"
+    timeout_s: Seconds = 10
+
+
+class HttpAdapterSettings(_Section):
+    enabled: bool = False
+    url: str = ""
+    bearer_token: str = ""
+    timeout_s: Seconds = 10
+
+
+class AdaptersSettings(_Section):
+    hl7: HL7Settings = HL7Settings()
+    fhir: HttpAdapterSettings = HttpAdapterSettings()
+    webhook: HttpAdapterSettings = HttpAdapterSettings()
+    ups: bool = False
+
+
+class RetentionSettings(_Section):
+    enabled: bool = False
+    max_age_days: Annotated[float, Field(gt=0)] = 30
+    interval_s: Seconds = 3600
+
+
+class AuditSettings(_Section):
+    syslog_host: str | None = None
+    syslog_port: Port = 514
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_output: bool = Field(default=True, alias="json")
+    file: Path | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Settings(_Section):
+    node: NodeSettings = NodeSettings()
+    peers: list[PeerSettings] = Field(default_factory=list)
+    database: DatabaseSettings = DatabaseSettings()
+    completion: CompletionSettings = CompletionSettings()
+    queue: QueueSettings = QueueSettings()
+    worker: WorkerSettings = WorkerSettings()
+    routing: list[RoutingRule] = Field(default_factory=list)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    delivery: DeliverySettings = DeliverySettings()
+    triage: TriageSettings = TriageSettings()
+    web: WebSettings = WebSettings()
+    adapters: AdaptersSettings = AdaptersSettings()
+    retention: RetentionSettings = RetentionSettings()
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    demo: bool = Field(
+        default=False, description="marks results 'NOT FOR DIAGNOSTIC USE' even for clinical models"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        for label, names in (
+            ("destinations", [d.name for d in self.destinations]),
+            ("routing", [r.name for r in self.routing]),
+            ("web.users", [u.name for u in self.web.users]),
+        ):
+            dupes = {n for n in names if names.count(n) > 1}
+            if dupes:
+                raise ValueError(f"{label}: duplicate name(s) {sorted(dupes)}")
+        return self
+
+    def quiet_period_for(self, calling_ae: str) -> float:
+        for peer in self.peers:
+            if peer.ae_title == calling_ae.strip() and peer.quiet_period_s is not None:
+                return peer.quiet_period_s
+        return self.completion.quiet_period_s
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One precise complaint about a configuration: where and what."""
+
+    source: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, so the administrator fixes them in one pass."""
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Nested dict from DDN_A__B=... variables, plus which variable set which key."""
+    tree: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        # Other DDN_* variables (DDN_DATA for the tests, say) are not settings.
+        if path[0] not in Settings.model_fields:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(raw)
+        origin[".".join(path)] = name
+    return tree, origin
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _loc_to_key(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(root)"
+
+
+def _problems_from_validation(
+    exc: ValidationError, source: str, env_origin: dict[str, str]
+) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors():
+        key = _loc_to_key(err["loc"])
+        where = env_origin.get(re.sub(r"\[\d+\]", "", key), source)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo? see deploy/ddn-node.example.toml for every setting)"
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append(ConfigProblem(where, key, msg))
+    return problems
+
+
+def load_settings(
+    path: Path | str | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, merge and validate. Raises :class:`ConfigError` listing every problem."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([ConfigProblem(source, "(file)", "file not found")]) from None
+        except PermissionError:
+            raise ConfigError([ConfigProblem(source, "(file)", "file not readable")]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([ConfigProblem(source, "(syntax)", str(exc))]) from None
+    overrides, origin = _env_overrides(environ)
+    merged = _merge(data, overrides)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from_validation(exc, source, origin)) from None
+
+
+def check_paths(settings: Settings, source: str = "(config)") -> list[ConfigProblem]:
+    """Problems that only the filesystem can reveal (unreadable certificates, missing models).
+
+    Separate from :func:`load_settings` so that unit tests and tools can build settings
+    without the files existing.
+    """
+    problems: list[ConfigProblem] = []
+
+    def readable(key: str, p: Path | None) -> None:
+        if p is None:
+            return
+        if not p.exists():
+            problems.append(ConfigProblem(source, key, f"path {str(p)!r} does not exist"))
+        elif not os.access(p, os.R_OK):
+            problems.append(ConfigProblem(source, key, f"path {str(p)!r} is not readable"))
+
+    def writable_dir(key: str, p: Path) -> None:
+        probe = p
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            problems.append(ConfigProblem(source, key, f"directory {str(p)!r} is not writable"))
+
+    writable_dir("node.spool_dir", settings.node.spool_dir)
+    tls = settings.node.tls
+    if tls.enabled:
+        readable("node.tls.cert", tls.cert)
+        readable("node.tls.key", tls.key)
+        readable("node.tls.ca", tls.ca)
+    for i, dest in enumerate(settings.destinations):
+        readable(f"destinations[{i}].tls_ca", dest.tls_ca)
+        readable(f"destinations[{i}].tls_cert", dest.tls_cert)
+        readable(f"destinations[{i}].tls_key", dest.tls_key)
+    for i, rule in enumerate(settings.routing):
+        if not (rule.model / "manifest.json").is_file():
+            problems.append(
+                ConfigProblem(source, f"routing[{i}].model", f"no model artifact at {str(rule.model)!r}")
+            )
+    if settings.database.url.startswith("sqlite:///"):
+        db_path = Path(settings.database.url.removeprefix("sqlite:///"))
+        if str(db_path) not in ("", ":memory:"):
+            writable_dir("database.url", db_path.parent)
+    if settings.logging.file is not None:
+        writable_dir("logging.file", settings.logging.file.parent)
+    return problems
