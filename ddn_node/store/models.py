@@ -78,6 +78,7 @@ class JobState(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    SUPERSEDED = "superseded"  # the study re-opened before this job ran
 
 
 class DeliveryState(StrEnum):

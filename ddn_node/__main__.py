@@ -1,0 +1,3 @@
+from ddn_node.cli.main import main
+
+main()

@@ -1,0 +1,230 @@
+"""``ddn-node``: the command line for administrators and ML engineers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ddn_node.config import ConfigError, Settings, check_paths, load_settings
+from ddn_node.logs import configure_logging
+
+app = typer.Typer(
+    name="ddn-node",
+    help="AI triage node for radiology: a DICOM AE that analyses studies and returns results to the PACS.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+console = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML configuration file (default: $DDN_CONFIG, else built-in defaults).",
+        envvar="DDN_CONFIG",
+    ),
+]
+
+
+def load_or_exit(config: Path | None, *, check_files: bool = False) -> Settings:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            console.print(f"[red]error[/red] {problem}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+    if check_files:
+        problems = check_paths(settings, str(config) if config else "(defaults)")
+        if problems:
+            for problem in problems:
+                console.print(f"[red]error[/red] {problem}", highlight=False)
+            raise typer.Exit(2)
+    return settings
+
+
+def setup_logging(settings: Settings) -> None:
+    configure_logging(settings.logging.level, settings.logging.json_output, settings.logging.file)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help="scp, worker or web (repeatable); default: all three."),
+    ] = None,
+) -> None:
+    """Run the node: DICOM SCP, scheduler, worker and web part."""
+    from ddn_node.cli.serve import ROLES, StartupError, serve_forever
+
+    settings = load_or_exit(config, check_files=True)
+    setup_logging(settings)
+    roles = frozenset(role or ROLES)
+    if "all" in roles:
+        roles = frozenset(ROLES)
+    try:
+        serve_forever(settings, roles)
+    except StartupError as exc:
+        console.print(f"[red]cannot start:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        console.print(f"[red]cannot start:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate a configuration file and the paths it names."""
+    settings = load_or_exit(config, check_files=True)
+    console.print(
+        f"[green]ok[/green] {config or '(defaults)'}: AE {settings.node.ae_title} on port "
+        f"{settings.node.port}, {len(settings.peers)} peer(s), {len(settings.routing)} routing rule(s), "
+        f"{len(settings.destinations)} destination(s)",
+        highlight=False,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    config: ConfigOption = None,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply schema migrations to the configured database."""
+    from ddn_node.store.engine import make_database
+    from ddn_node.store.migrate import current_revision, upgrade
+
+    settings = load_or_exit(config)
+    db = make_database(settings.database.url)
+    try:
+        before = current_revision(db)
+        upgrade(db, revision)
+        after = current_revision(db)
+    finally:
+        db.dispose()
+    console.print(f"database at {after} (was {before or 'empty'})", highlight=False)
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None) -> None:
+    """Print the schema revision of the configured database."""
+    from ddn_node.store.engine import make_database
+    from ddn_node.store.migrate import current_revision, head_revision
+
+    settings = load_or_exit(config)
+    db = make_database(settings.database.url)
+    try:
+        typer.echo(f"current={current_revision(db)} head={head_revision()}")
+    finally:
+        db.dispose()
+
+
+def _parse_target(target: str) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise typer.BadParameter("expected HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to send.", exists=True)],
+    to: Annotated[str, typer.Option("--to", help="HOST:PORT of the receiving SCP.")],
+    called_aet: Annotated[str, typer.Option("--called-aet", "--aec", help="Called AE title.")] = "DDN_NODE",
+    calling_aet: Annotated[str, typer.Option("--calling-aet", "--aet", help="Our AE title.")] = "DDN_SEND",
+    tls_ca: Annotated[Path | None, typer.Option(help="CA to verify a TLS peer (enables TLS).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate for mutual TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Client key for mutual TLS.")] = None,
+) -> None:
+    """Send DICOM files with C-STORE (progress bar; exit 1 if any was not stored)."""
+    from tqdm import tqdm
+
+    from ddn_node.dicom.scu import Peer, StoreSCU, client_tls_context, dicom_files
+
+    host, port = _parse_target(to)
+    files = [f for p in paths for f in dicom_files(p)]
+    tls = client_tls_context(tls_ca, tls_cert, tls_key) if tls_ca else None
+    scu = StoreSCU(calling_aet, Peer(called_aet, host, port, tls))
+    with tqdm(total=len(files), unit="file", desc=f"C-STORE to {called_aet}@{host}:{port}") as bar:
+        outcomes = scu.send(files, progress=lambda _o: bar.update(1))
+    failed = [o for o in outcomes if not o.ok]
+    for outcome in failed:
+        console.print(f"[red]not stored[/red] {outcome.path}: {outcome.error}", highlight=False)
+    console.print(f"{len(outcomes) - len(failed)} stored, {len(failed)} not stored", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def echo(
+    to: Annotated[str, typer.Option("--to", help="HOST:PORT of the peer.")],
+    called_aet: Annotated[str, typer.Option("--called-aet", "--aec")] = "DDN_NODE",
+    calling_aet: Annotated[str, typer.Option("--calling-aet", "--aet")] = "DDN_SEND",
+) -> None:
+    """C-ECHO a peer (verification)."""
+    from ddn_node.dicom.scu import Peer, StoreSCU
+
+    host, port = _parse_target(to)
+    status = StoreSCU(calling_aet, Peer(called_aet, host, port)).echo()
+    if status != 0:
+        console.print(f"[red]echo failed[/red] (status {status})")
+        raise typer.Exit(1)
+    console.print("echo ok")
+
+
+@app.command("sample-studies")
+def sample_studies(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("sample_studies"),
+    size: Annotated[int, typer.Option(help="Image rows and columns.")] = 512,
+) -> None:
+    """Generate the synthetic sample chest studies (deterministic)."""
+    from ddn_node.dicom.samples import write_samples
+
+    written = write_samples(out, size)
+    console.print(f"wrote {len(written)} files under {out}", highlight=False)
+
+
+@app.command("hash-password")
+def hash_password(
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True, help="The password.")
+    ],
+) -> None:
+    """Print an argon2 hash for a web user's password_hash."""
+    from argon2 import PasswordHasher
+
+    typer.echo(PasswordHasher().hash(password))
+
+
+def _register_optional() -> None:
+    """Commands owned by other parts register themselves here."""
+    for module in ("ddn_node.cli.model_cmds", "ddn_node.cli.ops_cmds"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app(prog_name="ddn-node")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

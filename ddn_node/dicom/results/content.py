@@ -1,0 +1,310 @@
+"""What every outgoing object takes from its source images, and the text we add to them.
+
+The result objects go back into the source study (PS3.3 C.7.2.1 General Study, C.7.1.1
+Patient), so the PACS files them next to the images. This module:
+
+- copies the patient and study attributes from a source header (:func:`copy_patient_and_study`),
+  keeping the source's Specific Character Set (0008,0005) so that names in Cyrillic,
+  Japanese (ISO 2022) or UTF-8 are written back exactly as they came;
+- builds the small de-identified header (:func:`reference_header`) that is handed to
+  highdicom, which would otherwise read (and, for names without a caret, *log*) the
+  patient's name; the real attributes are copied afterwards by this module;
+- makes UIDs, deterministic when the caller gives a seed, so that rebuilding the results
+  of one analysis (after a crash between building and recording them) yields the same
+  SOP Instance UIDs and the delivery rows stay idempotent;
+- fits our own text to the VR lengths and to the character set of the object.
+
+Copy policy for values that break their VR in the source (real PACS data does this, see
+``../shared/data/dicom/chest_xray_real``): identifiers that the PACS and RIS use to match
+objects (patient name and ID, issuer, accession number, study ID, referring physician,
+study description) are copied verbatim even when too long, because a "corrected" value
+would split the study; dates, times, sex and age, which identify nothing and which a
+validator rejects, are emptied (Type 2) or dropped (Type 3) when invalid.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from types import MappingProxyType
+
+from pydicom.charset import convert_encodings
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from ddn_node.model.types import Code
+
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+
+# Patient (C.7.1.1), General Study (C.7.2.1) and Patient Study (C.7.2.2) attributes that
+# are copied from the source. Study Instance UID is set by the builders themselves.
+PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    # Patient
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "QualityControlSubject",
+    "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence",
+    "PatientBreedDescription",
+    "PatientBreedCodeSequence",
+    "BreedRegistrationSequence",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    # General Study
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName",
+    "StudyID",
+    "StudyDescription",
+    "ProcedureCodeSequence",
+    # Patient Study
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+)
+
+# Type 2 in the Patient and General Study modules: present, possibly empty.
+TYPE2_PATIENT_STUDY: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+# PS3.5 6.2: DA is YYYYMMDD; TM is HH[MM[SS[.F{1,6}]]]; AS is nnnD/W/M/Y.
+_DA = re.compile(r"^\d{8}$")
+_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_AS = re.compile(r"^\d{3}[DWMY]$")
+_VALIDATORS: Mapping[str, re.Pattern[str]] = MappingProxyType(
+    {
+        "PatientBirthDate": _DA,
+        "StudyDate": _DA,
+        "PatientBirthTime": _TM,
+        "StudyTime": _TM,
+        "PatientAge": _AS,
+    }
+)
+_SEX = frozenset({"M", "F", "O"})
+
+# Attributes of the source image that references and geometry need (never patient data).
+_REFERENCE_KEYWORDS: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "FrameOfReferenceUID",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "PatientOrientation",
+    "SpecificCharacterSet",
+)
+
+
+def check_sources(sources: Sequence[Dataset]) -> None:
+    """Refuse sources the results could not reference correctly.
+
+    Raises:
+        ValueError: no sources, a missing UID, or sources from more than one study
+            (every result object belongs to exactly one study, PS3.3 C.7.2.1).
+    """
+    if not sources:
+        raise ValueError("at least one source image is needed")
+    for ds in sources:
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f"a source image has no {keyword}")
+    studies = {ds.StudyInstanceUID for ds in sources}
+    if len(studies) != 1:
+        raise ValueError(f"sources belong to {len(studies)} studies; results go into one study")
+
+
+def reference_header(source: Dataset) -> Dataset:
+    """A header with the source's UIDs, geometry and character set, and no patient data.
+
+    highdicom reads patient and study attributes from the evidence it is given; giving it
+    this header instead of the source keeps names and IDs out of its log messages, and
+    tolerates sources whose Type 2 attributes are missing. The builders copy the real
+    attributes with :func:`copy_patient_and_study` afterwards.
+    """
+    header = Dataset()
+    for keyword in _REFERENCE_KEYWORDS:
+        if keyword in source and not source[keyword].is_empty:
+            header.add(copy.deepcopy(source[keyword]))
+    for keyword in TYPE2_PATIENT_STUDY:
+        setattr(header, keyword, None)
+    return header
+
+
+def copy_patient_and_study(target: Dataset, source: Dataset) -> None:
+    """Copy patient and study attributes from ``source`` into ``target``.
+
+    Sets Specific Character Set to the source's (or removes it when the source uses the
+    default repertoire), so the copied names are re-encoded in the character set they were
+    decoded from. See the module docstring for the treatment of invalid values.
+    """
+    if source.get("SpecificCharacterSet"):
+        target.SpecificCharacterSet = copy.deepcopy(source.SpecificCharacterSet)
+    elif "SpecificCharacterSet" in target:
+        del target.SpecificCharacterSet
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in target:
+            delattr(target, keyword)
+        if keyword not in source:
+            continue
+        element = copy.deepcopy(source[keyword])
+        if not element.is_empty and not _valid(keyword, element.value):
+            if keyword in TYPE2_PATIENT_STUDY:
+                element.value = None
+            else:
+                continue
+        target[element.tag] = element
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in target:
+            setattr(target, keyword, None)
+    target.StudyInstanceUID = source.StudyInstanceUID
+
+
+def _valid(keyword: str, value: object) -> bool:
+    if keyword == "PatientSex":
+        return str(value) in _SEX
+    pattern = _VALIDATORS.get(keyword)
+    if pattern is None:
+        return True
+    return bool(pattern.match(str(value)))
+
+
+def make_uid(seed: str | None, *parts: object) -> str:
+    """A new UID; the same UID for the same ``seed`` and ``parts`` when a seed is given.
+
+    pydicom derives deterministic UIDs from a SHA-512 of the entropy sources under its
+    registered root (PS3.5 9 and B.2); without a seed the UID is random.
+    """
+    if seed is None:
+        return str(generate_uid())
+    return str(generate_uid(entropy_srcs=[seed, *(str(p) for p in parts)]))
+
+
+def charsets_of(ds: Dataset) -> list[str]:
+    """The Specific Character Set terms of ``ds`` as a list ([] for the default)."""
+    value = ds.get("SpecificCharacterSet")
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def fit_text(text: str, max_len: int | None = None, charsets: Iterable[str] = ()) -> str:
+    """``text`` made writable in an object: encodable and at most ``max_len`` characters.
+
+    Text we author (series descriptions, label names from the model manifest, comments)
+    must be representable in the *source's* character set, which we keep for the patient
+    name's sake. ASCII always is; anything else is tried against the character set and,
+    failing that, transliterated to ASCII (accents dropped, other characters as ``?``).
+    """
+    if not text.isascii() and not _encodable(text, list(charsets)):
+        decomposed = unicodedata.normalize("NFKD", text)
+        text = "".join(
+            c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c)
+        )
+    if max_len is not None and len(text) > max_len:
+        text = text[: max_len - 1].rstrip() + "~"
+    return text
+
+
+def _encodable(text: str, charsets: list[str]) -> bool:
+    # An empty first value means the default repertoire (ISO-IR 6) for G0 (PS3.3 C.12.1.1.2).
+    encodings = convert_encodings([c for c in charsets if c] or ["ISO_IR 6"])
+    for encoding in encodings:
+        try:
+            text.encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            continue
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _anatomic_regions() -> Mapping[str, tuple[Code, bool]]:
+    """PS3.16 Annex L: Body Part Examined -> (anatomic region code, paired structure).
+
+    highdicom ships this table (generated from the standard) as a data file; reading it
+    saves transcribing 300 rows. If a highdicom release moves it, anatomy is simply not
+    described (Laterality is then written empty, which is valid).
+    """
+    try:
+        path = resources.files("highdicom") / "_standard" / "anatomic_regions.json"
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, ModuleNotFoundError):
+        return MappingProxyType({})
+    table = {
+        str(key): (Code(str(v[1]), str(v[0]), str(v[2])), bool(v[3]))
+        for key, v in raw.items()
+        if isinstance(v, list) and len(v) == 4
+    }
+    return MappingProxyType(table)
+
+
+def anatomic_region(source: Dataset) -> tuple[Code, bool] | None:
+    """The anatomic region code of the source and whether it is paired, when known."""
+    body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+    if not body_part:
+        return None
+    return _anatomic_regions().get(body_part)
+
+
+def add_series_anatomy(target: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality of the new series (PS3.3 C.7.3.1).
+
+    Laterality is Type 2C: required for paired structures unless given per image, and not
+    to be sent for unpaired ones (a chest). When the body part is unknown it is sent empty
+    ("unknown"), which is always allowed.
+    """
+    body_part = str(source.get("BodyPartExamined", "") or "").strip()
+    if body_part and len(body_part) <= 16:
+        target.BodyPartExamined = body_part
+    region = anatomic_region(source)
+    if region is not None and not region[1]:
+        if "Laterality" in target:
+            del target.Laterality
+        return
+    laterality = str(source.get("Laterality", "") or "").strip()
+    target.Laterality = laterality if laterality in ("R", "L") else None
+
+
+def source_laterality(source: Dataset) -> str | None:
+    """Image Laterality (or series Laterality) of the source as R, L, B or U, if given."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword, "") or "").strip()
+        if value in ("R", "L", "B", "U"):
+            return value
+    return None

@@ -1,0 +1,219 @@
+"""C-STORE SCU: sending files to a peer (``ddn-node send``, result delivery).
+
+Files are sent as they are on disk (no decode / re-encode): each is proposed in its own
+transfer syntax, plus Explicit and Implicit VR Little Endian for uncompressed data so that
+a peer that does not accept e.g. big endian can still take it after pydicom re-encodes.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UncompressedTransferSyntaxes
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+
+log = structlog.get_logger("ddn_node.scu")
+
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    path: Path
+    sop_instance_uid: str
+    status: int | None  # None: never reached the peer (association failed, unreadable)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Success or a warning status the peer stored the object with (PS3.4 B.2.3)."""
+        return self.status is not None and (self.status == 0x0000 or self.status in WARNING_STATUSES)
+
+
+# Warnings under which Storage SCPs still keep the object: coercion of data elements,
+# element discarded, data set does not match SOP class (stored anyway).
+WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+
+
+def client_tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # DICOM peers are addressed by IP and AE title; certificates rarely carry the IP.
+    context.check_hostname = False
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def _nodelay(event: evt.Event) -> None:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    sop_class: str
+    sop_instance: str
+    syntax: str
+
+
+def _scan(paths: Iterable[Path]) -> tuple[list[_Item], list[SendOutcome]]:
+    items, bad = [], []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else None
+            items.append(
+                _Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax or ImplicitVRLittleEndian))
+            )
+        except (InvalidDicomError, AttributeError, OSError, ValueError, KeyError) as exc:
+            bad.append(SendOutcome(path, "", None, f"not a DICOM file: {exc}"))
+    return items, bad
+
+
+def _contexts(items: Sequence[_Item]) -> list[list[PresentationContext]]:
+    """Group the items' (SOP class, syntax) needs into batches of at most 128 contexts."""
+    batches: list[list[PresentationContext]] = []
+    current: dict[str, set[str]] = {}
+    for item in items:
+        syntaxes = {item.syntax}
+        if item.syntax in UncompressedTransferSyntaxes:
+            syntaxes |= {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+        if item.sop_class not in current and len(current) >= MAX_CONTEXTS:
+            batches.append([build_context(k, sorted(v)) for k, v in current.items()])
+            current = {}
+        current.setdefault(item.sop_class, set()).update(syntaxes)
+    if current:
+        batches.append([build_context(k, sorted(v)) for k, v in current.items()])
+    return batches
+
+
+class StoreSCU:
+    """Sends DICOM files to one peer over as few associations as possible."""
+
+    def __init__(
+        self,
+        calling_ae: str,
+        peer: Peer,
+        *,
+        timeout_s: float = 30,
+        max_pdu: int = 131072,
+    ):
+        self.calling_ae = calling_ae
+        self.peer = peer
+        self.timeout_s = timeout_s
+        self.max_pdu = max_pdu
+
+    def _associate(self, contexts: list[PresentationContext]) -> Association:
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.connection_timeout = self.timeout_s
+        ae.requested_contexts = contexts
+        tls_args = (self.peer.tls, self.peer.host) if self.peer.tls is not None else None
+        return ae.associate(
+            self.peer.host,
+            self.peer.port,
+            ae_title=self.peer.ae_title,
+            max_pdu=self.max_pdu,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        )
+
+    def echo(self) -> int | None:
+        ae_contexts = [build_context("1.2.840.10008.1.1")]
+        assoc = self._associate(ae_contexts)
+        if not assoc.is_established:
+            return None
+        try:
+            status = assoc.send_c_echo()
+            return int(status.Status) if "Status" in status else None
+        finally:
+            assoc.release()
+
+    def send(
+        self, paths: Iterable[Path], progress: Callable[[SendOutcome], Any] | None = None
+    ) -> list[SendOutcome]:
+        items, outcomes = _scan(paths)
+        for outcome in outcomes:
+            if progress:
+                progress(outcome)
+        for batch in _contexts(items):
+            wanted = {cx.abstract_syntax for cx in batch}
+            batch_items = [i for i in items if i.sop_class in wanted]
+            outcomes += self._send_batch(batch, batch_items, progress)
+        return outcomes
+
+    def _send_batch(
+        self,
+        contexts: list[PresentationContext],
+        items: list[_Item],
+        progress: Callable[[SendOutcome], Any] | None,
+    ) -> list[SendOutcome]:
+        outcomes: list[SendOutcome] = []
+        assoc = self._associate(contexts)
+        if not assoc.is_established:
+            why = "association rejected" if assoc.is_rejected else "association failed"
+            log.warning("scu.association_failed", peer=self.peer.ae_title, host=self.peer.host, reason=why)
+            for item in items:
+                outcome = SendOutcome(item.path, item.sop_instance, None, why)
+                outcomes.append(outcome)
+                if progress:
+                    progress(outcome)
+            return outcomes
+        try:
+            for item in items:
+                outcome = self._send_one(assoc, item)
+                outcomes.append(outcome)
+                if progress:
+                    progress(outcome)
+                if not assoc.is_established:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        sent = {o.path for o in outcomes}
+        for item in items:
+            if item.path not in sent:
+                outcome = SendOutcome(item.path, item.sop_instance, None, "association lost")
+                outcomes.append(outcome)
+                if progress:
+                    progress(outcome)
+        return outcomes
+
+    def _send_one(self, assoc: Association, item: _Item) -> SendOutcome:
+        try:
+            status = assoc.send_c_store(item.path)
+        except (ValueError, AttributeError, OSError, RuntimeError) as exc:
+            # e.g. no accepted context for this SOP class / syntax
+            return SendOutcome(item.path, item.sop_instance, None, str(exc))
+        if "Status" not in status:
+            return SendOutcome(item.path, item.sop_instance, None, "no response (timeout or abort)")
+        code = int(status.Status)
+        return SendOutcome(item.path, item.sop_instance, code, "" if code == 0 else f"status 0x{code:04X}")
+
+
+def dicom_files(root: Path) -> list[Path]:
+    """Files under ``root`` (or ``root`` itself) in a stable order."""
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))

@@ -1,0 +1,113 @@
+"""The spool: where received instances live on disk, written so that none is ever half there.
+
+An instance arrives into ``incoming/`` (on the same filesystem), is fsync'd, renamed into
+``studies/<study>/<sop>.dcm`` and the directory entry fsync'd, all before its database row
+commits and before the C-STORE response says 0x0000. A crash at any point leaves either
+nothing visible or a complete file; leftovers in ``incoming/`` are removed at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_HASH_CHUNK = 1 << 20
+
+
+def safe_component(uid: str) -> str:
+    """A UID as a path component; anything that is not a plain UID is hashed (no '../')."""
+    uid = uid.strip().rstrip("\x00")
+    if _UID_RE.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path, offset: int = 0) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relpath: str
+    size: int
+    sha256: str
+
+
+class Spool:
+    """The spool directory layout and its durable write protocol."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.incoming = root / "incoming"
+        self.studies = root / "studies"
+        self.results = root / "results"
+
+    def prepare(self) -> int:
+        """Create the layout and remove half-written leftovers; returns how many were removed."""
+        for path in (self.incoming, self.studies, self.results):
+            path.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def instance_relpath(self, study_uid: str, sop_instance_uid: str) -> str:
+        return f"studies/{safe_component(study_uid)}/{safe_component(sop_instance_uid)}.dcm"
+
+    def result_relpath(self, study_uid: str, sop_instance_uid: str) -> str:
+        return f"results/{safe_component(study_uid)}/{safe_component(sop_instance_uid)}.dcm"
+
+    def commit(
+        self, tmp: Path, relpath: str, sha256: str | None = None, hash_from: int = 0
+    ) -> StoredFile:
+        """Make ``tmp`` durable and move it to ``relpath`` atomically.
+
+        ``tmp`` must be on the spool's filesystem (``incoming/``) so the rename is atomic.
+        The recorded sha256 covers the bytes from ``hash_from`` (the data set, for received
+        instances: what the sender put on the wire).
+        """
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+            size = os.fstat(handle.fileno()).st_size
+        digest = sha256 or file_sha256(tmp, hash_from)
+        final = self.root / relpath
+        parent = final.parent
+        if not parent.is_dir():
+            parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(parent.parent)
+        os.replace(tmp, final)
+        fsync_dir(parent)
+        return StoredFile(relpath=relpath, size=size, sha256=digest)
+
+    def write_bytes(self, relpath: str, data: bytes) -> StoredFile:
+        """Durably write bytes we produced ourselves (results) to ``relpath``."""
+        tmp = self.incoming / f"{os.getpid()}-{hashlib.sha1(relpath.encode()).hexdigest()}.part"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        return self.commit(tmp, relpath, hashlib.sha256(data).hexdigest())

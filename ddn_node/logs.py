@@ -1,0 +1,81 @@
+"""Structured logging: JSON events through structlog, with patient data kept out.
+
+Event names are dotted and stable (``scp.instance_stored``, ``worker.study_analysed``) so
+operators can alert on them; docs/operations.md lists them. Log lines carry UIDs and the
+node's own row ids, never patient names, IDs, birth dates or accession numbers: the
+processor below drops such keys as a second line of defence, and third-party loggers that
+may print datasets (pynetdicom at DEBUG) are held at WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+# Keys that must never reach a log line, whatever the caller passes.
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "accession_number",
+        "accession",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
+        "other_patient_ids",
+        "referring_physician",
+    }
+)
+
+
+def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in PHI_KEYS.intersection(event_dict):
+        event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure_logging(
+    level: str = "INFO", json_output: bool = True, file: Path | None = None, stream: TextIO | None = None
+) -> None:
+    """Configure structlog and the standard library once, at process start."""
+    out: TextIO
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
+    else:
+        out = stream or sys.stderr
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        drop_phi,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    # Route the standard library (uvicorn, apscheduler, pynetdicom) through the same renderer.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,293 @@
+"""The model artifact: ``weights.safetensors`` + ``manifest.json`` (+ ``README.md`` model card).
+
+Loading reads JSON and safetensors only, so a model file cannot execute code (unlike a
+pickled ``torch.save`` checkpoint, which ``torch.load`` without ``weights_only`` would
+run). The manifest records the weights' sha256 and loading refuses a file whose bytes
+differ, so a swapped or corrupted weight file never scores a patient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ddn_node import __version__
+from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
+from ddn_node.model.preprocess import PreprocessSpec
+from ddn_node.model.types import AlgorithmInfo, LabelSpec
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+SCHEMA_VERSION = 1
+DEMO_INTENDED_USE = (
+    "Demonstration and research only, not for diagnostic use. Not a medical device: "
+    "no regulatory clearance, trained on a small public data set, not clinically validated."
+)
+
+
+class ArtifactError(ValueError):
+    """The artifact is missing, malformed, or its weights do not match the manifest."""
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AbnormalityDef(_M):
+    """How a head's probabilities become one study-level abnormality score in [0, 1].
+
+    ``max_probability``: the highest probability among ``labels`` (default: all labels).
+    ``complement``: 1 - P(``labels[0]``), for a head with a "normal" class.
+    Study probabilities are the per-label maximum over the study's scored images.
+    """
+
+    kind: Literal["max_probability", "complement"]
+    labels: list[str] = Field(default_factory=list)
+    description: str = ""
+
+
+class HeadInfo(_M):
+    activation: Literal["sigmoid", "softmax"]
+    # The boundary dataclasses themselves (pydantic validates stdlib dataclasses), so the
+    # worker gets ``LabelSpec`` objects without a conversion layer.
+    labels: list[LabelSpec]
+    abnormality: AbnormalityDef
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
+        names = [lab.name for lab in labels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate label names {names}")
+        for lab in labels:
+            if not 0.0 <= lab.threshold <= 1.0:
+                raise ValueError(f"threshold of {lab.name} must be in [0, 1]")
+        return labels
+
+    @property
+    def label_names(self) -> list[str]:
+        return [lab.name for lab in self.labels]
+
+
+class ArchitectureModel(_M):
+    name: str = "DDN"
+    backbone: Literal["resnet50", "resnet18", "tiny"]
+    attention: str = "CBAM spatial-channel attention (Woo et al., ECCV 2018)"
+    attention_stages: list[str]
+    attention_reduction: int
+    dropout: float
+    tiny_widths: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])
+    gradcam_layer: str = "layer4"
+
+
+class WeightsModel(_M):
+    file: str = WEIGHTS
+    sha256: str
+    dtype: str
+    n_parameters: int
+
+
+class Manifest(_M):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    algorithm_name: str
+    manufacturer: str = "ddn-node project"
+    intended_use: str = DEMO_INTENDED_USE
+    is_demo: bool = True
+    architecture: ArchitectureModel
+    heads: dict[str, HeadInfo]
+    preprocess: PreprocessSpec
+    weights: WeightsModel
+    codes_source: str = ""
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+    software_version: str = ""
+
+    def ddn_config(self) -> DDNConfig:
+        a = self.architecture
+        return DDNConfig(
+            backbone=a.backbone,
+            heads=tuple(HeadConfig(n, tuple(h.label_names), h.activation) for n, h in self.heads.items()),
+            attention_stages=tuple(a.attention_stages),
+            attention_reduction=a.attention_reduction,
+            dropout=a.dropout,
+            tiny_widths=tuple(a.tiny_widths),  # type: ignore[arg-type]
+        )
+
+
+def architecture_of(config: DDNConfig) -> ArchitectureModel:
+    return ArchitectureModel(
+        backbone=config.backbone,
+        attention_stages=list(config.attention_stages),
+        attention_reduction=config.attention_reduction,
+        dropout=config.dropout,
+        tiny_widths=list(config.tiny_widths),
+    )
+
+
+def device_uid_from_sha256(sha256_hex: str) -> str:
+    """A UID under the 2.25 root (PS3.5 B.2: UUID-derived) from the weights' hash.
+
+    Same weights -> same UID; any change of weights -> a new UID, as TID 4019 expects of a
+    Device Observer UID.
+    """
+    return "2.25." + str(int(sha256_hex[:32], 16))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def serialise_weights(model: DDN, dtype: torch.dtype = torch.float16) -> bytes:
+    """Weights as safetensors bytes; floating tensors cast to ``dtype`` (BN counters stay int)."""
+    state = {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    return st_save(state, metadata={"format": "pt", "producer": f"ddn-node {__version__}"})
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def save_artifact(directory: Path, model: DDN, manifest: Manifest, dtype: torch.dtype = torch.float16) -> Manifest:
+    """Write weights + manifest (the weights entry is filled in here). Returns the final manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = serialise_weights(model, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    final = manifest.model_copy(
+        update={
+            "weights": WeightsModel(sha256=_sha256(data), dtype=str(dtype).removeprefix("torch."), n_parameters=n_params),
+            "architecture": architecture_of(model.config),
+            "software_version": manifest.software_version or __version__,
+        }
+    )
+    _atomic_write(directory / WEIGHTS, data)
+    write_manifest(directory, final)
+    return final
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    _atomic_write(directory / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = Path(directory) / MANIFEST
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from e
+    try:
+        m = Manifest.model_validate_json(raw)
+    except ValidationError as e:
+        raise ArtifactError(f"{path} is not a valid model manifest: {e}") from e
+    if m.schema_version != SCHEMA_VERSION:
+        raise ArtifactError(f"{path}: schema_version {m.schema_version}, this node reads {SCHEMA_VERSION}")
+    return m
+
+
+@dataclass
+class ModelArtifact:
+    """A verified artifact: manifest + a DDN with its weights loaded (eval mode, float32, CPU)."""
+
+    path: Path
+    manifest: Manifest
+    model: DDN
+    weights_sha256: str
+
+    @classmethod
+    def load(cls, path: Path | str) -> ModelArtifact:
+        directory = Path(path)
+        manifest = read_manifest(directory)
+        wpath = directory / manifest.weights.file
+        if Path(manifest.weights.file).name != manifest.weights.file:
+            raise ArtifactError("manifest weights.file must be a plain file name inside the artifact")
+        try:
+            data = wpath.read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"cannot read {wpath}: {e}") from e
+        digest = _sha256(data)
+        if digest != manifest.weights.sha256:
+            raise ArtifactError(
+                f"{wpath}: sha256 {digest[:16]}... does not match the manifest ({manifest.weights.sha256[:16]}...); refusing to load"
+            )
+        try:
+            # safetensors is a JSON header + raw tensor bytes: nothing in it can execute.
+            state = st_load(data)
+        except (SafetensorError, ValueError) as e:
+            raise ArtifactError(f"{wpath} is not a safetensors file: {e}") from e
+        model = DDN(manifest.ddn_config())
+        own = model.state_dict()
+        if set(state) != set(own):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ArtifactError(f"{wpath} does not fit the manifest's architecture: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise ArtifactError(f"{wpath}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        model.eval()
+        return cls(directory, manifest, model, digest)
+
+    # --- what the node reads -------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def heads(self) -> dict[str, HeadInfo]:
+        return self.manifest.heads
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return self.manifest.preprocess
+
+    @property
+    def algorithm(self) -> AlgorithmInfo:
+        m = self.manifest
+        return AlgorithmInfo(
+            name=m.algorithm_name,
+            version=m.version,
+            manufacturer=m.manufacturer,
+            software_version=__version__,
+            device_uid=device_uid_from_sha256(self.weights_sha256),
+            is_demo=m.is_demo,
+            intended_use=m.intended_use,
+        )
+
+    def labels(self, head: str) -> list[LabelSpec]:
+        return self.head(head).labels
+
+    def head(self, head: str) -> HeadInfo:
+        try:
+            return self.manifest.heads[head]
+        except KeyError:
+            raise KeyError(f"artifact {self.name} has no head {head!r}; heads: {sorted(self.manifest.heads)}") from None
+
+
+def manifest_json(manifest: Manifest) -> dict[str, Any]:
+    return json.loads(manifest.model_dump_json())

@@ -1,0 +1,158 @@
+"""Display image -> network input, and heat map -> source image geometry.
+
+One function serves every input: the node's DICOM images (after
+:func:`ddn_node.dicom.pixels.load_display_image`) and the PNG/JPEG files used in training,
+so that training and inference see exactly the same pixels. The steps, recorded in the
+artifact's manifest (:class:`PreprocessSpec`):
+
+1. the display image is float32 HxW in [0, 1], bright = dense (MONOCHROME2);
+2. aspect-preserving resize so that the long side is ``size`` (bilinear, anti-aliased);
+3. centred zero padding to ``size`` x ``size``;
+4. replicate to 3 channels, subtract ``mean`` and divide by ``std`` (ImageNet statistics,
+   so that operator-supplied ImageNet weights see the inputs they were trained on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PreprocessSpec(BaseModel):
+    """Pre-processing as recorded in ``manifest.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = "display image float32 HxW in [0,1], MONOCHROME2 (bright = dense), from ddn_node.dicom.pixels.load_display_image or an 8/16-bit PNG/JPEG (RGB -> BT.601 luma)"
+    size: int = 224
+    resize: str = "aspect-preserving, long side = size, bilinear with anti-aliasing (torch.nn.functional.interpolate)"
+    pad: str = "centred, value 0.0 (before normalisation)"
+    channels: int = 3
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the source image lies inside the padded square, to map heat maps back."""
+
+    src_h: int
+    src_w: int
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+    size: int
+
+
+def fit_geometry(h: int, w: int, size: int) -> Geometry:
+    scale = size / max(h, w)
+    new_h = max(1, min(size, round(h * scale)))
+    new_w = max(1, min(size, round(w * scale)))
+    return Geometry(h, w, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2, size)
+
+
+def fit_to_square(image: np.ndarray | torch.Tensor, size: int) -> tuple[torch.Tensor, Geometry]:
+    """Resize (aspect kept) and pad one HxW image to (1, size, size), values unchanged in [0, 1]."""
+    t = torch.as_tensor(np.asarray(image, dtype=np.float32)) if isinstance(image, np.ndarray) else image.float()
+    if t.ndim != 2:
+        raise ValueError(f"expected a 2-D display image, got shape {tuple(t.shape)}")
+    g = fit_geometry(int(t.shape[0]), int(t.shape[1]), size)
+    # Anti-aliasing matters when a 3000 px radiograph shrinks to 224: without it thin
+    # structures alias into moire that the network has never seen in training.
+    r = F.interpolate(t[None, None], size=(g.new_h, g.new_w), mode="bilinear", align_corners=False, antialias=True)
+    out = torch.zeros(1, size, size, dtype=torch.float32)
+    out[:, g.top : g.top + g.new_h, g.left : g.left + g.new_w] = r[0].clamp_(0.0, 1.0)
+    return out, g
+
+
+def normalise(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 1] -> (B, channels, S, S) normalised."""
+    x = batch.expand(-1, spec.channels, -1, -1)
+    mean = torch.tensor(spec.mean[: spec.channels], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std[: spec.channels], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def prepare_batch(
+    images: Sequence[np.ndarray], spec: PreprocessSpec
+) -> tuple[torch.Tensor, list[Geometry]]:
+    """Display images -> a normalised (B, C, S, S) batch and each image's geometry."""
+    squares, geoms = [], []
+    for im in images:
+        sq, g = fit_to_square(im, spec.size)
+        squares.append(sq)
+        geoms.append(g)
+    return normalise(torch.stack(squares), spec), geoms
+
+
+def map_to_source(cam: torch.Tensor, geom: Geometry) -> np.ndarray:
+    """A (h, w) map over the padded square -> float32 (src_h, src_w) in [0, 1].
+
+    The map is first upsampled to the square, the padding cropped off, then resized to the
+    source image's rows x columns, and finally rescaled to [0, 1] by its maximum.
+    """
+    sq = F.interpolate(cam[None, None].float(), size=(geom.size, geom.size), mode="bilinear", align_corners=False)
+    crop = sq[:, :, geom.top : geom.top + geom.new_h, geom.left : geom.left + geom.new_w]
+    src = F.interpolate(crop, size=(geom.src_h, geom.src_w), mode="bilinear", align_corners=False)[0, 0]
+    src = src.clamp_(min=0.0)
+    peak = float(src.max())
+    if peak > 0 and np.isfinite(peak):
+        src = src / peak
+    else:
+        src = torch.zeros_like(src)
+    return src.cpu().numpy().astype(np.float32, copy=False)
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, the usual definition for converting colour images to grey."""
+    rgb = rgb.astype(np.float32, copy=False)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def load_image_file(path: str | Path) -> np.ndarray:
+    """A PNG/JPEG (8- or 16-bit, grey/RGB/RGBA/palette) or DICOM file -> display image.
+
+    Ordinary images are taken as already windowed for display: values are scaled by the
+    bit depth's maximum, not min-max stretched, so a dark image stays dark.
+    """
+    p = Path(path)
+    if p.suffix.lower() in (".dcm", ".dicom") or _is_dicom(p):
+        from ddn_node.dicom.pixels import load_display_image
+
+        return load_display_image(p)
+    from PIL import Image
+
+    with Image.open(p) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float32)
+            # 16-bit PNGs from radiology exports hold up to 65535; "I" mode may be 32-bit.
+            top = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
+            return np.clip(arr / top, 0, 1).astype(np.float32)
+        if im.mode == "F":
+            arr = np.asarray(im, dtype=np.float32)
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            return np.nan_to_num((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
+        if im.mode == "L":
+            return np.asarray(im, dtype=np.float32) / 255.0
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        return rgb_to_gray(rgb).astype(np.float32)
+
+
+def _is_dicom(p: Path) -> bool:
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"

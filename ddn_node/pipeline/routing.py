@@ -1,0 +1,51 @@
+"""Which model head analyses which images: the routing rule table from the config.
+
+A rule matches an instance when every non-empty list in the rule contains the instance's
+value (an empty string in a list matches a missing attribute). The first rule that matches
+any instance of a study routes the study; only the instances it matches are scored (a
+lateral view is stored and listed but not scored by a frontal CXR head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ddn_node.config import RoutingRule
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    instance_id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    body_part: str
+    view_position: str
+
+
+@dataclass(frozen=True)
+class Route:
+    rule: RoutingRule
+    instances: list[InstanceFacts]
+
+
+def _in(values: Sequence[str], value: str) -> bool:
+    return not values or value.strip().upper() in {v.upper() for v in values}
+
+
+def rule_matches(rule: RoutingRule, facts: InstanceFacts) -> bool:
+    return (
+        _in(rule.modalities, facts.modality)
+        and _in(rule.body_parts, facts.body_part)
+        and _in(rule.views, facts.view_position)
+        and (not rule.sop_classes or facts.sop_class_uid in rule.sop_classes)
+    )
+
+
+def route_study(rules: Sequence[RoutingRule], instances: Sequence[InstanceFacts]) -> Route | None:
+    for rule in rules:
+        matched = [facts for facts in instances if rule_matches(rule, facts)]
+        if matched:
+            return Route(rule, matched)
+    return None

@@ -1,0 +1,48 @@
+"""The audit trail: who sent what, who was refused, where results went, who changed what.
+
+Rows in ``audit_events``; event names follow the DICOM audit vocabulary loosely
+(PS3.15 A.5.3: Association, DICOM Instances Transferred, User Authentication, ...).
+Patient names and IDs are not stored here either: UIDs identify the study.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ddn_node.store.engine import Database
+from ddn_node.store.models import AuditEvent
+
+
+class AuditEventName:
+    ASSOCIATION_ACCEPTED = "association.accepted"
+    ASSOCIATION_REJECTED = "association.rejected"
+    INSTANCES_RECEIVED = "instances.received"
+    RESULTS_SENT = "results.sent"
+    USER_LOGIN = "user.login"
+    USER_LOGIN_FAILED = "user.login_failed"
+    WORKLIST_CHANGED = "worklist.changed"
+    PURGED = "retention.purged"
+
+
+def add_audit(
+    session: Session,
+    event: str,
+    *,
+    actor: str = "",
+    host: str = "",
+    outcome: str = "success",
+    study_uid: str = "",
+    **detail: Any,
+) -> None:
+    session.add(
+        AuditEvent(
+            event=event, actor=actor[:128], host=host[:64], outcome=outcome, study_uid=study_uid, detail=detail
+        )
+    )
+
+
+def audit(database: Database, event: str, **kwargs: Any) -> None:
+    with database.session() as session:
+        add_audit(session, event, **kwargs)
