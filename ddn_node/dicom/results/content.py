@@ -124,8 +124,23 @@ _REFERENCE_KEYWORDS: tuple[str, ...] = (
     "ImagePositionPatient",
     "PixelSpacing",
     "ImagerPixelSpacing",
+    "SliceThickness",
     "PatientOrientation",
-    "SpecificCharacterSet",
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+)
+
+# Transfer syntaxes whose compression is (or may be) lossy, with the method term of
+# Lossy Image Compression Method (0028,2114), PS3.3 C.7.6.1.1.5.1.
+_LOSSY_TRANSFER_SYNTAXES: Mapping[str, str] = MappingProxyType(
+    {
+        "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+        "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+        "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+        "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+        "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+    }
 )
 
 
@@ -148,17 +163,27 @@ def check_sources(sources: Sequence[Dataset]) -> None:
 
 
 def reference_header(source: Dataset) -> Dataset:
-    """A header with the source's UIDs, geometry and character set, and no patient data.
+    """A header with the source's UIDs and geometry, and no patient data.
 
     highdicom reads patient and study attributes from the evidence it is given; giving it
     this header instead of the source keeps names and IDs out of its log messages, and
     tolerates sources whose Type 2 attributes are missing. The builders copy the real
-    attributes with :func:`copy_patient_and_study` afterwards.
+    attributes, and the Specific Character Set, with :func:`copy_patient_and_study`
+    afterwards (highdicom 0.28 refuses the empty first value of an ISO 2022 character
+    set such as ``\\ISO 2022 IR 87``, which is valid, PS3.3 C.12.1.1.2).
     """
     header = Dataset()
     for keyword in _REFERENCE_KEYWORDS:
         if keyword in source and not source[keyword].is_empty:
             header.add(copy.deepcopy(source[keyword]))
+    if "LossyImageCompression" not in header:
+        # Once lossy, always lossy (C.7.6.1.1.5): a source received in a lossy transfer
+        # syntax without the attribute still passes its history on to what we derive.
+        syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
+        method = _LOSSY_TRANSFER_SYNTAXES.get(syntax)
+        if method is not None:
+            header.LossyImageCompression = "01"
+            header.LossyImageCompressionMethod = method
     for keyword in TYPE2_PATIENT_STUDY:
         setattr(header, keyword, None)
     return header
@@ -196,6 +221,12 @@ def copy_patient_and_study(target: Dataset, source: Dataset) -> None:
 def _valid(keyword: str, value: object) -> bool:
     if keyword == "PatientSex":
         return str(value) in _SEX
+    if keyword in ("PatientSize", "PatientWeight"):
+        # 0 is what many modalities write for "not measured"; it is not a size.
+        try:
+            return float(str(value)) > 0
+        except ValueError:
+            return False
     pattern = _VALIDATORS.get(keyword)
     if pattern is None:
         return True
@@ -251,6 +282,17 @@ def _encodable(text: str, charsets: list[str]) -> bool:
             continue
         return True
     return False
+
+
+def describe(prefix: str, label: str, kind: str, is_demo: bool, charsets: list[str]) -> str:
+    """A Series Description (LO, 64 characters) that never loses its warning.
+
+    ``"<prefix> <label> (<kind>)"`` plus ``" - NOT FOR DIAGNOSTIC USE"`` for demo models;
+    when too long, the label is shortened, not the warning.
+    """
+    suffix = f" ({kind})" + (f" - {NOT_FOR_DIAGNOSTIC_USE}" if is_demo else "")
+    room = 64 - len(prefix) - 1 - len(suffix)
+    return f"{prefix} {fit_text(label, max(room, 1), charsets)}{suffix}"
 
 
 @functools.lru_cache(maxsize=1)
