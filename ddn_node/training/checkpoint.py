@@ -29,7 +29,7 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     run_key: str = ""  # identifies the data + config; a resume with other data is refused
-    finished: bool = False
+    finished: bool = False  # stopped early (patience exhausted)
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:

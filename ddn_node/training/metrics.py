@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 OVERLAP_THRESHOLDS = (0.1, 0.25, 0.5)
@@ -36,9 +37,40 @@ def auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(roc_auc_score(y, p)) if len(y) and _both_classes(y) else None
 
 
+def _fast_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic (ties count 1/2), NaN when undefined.
+
+    Equal to ``roc_auc_score`` but ~50x faster, which matters inside a 1000-sample
+    bootstrap over 14 labels.
+    """
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(p)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def average_precision(y: np.ndarray, p: np.ndarray) -> float | None:
     y = np.asarray(y)
     return float(average_precision_score(y, p)) if len(y) and y.max() > 0 else None
+
+
+def _fast_ap(y: np.ndarray, p: np.ndarray) -> float:
+    """Average precision exactly as ``average_precision_score`` (step-wise, ties grouped), NaN without positives."""
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(p), kind="stable")
+    ps, ys = np.asarray(p)[order], y[order]
+    last = np.r_[ps[1:] != ps[:-1], True]
+    tp = np.cumsum(ys)[last]
+    fp = np.cumsum(~ys)[last]
+    recall = tp / n_pos
+    precision = tp / (tp + fp)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def binary_counts(y: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
@@ -142,10 +174,8 @@ def classification_report(
     for j, lab in enumerate(labels):
         yj, pj = y[:, j], p[:, j]
         for b, ix in enumerate(idx):
-            a = auc(yj[ix], pj[ix])
-            boot_auc[b, j] = np.nan if a is None else a
-            ap = average_precision(yj[ix], pj[ix])
-            boot_ap[b, j] = np.nan if ap is None else ap
+            boot_auc[b, j] = _fast_auc(yj[ix], pj[ix])
+            boot_ap[b, j] = _fast_ap(yj[ix], pj[ix])
         entry: dict[str, object] = {
             "n_positive": int(yj.sum()),
             "n": len(yj),
@@ -187,10 +217,10 @@ def binary_auc_with_ci(
 ) -> dict[str, object]:
     y = np.asarray(y, dtype=np.float64)
     score = np.asarray(score, dtype=np.float64)
-    vals = [auc(y[ix], score[ix]) for ix in bootstrap_indices(len(y), groups, boot.n_boot, boot.seed)]
+    vals = [_fast_auc(y[ix], score[ix]) for ix in bootstrap_indices(len(y), groups, boot.n_boot, boot.seed)]
     return {
         "auc": auc(y, score),
-        "auc_ci95": percentile_ci([v for v in vals if v is not None]),
+        "auc_ci95": percentile_ci(vals),
         "n_positive": int(y.sum()),
         "n": len(y),
     }

@@ -1,0 +1,472 @@
+"""DICOM pixel data -> a display image for the model.
+
+:func:`load_display_image` returns float32 HxW in [0, 1] with MONOCHROME2 semantics
+(bright = dense), following the grayscale pipeline of PS3.3 C.11 / PS3.4 N.2:
+
+1. decode one frame (the fastest installed decoder for the transfer syntax, falling back
+   to the others when one refuses a file);
+2. mask unused high bits (overlays may live there, PS3.5 8.1.1 / PS3.3 C.9.2);
+3. Modality LUT: Rescale Slope/Intercept or Modality LUT Sequence (PS3.3 C.11.1);
+4. VOI LUT: VOI LUT Sequence, else Window Center/Width with VOI LUT Function
+   LINEAR / LINEAR_EXACT / SIGMOID (PS3.3 C.11.2.1.2), else a robust percentile window;
+5. MONOCHROME1 inverted (PS3.3 C.7.6.3.1.2: minimum sample value is white);
+6. colour (RGB, YBR_*, PALETTE COLOR) -> grey with the BT.601 luma weights.
+
+Every failure is a :class:`PixelDataError` (a ``ValueError``) with a typed subclass, and
+the image is never NaN. Decompression bombs are refused *before* anything is allocated:
+the declared size (Rows x Columns x frames x samples x bits) is checked against a limit,
+native pixel data against the bytes actually present, compressed frames against the
+dimensions in their codestream header, and deflated datasets while they inflate.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import structlog
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+log = structlog.get_logger()
+
+DEFAULT_MAX_MEGAPIXELS = 512.0  # Rows x Columns x frames x samples, in millions
+DEFAULT_MAX_DECODED_MB = 2048.0  # declared decoded size of the whole pixel data, MiB
+
+
+class PixelDataError(ValueError):
+    """Pixels cannot be turned into a display image. Subclasses say why."""
+
+
+class NotDicom(PixelDataError):
+    """The bytes do not parse as a DICOM dataset."""
+
+
+class NoPixelData(PixelDataError):
+    """The dataset has no Pixel Data (SR, RT Plan, waveform, header-only...)."""
+
+
+class UnsupportedTransferSyntax(PixelDataError):
+    """No installed decoder handles the transfer syntax (or it is unknown / missing)."""
+
+
+class CorruptPixelData(PixelDataError):
+    """The pixel data or its describing attributes are inconsistent, or decoding failed."""
+
+
+class TruncatedPixelData(CorruptPixelData):
+    """Native pixel data shorter than the declared image size."""
+
+
+class ImageTooLarge(PixelDataError):
+    """The declared image exceeds the configured limits (decompression-bomb guard)."""
+
+
+class FrameOutOfRange(PixelDataError):
+    """The requested frame index is not in the image."""
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    max_decoded_mb: float = DEFAULT_MAX_DECODED_MB
+
+
+NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+
+# Decoder preference per transfer syntax, fastest first. Measured on this 2-core CPU with
+# the WG04 RG2 CR image (2140x1760, 10-bit), best of 3 (ms):
+#   JPEG 2000 lossless: gdcm 334, pillow 419, pylibjpeg 509
+#   JPEG-LS lossless:   pyjpegls 71, gdcm 102, pylibjpeg 304
+#   JPEG lossless SV1:  gdcm 75, pylibjpeg 151
+#   RLE:                pylibjpeg 10, pydicom 40
+# gdcm refuses 12-bit JPEG Extended, which libjpeg decodes, hence libjpeg first for the
+# lossy JPEG processes. Plugins that are not installed are skipped; the next ones are
+# tried when one refuses a file.
+_J2K = ("gdcm", "pylibjpeg", "pillow")
+_JLS = ("pyjpegls", "gdcm", "pylibjpeg")
+_JPEG_LOSSY = ("pylibjpeg", "gdcm", "pillow")
+_JPEG_LOSSLESS = ("gdcm", "pylibjpeg")
+DECODER_PREFERENCE: dict[str, tuple[str, ...]] = {
+    JPEG2000: _J2K,
+    JPEG2000Lossless: _J2K,
+    JPEGLSLossless: _JLS,
+    JPEGLSNearLossless: _JLS,
+    JPEGBaseline8Bit: _JPEG_LOSSY,
+    JPEGExtended12Bit: _JPEG_LOSSY,
+    JPEGLossless: _JPEG_LOSSLESS,
+    JPEGLosslessSV1: _JPEG_LOSSLESS,
+    RLELossless: ("pylibjpeg", "pydicom"),
+}
+
+
+# Syntaxes whose frames carry their own image size (SOF / SIZ markers); RLE does not.
+_CODESTREAM_SYNTAXES = {u for u in DECODER_PREFERENCE if u != RLELossless}
+
+
+def decoder_plugins(uid: str) -> list[str]:
+    """Installed decoding plugins for a transfer syntax, in the order they are tried."""
+    try:
+        decoder = get_decoder(UID(uid))
+    except NotImplementedError:
+        return []
+    available = list(decoder.available_plugins)
+    preferred = [p for p in DECODER_PREFERENCE.get(uid, ()) if p in available]
+    return preferred + [p for p in available if p not in preferred]
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def _inflate_capped(raw: bytes, offset: int, cap: int) -> None:
+    """Inflate a deflated dataset body in chunks, refusing it once it passes ``cap`` bytes."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    pos = offset
+    while pos < len(raw):
+        chunk = raw[pos : pos + (1 << 16)]
+        pos += len(chunk)
+        out = d.decompress(chunk, 1 << 20)
+        total += len(out)
+        while d.unconsumed_tail:
+            out = d.decompress(d.unconsumed_tail, 1 << 20)
+            total += len(out)
+            if total > cap:
+                break
+        if total > cap:
+            raise ImageTooLarge(f"deflated dataset inflates beyond {cap >> 20} MiB")
+        if d.eof:
+            break
+
+
+def _read(path: Path, limits: PixelLimits) -> Dataset:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise NotDicom(f"cannot read {path.name}: {e}") from e
+    try:
+        meta_probe = pydicom.dcmread(io.BytesIO(raw), force=True, stop_before_pixels=True, specific_tags=[0x00020010])
+    except (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise NotDicom(f"{path.name} is not a readable DICOM file: {e}") from e
+    ts = getattr(getattr(meta_probe, "file_meta", None), "TransferSyntaxUID", None)
+    if ts == DeflatedExplicitVRLittleEndian:
+        # The body offset is after the file meta group; pydicom inflates all of it at once.
+        bio = io.BytesIO(raw)
+        pydicom.filereader.read_preamble(bio, force=True)
+        pydicom.filereader._read_file_meta_info(bio)
+        _inflate_capped(raw, bio.tell(), int(limits.max_decoded_mb * 2**20) + (64 << 20))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(raw), force=True)
+    except (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, TypeError, zlib.error) as e:
+        raise NotDicom(f"{path.name} is not a readable DICOM file: {e}") from e
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts:
+        return UID(ts)
+    # No file meta (a raw dataset): the encoding pydicom detected is all there is, and it
+    # can only be a native one; encapsulated data would need the meta to be decodable.
+    elem = ds.get("PixelData") if "PixelData" in ds else None
+    if elem is not None and getattr(elem, "is_undefined_length", False):
+        raise UnsupportedTransferSyntax("encapsulated pixel data without a Transfer Syntax UID")
+    implicit, little = ds.original_encoding if hasattr(ds, "original_encoding") else (True, True)
+    if implicit is None:
+        implicit, little = True, True
+    uid = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if ds.file_meta is None or not isinstance(ds.file_meta, FileMetaDataset):
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid
+    return uid
+
+
+# --- guards -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    rows: int
+    cols: int
+    frames: int
+    samples: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    photometric: str
+
+
+def _geometry(ds: Dataset) -> _Geometry:
+    def _int(key: str, default: int | None = None) -> int:
+        v = ds.get(key, default)
+        if v is None or v == "":
+            raise CorruptPixelData(f"{key} is missing")
+        try:
+            return int(v)
+        except (TypeError, ValueError) as e:
+            raise CorruptPixelData(f"{key} is not an integer: {v!r}") from e
+
+    rows, cols = _int("Rows"), _int("Columns")
+    frames = _int("NumberOfFrames", 1) or 1
+    samples = _int("SamplesPerPixel", 1)
+    float_data = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+    ba = _int("BitsAllocated", 32 if "FloatPixelData" in ds else 64 if float_data else None)
+    bs = _int("BitsStored", ba)
+    if rows <= 0 or cols <= 0 or frames <= 0:
+        raise CorruptPixelData(f"invalid image size {rows}x{cols}x{frames}")
+    if samples not in (1, 3, 4):
+        raise CorruptPixelData(f"SamplesPerPixel {samples} is not 1 or 3")
+    if ba not in (1, 8, 16, 32, 64) or not 1 <= bs <= ba:
+        raise CorruptPixelData(f"BitsAllocated {ba} / BitsStored {bs} are not valid")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2" if samples == 1 else "RGB")).strip().upper()
+    return _Geometry(rows, cols, frames, samples, ba, bs, int(ds.get("PixelRepresentation", 0) or 0) == 1, photometric)
+
+
+def _check_limits(g: _Geometry, limits: PixelLimits) -> None:
+    samples = g.rows * g.cols * g.frames * g.samples
+    if samples > limits.max_megapixels * 1e6:
+        raise ImageTooLarge(
+            f"declared {g.rows}x{g.cols}x{g.frames} frames x {g.samples} samples = {samples / 1e6:.0f} MP exceeds {limits.max_megapixels:.0f} MP"
+        )
+    decoded = samples * g.bits_allocated / 8
+    if decoded > limits.max_decoded_mb * 2**20:
+        raise ImageTooLarge(f"declared decoded size {decoded / 2**20:.0f} MiB exceeds {limits.max_decoded_mb:.0f} MiB")
+
+
+def _check_native_length(ds: Dataset, g: _Geometry, frame: int) -> None:
+    elem = ds["PixelData"] if "PixelData" in ds else ds["FloatPixelData"] if "FloatPixelData" in ds else ds["DoubleFloatPixelData"]
+    actual = len(elem.value) if elem.value is not None else 0
+    per_frame_bits = g.rows * g.cols * g.samples * g.bits_allocated
+    needed = -(-per_frame_bits * (frame + 1) // 8)
+    if needed > actual:
+        declared = -(-per_frame_bits * g.frames // 8)
+        raise TruncatedPixelData(f"declared {declared} bytes of pixel data, {actual} present")
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG / JPEG-LS SOF or a JPEG 2000 SIZ marker, if found."""
+    j2k = frame.find(b"\xff\x4f\xff\x51")
+    if j2k >= 0 and len(frame) >= j2k + 4 + 2 + 2 + 16:
+        o = j2k + 4 + 2 + 2  # SOC, SIZ marker, Lsiz, Rsiz
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[o : o + 16])
+        return ysiz - yo, xsiz - xo
+    i = 0
+    while True:
+        i = frame.find(b"\xff", i)
+        if i < 0 or i + 9 > len(frame):
+            return None
+        m = frame[i + 1]
+        if m in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+            h, w = struct.unpack(">HH", frame[i + 5 : i + 9])
+            return h, w
+        i += 1
+
+
+def _check_codestream(ds: Dataset, g: _Geometry, frame: int) -> None:
+    from pydicom.encaps import get_frame
+
+    try:
+        data = get_frame(ds.PixelData, frame, number_of_frames=g.frames)
+    except (ValueError, IndexError, KeyError, struct.error) as e:
+        raise CorruptPixelData(f"cannot find frame {frame} in the encapsulated pixel data: {e}") from e
+    size = _codestream_size(data[:65536])
+    # JPEG allows height 0 in the SOF (defined later by DNL); only a larger size is a threat.
+    if size is not None and (size[0] > g.rows or size[1] > g.cols):
+        raise CorruptPixelData(f"codestream declares {size[0]}x{size[1]}, the header {g.rows}x{g.cols}")
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+
+def _decode(ds: Dataset, ts: UID, frame: int) -> np.ndarray:
+    if ts in NATIVE_SYNTAXES or not ts.is_compressed:
+        plugins = [""]
+    else:
+        plugins = decoder_plugins(ts)
+        if not plugins:
+            raise UnsupportedTransferSyntax(f"no installed decoder for {ts.name} ({ts})")
+    errors = []
+    for plugin in plugins:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return pixel_array(ds, index=frame, decoding_plugin=plugin)
+        except NotImplementedError as e:
+            raise UnsupportedTransferSyntax(f"{ts.name}: {e}") from e
+        # Decoders raise anything from RuntimeError to OSError on bad codestreams; each is
+        # recorded and the next decoder tried, and all of them end as one typed error.
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{plugin or 'pydicom'}: {str(e).splitlines()[-1][:200] if str(e) else type(e).__name__}")
+    raise CorruptPixelData(f"{ts.name}: no decoder could read the pixel data ({'; '.join(errors)})")
+
+
+def _mask_high_bits(arr: np.ndarray, g: _Geometry) -> np.ndarray:
+    """Keep only Bits Stored bits (high bits may carry overlays), sign-extending if signed."""
+    if arr.dtype.kind not in "iu" or g.bits_stored >= g.bits_allocated or g.bits_allocated > 32:
+        return arr
+    a = arr.astype(np.int64)
+    mask = (1 << g.bits_stored) - 1
+    a &= mask
+    if g.signed:
+        sign = 1 << (g.bits_stored - 1)
+        a = (a ^ sign) - sign
+    return a
+
+
+def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 windowing to [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((arr - center) / width + 0.5, 0.0, 1.0)
+    if width < 1:
+        raise ValueError("LINEAR window width must be >= 1")
+    w1 = width - 1 if width > 1 else 1.0
+    return np.clip((arr - (center - 0.5)) / w1 + 0.5, 0.0, 1.0)
+
+
+def _percentile_window(arr: np.ndarray) -> np.ndarray:
+    """Robust auto-window: 0.5th-99.5th percentiles (min-max when those coincide)."""
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros(arr.shape, dtype=np.float64)
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float64)
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _first(v: object) -> float:
+    if isinstance(v, (list, tuple, pydicom.multival.MultiValue)):
+        v = v[0]
+    return float(v)  # type: ignore[arg-type]
+
+
+def _voi(arr: np.ndarray, ds: Dataset, g: _Geometry) -> tuple[np.ndarray, str]:
+    """VOI transform to [0, 1]: LUT sequence, window, or the percentile fallback."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        try:
+            out = apply_voi_lut(arr.astype(np.float64) if arr.dtype.kind == "f" else arr, ds, index=0, prefer_lut=True)
+            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+            lo, hi = float(lut.min()), float(lut.max())
+            if hi > lo:
+                return np.clip((out.astype(np.float64) - lo) / (hi - lo), 0, 1), "voi_lut_sequence"
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+            log.info("pixels.voi_lut_unusable", error=str(e)[:200])
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+            if w > 0 and np.isfinite(c) and np.isfinite(w):
+                out = _window(arr.astype(np.float64), c, w, fn)
+                # A header window that puts every pixel on one side shows nothing: a
+                # mislabelled window (seen after rescaling by gateways); use the data instead.
+                if float(out.max()) - float(out.min()) > 1e-6 or float(arr.max()) == float(arr.min()):
+                    return out, f"window {fn.lower()}"
+                log.info("pixels.window_outside_data", center=c, width=w)
+        except (ValueError, TypeError, IndexError) as e:
+            log.info("pixels.window_unusable", error=str(e)[:200])
+    return _percentile_window(arr.astype(np.float64)), "percentile"
+
+
+def _to_gray(arr: np.ndarray, ds: Dataset, g: _Geometry, photometric: str) -> np.ndarray:
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        top = float(2**16 - 1) if arr.dtype.itemsize > 1 else 255.0
+    else:
+        top = float(2**g.bits_stored - 1)
+    rgb = arr[..., :3].astype(np.float64)
+    if photometric.startswith("YBR") and photometric not in ("YBR_ICT", "YBR_RCT"):
+        # pydicom converts YBR to RGB for most decoders; a native YBR_FULL image is converted here.
+        from pydicom.pixels import convert_color_space
+
+        rgb = convert_color_space(arr[..., :3], photometric, "RGB").astype(np.float64)
+    gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return np.clip(gray / top, 0.0, 1.0)
+
+
+def load_display_image(
+    source: Dataset | str | Path,
+    frame: int = 0,
+    limits: PixelLimits | None = None,
+) -> np.ndarray:
+    """A DICOM image (dataset or file) -> float32 HxW in [0, 1], bright = dense.
+
+    Raises a :class:`PixelDataError` subclass for anything that cannot be displayed.
+    """
+    limits = limits or PixelLimits()
+    ds = _read(Path(source), limits) if isinstance(source, (str, Path)) else source
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise NoPixelData("the dataset has no Pixel Data")
+    g = _geometry(ds)
+    _check_limits(g, limits)
+    if frame < 0 or frame >= g.frames:
+        raise FrameOutOfRange(f"frame {frame} asked for, the image has {g.frames}")
+    ts = _transfer_syntax(ds)
+    if ts in NATIVE_SYNTAXES or not ts.is_compressed:
+        _check_native_length(ds, g, frame)
+    else:
+        if "PixelData" not in ds:
+            raise CorruptPixelData("compressed transfer syntax without encapsulated Pixel Data")
+        if ts in _CODESTREAM_SYNTAXES:
+            _check_codestream(ds, g, frame)
+    arr = _decode(ds, ts, frame)
+    if arr.ndim == 3 and g.samples == 1:  # defensive: a single frame must be 2-D
+        arr = arr[0]
+    if arr.shape[:2] != (g.rows, g.cols):
+        raise CorruptPixelData(f"decoded shape {arr.shape} does not match {g.rows}x{g.cols}")
+
+    photometric = g.photometric
+    if g.samples == 1 and photometric != "PALETTE COLOR":
+        if arr.dtype.kind != "f":
+            arr = _mask_high_bits(arr, g)
+        try:
+            arr = apply_modality_lut(arr, ds) if arr.dtype.kind != "f" else arr
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+            log.info("pixels.modality_lut_unusable", error=str(e)[:200])
+        arr = np.asarray(arr, dtype=np.float64)
+        arr[~np.isfinite(arr)] = np.nan
+        if np.isnan(arr).all():
+            raise CorruptPixelData("no finite pixel values")
+        if np.isnan(arr).any():
+            arr = np.nan_to_num(arr, nan=float(np.nanmin(arr)))
+        out, how = _voi(arr, ds, g)
+        if photometric == "MONOCHROME1":
+            out = 1.0 - out
+    elif g.samples >= 3 or photometric == "PALETTE COLOR":
+        # pydicom returns RGB for YBR JPEG by default (as_rgb); the dataset's tag still says YBR.
+        decoded_is_rgb = not (ts in NATIVE_SYNTAXES and photometric.startswith("YBR"))
+        out = _to_gray(arr, ds, g, "RGB" if decoded_is_rgb and photometric != "PALETTE COLOR" else photometric)
+        how = "colour -> BT.601 luma"
+    else:  # pragma: no cover - _geometry limits samples to 1, 3, 4
+        raise CorruptPixelData(f"unsupported photometric interpretation {photometric}")
+    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0).astype(np.float32)
+    _ = how  # kept for debugging sessions; not logged per image (the worker logs per study)
+    return np.clip(out, 0.0, 1.0, out=out)

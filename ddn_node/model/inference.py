@@ -1,0 +1,124 @@
+"""Batched inference engine used by the node's worker.
+
+    art = ModelArtifact.load(Path("models/ddn-cxr"))
+    p = Predictor(art, device="cpu", threads=0)
+    preds = p.predict(images, head="cxr", sop_instance_uids=uids, heatmaps=True)
+    score = p.abnormality_score("cxr", p.study_probabilities(preds))
+
+Images are display images from :func:`ddn_node.dicom.pixels.load_display_image`. For each
+batch the backbone runs once under ``inference_mode``; when heat maps are wanted, the
+logits come from the same differentiable tail that Grad-CAM back-propagates through, so
+probabilities and heat maps cost one backbone pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import structlog
+import torch
+
+from ddn_node.model.artifact import ModelArtifact
+from ddn_node.model.gradcam import logits_and_cams
+from ddn_node.model.preprocess import map_to_source, prepare_batch
+from ddn_node.model.types import ImagePrediction
+
+log = structlog.get_logger()
+
+
+class Predictor:
+    """Runs one artifact on CPU or GPU, in batches."""
+
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        device: str = "cpu",
+        threads: int = 0,
+        batch_size: int = 16,
+        channels_last: bool = True,
+    ) -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
+        if threads > 0:
+            # torch's intra-op pool is process-wide; the worker owns its process, so setting
+            # it here is what the operator's `threads` setting means.
+            torch.set_num_threads(threads)
+        self.artifact = artifact
+        self.device = torch.device(device)
+        self.batch_size = max(1, batch_size)
+        self._fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = artifact.model.to(self.device, memory_format=self._fmt).eval()
+        self.spec = artifact.preprocess
+        self.timings_ms: dict[str, float] = {}
+
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        head: str,
+        sop_instance_uids: Sequence[str] | None = None,
+        heatmaps: bool = True,
+    ) -> list[ImagePrediction]:
+        """Probabilities per label for each image; heat maps for labels at/above threshold."""
+        info = self.artifact.head(head)
+        labels = info.labels
+        uids = list(sop_instance_uids) if sop_instance_uids is not None else [str(i) for i in range(len(images))]
+        if len(uids) != len(images):
+            raise ValueError("one SOP Instance UID per image")
+        out: list[ImagePrediction] = []
+        t_model = t_cam = 0.0
+        for s in range(0, len(images), self.batch_size):
+            chunk = images[s : s + self.batch_size]
+            x, geoms = prepare_batch(chunk, self.spec)
+            x = x.to(self.device).contiguous(memory_format=self._fmt)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                feats = self.model.features(x)
+                logits = self.model.forward_from_features(feats, heads=[head])[head]
+            probs = self.model.probabilities({head: logits})[head].float().cpu().numpy()
+            t1 = time.perf_counter()
+            t_model += t1 - t0
+            cams: dict[tuple[int, int], torch.Tensor] = {}
+            if heatmaps:
+                # Which labels pass their threshold is known only after the forward pass; the
+                # cheap tail then runs once more, with gradients, inside logits_and_cams.
+                wanted = [[k for k, spec in enumerate(labels) if probs[b, k] >= spec.threshold] for b in range(len(chunk))]
+                if any(wanted):
+                    _, cams = logits_and_cams(self.model, feats, head, wanted)
+            for b in range(len(chunk)):
+                pred = ImagePrediction(
+                    sop_instance_uid=uids[s + b],
+                    probabilities={spec.name: float(probs[b, k]) for k, spec in enumerate(labels)},
+                )
+                for k, spec in enumerate(labels):
+                    if (b, k) in cams:
+                        pred.heatmaps[spec.name] = map_to_source(cams[(b, k)].float().cpu(), geoms[b])
+                out.append(pred)
+            t_cam += time.perf_counter() - t1
+        self.timings_ms = {"model": 1000 * t_model, "gradcam": 1000 * t_cam}
+        return out
+
+    @staticmethod
+    def study_probabilities(predictions: Sequence[ImagePrediction]) -> dict[str, float]:
+        """Study-level probabilities: per label, the maximum over the study's images."""
+        study: dict[str, float] = {}
+        for p in predictions:
+            for k, v in p.probabilities.items():
+                study[k] = max(study.get(k, 0.0), v)
+        return study
+
+    def abnormality_score(self, head: str, probabilities: Mapping[str, float]) -> float:
+        """The head's abnormality score in [0, 1], as its manifest defines it."""
+        return abnormality_score(self.artifact, head, probabilities)
+
+
+def abnormality_score(artifact: ModelArtifact, head: str, probabilities: Mapping[str, float]) -> float:
+    definition = artifact.head(head).abnormality
+    names = definition.labels or artifact.head(head).label_names
+    if definition.kind == "complement":
+        return float(min(1.0, max(0.0, 1.0 - float(probabilities[names[0]]))))
+    vals = [float(probabilities[n]) for n in names if n in probabilities]
+    if not vals:
+        raise ValueError(f"no probabilities for the labels of head {head!r}")
+    return float(min(1.0, max(0.0, max(vals))))
