@@ -29,7 +29,7 @@ import functools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from types import MappingProxyType
 
@@ -94,20 +94,40 @@ TYPE2_PATIENT_STUDY: tuple[str, ...] = (
     "AccessionNumber",
 )
 
-# PS3.5 6.2: DA is YYYYMMDD; TM is HH[MM[SS[.F{1,6}]]]; AS is nnnD/W/M/Y.
+# Attributes whose VR has a fixed format (PS3.5 6.2) and that identify nothing: checked,
+# and emptied (Type 2) or dropped (Type 3) when invalid. They are read from the raw bytes,
+# never through pydicom's own validation, whose warnings quote the value (a birth date is
+# patient data, and those warnings go to the log).
 _DA = re.compile(r"^\d{8}$")
 _TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_AS = re.compile(r"^\d{3}[DWMY]$")
-_VALIDATORS: Mapping[str, re.Pattern[str]] = MappingProxyType(
+_CS = re.compile(r"^[A-Z0-9 _]{1,16}$")
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+_CHECKED: Mapping[str, Callable[[str], object]] = MappingProxyType(
     {
-        "PatientBirthDate": _DA,
-        "StudyDate": _DA,
-        "PatientBirthTime": _TM,
-        "StudyTime": _TM,
-        "PatientAge": _AS,
+        "PatientBirthDate": _DA.match,
+        "StudyDate": _DA.match,
+        "PatientBirthTime": _TM.match,
+        "StudyTime": _TM.match,
+        "PatientAge": re.compile(r"^\d{3}[DWMY]$").match,
+        "PatientSex": re.compile(r"^[MFO]$").match,
+        # 0 is what many modalities write for "not measured"; it is not a size.
+        "PatientSize": _positive,
+        "PatientWeight": _positive,
+        "TypeOfPatientID": _CS.match,
+        "QualityControlSubject": re.compile(r"^(YES|NO)$").match,
+        "ResponsiblePersonRole": _CS.match,
+        "PatientIdentityRemoved": re.compile(r"^(YES|NO)$").match,
     }
 )
-_SEX = frozenset({"M", "F", "O"})
+
 
 # Attributes of the source image that references and geometry need (never patient data).
 _REFERENCE_KEYWORDS: tuple[str, ...] = (
@@ -205,32 +225,36 @@ def copy_patient_and_study(target: Dataset, source: Dataset) -> None:
             delattr(target, keyword)
         if keyword not in source:
             continue
-        element = copy.deepcopy(source[keyword])
-        if not element.is_empty and not _valid(keyword, element.value):
-            if keyword in TYPE2_PATIENT_STUDY:
-                element.value = None
-            else:
-                continue
-        target[element.tag] = element
+        check = _CHECKED.get(keyword)
+        if check is None:
+            # Identifiers and names: verbatim (pydicom's length warnings name no value).
+            target[source[keyword].tag] = copy.deepcopy(source[keyword])
+            continue
+        text = _raw_text(source, keyword)
+        if text and check(text):
+            setattr(target, keyword, text)
+        elif keyword in TYPE2_PATIENT_STUDY:
+            setattr(target, keyword, None)
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in target:
             setattr(target, keyword, None)
     target.StudyInstanceUID = source.StudyInstanceUID
 
 
-def _valid(keyword: str, value: object) -> bool:
-    if keyword == "PatientSex":
-        return str(value) in _SEX
-    if keyword in ("PatientSize", "PatientWeight"):
-        # 0 is what many modalities write for "not measured"; it is not a size.
-        try:
-            return float(str(value)) > 0
-        except ValueError:
-            return False
-    pattern = _VALIDATORS.get(keyword)
-    if pattern is None:
-        return True
-    return bool(pattern.match(str(value)))
+def _raw_text(source: Dataset, keyword: str) -> str:
+    """The value of a fixed-format attribute as text, without pydicom converting it."""
+    element = source.get_item(keyword)
+    if element is None or element.value is None:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):
+        # These VRs use the default repertoire only (PS3.5 6.2): ASCII.
+        text = value.decode("ascii", errors="replace")
+    elif isinstance(value, (list, tuple)):
+        return ""  # multiple values where one belongs: invalid
+    else:
+        text = str(value)
+    return text.strip(" \x00")
 
 
 def make_uid(seed: str | None, *parts: object) -> str:
@@ -273,8 +297,12 @@ def fit_text(text: str, max_len: int | None = None, charsets: Iterable[str] = ()
 
 
 def _encodable(text: str, charsets: list[str]) -> bool:
-    # An empty first value means the default repertoire (ISO-IR 6) for G0 (PS3.3 C.12.1.1.2).
-    encodings = convert_encodings([c for c in charsets if c] or ["ISO_IR 6"])
+    # G0 is the default repertoire, ASCII, whatever else is declared (PS3.3 C.12.1.1.2);
+    # pydicom maps ISO_IR 6 to Latin-1 for lenient decoding, which is too generous here.
+    encodings = ["ascii"]
+    for term in charsets:
+        if term and term not in ("ISO_IR 6", "ISO 2022 IR 6"):
+            encodings.extend(convert_encodings([term]))
     for encoding in encodings:
         try:
             text.encode(encoding)

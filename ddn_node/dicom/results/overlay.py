@@ -52,10 +52,12 @@ def sc_series_description(is_demo: bool) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _colormap_lut(name: str) -> np.ndarray:
-    """256 x 3 uint8 colours of a matplotlib colour map (read-only, cached per name)."""
+    """256 x 3 uint8 colours of a matplotlib colour map, 0..0.9 (read-only, cached)."""
     from matplotlib import colormaps  # imported here: matplotlib is slow to import
 
-    lut = (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    # The top tenth of inferno is near-white, which would wash out over bright bone:
+    # stop at saturated yellow.
+    lut = (colormaps[name](np.linspace(0.0, 0.9, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
     lut.setflags(write=False)
     return lut
 

@@ -1,0 +1,30 @@
+"""The DICOM objects the node sends back into the source study.
+
+- :mod:`.sr`: Comprehensive 3D SR, TID 1500 Measurement Report (findings, probabilities,
+  present/absent, abnormality score, triage priority), and :func:`read_sr` to parse one;
+- :mod:`.pmap`: Grad-CAM heat maps as Parametric Maps (float, real-world value mapping);
+- :mod:`.overlay`: heat maps blended on the image as RGB Secondary Captures, and
+  :func:`render_png`;
+- :mod:`.content`, :mod:`.equipment`, :mod:`.codes`: what all of them share (patient and
+  study attributes with their character set, IHE AIR style equipment, coded concepts);
+- :mod:`.build`: :func:`build_results`, all objects of one analysis.
+"""
+
+from ddn_node.dicom.results.build import ResultObjects, SeriesNumbers, build_results
+from ddn_node.dicom.results.enum import ResultKind, TriagePriority
+from ddn_node.dicom.results.overlay import blend, render_png
+from ddn_node.dicom.results.sr import SRContent, SRFinding, SRReference, read_sr
+
+__all__ = [
+    "ResultKind",
+    "ResultObjects",
+    "SRContent",
+    "SRFinding",
+    "SRReference",
+    "SeriesNumbers",
+    "TriagePriority",
+    "blend",
+    "build_results",
+    "read_sr",
+    "render_png",
+]
