@@ -100,3 +100,27 @@ def test_clinical_model_overlay_has_no_demo_wording() -> None:
     assert sc.SeriesDescription == "DDN heat map overlay (SC)"
     assert "ImageComments" not in sc
     assert sc.BurnedInAnnotation == "YES"  # label and probability are still burned in
+
+
+def test_labels_of_maps_and_overlays_are_listed() -> None:
+    sources = [synthetic_source(), synthetic_source()]
+    sources[1].StudyInstanceUID = sources[0].StudyInstanceUID
+    probabilities = [PROBS, {"Pneumothorax": 0.2, "Effusion": 0.1, "Nodule": 0.8}]
+    prediction = prediction_for(sources, probabilities)
+    results = build_results(sources, prediction, "STAT", display_for(sources))
+    expected = [
+        (img.sop_instance_uid, label) for img in prediction.images for label in img.heatmaps
+    ]
+    got_sc = [
+        (str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID), results.overlay_labels[sc.SOPInstanceUID])
+        for sc in results.overlays
+    ]
+    got_pm = [
+        (str(pm.SourceImageSequence[0].ReferencedSOPInstanceUID), results.parametric_map_labels[pm.SOPInstanceUID])
+        for pm in results.parametric_maps
+    ]
+    assert sorted(got_sc) == sorted(expected) == sorted(got_pm)
+    # Nodule maps of both images share one series, instance numbers 1 and 2.
+    nodule = [pm for pm in results.parametric_maps if results.parametric_map_labels[pm.SOPInstanceUID] == "Nodule"]
+    assert len({pm.SeriesInstanceUID for pm in nodule}) == 1
+    assert [pm.InstanceNumber for pm in nodule] == [1, 2]

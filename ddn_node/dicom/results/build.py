@@ -47,6 +47,10 @@ class ResultObjects:
     sr: Dataset
     parametric_maps: list[Dataset] = field(default_factory=list)
     overlays: list[Dataset] = field(default_factory=list)
+    # SOP Instance UID -> label name, for the maps and overlays (the source image of each
+    # is in its Source Image Sequence).
+    parametric_map_labels: dict[str, str] = field(default_factory=dict)
+    overlay_labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def sr_reference(self) -> SRReference:
@@ -108,6 +112,9 @@ def build_results(
     if predecessor is not None and predecessor.study_instance_uid != study_uid:
         raise ValueError("the predecessor SR belongs to another study")
     now = now or datetime.datetime.now(datetime.UTC)
+    # Without a seed, a random one: UIDs differ between builds but stay consistent within
+    # this one (all maps of a label share one series UID).
+    uid_seed = uid_seed if uid_seed is not None else make_uid(None)
     headers = [reference_header(ds) for ds in sources]
     source_by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     header_by_uid = {str(h.SOPInstanceUID): h for h in headers}
@@ -147,40 +154,40 @@ def build_results(
             probability = float(image.probabilities.get(name, prediction.probabilities[name]))
             index = mapped_labels.index(name)
             pm_instance_numbers[name] += 1
-            results.parametric_maps.append(
-                build_parametric_map(
-                    source_by_uid[uid],
-                    header_by_uid[uid],
-                    heatmap,
-                    label=name,
-                    probability=probability,
-                    algorithm=prediction.algorithm,
-                    series_instance_uid=make_uid(uid_seed, "pm-series", name),
-                    sop_instance_uid=make_uid(uid_seed, "pm", uid, name),
-                    series_number=series_numbers.parametric_map_first + index,
-                    instance_number=pm_instance_numbers[name],
-                    now=now,
-                )
+            pm = build_parametric_map(
+                source_by_uid[uid],
+                header_by_uid[uid],
+                heatmap,
+                label=name,
+                probability=probability,
+                algorithm=prediction.algorithm,
+                series_instance_uid=make_uid(uid_seed, "pm-series", name),
+                sop_instance_uid=make_uid(uid_seed, "pm", uid, name),
+                series_number=series_numbers.parametric_map_first + index,
+                instance_number=pm_instance_numbers[name],
+                now=now,
             )
+            results.parametric_maps.append(pm)
+            results.parametric_map_labels[str(pm.SOPInstanceUID)] = name
             display = display_images.get(uid)
             if display is None:
                 raise ValueError(f"no display image for source {uid}, which has a heat map")
-            results.overlays.append(
-                build_overlay(
-                    source_by_uid[uid],
-                    header_by_uid[uid],
-                    display,
-                    heatmap,
-                    label=name,
-                    probability=probability,
-                    threshold=specs[name].threshold,
-                    algorithm=prediction.algorithm,
-                    series_instance_uid=overlay_series,
-                    sop_instance_uid=make_uid(uid_seed, "sc", uid, name),
-                    series_number=series_numbers.overlay,
-                    instance_number=len(results.overlays) + 1,
-                    max_side=max_overlay_side,
-                    now=now,
-                )
+            sc = build_overlay(
+                source_by_uid[uid],
+                header_by_uid[uid],
+                display,
+                heatmap,
+                label=name,
+                probability=probability,
+                threshold=specs[name].threshold,
+                algorithm=prediction.algorithm,
+                series_instance_uid=overlay_series,
+                sop_instance_uid=make_uid(uid_seed, "sc", uid, name),
+                series_number=series_numbers.overlay,
+                instance_number=len(results.overlays) + 1,
+                max_side=max_overlay_side,
+                now=now,
             )
+            results.overlays.append(sc)
+            results.overlay_labels[str(sc.SOPInstanceUID)] = name
     return results
