@@ -247,9 +247,24 @@ class Box:
         return m
 
 
+def peak(heatmap: np.ndarray) -> tuple[int, int]:
+    """(row, col) of the heat map's maximum.
+
+    A coarse map upsampled bilinearly has flat plateaus at its maximum (at the borders,
+    half a cell wide); ``argmax`` would pick the plateau's first pixel, biased towards the
+    top-left edge. The maximum pixel nearest the plateau's centroid is used instead.
+    """
+    top = float(heatmap.max())
+    rr, cc = np.nonzero(heatmap >= top - 1e-6 * max(abs(top), 1.0))
+    if len(rr) == 1:
+        return int(rr[0]), int(cc[0])
+    i = int(np.argmin((rr - rr.mean()) ** 2 + (cc - cc.mean()) ** 2))
+    return int(rr[i]), int(cc[i])
+
+
 def pointing_hit(heatmap: np.ndarray, box: Box) -> bool:
-    """True when the heat map's maximum lies inside the box (first maximum on ties)."""
-    r, c = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    """True when the heat map's peak pixel (its centre) lies inside the box."""
+    r, c = peak(heatmap)
     return bool(box.x <= c + 0.5 <= box.x + box.w and box.y <= r + 0.5 <= box.y + box.h)
 
 
@@ -260,7 +275,7 @@ def predicted_box(heatmap: np.ndarray, level: float = 0.5) -> Box | None:
         return None
     hot = heatmap >= level * peak
     lab, _ = ndimage.label(hot)
-    r, c = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    r, c = peak(heatmap)
     region = lab == lab[r, c]
     rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
     return Box(float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1))
