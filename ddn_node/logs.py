@@ -79,3 +79,8 @@ def configure_logging(
     root.setLevel(level)
     for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom warns about every out-of-spec value in real headers; the node stores such
+    # data as it came, so those warnings are noise (and may quote patient data).
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)

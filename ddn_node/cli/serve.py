@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydicom.config
 import structlog
 
 from ddn_node.config import Settings
@@ -84,6 +85,8 @@ class Node:
 
 
 def start_node(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> Node:
+    # Real headers break VR rules all the time; the node stores them as they came.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     unknown = roles - set(ROLES)
     if unknown:
         raise StartupError(f"unknown role(s) {sorted(unknown)}; choose from {ROLES}")

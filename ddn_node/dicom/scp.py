@@ -228,6 +228,9 @@ class StorageSCP:
         if reason is None:
             return
         assoc.acse.send_reject(*rj)
+        # As pynetdicom's own rejection does: wait until the DUL has sent the A-ASSOCIATE-RJ
+        # and the peer closed (or ARTIM expired) before the socket is shut down.
+        assoc.kill()
         log.warning("scp.association_rejected", calling_ae=calling, called_ae=called, host=host, reason=reason)
         try:
             audit(

@@ -16,9 +16,16 @@ from typing import Any
 
 import pydicom
 import structlog
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UncompressedTransferSyntaxes
-from pynetdicom import AE, evt
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UncompressedTransferSyntaxes,
+)
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -75,36 +82,58 @@ class _Item:
     sop_class: str
     sop_instance: str
     syntax: str
+    raw_ok: bool  # File Meta present and consistent with the data set: send the bytes as they are
+
+
+def _encoding_syntax(ds: Dataset) -> UID:
+    """The transfer syntax of a data set read from a file without File Meta Information."""
+    implicit, little = ds.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little in (True, None) else ExplicitVRBigEndian
 
 
 def _scan(paths: Iterable[Path]) -> tuple[list[_Item], list[SendOutcome]]:
     items, bad = [], []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-            syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else None
-            items.append(
-                _Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax or ImplicitVRLittleEndian))
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"], force=True
             )
-        except (InvalidDicomError, AttributeError, OSError, ValueError, KeyError) as exc:
+            meta = ds.file_meta
+            syntax = meta.get("TransferSyntaxUID") or _encoding_syntax(ds)
+            # Some real files carry a File Meta SOP Instance UID that differs from the data
+            # set's; the command must name the data set's, so those are re-encoded.
+            raw_ok = (
+                "TransferSyntaxUID" in meta
+                and meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID
+                and meta.get("MediaStorageSOPClassUID") == ds.SOPClassUID
+            )
+            items.append(_Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax), raw_ok))
+        except (InvalidDicomError, AttributeError, OSError, ValueError, KeyError, TypeError) as exc:
             bad.append(SendOutcome(path, "", None, f"not a DICOM file: {exc}"))
     return items, bad
 
 
 def _contexts(items: Sequence[_Item]) -> list[list[PresentationContext]]:
-    """Group the items' (SOP class, syntax) needs into batches of at most 128 contexts."""
+    """Group the items' (SOP class, syntax) needs into batches of at most 128 contexts.
+
+    Each file's own syntax is proposed first: acceptors pick the first proposed syntax
+    they support, and the file's own means its bytes travel unchanged.
+    """
     batches: list[list[PresentationContext]] = []
-    current: dict[str, set[str]] = {}
+    current: dict[str, list[str]] = {}
     for item in items:
-        syntaxes = {item.syntax}
+        wanted = [item.syntax]
         if item.syntax in UncompressedTransferSyntaxes:
-            syntaxes |= {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+            wanted += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         if item.sop_class not in current and len(current) >= MAX_CONTEXTS:
-            batches.append([build_context(k, sorted(v)) for k, v in current.items()])
+            batches.append([build_context(k, v) for k, v in current.items()])
             current = {}
-        current.setdefault(item.sop_class, set()).update(syntaxes)
+        syntaxes = current.setdefault(item.sop_class, [])
+        syntaxes += [s for s in wanted if s not in syntaxes]
     if current:
-        batches.append([build_context(k, sorted(v)) for k, v in current.items()])
+        batches.append([build_context(k, v) for k, v in current.items()])
     return batches
 
 
@@ -201,15 +230,51 @@ class StoreSCU:
         return outcomes
 
     def _send_one(self, assoc: Association, item: _Item) -> SendOutcome:
+        """Send the file's bytes as they are when the peer took its transfer syntax;
+        otherwise decode with pydicom and let pynetdicom re-encode in an accepted one."""
+        accepted = {
+            str(cx.transfer_syntax[0])
+            for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == item.sop_class
+        }
         try:
-            status = assoc.send_c_store(item.path)
-        except (ValueError, AttributeError, OSError, RuntimeError) as exc:
+            if item.syntax in accepted and item.raw_ok and _has_file_meta(item.path):
+                # Raw bytes, streamed from disk: what was stored is what is sent.
+                _config.STORE_SEND_CHUNKED_DATASET = True
+                status = assoc.send_c_store(item.path)
+            else:
+                status = assoc.send_c_store(_reencodable(item, accepted))
+        except (ValueError, AttributeError, OSError, RuntimeError, InvalidDicomError) as exc:
             # e.g. no accepted context for this SOP class / syntax
             return SendOutcome(item.path, item.sop_instance, None, str(exc))
         if "Status" not in status:
             return SendOutcome(item.path, item.sop_instance, None, "no response (timeout or abort)")
         code = int(status.Status)
         return SendOutcome(item.path, item.sop_instance, code, "" if code == 0 else f"status 0x{code:04X}")
+
+
+def _has_file_meta(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def _reencodable(item: _Item, accepted: set[str]) -> Dataset:
+    """The data set, decompressed if need be, tagged with a syntax the peer accepted."""
+    ds = pydicom.dcmread(item.path, force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = _encoding_syntax(ds)
+    current = ds.file_meta.TransferSyntaxUID
+    if current in accepted:
+        return ds
+    if current.is_compressed and "PixelData" in ds:
+        ds.decompress()  # -> Explicit VR Little Endian
+    if ds.file_meta.TransferSyntaxUID not in accepted:
+        target = next((UID(s) for s in accepted if UID(s) in UncompressedTransferSyntaxes), None)
+        if target is None:
+            raise ValueError(f"the peer accepted no usable transfer syntax for {item.sop_class}")
+        ds.file_meta.TransferSyntaxUID = target
+    return ds
 
 
 def dicom_files(root: Path) -> list[Path]:

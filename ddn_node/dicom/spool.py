@@ -80,8 +80,8 @@ class Spool:
     def instance_relpath(self, study_uid: str, sop_instance_uid: str) -> str:
         return f"studies/{safe_component(study_uid)}/{safe_component(sop_instance_uid)}.dcm"
 
-    def result_relpath(self, study_uid: str, sop_instance_uid: str) -> str:
-        return f"results/{safe_component(study_uid)}/{safe_component(sop_instance_uid)}.dcm"
+    def result_relpath(self, study_uid: str, sop_instance_uid: str, suffix: str = ".dcm") -> str:
+        return f"results/{safe_component(study_uid)}/{safe_component(sop_instance_uid)}{suffix}"
 
     def commit(
         self, tmp: Path, relpath: str, sha256: str | None = None, hash_from: int = 0

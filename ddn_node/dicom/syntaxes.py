@@ -9,26 +9,52 @@ from __future__ import annotations
 
 from functools import cache
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.pixels import get_decoder
-from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AllStoragePresentationContexts
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AllStoragePresentationContexts, register_uid
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 
 @cache
 def supported_transfer_syntaxes() -> tuple[str, ...]:
-    """Every transfer syntax an installed pydicom decoder plugin can decode."""
-    out = []
+    """Every transfer syntax an installed pydicom decoder plugin can decode, in preference order.
+
+    pynetdicom accepts, for each proposed context, the first syntax of this list that the
+    requestor proposed. Explicit VR Little Endian comes first because every sender can
+    produce it (a sender that proposes JPEG 2000 for an uncompressed file cannot encode it,
+    DCMTK storescu -xv for one) and it keeps private elements' VRs; then Implicit VR; then
+    the compressed syntaxes, accepted as they are when a context proposes only them.
+    """
+    out = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
     for uid in AllTransferSyntaxes:
         try:
             decoder = get_decoder(uid)
         except NotImplementedError:
             continue
-        if decoder.is_available:
+        if decoder.is_available and str(uid) not in out:
             out.append(str(uid))
     return tuple(out)
 
 
 @cache
 def storage_sop_classes() -> tuple[str, ...]:
-    """Every Storage SOP class pynetdicom knows (PS3.4 Annex B.5), images and non-images."""
-    return tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+    """Every Storage SOP class of the standard (PS3.4 Annex B.5), current and retired.
+
+    pynetdicom's list omits retired classes, but archives still push them (the retired
+    Ultrasound Image Storage, for one); pydicom's UID dictionary has them all. Storage
+    Commitment, media directories and print objects are not storage of instances.
+    """
+    uids = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    uids |= {
+        uid
+        for uid, (name, kind, *_rest) in UID_dictionary.items()
+        if kind == "SOP Class" and "Storage" in name and uid.startswith("1.2.840.10008.5.1.4.")
+    }
+    ordered = tuple(sorted(uids, key=lambda u: [int(p) for p in u.split(".")]))
+    for uid in ordered:
+        # pynetdicom only dispatches C-STORE for classes it knows: teach it the rest.
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, UID_dictionary[uid][4] or f"Storage_{uid.replace('.', '_')}", StorageServiceClass)
+    return ordered

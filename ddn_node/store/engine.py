@@ -38,11 +38,9 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for queries only (on SQLite it never takes the write lock)."""
+        # Closing (not rolling back) ends the transaction without expiring loaded objects.
         with self.readers() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+            yield session
 
     def dispose(self) -> None:
         self.engine.dispose()

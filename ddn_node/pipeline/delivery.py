@@ -1,0 +1,150 @@
+"""Delivery: sending result objects to the configured destinations until they are accepted.
+
+Each object x destination is a row (pending -> sending -> sent | failed). A sender claims
+the due rows of one destination with a lease, sends them over one association, and marks
+each by the status the PACS answered: only 0x0000 (or a storage warning, PS3.4 B.2.3:
+0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does not match SOP class)
+counts as sent. Failures back off exponentially (initial x 2^(attempt-1), capped) up to
+``max_attempts``, then stay visible as failed with the PACS's status until an operator runs
+``ddn-node deliveries retry``.
+
+On the wire delivery is at-least-once (a crash after the PACS answered and before our
+commit re-sends the object), and exactly-once in the PACS, because the object's identity is
+its SOP Instance UID and a Storage SCP keeps one instance per UID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import structlog
+from sqlalchemy import select, update
+
+from ddn_node.config import DestinationSettings, Settings
+from ddn_node.dicom.scu import Peer, SendOutcome, StoreSCU, client_tls_context
+from ddn_node.dicom.spool import Spool
+from ddn_node.store.audit import AuditEventName, add_audit
+from ddn_node.store.engine import Database
+from ddn_node.store.models import Delivery, DeliveryState, Study, utcnow
+from ddn_node.store.queue import DELIVERIES
+
+log = structlog.get_logger("ddn_node.delivery")
+
+BATCH = 32
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
+    """Delay before attempt ``attempt + 1`` after ``attempt`` failures (1-based)."""
+    return float(min(max_s, initial_s * 2 ** max(0, attempt - 1)))
+
+
+class Deliverer:
+    def __init__(self, settings: Settings, database: Database, spool: Spool, owner: str):
+        self.settings = settings
+        self.database = database
+        self.spool = spool
+        self.owner = owner
+        self.destinations = {d.name: d for d in settings.destinations}
+        self._lock = threading.Lock()
+
+    def _peer(self, dest: DestinationSettings) -> Peer:
+        tls = client_tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
+        return Peer(dest.ae_title, dest.host, dest.port, tls)
+
+    def _claim(self) -> dict[str, list[tuple[int, str, str, int]]]:
+        """Claim up to BATCH due rows: destination -> [(id, path, sop uid, attempts)]."""
+        lease_s = self.settings.delivery.timeout_s * 4 + 60
+        claimed: dict[str, list[tuple[int, str, str, int]]] = defaultdict(list)
+        with self.database.session() as session:
+            for _ in range(BATCH):
+                row = DELIVERIES.claim(session, self.owner, lease_s)
+                if row is None:
+                    break
+                claimed[row.destination].append((row.id, row.path, row.sop_instance_uid, row.attempts))
+        return claimed
+
+    def deliver_due(self) -> int:
+        """Send what is due now; returns how many rows were attempted."""
+        # One sender per process at a time: concurrent sweeps would only split batches.
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            claimed = self._claim()
+            for name, rows in claimed.items():
+                self._send(name, rows)
+            return sum(len(rows) for rows in claimed.values())
+        finally:
+            self._lock.release()
+
+    def _send(self, name: str, rows: list[tuple[int, str, str, int]]) -> None:
+        dest = self.destinations.get(name)
+        if dest is None:
+            self._record(
+                name,
+                rows,
+                {row[0]: SendOutcome(Path(row[1]), row[2], None, "destination no longer configured") for row in rows},
+            )
+            return
+        scu = StoreSCU(self.settings.node.ae_title, self._peer(dest), timeout_s=self.settings.delivery.timeout_s)
+        by_path = {str(self.spool.path(row[1])): row[0] for row in rows}
+        outcomes = {}
+        for outcome in scu.send([self.spool.path(row[1]) for row in rows]):
+            outcomes[by_path[str(outcome.path)]] = outcome
+        self._record(name, rows, outcomes)
+
+    def _record(
+        self, name: str, rows: list[tuple[int, str, str, int]], outcomes: dict[int, SendOutcome]
+    ) -> None:
+        cfg = self.settings.delivery
+        now = utcnow()
+        sent_studies: set[int] = set()
+        with self.database.session() as session:
+            for row_id, _path, sop_uid, attempts in rows:
+                outcome = outcomes.get(row_id)
+                status = outcome.status if outcome else None
+                error = outcome.error if outcome else "not attempted"
+                if outcome is not None and outcome.ok:
+                    DELIVERIES.finish(
+                        session, row_id, self.owner, DeliveryState.SENT, sent_at=now, last_status=status, last_error=""
+                    )
+                    study_id = session.scalar(select(Delivery.study_id).where(Delivery.id == row_id))
+                    if study_id is not None:
+                        sent_studies.add(study_id)
+                    log.info("delivery.sent", destination=name, sop_instance_uid=sop_uid, status=status)
+                elif attempts >= cfg.max_attempts:
+                    DELIVERIES.finish(
+                        session, row_id, self.owner, DeliveryState.FAILED, last_status=status, last_error=error
+                    )
+                    log.error("delivery.failed", destination=name, sop_instance_uid=sop_uid, status=status, error=error, attempts=attempts)
+                else:
+                    delay = backoff_s(attempts, cfg.backoff_initial_s, cfg.backoff_max_s)
+                    DELIVERIES.retry_later(
+                        session, row_id, self.owner, delay, last_status=status, last_error=error
+                    )
+                    log.warning(
+                        "delivery.retry_scheduled",
+                        destination=name,
+                        sop_instance_uid=sop_uid,
+                        status=status,
+                        error=error,
+                        attempt=attempts,
+                        retry_in_s=delay,
+                    )
+            for study_id in sent_studies:
+                study_uid = session.scalar(select(Study.study_uid).where(Study.id == study_id)) or ""
+                add_audit(session, AuditEventName.RESULTS_SENT, actor=name, study_uid=study_uid)
+
+
+def retry_failed(database: Database, destination: str | None = None) -> int:
+    """Put failed deliveries back in the queue (``ddn-node deliveries retry``)."""
+    with database.session() as session:
+        stmt = update(Delivery).where(Delivery.state == DeliveryState.FAILED)
+        if destination:
+            stmt = stmt.where(Delivery.destination == destination)
+        result = session.execute(
+            stmt.values(state=DeliveryState.PENDING, attempts=0, not_before=utcnow() - dt.timedelta(seconds=1))
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]

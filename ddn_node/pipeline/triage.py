@@ -1,0 +1,107 @@
+"""Triage: from the model's findings to a reading priority, and why.
+
+The policy lives in ``[triage]`` of the config and every decision carries a sentence that
+the worklist shows ("why is this study here?"):
+
+* STAT: a configured critical finding is present (probability at or above its threshold);
+* HIGH: the abnormality score is at or above ``high_score``;
+* ROUTINE: everything else that was analysed;
+* NOT_ANALYSED: waiting for, failed or not routed to analysis - listed with the reason, in
+  the ROUTINE band by arrival, never hidden below it.
+
+Ageing: an unread ROUTINE (or not analysed) study climbs one rank per
+``ageing_minutes_per_step`` minutes of waiting, up to HIGH, so nothing waits for ever. A
+radiologist's manual override wins over all of this.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+from ddn_node.config import Priority, TriageSettings
+from ddn_node.model.types import LabelSpec
+from ddn_node.store.engine import Database
+from ddn_node.store.models import Study, utcnow
+
+RANK = {Priority.STAT: 0, Priority.HIGH: 1, Priority.ROUTINE: 2, Priority.NOT_ANALYSED: 2}
+
+
+@dataclass(frozen=True)
+class TriageDecision:
+    priority: Priority
+    rank: int
+    reason: str
+
+
+def decide(
+    policy: TriageSettings,
+    labels: Sequence[LabelSpec],
+    probabilities: Mapping[str, float],
+    score: float,
+) -> TriageDecision:
+    critical = {name.lower() for name in policy.critical_findings}
+    hits = [
+        f"{spec.name} {probabilities[spec.name]:.2f} >= {spec.threshold:.2f}"
+        for spec in labels
+        if spec.name.lower() in critical
+        and spec.name in probabilities
+        and probabilities[spec.name] >= spec.threshold
+    ]
+    if hits:
+        return TriageDecision(Priority.STAT, RANK[Priority.STAT], "critical finding: " + "; ".join(hits))
+    if score >= policy.high_score:
+        return TriageDecision(
+            Priority.HIGH,
+            RANK[Priority.HIGH],
+            f"abnormality score {score:.2f} >= {policy.high_score:.2f}",
+        )
+    return TriageDecision(
+        Priority.ROUTINE,
+        RANK[Priority.ROUTINE],
+        f"abnormality score {score:.2f} < {policy.high_score:.2f}, no critical finding",
+    )
+
+
+def aged_rank(base_rank: int, waiting: dt.timedelta, minutes_per_step: float) -> int:
+    """Rank after ageing: one step up per ``minutes_per_step`` of waiting, never above HIGH."""
+    if minutes_per_step <= 0 or base_rank <= RANK[Priority.HIGH]:
+        return base_rank
+    steps = math.floor(waiting.total_seconds() / 60 / minutes_per_step)
+    return max(RANK[Priority.HIGH], base_rank - steps)
+
+
+def apply_ageing(database: Database, policy: TriageSettings, now: dt.datetime | None = None) -> int:
+    """Raise the rank of unread routine studies that have waited long enough; returns how many."""
+    if policy.ageing_minutes_per_step <= 0:
+        return 0
+    now = now or utcnow()
+    threshold = now - dt.timedelta(minutes=policy.ageing_minutes_per_step)
+    changed = 0
+    with database.session() as session:
+        rows = session.execute(
+            select(Study.id, Study.first_received_at, Study.priority_rank).where(
+                Study.read_status != "read",
+                Study.priority_override.is_(None),
+                Study.priority_rank >= RANK[Priority.ROUTINE],
+                Study.first_received_at <= threshold,
+            )
+        ).all()
+        for study_id, received, rank in rows:
+            new_rank = aged_rank(RANK[Priority.ROUTINE], now - received, policy.ageing_minutes_per_step)
+            if new_rank < rank:
+                session.execute(
+                    update(Study)
+                    .where(Study.id == study_id)
+                    .values(
+                        priority_rank=new_rank,
+                        priority_reason=Study.priority_reason
+                        + f" (raised by ageing after {policy.ageing_minutes_per_step:g} min waiting)",
+                    )
+                )
+                changed += 1
+    return changed

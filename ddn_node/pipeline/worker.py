@@ -1,0 +1,447 @@
+"""The worker: claim a completed study, analyse it, store results and queue their delivery.
+
+One study at a time per worker thread; several workers (threads, processes, hosts) share
+the queue. The result rows, the study's new priority and the delivery rows commit in one
+transaction fenced by the job's lease, so a study generation is analysed and delivered
+exactly once even when a worker dies half-way and another takes over its expired lease.
+Result files are written (fsync + rename) before that commit; a crash in between leaves
+only unreferenced files, rewritten identically by the next attempt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import structlog
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+
+from ddn_node.config import Priority, RoutingRule, Settings
+from ddn_node.dicom.pixels import PixelDataError, load_display_image
+from ddn_node.dicom.results import ResultObjects, SRReference, build_results, render_png
+from ddn_node.dicom.spool import Spool
+from ddn_node.model.artifact import ModelArtifact
+from ddn_node.model.inference import Predictor
+from ddn_node.model.types import ImagePrediction, StudyPrediction
+from ddn_node.pipeline.routing import InstanceFacts, route_study
+from ddn_node.pipeline.triage import decide
+from ddn_node.store.engine import Database
+from ddn_node.store.models import (
+    Delivery,
+    ImageResult,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from ddn_node.store.queue import JOBS
+
+log = structlog.get_logger("ddn_node.worker")
+
+
+class AnalysisError(Exception):
+    """A study cannot be analysed; ``permanent`` means retrying will not help."""
+
+    def __init__(self, message: str, *, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class ModelRegistry:
+    """The model artifacts the routing table names, loaded once per process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._predictors: dict[Path, Predictor] = {}
+        self._lock = threading.Lock()
+
+    def predictor(self, rule: RoutingRule) -> Predictor:
+        path = rule.model.resolve()
+        with self._lock:
+            if path not in self._predictors:
+                artifact = ModelArtifact.load(path)
+                if rule.head not in artifact.heads:
+                    raise AnalysisError(
+                        f"model {artifact.name} has no head {rule.head!r} (routing rule {rule.name})",
+                        permanent=True,
+                    )
+                self._predictors[path] = Predictor(
+                    artifact, device=self.settings.worker.device, threads=self.settings.worker.torch_threads
+                )
+                log.info("worker.model_loaded", model=artifact.name, version=artifact.version, device=self.settings.worker.device)
+            return self._predictors[path]
+
+    def preload(self) -> None:
+        for rule in self.settings.routing:
+            self.predictor(rule)
+
+
+@dataclass(frozen=True)
+class _Source:
+    instance_id: int
+    sop_instance_uid: str
+    dataset: Dataset
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        spool: Spool,
+        models: ModelRegistry,
+        owner: str,
+        on_results: Callable[[], None] | None = None,
+    ):
+        self.settings = settings
+        self.database = database
+        self.spool = spool
+        self.models = models
+        self.owner = owner
+        self.on_results = on_results
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, wakeup: threading.Event) -> None:
+        log.info("worker.started", owner=self.owner)
+        while not stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a database restart
+                log.error("worker.loop_error", error=repr(exc))
+                worked = False
+                stop.wait(1.0)
+            if not worked:
+                wakeup.wait(self.settings.worker.poll_interval_s)
+                wakeup.clear()
+        log.info("worker.stopped", owner=self.owner)
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when the queue had nothing claimable."""
+        lease_s = self.settings.queue.lease_s
+        with self.database.session() as session:
+            job = JOBS.claim(session, self.owner, lease_s)
+            if job is None:
+                return False
+            job_id, study_id, generation, attempts = job.id, job.study_id, job.generation, job.attempts
+            session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.generation == generation)
+                .values(state=StudyState.ANALYSING, state_reason=f"attempt {attempts}")
+            )
+        if attempts > self.settings.queue.max_attempts:
+            self._give_up(job_id, study_id, generation, f"gave up after {attempts - 1} attempts (worker lost each time)")
+            return True
+        stop_renewing = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew_lease, args=(job_id, stop_renewing), name=f"lease-{job_id}", daemon=True
+        )
+        renewer.start()
+        try:
+            self.process(job_id, study_id, generation)
+        except AnalysisError as exc:
+            self._failed(job_id, study_id, generation, attempts, str(exc), exc.permanent)
+        except Exception as exc:  # noqa: BLE001 - a model or library error must not stop the queue
+            log.exception("worker.unexpected_error", study_id=study_id)
+            self._failed(job_id, study_id, generation, attempts, f"{type(exc).__name__}: {exc}", False)
+        finally:
+            stop_renewing.set()
+        return True
+
+    def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
+        lease_s = self.settings.queue.lease_s
+        while not stop.wait(lease_s / 3):
+            try:
+                with self.database.session() as session:
+                    if not JOBS.renew(session, job_id, self.owner, lease_s):
+                        return
+            except Exception as exc:  # noqa: BLE001 - keep trying; the lease is long
+                log.warning("worker.lease_renew_failed", job_id=job_id, error=repr(exc))
+
+    # -- one study --------------------------------------------------------------------
+
+    def _sources(self, study_id: int) -> tuple[RoutingRule, list[InstanceFacts], dict[int, str]]:
+        with self.database.read() as session:
+            rows = session.execute(
+                select(
+                    Instance.id,
+                    Instance.sop_instance_uid,
+                    Instance.sop_class_uid,
+                    Series.modality,
+                    Series.body_part,
+                    Instance.view_position,
+                    Instance.path,
+                )
+                .join(Series, Instance.series_id == Series.id)
+                .where(Instance.study_id == study_id)
+                .order_by(Series.series_number, Instance.instance_number, Instance.id)
+            ).all()
+        facts = [InstanceFacts(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        paths = {r[0]: r[6] for r in rows}
+        route = route_study(self.settings.routing, facts)
+        if route is None:
+            raise AnalysisError("no routing rule matches this study any more", permanent=True)
+        return route.rule, route.instances, paths
+
+    def process(self, job_id: int, study_id: int, generation: int) -> None:
+        t0 = time.perf_counter()
+        rule, routed, paths = self._sources(study_id)
+        predictor = self.models.predictor(rule)
+        sources: list[_Source] = []
+        images: list[np.ndarray] = []
+        problems: list[str] = []
+        for facts in routed:
+            try:
+                ds = pydicom.dcmread(self.spool.path(paths[facts.instance_id]))
+                images.append(load_display_image(ds))
+                sources.append(_Source(facts.instance_id, facts.sop_instance_uid, ds))
+            except (PixelDataError, OSError, ValueError, AttributeError) as exc:
+                problems.append(f"{facts.sop_instance_uid}: {exc}")
+                log.warning("worker.image_unreadable", sop_instance_uid=facts.sop_instance_uid, error=str(exc))
+        if not sources:
+            raise AnalysisError("no image could be decoded: " + "; ".join(problems), permanent=True)
+        t_decode = time.perf_counter()
+
+        uids = [s.sop_instance_uid for s in sources]
+        predictions = predictor.predict(images, head=rule.head, sop_instance_uids=uids, heatmaps=True)
+        t_model = time.perf_counter()
+
+        artifact = predictor.artifact
+        labels = artifact.labels(rule.head)
+        study_probs = {
+            spec.name: max(p.probabilities[spec.name] for p in predictions) for spec in labels
+        }
+        score = predictor.abnormality_score(rule.head, study_probs)
+        decision = decide(self.settings.triage, labels, study_probs, score)
+        algorithm = artifact.algorithm
+        if self.settings.demo and not algorithm.is_demo:
+            algorithm = replace(algorithm, is_demo=True)
+        prediction = StudyPrediction(
+            head=rule.head,
+            labels=labels,
+            probabilities=study_probs,
+            abnormality_score=score,
+            images=predictions,
+            algorithm=algorithm,
+        )
+        predecessor = self._predecessor(study_id)
+        objects = build_results(
+            [s.dataset for s in sources],
+            prediction,
+            decision.priority.value,
+            {s.sop_instance_uid: img for s, img in zip(sources, images, strict=True)},
+            predecessor=predecessor,
+        )
+        study_uid = str(sources[0].dataset.StudyInstanceUID)
+        files = self._write_results(study_uid, objects)
+        overlays = self._write_overlay_pngs(study_uid, objects, predictions)
+        t_results = time.perf_counter()
+        timings = {
+            "decode_ms": (t_decode - t0) * 1000,
+            "model_ms": (t_model - t_decode) * 1000,
+            "results_ms": (t_results - t_model) * 1000,
+            "total_ms": (t_results - t0) * 1000,
+        }
+        prediction.timings_ms = timings
+        committed = self._commit(
+            job_id, study_id, generation, rule, prediction, decision, objects, files, overlays, sources
+        )
+        if committed:
+            log.info(
+                "worker.study_analysed",
+                study_uid=study_uid,
+                generation=generation,
+                head=rule.head,
+                images=len(sources),
+                unreadable=len(problems),
+                score=round(score, 4),
+                priority=decision.priority.value,
+                positive=prediction.positive,
+                **{k: round(v, 1) for k, v in timings.items()},
+            )
+            if self.on_results is not None:
+                self.on_results()
+
+    def _predecessor(self, study_id: int) -> SRReference | None:
+        with self.database.read() as session:
+            row = session.execute(
+                select(Delivery.sop_instance_uid, Delivery.path)
+                .join(Result, Delivery.result_id == Result.id)
+                .where(Result.study_id == study_id, Delivery.kind == "sr")
+                .order_by(Result.generation.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        ds = pydicom.dcmread(self.spool.path(row[1]), stop_before_pixels=True)
+        return SRReference(
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+        )
+
+    def _write_results(self, study_uid: str, objects: ResultObjects) -> list[tuple[str, Dataset, str]]:
+        """(kind, dataset, relpath) for every object, durably on disk."""
+        out = []
+        for kind, datasets in (("sr", [objects.sr]), ("pm", objects.parametric_maps), ("sc", objects.overlays)):
+            for ds in datasets:
+                relpath = self.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
+                buffer = BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                self.spool.write_bytes(relpath, buffer.getvalue())
+                out.append((kind, ds, relpath))
+        return out
+
+    def _write_overlay_pngs(
+        self, study_uid: str, objects: ResultObjects, predictions: list[ImagePrediction]
+    ) -> dict[tuple[str, str], str]:
+        """PNG renderings of the overlays for the web UI: (source SOP UID, label) -> relpath."""
+        out: dict[tuple[str, str], str] = {}
+        for ds in objects.overlays:
+            source_uid = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+            label = str(getattr(ds, "ContentLabel", "") or "")
+            label = objects.overlay_labels.get(str(ds.SOPInstanceUID), label)
+            relpath = self.spool.result_relpath(study_uid, str(ds.SOPInstanceUID), suffix=".png")
+            self.spool.write_bytes(relpath, render_png(ds))
+            out[(source_uid, label)] = relpath
+        return out
+
+    def _commit(
+        self,
+        job_id: int,
+        study_id: int,
+        generation: int,
+        rule: RoutingRule,
+        prediction: StudyPrediction,
+        decision,  # type: ignore[no-untyped-def]
+        objects: ResultObjects,
+        files: list[tuple[str, Dataset, str]],
+        overlays: dict[tuple[str, str], str],
+        sources: list[_Source],
+    ) -> bool:
+        now = utcnow()
+        with self.database.session() as session:
+            if not JOBS.finish(session, job_id, self.owner, JobState.DONE, finished_at=now, last_error=""):
+                log.warning("worker.lease_lost", job_id=job_id, study_id=study_id)
+                session.rollback()
+                return False
+            result = Result(
+                study_id=study_id,
+                job_id=job_id,
+                generation=generation,
+                model_name=prediction.algorithm.name,
+                model_version=prediction.algorithm.version,
+                head=rule.head,
+                probabilities=prediction.probabilities,
+                positive=prediction.positive,
+                abnormality_score=prediction.abnormality_score,
+                priority=decision.priority.value,
+                timings_ms=prediction.timings_ms,
+                sr_sop_instance_uid=str(objects.sr.SOPInstanceUID),
+            )
+            session.add(result)
+            session.flush()
+            for source, image in zip(sources, prediction.images, strict=True):
+                session.add(
+                    ImageResult(
+                        result_id=result.id,
+                        instance_id=source.instance_id,
+                        probabilities=image.probabilities,
+                        overlay_paths={
+                            label: path for (uid, label), path in overlays.items() if uid == source.sop_instance_uid
+                        },
+                    )
+                )
+            for destination in self.settings.destinations:
+                for kind, ds, relpath in files:
+                    session.add(
+                        Delivery(
+                            study_id=study_id,
+                            result_id=result.id,
+                            destination=destination.name,
+                            kind=kind,
+                            sop_class_uid=str(ds.SOPClassUID),
+                            sop_instance_uid=str(ds.SOPInstanceUID),
+                            path=relpath,
+                            not_before=now,
+                        )
+                    )
+            top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[:3]
+            session.execute(
+                update(Study)
+                .where(Study.id == study_id)
+                .values(
+                    abnormality_score=prediction.abnormality_score,
+                    priority=decision.priority.value,
+                    priority_rank=decision.rank,
+                    priority_reason=decision.reason,
+                    top_findings=[[name, round(p, 4)] for name, p in top],
+                    model_version=f"{prediction.algorithm.name} {prediction.algorithm.version}",
+                    analysed_at=now,
+                )
+            )
+            # Only the generation that is still current moves the study to 'analysed'; if
+            # a late instance re-opened it meanwhile, it stays 'receiving'.
+            session.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.generation == generation,
+                    Study.state == StudyState.ANALYSING,
+                )
+                .values(state=StudyState.ANALYSED, state_reason="")
+            )
+        return True
+
+    def _failed(
+        self, job_id: int, study_id: int, generation: int, attempts: int, reason: str, permanent: bool
+    ) -> None:
+        max_attempts = self.settings.queue.max_attempts
+        if permanent or attempts >= max_attempts:
+            self._give_up(job_id, study_id, generation, reason)
+            return
+        with self.database.session() as session:
+            JOBS.retry_later(session, job_id, self.owner, self.settings.queue.retry_delay_s, last_error=reason)
+            session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.generation == generation, Study.state == StudyState.ANALYSING)
+                .values(state=StudyState.QUEUED, state_reason=f"retrying after: {reason}"[:2000])
+            )
+        log.warning("worker.study_retry", study_id=study_id, attempt=attempts, error=reason)
+
+    def _give_up(self, job_id: int, study_id: int, generation: int, reason: str) -> None:
+        with self.database.session() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    state=JobState.FAILED,
+                    last_error=reason,
+                    finished_at=utcnow(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.generation == generation)
+                .values(
+                    state=StudyState.FAILED,
+                    state_reason=reason[:2000],
+                    priority=Priority.NOT_ANALYSED.value,
+                    priority_reason=f"analysis failed: {reason}"[:2000],
+                )
+            )
+        log.error("worker.study_failed", study_id=study_id, generation=generation, error=reason)
