@@ -75,7 +75,9 @@ def synthetic_source(
     return ds
 
 
-def blob(rows: int, columns: int, cy: float = 0.4, cx: float = 0.6, width: float = 0.15) -> np.ndarray:
+def blob(
+    rows: int, columns: int, cy: float = 0.4, cx: float = 0.6, width: float = 0.15
+) -> np.ndarray:
     """A smooth heat map with one hot spot (what Grad-CAM upsampled looks like)."""
     yy, xx = np.mgrid[0:rows, 0:columns]
     return np.exp(

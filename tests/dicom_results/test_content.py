@@ -84,7 +84,7 @@ def test_invalid_values_that_identify_nothing_are_emptied_identifiers_kept(caplo
 
 def test_type2_attributes_are_present_even_when_the_source_lacks_them() -> None:
     source = synthetic_source()
-    for keyword in ("StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+    for keyword in ("StudyDate", "StudyTime", "AccessionNumber", "StudyID"):
         delattr(source, keyword)
     del source.SpecificCharacterSet
     target = Dataset()

@@ -111,16 +111,17 @@ def test_labels_of_maps_and_overlays_are_listed() -> None:
     expected = [
         (img.sop_instance_uid, label) for img in prediction.images for label in img.heatmaps
     ]
-    got_sc = [
-        (str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID), results.overlay_labels[sc.SOPInstanceUID])
-        for sc in results.overlays
-    ]
+    def source(ds):
+        return str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+
+    got_sc = [(source(sc), results.overlay_labels[sc.SOPInstanceUID]) for sc in results.overlays]
     got_pm = [
-        (str(pm.SourceImageSequence[0].ReferencedSOPInstanceUID), results.parametric_map_labels[pm.SOPInstanceUID])
+        (source(pm), results.parametric_map_labels[pm.SOPInstanceUID])
         for pm in results.parametric_maps
     ]
     assert sorted(got_sc) == sorted(expected) == sorted(got_pm)
     # Nodule maps of both images share one series, instance numbers 1 and 2.
-    nodule = [pm for pm in results.parametric_maps if results.parametric_map_labels[pm.SOPInstanceUID] == "Nodule"]
+    labels = results.parametric_map_labels
+    nodule = [pm for pm in results.parametric_maps if labels[pm.SOPInstanceUID] == "Nodule"]
     assert len({pm.SeriesInstanceUID for pm in nodule}) == 1
     assert [pm.InstanceNumber for pm in nodule] == [1, 2]

@@ -51,8 +51,10 @@ def test_real_world_value_mapping_says_what_the_values_are() -> None:
     assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("1", "UCUM")
     quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
     assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == ("130403", "DCM")
-    assert (mapping.DoubleFloatRealWorldValueFirstValueMapped, mapping.DoubleFloatRealWorldValueLastValueMapped) == (0.0, 1.0)
-    assert float(mapping.RealWorldValueSlope) == 1.0 and float(mapping.RealWorldValueIntercept) == 0.0
+    assert mapping.DoubleFloatRealWorldValueFirstValueMapped == 0.0
+    assert mapping.DoubleFloatRealWorldValueLastValueMapped == 1.0
+    assert float(mapping.RealWorldValueSlope) == 1.0
+    assert float(mapping.RealWorldValueIntercept) == 0.0
 
 
 def test_references_resolve_to_the_source_image() -> None:
@@ -79,7 +81,9 @@ def test_contributing_equipment_is_ihe_air_style() -> None:
     algorithm = prediction.algorithm
     for ds in [results.sr, *results.parametric_maps, *results.overlays]:
         (item,) = [
-            e for e in ds.ContributingEquipmentSequence if e.get("DeviceUID") == algorithm.device_uid
+            e
+            for e in ds.ContributingEquipmentSequence
+            if e.get("DeviceUID") == algorithm.device_uid
         ]
         assert item.Manufacturer == algorithm.manufacturer
         assert item.ManufacturerModelName == algorithm.name
@@ -114,7 +118,8 @@ def test_projection_radiograph_gets_a_stable_frame_of_reference_and_plane() -> N
     header = reference_header(source)
     geo = geometry_header(header)
     assert geometry_header(reference_header(source)).FrameOfReferenceUID == geo.FrameOfReferenceUID
-    assert geo.FrameOfReferenceUID != geometry_header(reference_header(synthetic_source())).FrameOfReferenceUID
+    other = geometry_header(reference_header(synthetic_source()))
+    assert geo.FrameOfReferenceUID != other.FrameOfReferenceUID
     # Patient Orientation L\F: rows run to the patient's left, columns to the feet.
     assert [float(v) for v in geo.ImageOrientationPatient] == [1, 0, 0, 0, 0, -1]
     assert [float(v) for v in geo.PixelSpacing] == pytest.approx([0.143, 0.143])
@@ -151,3 +156,10 @@ def test_clinical_model_is_product_content() -> None:
     assert pm.ContentQualification == "PRODUCT"
     assert "NOT FOR DIAGNOSTIC USE" not in pm.SeriesDescription
     assert "ImageComments" not in pm
+
+
+def test_plane_follows_the_patient_orientation_of_a_lateral_view() -> None:
+    source = synthetic_source()
+    source.PatientOrientation = ["P", "F"]  # left lateral: rows run posterior
+    geo = geometry_header(reference_header(source))
+    assert [float(v) for v in geo.ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]

@@ -20,7 +20,7 @@ from ddn_node.dicom.results import (
     read_sr,
 )
 from ddn_node.dicom.results.codes import PRESENT, PRIORITY_CODES
-from ddn_node.model.types import Code
+from ddn_node.model.types import Code, LabelSpec
 
 PROBS = {"Pneumothorax": 0.87, "Effusion": 0.4, "Nodule": 0.05}  # Effusion == threshold
 
@@ -211,3 +211,16 @@ def test_building_logs_no_patient_name_or_id(caplog) -> None:
         _build([source], [PROBS])
     assert "Covid0000" not in caplog.text
     assert "PID-SECRET-77" not in caplog.text
+
+
+def test_long_snomed_codes_and_meanings_survive() -> None:
+    # SNOMED CT identifiers reach 18 digits (Long Code Value, PS3.3 8.8); meanings may
+    # exceed LO's 64 characters in a manifest.
+    long_code = Code("900000000000207008", "SCT", "A finding with a rather long name " * 3)
+    labels = [LabelSpec("Long", long_code, 0.5)]
+    source = synthetic_source()
+    prediction = prediction_for([source], [{"Long": 0.7}], labels=labels)
+    results = build_results([source], prediction, "HIGH", display_for([source]))
+    finding = read_sr(results.sr).findings["Long"]
+    assert (finding.code.value, finding.code.scheme) == (long_code.value, "SCT")
+    assert finding.present and len(finding.code.meaning) == 64

@@ -84,7 +84,9 @@ def _check(source, source_path: Path | None, tmp_path: Path, dicom3tools, dsrdum
 
 
 @pytest.mark.parametrize("relative", REAL, ids=lambda p: Path(p).stem[:40])
-def test_objects_from_real_headers_validate(relative, shared_data, tmp_path, dicom3tools, dsrdump) -> None:
+def test_objects_from_real_headers_validate(
+    relative, shared_data, tmp_path, dicom3tools, dsrdump
+) -> None:
     path = shared_data / "dicom" / relative
     source = pydicom.dcmread(path, stop_before_pixels=True)
     _check(source, path, tmp_path, dicom3tools, dsrdump)

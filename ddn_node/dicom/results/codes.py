@@ -20,8 +20,8 @@ study-level derivation         SCT        56851009 Maximum                      
 triage priority (name)         SCT        260870009 Priority                          SNOMED CT
 heat-map quantity              DCM 130403 Gradient-weighted class activation          CID 7180
 purpose of equipment ref.      DCM 109102 Processing Equipment                        CID 7005
-comment                        DCM 121106 Comment                                     TID 1500 row 14
-qualitative evaluations        UMLS       C0034375 Qualitative Evaluations            TID 1500 row 12
+comment                        DCM 121106 Comment                                     TID 1500
+qualitative evaluations        UMLS       C0034375 Qualitative Evaluations            TID 1500
 =============================  =========  ==========================================  =====
 
 Notes on the choices:
@@ -90,8 +90,23 @@ PRIORITY_CODES: dict[TriagePriority, Code] = {
 
 
 def coded(code: Code) -> CodedConcept:
-    """A fresh highdicom ``CodedConcept`` (PS3.3 8.8 Code Sequence Macro) for ``code``."""
-    return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+    """A fresh highdicom ``CodedConcept`` (PS3.3 8.8 Code Sequence Macro) for ``code``.
+
+    Values longer than 16 characters (SNOMED CT identifiers reach 18 digits) go into Long
+    Code Value (0008,0119), which highdicom does by itself; a meaning longer than LO's 64
+    characters is shortened (it is display text; the value identifies the concept).
+    """
+    meaning = code.meaning if len(code.meaning) <= 64 else code.meaning[:63] + "~"
+    return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=meaning)
+
+
+def code_value(item: object) -> str | None:
+    """Code Value, Long Code Value or URN Code Value of a code item (PS3.3 8.8)."""
+    for keyword in ("CodeValue", "LongCodeValue", "URNCodeValue"):
+        value = getattr(item, keyword, None)
+        if value:
+            return str(value)
+    return None
 
 
 def same_code(item: object, code: Code) -> bool:
@@ -100,10 +115,8 @@ def same_code(item: object, code: Code) -> bool:
     Compares value and designator only: the meaning is display text and may differ
     between releases or languages.
     """
-    return (
-        getattr(item, "CodeValue", None) == code.value
-        and getattr(item, "CodingSchemeDesignator", None) == code.scheme
-    )
+    scheme = getattr(item, "CodingSchemeDesignator", None)
+    return code_value(item) == code.value and scheme == code.scheme
 
 
 def ddn_coding_scheme() -> CodingSchemeIdentificationItem:

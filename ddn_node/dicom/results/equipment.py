@@ -20,7 +20,11 @@ import datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from highdicom import ContributingEquipment
-from highdicom.sr import AlgorithmIdentification, DeviceObserverIdentifyingAttributes, ObserverContext
+from highdicom.sr import (
+    AlgorithmIdentification,
+    DeviceObserverIdentifyingAttributes,
+    ObserverContext,
+)
 from pydicom.sr.codedict import codes
 
 from ddn_node.dicom.results.codes import PROCESSING_EQUIPMENT, coded

@@ -26,6 +26,7 @@ from highdicom.sc import SCImage
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
+from ddn_node.dicom.results.codes import coded
 from ddn_node.dicom.results.content import (
     NOT_FOR_DIAGNOSTIC_USE,
     add_series_anatomy,
@@ -34,7 +35,7 @@ from ddn_node.dicom.results.content import (
     fit_text,
 )
 from ddn_node.dicom.results.equipment import algorithm_equipment, general_equipment
-from ddn_node.model.types import AlgorithmInfo
+from ddn_node.model.types import AlgorithmInfo, Code
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MAX_SIDE = 2048
@@ -42,7 +43,13 @@ COLORMAP = "inferno"
 # Below this heat nothing is drawn; above it opacity rises to MAX_ALPHA at 1.0.
 ALPHA_FLOOR = 0.15
 MAX_ALPHA = 0.6
-_SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
+# CID 7202 Source Image Purposes of Reference.
+_SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
+_LOSSY_KEYWORDS = (
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+)
 
 
 def sc_series_description(is_demo: bool) -> str:
@@ -217,7 +224,7 @@ def build_overlay(
     # Workstation: the image was made by software from other images (C.8.6.1).
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+    for keyword in _LOSSY_KEYWORDS:
         if keyword in header:
             sc[keyword] = header[keyword]
     sc.DerivationDescription = fit_text(
@@ -235,9 +242,7 @@ def _image_reference(header: Dataset, *, with_purpose: bool) -> Dataset:
     item.ReferencedSOPClassUID = header.SOPClassUID
     item.ReferencedSOPInstanceUID = header.SOPInstanceUID
     if with_purpose:
-        purpose = Dataset()
-        purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = _SOURCE_FOR_PROCESSING
-        item.PurposeOfReferenceCodeSequence = [purpose]
+        item.PurposeOfReferenceCodeSequence = [coded(_SOURCE_FOR_PROCESSING)]
     return item
 
 

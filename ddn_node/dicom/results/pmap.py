@@ -26,6 +26,7 @@ from highdicom import ContentQualificationValues, VOILUTTransformation
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 
 from ddn_node.dicom.results import codes as C
@@ -67,7 +68,8 @@ def heatmap_at(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray:
         raise ValueError(f"a heat map must be 2-D, got shape {values.shape}")
     if values.shape != (rows, columns):
         # Bilinear, on floats: the map is smooth (Grad-CAM is upsampled from 7x7 anyway).
-        resized = Image.fromarray(values, mode="F").resize((columns, rows), Image.Resampling.BILINEAR)
+        image = Image.fromarray(values, mode="F")
+        resized = image.resize((columns, rows), Image.Resampling.BILINEAR)
         values = np.asarray(resized, dtype=np.float32)
     return np.clip(values, 0.0, 1.0)
 
@@ -93,8 +95,8 @@ def geometry_header(header: Dataset) -> Dataset:
 
 def _orientation(value: object) -> list[float]:
     letters = _DEFAULT_ORIENTATION
-    if value is not None and not isinstance(value, str) and len(value) == 2:  # type: ignore[arg-type]
-        row, col = (str(v).strip().upper() for v in value)  # type: ignore[union-attr]
+    if isinstance(value, (list, tuple, MultiValue)) and len(value) == 2:
+        row, col = (str(v).strip().upper() for v in value)
         if row and col and all(ch in _AXES for ch in row + col):
             letters = (row, col)
     row_vec = _unit(letters[0])

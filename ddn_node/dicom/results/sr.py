@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from highdicom.sr import (
-    CodeContentItem,
     Comprehensive3DSR,
     ContainerContentItem,
     Measurement,
@@ -119,8 +118,9 @@ def procedure_reported(sources: Sequence[Dataset]) -> Code:
     """
     first = sources[0]
     for item in first.get("ProcedureCodeSequence", []):
-        if item.get("CodeValue") and item.get("CodingSchemeDesignator") and item.get("CodeMeaning"):
-            return Code(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
+        value = C.code_value(item)
+        if value and item.get("CodingSchemeDesignator") and item.get("CodeMeaning"):
+            return Code(value, str(item.CodingSchemeDesignator), str(item.CodeMeaning))
     modality = str(first.get("Modality", "") or "").upper()
     body_part = str(first.get("BodyPartExamined", "") or "").upper()
     if modality in ("CR", "DX", "DR", "RG", "") and body_part in ("", "CHEST", "THORAX", "LUNG"):
@@ -158,7 +158,7 @@ def build_sr(
     charsets = charsets_of(sources[0])
     by_uid = {str(h.SOPInstanceUID): h for h in headers}
     scored = [img for img in prediction.images if img.sop_instance_uid in by_uid]
-    unknown = [img.sop_instance_uid for img in prediction.images if img.sop_instance_uid not in by_uid]
+    unknown = [i.sop_instance_uid for i in prediction.images if i.sop_instance_uid not in by_uid]
     if unknown:
         raise ValueError(f"predictions for images that are not among the sources: {unknown}")
     scored_headers = [by_uid[img.sop_instance_uid] for img in scored] or list(headers)
@@ -451,12 +451,12 @@ def _name(item: Dataset) -> tuple[str, str] | None:
     seq = item.get("ConceptNameCodeSequence")
     if not seq:
         return None
-    return (str(seq[0].CodeValue), str(seq[0].CodingSchemeDesignator))
+    return (C.code_value(seq[0]) or "", str(seq[0].CodingSchemeDesignator))
 
 
 def _code_value(item: Dataset) -> Code:
     code = item.ConceptCodeSequence[0]
-    return Code(str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning))
+    return Code(C.code_value(code) or "", str(code.CodingSchemeDesignator), str(code.CodeMeaning))
 
 
 def _num_value(item: Dataset) -> float:
@@ -467,9 +467,11 @@ def _num_value(item: Dataset) -> float:
     return float(measured.NumericValue)
 
 
-def _read_group(
-    group: Dataset,
-) -> tuple[str, SRFinding | tuple[float | None, TriagePriority | None], tuple[str | None, str | None]] | None:
+_Triage = tuple[float | None, TriagePriority | None]
+_Algorithm = tuple[str | None, str | None]
+
+
+def _read_group(group: Dataset) -> tuple[str, SRFinding | _Triage, _Algorithm] | None:
     tracking = None
     finding: Code | None = None
     threshold: float | None = None
@@ -504,7 +506,8 @@ def _read_group(
                 if ref.get("ValueType") == "IMAGE"
             ]
             derived = any(
-                _name(mod) == ("121401", "DCM") and C.same_code(mod.ConceptCodeSequence[0], C.MAXIMUM)
+                _name(mod) == ("121401", "DCM")  # Derivation
+                and C.same_code(mod.ConceptCodeSequence[0], C.MAXIMUM)
                 for mod in item.get("ContentSequence", [])
                 if mod.get("ValueType") == "CODE"
             )
@@ -513,7 +516,7 @@ def _read_group(
             else:
                 for uid in images:
                     image_probabilities[uid] = value
-        elif value_type == "NUM" and name == (C.ABNORMALITY_SCORE.value, C.ABNORMALITY_SCORE.scheme):
+        elif value_type == "NUM" and name == (C.ABNORMALITY_SCORE.value, C.DDN_SCHEME):
             score = _num_value(item)
         elif value_type == "CODE" and name == (C.PRIORITY.value, C.PRIORITY.scheme):
             value_code = item.ConceptCodeSequence[0]
@@ -533,7 +536,10 @@ def _read_group(
         return "triage", (score, priority), algo
     if finding is None or study_probability is None or tracking is None:
         return None
-    present = evaluation is not None and C.same_code(_as_item(evaluation[1]), C.PRESENT)
+    present = evaluation is not None and (evaluation[1].value, evaluation[1].scheme) == (
+        C.PRESENT.value,
+        C.PRESENT.scheme,
+    )
     return (
         "finding",
         SRFinding(
@@ -547,10 +553,3 @@ def _read_group(
         ),
         algo,
     )
-
-
-def _as_item(code: Code) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme
-    return item
