@@ -172,6 +172,9 @@ def build_sr(
         )
     groups.append(_triage_group(prediction, priority, scored_headers, uid_seed))
 
+    # TID 1600 is optional; highdicom describes projection images only when they carry
+    # Patient Orientation and Imager Pixel Spacing. A library listing only some of the
+    # images would misinform, so it is all or nothing (the references are elsewhere too).
     image_library = [h for h in scored_headers if _describable(h)]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device_observer(algorithm)),
