@@ -177,7 +177,7 @@ def _read(path: Path, limits: PixelLimits) -> Dataset:
         bio = io.BytesIO(raw)
         pydicom.filereader.read_preamble(bio, force=True)
         pydicom.filereader._read_file_meta_info(bio)
-        _inflate_capped(raw, bio.tell(), int(limits.max_decoded_mb * 2**20) + (64 << 20))
+        _inflate_capped(raw, bio.tell(), int(limits.max_decoded_mb * 2**20) + (16 << 20))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -190,7 +190,10 @@ def _transfer_syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
     if ts:
-        return UID(ts)
+        uid = UID(ts)
+        if not uid.is_transfer_syntax:
+            raise UnsupportedTransferSyntax(f"{uid} is not a known transfer syntax")
+        return uid
     # No file meta (a raw dataset): the encoding pydicom detected is all there is, and it
     # can only be a native one; encapsulated data would need the meta to be decodable.
     elem = ds.get("PixelData") if "PixelData" in ds else None
@@ -373,7 +376,9 @@ def _voi(arr: np.ndarray, ds: Dataset, g: _Geometry) -> tuple[np.ndarray, str]:
     """VOI transform to [0, 1]: LUT sequence, window, or the percentile fallback."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         try:
-            out = apply_voi_lut(arr.astype(np.float64) if arr.dtype.kind == "f" else arr, ds, index=0, prefer_lut=True)
+            # LUT lookup needs integer input; values are integral after a LUT/integer rescale.
+            idx = np.rint(arr).astype(np.int64) if arr.dtype.kind == "f" else arr
+            out = apply_voi_lut(idx, ds, index=0, prefer_lut=True)
             lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
             lo, hi = float(lut.min()), float(lut.max())
             if hi > lo:

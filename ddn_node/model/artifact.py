@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,10 +22,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ddn_node import __version__
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.preprocess import PreprocessSpec
 from ddn_node.model.types import AlgorithmInfo, LabelSpec
+
+def software_version() -> str:
+    """The installed ddn-node version.
+
+    Read from the package metadata rather than ``ddn_node.__version__`` so that it works
+    however ``ddn_node`` was imported (an editable install can expose it as a namespace
+    package without its ``__init__`` attributes).
+    """
+    try:
+        return version("ddn-node")
+    except PackageNotFoundError:
+        return "0.0.0+source"
+
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -158,7 +171,7 @@ def serialise_weights(model: DDN, dtype: torch.dtype = torch.float16) -> bytes:
         k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in model.state_dict().items()
     }
-    return st_save(state, metadata={"format": "pt", "producer": f"ddn-node {__version__}"})
+    return st_save(state, metadata={"format": "pt", "producer": f"ddn-node {software_version()}"})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -179,7 +192,7 @@ def save_artifact(directory: Path, model: DDN, manifest: Manifest, dtype: torch.
         update={
             "weights": WeightsModel(sha256=_sha256(data), dtype=str(dtype).removeprefix("torch."), n_parameters=n_params),
             "architecture": architecture_of(model.config),
-            "software_version": manifest.software_version or __version__,
+            "software_version": manifest.software_version or software_version(),
         }
     )
     _atomic_write(directory / WEIGHTS, data)
@@ -273,7 +286,7 @@ class ModelArtifact:
             name=m.algorithm_name,
             version=m.version,
             manufacturer=m.manufacturer,
-            software_version=__version__,
+            software_version=software_version(),
             device_uid=device_uid_from_sha256(self.weights_sha256),
             is_demo=m.is_demo,
             intended_use=m.intended_use,

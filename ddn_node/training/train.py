@@ -33,7 +33,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ddn_node import __version__
 from ddn_node.model.artifact import (
     AbnormalityDef,
     HeadInfo,
@@ -41,6 +40,7 @@ from ddn_node.model.artifact import (
     WeightsModel,
     architecture_of,
     save_artifact,
+    software_version,
 )
 from ddn_node.model.codes import CODES_SOURCE, code_for
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
@@ -532,7 +532,7 @@ def run_training(cfg: TrainConfig) -> Manifest:
         training=_clean(training),
         metrics={},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        software_version=__version__,
+        software_version=software_version(),
     )
     final_manifest = save_artifact(cfg.out, model, manifest)
     write_split_csv(cfg.out / "split.csv", table.files, split.assignment(len(table)))
