@@ -7,11 +7,38 @@ Heavy imports (torch) happen inside the commands so ``ddn-node --help`` stays fa
 
 from __future__ import annotations
 
+import shlex
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+def invoked_command(ctx: typer.Context) -> str:
+    """The command line as the user gave it, rebuilt from click's context.
+
+    Only options that came from the command line are listed, in declaration order, so the
+    manifest's "exact training command" can be pasted back into a shell. (``sys.argv`` is
+    not used: under a test runner or an embedding program it is someone else's argv.)
+    """
+    parts = ["ddn-node", *ctx.command_path.split()[1:]] if ctx.command_path else ["ddn-node"]
+    if len(parts) == 1 and ctx.info_name:
+        parts.append(ctx.info_name)
+    for param in ctx.command.params:
+        # Compared by name: Typer vendors its own click, whose enum is not click's.
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if param.name is None or getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        opt = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if getattr(param, "is_flag", False):
+            if getattr(param, "secondary_opts", None) and not value:
+                opt = param.secondary_opts[0]
+            parts.append(opt)
+            continue
+        parts += [opt, shlex.quote(str(value.value if isinstance(value, StrEnum) else value))]
+    return " ".join(parts)
 
 
 class Device(StrEnum):
@@ -26,6 +53,7 @@ class BackboneChoice(StrEnum):
 
 
 def train(
+    ctx: typer.Context,
     images: Annotated[Path, typer.Option(help="Folder of images (PNG/JPEG/DICOM)", exists=True, file_okay=False)],
     labels: Annotated[Path, typer.Option(help="Label CSV (NIH ChestX-ray14 layout or file,label)", exists=True, dir_okay=False)],
     out: Annotated[Path, typer.Option(help="Artifact directory to write, e.g. models/NAME")],
@@ -82,6 +110,7 @@ def train(
         checkpoints=checkpoints,
         threads=threads,
         progress=progress,
+        command=invoked_command(ctx),
     )
     try:
         manifest = run_training(cfg)
@@ -92,6 +121,7 @@ def train(
 
 
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option(help="Artifact directory (models/NAME)", exists=True, file_okay=False)],
     images: Annotated[Path, typer.Option(help="Folder of images", exists=True, file_okay=False)],
     labels: Annotated[Path, typer.Option(help="Label CSV (NIH layout or file,label)", exists=True, dir_okay=False)],
@@ -127,6 +157,7 @@ def evaluate(
                 n_boot=n_boot,
                 threads=threads,
                 record_in_manifest=record_in_manifest,
+                command=invoked_command(ctx),
             )
         )
     except (EvaluationError, DatasetError) as e:

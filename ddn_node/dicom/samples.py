@@ -198,7 +198,7 @@ def build_sample(study: SampleStudy, index: int, size: int = 512) -> list[Datase
             ds.AcquisitionContextSequence = []
         ds.PixelData = stored.tobytes()
         if study.compressed:
-            ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+            ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
         out.append(ds)
     return out
 

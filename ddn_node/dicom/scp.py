@@ -189,6 +189,7 @@ class StorageSCP:
         assert isinstance(server, _Server)
         server.tls = tls
         server.handshake_timeout_s = self.settings.node.acse_timeout_s
+        self.ae._servers.append(server)  # as start_server does: server_close() removes it
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
         thread.start()
         self._servers.append(server)

@@ -80,10 +80,16 @@ def dataset_sha256(path: Path) -> str:
 
 
 @contextmanager
-def raw_association(port: int, calling: str = "TESTSCU", called: str = "DDN_NODE", contexts: list[tuple[str, str]] | None = None) -> Iterator[Association]:
+def raw_association(
+    port: int,
+    calling: str = "TESTSCU",
+    called: str = "DDN_NODE",
+    contexts: list[tuple[str, str]] | None = None,
+    timeout: float = 30,
+) -> Iterator[Association]:
     """An association whose C-STOREs send file bytes as they are (no decode / re-encode)."""
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntax in contexts or [(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)]:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)

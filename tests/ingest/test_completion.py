@@ -1,0 +1,148 @@
+"""Study completion: quiet period per calling AE, force-complete cap, several associations,
+re-opening, and exactly one job per completion even with concurrent sweepers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from ddn_node.config import PeerSettings, RoutingRule, Settings
+from ddn_node.pipeline.completion import CompletionTracker
+from ddn_node.store.engine import Database, make_database
+from ddn_node.store.ingest import InstanceRecord, record_instance
+from ddn_node.store.migrate import upgrade
+from ddn_node.store.models import Job, Study
+
+T0 = dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = make_database(db_url)
+    upgrade(database)
+    yield database
+    database.dispose()
+
+
+def settings(**kw) -> Settings:  # type: ignore[no-untyped-def]
+    base = Settings(
+        peers=[PeerSettings(ae_title="FAST", quiet_period_s=5), PeerSettings(ae_title="SLOW")],
+        routing=[RoutingRule(name="cxr", model="models/x", head="cxr", modalities=["CR"])],
+    )
+    return base.model_copy(update=kw)
+
+
+def instance(study: str, n: int, modality: str = "CR", ae: str = "SLOW") -> InstanceRecord:
+    return InstanceRecord(
+        study_uid=study,
+        series_uid=f"{study}.1",
+        sop_instance_uid=f"{study}.1.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"studies/{study}/{n}.dcm",
+        size=10,
+        sha256=f"{n:064x}",
+        calling_ae=ae,
+        modality=modality,
+    )
+
+
+def receive(db: Database, s: Settings, rec: InstanceRecord, at: dt.datetime):  # type: ignore[no-untyped-def]
+    return record_instance(
+        db, rec, quiet_period_s=s.quiet_period_for(rec.calling_ae), force_complete_s=s.completion.force_complete_s, now=at
+    )
+
+
+def jobs(db: Database) -> list[tuple[int, str]]:
+    with db.read() as session:
+        return [(j.generation, j.state) for j in session.scalars(select(Job).order_by(Job.id))]
+
+
+def test_quiet_period_per_calling_ae(db: Database) -> None:
+    s = settings()
+    tracker = CompletionTracker(s, db)
+    receive(db, s, instance("1.1", 1, ae="FAST"), T0)
+    receive(db, s, instance("1.2", 1, ae="SLOW"), T0)
+    assert tracker.sweep(T0 + dt.timedelta(seconds=4)) == []
+    done = tracker.sweep(T0 + dt.timedelta(seconds=6))
+    assert [d.study_uid for d in done] == ["1.1"]  # FAST's 5 s passed, SLOW's 30 s not
+    assert [d.study_uid for d in tracker.sweep(T0 + dt.timedelta(seconds=31))] == ["1.2"]
+    assert jobs(db) == [(1, "queued"), (1, "queued")]
+
+
+def test_several_associations_are_one_study_and_quiet_restarts(db: Database) -> None:
+    s = settings()
+    tracker = CompletionTracker(s, db)
+    for n, sec in ((1, 0), (2, 20), (3, 45)):  # three associations, gaps below 30 s
+        receive(db, s, instance("2.1", n), T0 + dt.timedelta(seconds=sec))
+        assert tracker.sweep(T0 + dt.timedelta(seconds=sec + 29)) == []
+    done = tracker.sweep(T0 + dt.timedelta(seconds=45 + 30))
+    assert len(done) == 1 and done[0].generation == 1
+    with db.read() as session:
+        study = session.scalars(select(Study)).one()
+    assert study.num_instances == 3 and study.state == "queued"
+
+
+def test_force_complete_cap_for_trickling_studies(db: Database) -> None:
+    s = settings(completion=Settings().completion.model_copy(update={"force_complete_s": 100}))
+    tracker = CompletionTracker(s, db)
+    for n in range(1, 12):  # one instance every 20 s, never 30 s of quiet
+        at = T0 + dt.timedelta(seconds=20 * (n - 1))
+        receive(db, s, instance("3.1", n), at)
+        done = tracker.sweep(at + dt.timedelta(seconds=1))
+        if done:
+            break
+    assert done and done[0].forced and 100 <= 20 * (n - 1) + 1 < 130
+
+
+def test_late_instance_reopens_and_supersedes(db: Database) -> None:
+    s = settings()
+    tracker = CompletionTracker(s, db)
+    receive(db, s, instance("4.1", 1), T0)
+    assert tracker.sweep(T0 + dt.timedelta(seconds=31))
+    outcome = receive(db, s, instance("4.1", 2), T0 + dt.timedelta(minutes=5))
+    assert outcome.reopened
+    assert jobs(db) == [(1, "superseded")]  # not started yet: the full study replaces it
+    done = tracker.sweep(T0 + dt.timedelta(minutes=6))
+    assert done[0].generation == 2
+    assert jobs(db) == [(1, "superseded"), (2, "queued")]
+    # A re-send of an instance we have changes nothing.
+    again = receive(db, s, instance("4.1", 2), T0 + dt.timedelta(minutes=7))
+    assert not (again.new_instance or again.changed or again.reopened)
+
+
+def test_unrouted_study_is_stored_and_listed_but_not_queued(db: Database) -> None:
+    s = settings()
+    tracker = CompletionTracker(s, db)
+    receive(db, s, instance("5.1", 1, modality="US"), T0)
+    done = tracker.sweep(T0 + dt.timedelta(seconds=31))
+    assert done[0].routed_to is None and jobs(db) == []
+    with db.read() as session:
+        study = session.scalars(select(Study)).one()
+    assert study.state == "not_routed" and "no routing rule" in study.state_reason
+
+
+def test_concurrent_sweepers_complete_once(db: Database) -> None:
+    s = settings()
+    for i in range(20):
+        receive(db, s, instance(f"6.{i}", 1), T0)
+    trackers = [CompletionTracker(s, db) for _ in range(4)]
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def sweep(tracker: CompletionTracker) -> None:
+        done = tracker.sweep(T0 + dt.timedelta(seconds=31))
+        with lock:
+            results.extend(d.study_id for d in done)
+
+    threads = [threading.Thread(target=sweep, args=(t,)) for t in trackers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted(set(results)) and len(results) == 20
+    assert len(jobs(db)) == 20
