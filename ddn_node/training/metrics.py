@@ -270,10 +270,10 @@ def pointing_hit(heatmap: np.ndarray, box: Box) -> bool:
 
 def predicted_box(heatmap: np.ndarray, level: float = 0.5) -> Box | None:
     """Box of the connected hot region (>= level x max) that holds the heat map's peak."""
-    peak = float(heatmap.max()) if heatmap.size else 0.0
-    if peak <= 0:
+    top = float(heatmap.max()) if heatmap.size else 0.0
+    if top <= 0:
         return None
-    hot = heatmap >= level * peak
+    hot = heatmap >= level * top
     lab, _ = ndimage.label(hot)
     r, c = peak(heatmap)
     region = lab == lab[r, c]
