@@ -21,8 +21,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+deliveries_app = typer.Typer(help="Result deliveries to the PACS and other systems.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
+app.add_typer(deliveries_app, name="deliveries")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -129,6 +131,54 @@ def db_current(config: ConfigOption = None) -> None:
         db.dispose()
 
 
+@deliveries_app.command("retry")
+def deliveries_retry(
+    config: ConfigOption = None,
+    destination: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
+) -> None:
+    """Put failed deliveries back in the queue (after the PACS problem is fixed)."""
+    from ddn_node.pipeline.delivery import retry_failed
+    from ddn_node.store.engine import make_database
+
+    settings = load_or_exit(config)
+    db = make_database(settings.database.url)
+    try:
+        n = retry_failed(db, destination)
+    finally:
+        db.dispose()
+    console.print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again", highlight=False)
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="pending, sending, sent or failed.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows, newest first.")] = 50,
+) -> None:
+    """Show deliveries with their state and the peer's last status."""
+    from rich.table import Table
+    from sqlalchemy import select
+
+    from ddn_node.store.engine import make_database
+    from ddn_node.store.models import Delivery
+
+    settings = load_or_exit(config)
+    db = make_database(settings.database.url)
+    try:
+        with db.read() as session:
+            stmt = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
+            if state:
+                stmt = stmt.where(Delivery.state == state)
+            rows = list(session.scalars(stmt))
+    finally:
+        db.dispose()
+    table = Table("id", "destination", "kind", "state", "attempts", "last status", "error", "SOP Instance UID")
+    for d in rows:
+        status = f"0x{d.last_status:04X}" if d.last_status is not None and d.kind in ("sr", "pm", "sc") else str(d.last_status or "")
+        table.add_row(str(d.id), d.destination, d.kind, d.state, str(d.attempts), status, d.last_error[:40], d.sop_instance_uid)
+    Console(soft_wrap=True).print(table)
+
+
 def _parse_target(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
@@ -192,6 +242,25 @@ def sample_studies(
 
     written = write_samples(out, size)
     console.print(f"wrote {len(written)} files under {out}", highlight=False)
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option(help="Base configuration.")] = Path("deploy/ddn-node.example.toml"),
+    studies: Annotated[Path, typer.Option(help="Studies to send.")] = Path("sample_studies"),
+    home: Annotated[Path, typer.Option(help="Where the demo keeps its database, spool and Orthanc.")] = Path("var/demo"),
+    orthanc: Annotated[bool, typer.Option(help="Use a local Orthanc as the PACS when installed.")] = True,
+    exit_when_done: Annotated[bool, typer.Option(help="Stop after the summary (for scripts and tests).")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 600,
+) -> None:
+    """The whole node on this machine: node + local Orthanc + the sample studies."""
+    from ddn_node.demo.run import run_demo
+
+    settings = load_or_exit(config, check_files=True)
+    configure_logging(settings.logging.level, settings.logging.json_output, home / "ddn-node.log")
+    raise typer.Exit(
+        run_demo(config, studies, home, use_orthanc=orthanc, exit_when_done=exit_when_done, timeout_s=timeout)
+    )
 
 
 @app.command("hash-password")

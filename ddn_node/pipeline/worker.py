@@ -29,7 +29,7 @@ from ddn_node.dicom.results import ResultObjects, SRReference, build_results, re
 from ddn_node.dicom.spool import Spool
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import Predictor
-from ddn_node.model.types import ImagePrediction, StudyPrediction
+from ddn_node.model.types import StudyPrediction
 from ddn_node.pipeline.routing import InstanceFacts, route_study
 from ddn_node.pipeline.triage import decide
 from ddn_node.store.engine import Database
@@ -236,20 +236,25 @@ class Worker:
             algorithm=algorithm,
         )
         predecessor = self._predecessor(study_id)
+        study_uid = str(sources[0].dataset.StudyInstanceUID)
         objects = build_results(
             [s.dataset for s in sources],
             prediction,
             decision.priority.value,
             {s.sop_instance_uid: img for s, img in zip(sources, images, strict=True)},
             predecessor=predecessor,
+            # A retried job rebuilds the same UIDs, so a PACS that got the first attempt's
+            # objects keeps one copy of each.
+            uid_seed=f"ddn-node:{study_uid}:generation:{generation}",
         )
-        study_uid = str(sources[0].dataset.StudyInstanceUID)
         files = self._write_results(study_uid, objects)
-        overlays = self._write_overlay_pngs(study_uid, objects, predictions)
+        overlays = self._write_overlay_pngs(study_uid, objects)
         t_results = time.perf_counter()
         timings = {
             "decode_ms": (t_decode - t0) * 1000,
             "model_ms": (t_model - t_decode) * 1000,
+            "forward_ms": predictor.timings_ms.get("model", 0.0),
+            "gradcam_ms": predictor.timings_ms.get("gradcam", 0.0),
             "results_ms": (t_results - t_model) * 1000,
             "total_ms": (t_results - t0) * 1000,
         }
@@ -304,15 +309,12 @@ class Worker:
                 out.append((kind, ds, relpath))
         return out
 
-    def _write_overlay_pngs(
-        self, study_uid: str, objects: ResultObjects, predictions: list[ImagePrediction]
-    ) -> dict[tuple[str, str], str]:
+    def _write_overlay_pngs(self, study_uid: str, objects: ResultObjects) -> dict[tuple[str, str], str]:
         """PNG renderings of the overlays for the web UI: (source SOP UID, label) -> relpath."""
         out: dict[tuple[str, str], str] = {}
         for ds in objects.overlays:
             source_uid = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
-            label = str(getattr(ds, "ContentLabel", "") or "")
-            label = objects.overlay_labels.get(str(ds.SOPInstanceUID), label)
+            label = objects.overlay_labels[str(ds.SOPInstanceUID)]
             relpath = self.spool.result_relpath(study_uid, str(ds.SOPInstanceUID), suffix=".png")
             self.spool.write_bytes(relpath, render_png(ds))
             out[(source_uid, label)] = relpath

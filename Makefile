@@ -1,0 +1,29 @@
+# ddn-node: the two commands of the README are `make run` and `make test`.
+.PHONY: setup run demo test test-fast soak bench lint clean
+
+setup:
+	@deploy/bootstrap.sh
+
+# Set up if needed, then the demo: the node on SQLite + CPU + the bundled model, a local
+# Orthanc as the PACS, the sample studies sent through it. Ctrl-C stops everything.
+run: setup
+	.venv/bin/ddn-node demo
+
+demo: run
+
+# The whole test suite (what CI runs through .ci/run).
+test: setup
+	.venv/bin/python -m pytest -q
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow"
+
+# Long fault, load and fuzz variants.
+soak: setup
+	.venv/bin/python -m pytest -q -m soak -o addopts=""
+
+bench: setup
+	.venv/bin/ddn-node bench all
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up everything ddn-node needs on a fresh Debian 12 machine, idempotently:
+#   - the Debian tools the tests and the demo use (Orthanc, DCMTK, dicom3tools, Chromium);
+#   - a virtual environment at .venv with the package and its pinned dependencies.
+# Quick when everything is already there: apt runs only for missing tools, pip only when
+# pyproject.toml changed since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.ddn-installed
+
+need_apt=()
+command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "bootstrap: installing Debian packages: ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
+  # The orthanc package starts a system service where systemd runs; the demo and the
+  # tests start their own Orthanc with their own configuration instead.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet orthanc 2>/dev/null; then
+    $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
+  fi
+fi
+
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x $VENV/bin/python ]; then
+  echo "bootstrap: creating $VENV"
+  "$PYTHON" -m venv $VENV
+fi
+if [ ! -f $STAMP ] || [ "$(cat $STAMP)" != "$want" ]; then
+  echo "bootstrap: installing ddn-node and its pinned dependencies into $VENV (torch from the local wheel cache)"
+  $VENV/bin/pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+  $VENV/bin/python -c "import ddn_node, torch, pynetdicom, highdicom" \
+    || { echo "bootstrap: the install did not complete" >&2; exit 1; }
+  echo "$want" > $STAMP
+fi
+echo "bootstrap: ready ($($VENV/bin/python -c 'import ddn_node; print("ddn-node", ddn_node.__version__)'))"

@@ -1,0 +1,161 @@
+"""Results back in the PACS, end to end against Orthanc.
+
+Orthanc sends chest studies to the node; the SR, Parametric Map and Secondary Capture
+objects come back into the same studies, reference the source instances, say what the
+node's database says, and pass dciodvfy. Orthanc down: deliveries wait and succeed later,
+nothing twice. A late instance yields a superseding SR.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from ddn_node.dicom.results import read_sr
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Delivery, Result, Study
+from results.conftest import worker_config
+from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
+from support.net import wait_for
+from support.orthanc import Orthanc
+
+pytestmark = pytest.mark.slow
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _results_in(pacs: Orthanc, study_uid: str, sr_count: int = 1) -> list[pydicom.Dataset] | None:
+    objs = pacs.instance_datasets(study_uid)
+    srs = [d for d in objs if d.SOPClassUID == SR_CLASS]
+    return objs if len(srs) >= sr_count else None
+
+
+def _db_results(db_url: str) -> dict[str, tuple[Result, list[Delivery]]]:
+    db = make_database(db_url)
+    try:
+        with db.read() as s:
+            out = {}
+            for study in s.scalars(select(Study)):
+                result = s.scalars(
+                    select(Result).where(Result.study_id == study.id).order_by(Result.generation.desc())
+                ).first()
+                deliveries = list(s.scalars(select(Delivery).where(Delivery.study_id == study.id)))
+                out[study.study_uid] = (result, deliveries)
+            return out
+    finally:
+        db.dispose()
+
+
+def _dciodvfy_errors(ds: pydicom.Dataset, tmp: Path) -> list[str]:
+    path = tmp / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [l for l in (res.stdout + res.stderr).splitlines() if l.startswith("Error")]
+
+
+def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, shared_data: Path, repo_root: Path, tmp_path: Path) -> None:
+    node = make_node(sqlite_url, roles=("scp", "worker"), **worker_config(model_dir, pacs))
+    chest = shared_data / "dicom" / "chest_xray_real" / "txv__1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    sample = repo_root / "sample_studies" / "demo02"
+    with node:
+        uploaded = [pacs.upload(chest)] + [pacs.upload(p) for p in sorted(sample.glob("*.dcm"))]
+        sources = {pacs.get(f"/instances/{u['ID']}")["MainDicomTags"]["SOPInstanceUID"] for u in uploaded}
+        study_uids = {pydicom.dcmread(chest, stop_before_pixels=True).StudyInstanceUID}
+        study_uids |= {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in sample.glob("*.dcm")}
+        pacs.send_to_node(sorted({u["ParentStudy"] for u in uploaded}))
+        returned = {uid: wait_for(lambda u=uid: _results_in(pacs, u), 180, f"results of {uid} in Orthanc") for uid in study_uids}
+        db_rows = wait_for(lambda: all(d.state == "sent" for _, ds in _db_results(sqlite_url).values() for d in ds) and _db_results(sqlite_url), 60, "deliveries marked sent")
+
+    for study_uid, objects in returned.items():
+        result, deliveries = db_rows[study_uid]
+        assert result is not None
+        ours = [d for d in objects if d.SOPClassUID in (SR_CLASS, PM_CLASS, SC_CLASS) and d.SOPInstanceUID not in sources]
+        assert {d.SOPInstanceUID for d in ours} == {d.sop_instance_uid for d in deliveries}, "delivered exactly what the DB lists"
+        assert all(d.StudyInstanceUID == study_uid for d in ours)
+        sr = next(d for d in ours if d.SOPClassUID == SR_CLASS)
+        content = read_sr(sr)
+        assert content.priority == result.priority
+        assert content.abnormality_score == pytest.approx(result.abnormality_score, abs=1e-4)
+        for finding in content.findings:
+            assert finding.probability == pytest.approx(result.probabilities[finding.label], abs=1e-4)
+        # References resolve to the source instances in the PACS.
+        evidence = {ref.ReferencedSOPInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence for s in item.ReferencedSeriesSequence for ref in s.ReferencedSOPSequence}
+        assert evidence and evidence <= sources
+        for obj in ours:
+            if obj.SOPClassUID in (PM_CLASS, SC_CLASS):
+                refs = {r.ReferencedSOPInstanceUID for r in obj.get("SourceImageSequence", [])} | {
+                    r.ReferencedSOPInstanceUID for fg in obj.get("SharedFunctionalGroupsSequence", []) for d in fg.get("DerivationImageSequence", []) for r in d.SourceImageSequence
+                }
+                assert refs and refs <= sources
+            assert _dciodvfy_errors(obj, tmp_path) == [], obj.SOPClassUID
+    # The lateral view of the PA + lateral study is stored but not scored.
+    two_view = pydicom.dcmread(sample / "demo02_PA.dcm", stop_before_pixels=True).StudyInstanceUID
+    sr = next(d for d in returned[two_view] if d.SOPClassUID == SR_CLASS)
+    scored = {uid for f in read_sr(sr).findings for uid in f.image_probabilities}
+    pa_uid = pydicom.dcmread(sample / "demo02_PA.dcm", stop_before_pixels=True).SOPInstanceUID
+    assert scored == {pa_uid}
+
+
+def _send_sample(port: int, path: Path) -> int | None:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    with raw_association(port, contexts=[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))]) as assoc:
+        return store_file(assoc, path)
+
+
+def test_pacs_down_then_back(make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, repo_root: Path) -> None:
+    node = make_node(
+        sqlite_url,
+        roles=("scp", "worker"),
+        **worker_config(model_dir, pacs, delivery={"sweep_interval_s": 0.3, "backoff_initial_s": 0.5, "backoff_max_s": 1.5, "max_attempts": 50, "timeout_s": 5}),
+    )
+    sample = repo_root / "sample_studies" / "demo01" / "demo01_PA.dcm"
+    study_uid = str(pydicom.dcmread(sample, stop_before_pixels=True).StudyInstanceUID)
+    pacs.stop()
+    with node:
+        assert _send_sample(node.port, sample) == 0
+        # Deliveries fail and back off while the PACS is away, visible as pending with the error.
+        def retried() -> bool:
+            _result, deliveries = _db_results(sqlite_url).get(study_uid, (None, []))
+            return bool(deliveries) and all(d.state == "pending" and d.attempts >= 2 and d.last_error for d in deliveries)
+
+        wait_for(retried, 180, "deliveries retrying while the PACS is down")
+        pacs.start()
+        objects = wait_for(lambda: _results_in(pacs, study_uid), 120, "results after the PACS is back")
+        _result, deliveries = wait_for(
+            lambda: (r := _db_results(sqlite_url)[study_uid]) and all(d.state == "sent" for d in r[1]) and r, 60, "all sent"
+        )
+    ours = [d for d in objects if d.SOPInstanceUID != pydicom.dcmread(sample, stop_before_pixels=True).SOPInstanceUID]
+    assert len(ours) == len(deliveries)  # each object once in the PACS
+    assert len({d.SOPInstanceUID for d in ours}) == len(ours)
+    assert any(e.get("event") == "delivery.retry_scheduled" for e in node.events())
+
+
+def test_late_instance_supersedes_the_sr(make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, repo_root: Path, tmp_path: Path) -> None:
+    node = make_node(sqlite_url, roles=("scp", "worker"), **worker_config(model_dir, pacs))
+    first = repo_root / "sample_studies" / "demo04" / "demo04_PA.dcm"
+    study = pydicom.dcmread(first)
+    study_uid = str(study.StudyInstanceUID)
+    late = make_cr(study_uid, series_uid=f"{study.SeriesInstanceUID}.9", size=256, seed=3, view="AP")
+    late_path = tmp_path / "late.dcm"
+    late_path.write_bytes(to_file_bytes(late))
+    with node:
+        assert _send_sample(node.port, first) == 0
+        objs = wait_for(lambda: _results_in(pacs, study_uid), 180, "first SR")
+        first_sr = next(d for d in objs if d.SOPClassUID == SR_CLASS)
+        assert _send_sample(node.port, late_path) == 0
+        objs = wait_for(lambda: _results_in(pacs, study_uid, sr_count=2), 180, "superseding SR")
+    srs = [d for d in objs if d.SOPClassUID == SR_CLASS]
+    second = next(d for d in srs if d.SOPInstanceUID != first_sr.SOPInstanceUID)
+    predecessors = {
+        ref.ReferencedSOPInstanceUID
+        for item in second.PredecessorDocumentsSequence
+        for series in item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert predecessors == {first_sr.SOPInstanceUID}
