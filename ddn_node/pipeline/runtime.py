@@ -15,7 +15,9 @@ import structlog
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
+from ddn_node.pipeline.audit_export import SyslogSink, export_new
 from ddn_node.pipeline.delivery import Deliverer
+from ddn_node.pipeline.retention import purge_expired
 from ddn_node.pipeline.scheduler import NodeScheduler
 from ddn_node.pipeline.triage import apply_ageing
 from ddn_node.pipeline.worker import ModelRegistry, Worker
@@ -64,6 +66,13 @@ def start_worker_parts(
     for thread in threads:
         thread.start()
     scheduler.add_interval("triage-ageing", lambda: apply_ageing(database, settings.triage), 60)
+    if settings.retention.enabled:
+        scheduler.add_interval(
+            "retention", lambda: purge_expired(database, spool, settings.retention), settings.retention.interval_s
+        )
+    if settings.audit.syslog_host:
+        sink = SyslogSink(settings.audit.syslog_host, settings.audit.syslog_port)
+        scheduler.add_interval("audit-export", lambda: export_new(database, sink, settings.node.ae_title), 5)
 
     def stop_all() -> None:
         stop.set()

@@ -280,6 +280,10 @@ class AuditEvent(Base):
     host: Mapped[str] = mapped_column(String(64), default="")
     study_uid: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Set once the event went out to the audit repository (syslog), when one is configured.
+    exported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_audit_events_unexported", "exported_at", "id"),)
 
 
 class WorklistEvent(Base):

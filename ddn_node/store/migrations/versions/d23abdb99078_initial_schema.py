@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: a6d6f4a020b4
+Revision ID: d23abdb99078
 Revises: 
-Create Date: 2026-11-27 11:23:10.685178
+Create Date: 2026-11-27 11:55:26.420518
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from alembic import op
 
 import ddn_node.store.models
 
-revision = 'a6d6f4a020b4'
+revision = 'd23abdb99078'
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -29,11 +29,13 @@ def upgrade() -> None:
     sa.Column('host', sa.String(length=64), nullable=False),
     sa.Column('study_uid', sa.String(length=64), nullable=False),
     sa.Column('detail', sa.JSON(), nullable=False),
+    sa.Column('exported_at', ddn_node.store.models.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_events'))
     )
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_audit_events_at'), ['at'], unique=False)
         batch_op.create_index(batch_op.f('ix_audit_events_event'), ['event'], unique=False)
+        batch_op.create_index('ix_audit_events_unexported', ['exported_at', 'id'], unique=False)
 
     op.create_table('studies',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -261,6 +263,7 @@ def downgrade() -> None:
 
     op.drop_table('studies')
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
+        batch_op.drop_index('ix_audit_events_unexported')
         batch_op.drop_index(batch_op.f('ix_audit_events_event'))
         batch_op.drop_index(batch_op.f('ix_audit_events_at'))
 
