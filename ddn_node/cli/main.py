@@ -263,6 +263,21 @@ def demo(
     )
 
 
+@app.command()
+def conformance(
+    out: Annotated[Path | None, typer.Option(help="Write here instead of standard output.")] = None,
+) -> None:
+    """Print the DICOM Conformance Statement (PS3.2 layout) generated from the code."""
+    from ddn_node.dicom.conformance import render
+
+    text = render()
+    if out is None:
+        typer.echo(text)
+    else:
+        out.write_text(text)
+        console.print(f"wrote {out}", highlight=False)
+
+
 @app.command("hash-password")
 def hash_password(
     password: Annotated[

@@ -36,7 +36,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from ddn_node.config import PeerSettings, Settings
 from ddn_node.dicom.headers import HeaderError, dataset_offset, read_header
 from ddn_node.dicom.spool import Spool
-from ddn_node.dicom.syntaxes import storage_sop_classes, supported_transfer_syntaxes
+from ddn_node.dicom.syntaxes import (
+    IMPLEMENTATION_CLASS_UID,
+    implementation_version_name,
+    storage_sop_classes,
+    supported_transfer_syntaxes,
+)
 from ddn_node.store.audit import AuditEventName, add_audit, audit
 from ddn_node.store.engine import Database
 from ddn_node.store.ingest import IngestOutcome, InstanceRecord, record_instance
@@ -149,6 +154,8 @@ class StorageSCP:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.require_called_aet = False  # checked in _on_requested, so that it is audited
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = implementation_version_name()
         syntaxes = list(supported_transfer_syntaxes())
         contexts: list[PresentationContext] = [build_context(Verification)]
         contexts += [build_context(uid, syntaxes) for uid in storage_sop_classes()]

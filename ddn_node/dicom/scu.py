@@ -29,6 +29,8 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+from ddn_node.dicom.syntaxes import IMPLEMENTATION_CLASS_UID, implementation_version_name
+
 log = structlog.get_logger("ddn_node.scu")
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
@@ -157,6 +159,8 @@ class StoreSCU:
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         ae.connection_timeout = self.timeout_s
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = implementation_version_name()
         ae.requested_contexts = contexts
         tls_args = (self.peer.tls, self.peer.host) if self.peer.tls is not None else None
         return ae.associate(

@@ -17,6 +17,18 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 
+# PS3.7 D.3.3.2: identifies this implementation in every association. A UUID-derived UID
+# (PS3.5 B.2), as the project has no registered root of its own.
+IMPLEMENTATION_CLASS_UID = "2.25.220343552415676384100532528164694577535"
+
+
+def implementation_version_name() -> str:
+    """PS3.7 D.3.3.2.3: up to 16 characters, e.g. DDN_NODE_0.1.0."""
+    from ddn_node import __version__
+
+    return f"DDN_NODE_{__version__}"[:16]
+
+
 @cache
 def supported_transfer_syntaxes() -> tuple[str, ...]:
     """Every transfer syntax an installed pydicom decoder plugin can decode, in preference order.

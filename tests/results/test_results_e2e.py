@@ -25,7 +25,7 @@ from support.orthanc import Orthanc
 
 pytestmark = pytest.mark.slow
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
