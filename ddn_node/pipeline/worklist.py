@@ -1,0 +1,469 @@
+"""The worklist: the one query behind the web page, the JSON API and ``ddn-node worklist``.
+
+Everything a radiologist sees in the list is denormalised on ``studies`` (see
+store/models.py), so a page of the worklist is one SQL query for its rows plus one count,
+with no per-row query and no file access, whatever the number of studies.
+
+Order
+-----
+``priority`` (the default): effective rank (a manual override wins over triage and
+ageing), then abnormality score, highest first, with not-analysed studies (no score) at
+the end of their band, then arrival (oldest first), then the row id so that the order is
+total and pages never overlap. ``arrival``: first instance received, oldest first; this is
+the original order the node keeps recoverable.
+
+The ordering expressions are built from literals (never bound parameters) so that they are
+textually the same as in the indexes of :func:`proposed_indexes`; SQLite only uses an
+expression index when the query repeats the indexed expression exactly.
+
+Changes a radiologist makes (opened / read / unread, priority override) go through
+:func:`set_read_status` and :func:`set_priority_override`, which record a
+``WorklistEvent`` and an audit row in the same transaction as the change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import ColumnElement, Index, MetaData, Select, and_, case, func, literal_column, select
+from sqlalchemy.orm import Session
+
+from ddn_node.config import Priority
+from ddn_node.pipeline.triage import RANK
+from ddn_node.store.audit import AuditEventName, add_audit
+from ddn_node.store.engine import Database
+from ddn_node.store.models import Study, StudyState, WorklistEvent, utcnow
+
+DEFAULT_LIMIT = 200
+MAX_LIMIT = 1000
+
+Order = Literal["priority", "arrival"]
+
+
+class ReadStatus(StrEnum):
+    UNREAD = "unread"
+    OPENED = "opened"
+    READ = "read"
+
+
+# Priorities a radiologist may set by hand; "not analysed" is a fact, not a choice.
+OVERRIDABLE = (Priority.STAT, Priority.HIGH, Priority.ROUTINE)
+
+
+# -- the SQL expressions ----------------------------------------------------------------
+
+
+def _lit(value: int | float | str) -> ColumnElement[Any]:
+    """An inline SQL literal (see the module docstring: indexes match on exact text)."""
+    if isinstance(value, str):
+        return literal_column("'" + value.replace("'", "''") + "'")
+    return literal_column(repr(value))
+
+
+def _effective_rank(table: Any) -> ColumnElement[int]:
+    c = table.c
+    return case(
+        (c.priority_override.is_(None), c.priority_rank),
+        (c.priority_override == _lit(Priority.STAT.value), _lit(RANK[Priority.STAT])),
+        (c.priority_override == _lit(Priority.HIGH.value), _lit(RANK[Priority.HIGH])),
+        else_=_lit(RANK[Priority.ROUTINE]),
+    )
+
+
+def _score_key(table: Any) -> ColumnElement[float]:
+    # Scores are probabilities in [0, 1]; -1 puts "not analysed yet" last in its band on
+    # both SQLite (NULLs sort first) and PostgreSQL (NULLs sort last), without NULLS LAST,
+    # which SQLite cannot put in an index.
+    return func.coalesce(table.c.abnormality_score, _lit(-1.0))
+
+
+def _not_read(table: Any) -> ColumnElement[bool]:
+    return table.c.read_status != _lit(ReadStatus.READ.value)
+
+
+STUDIES = Study.__table__
+EFFECTIVE_RANK = _effective_rank(STUDIES)
+SCORE_KEY = _score_key(STUDIES)
+NOT_READ = _not_read(STUDIES)
+EFFECTIVE_PRIORITY = func.coalesce(STUDIES.c.priority_override, STUDIES.c.priority)
+
+
+def order_by(order: Order) -> list[ColumnElement[Any]]:
+    c = STUDIES.c
+    if order == "arrival":
+        return [c.first_received_at.asc(), c.id.asc()]
+    return [EFFECTIVE_RANK.asc(), SCORE_KEY.desc(), c.first_received_at.asc(), c.id.asc()]
+
+
+def proposed_indexes() -> list[Index]:
+    """The indexes the worklist needs, on a detached copy of ``studies``.
+
+    They belong in store/models.py with an Alembic migration (the store owner adds them);
+    until then the worklist bench can create them on its throw-away databases to measure
+    their effect. Two of them are partial (unread rows only): the default view, so the
+    list walks a small index and stops after one page however many studies were read.
+    """
+    table = STUDIES.to_metadata(MetaData())
+    rank, score, not_read = _effective_rank(table), _score_key(table), _not_read(table)
+    c = table.c
+    return [
+        Index("ix_studies_worklist_priority", rank, score.desc(), c.first_received_at, c.id),
+        Index(
+            "ix_studies_worklist_priority_unread",
+            rank,
+            score.desc(),
+            c.first_received_at,
+            c.id,
+            sqlite_where=not_read,
+            postgresql_where=not_read,
+        ),
+        Index(
+            "ix_studies_worklist_arrival_unread",
+            c.first_received_at,
+            c.id,
+            sqlite_where=not_read,
+            postgresql_where=not_read,
+        ),
+    ]
+
+
+# -- rows ---------------------------------------------------------------------------------
+
+
+class WorklistQuery(BaseModel):
+    """Filters and order of one worklist page."""
+
+    model_config = ConfigDict(frozen=True)
+
+    unread: bool = Field(default=True, description="only studies not yet marked read")
+    modality: str | None = Field(default=None, max_length=16, description="e.g. CR, DX, CT")
+    priority: Priority | None = Field(default=None, description="effective priority (override wins)")
+    order: Order = "priority"
+    limit: int = Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+    offset: int = Field(default=0, ge=0)
+
+
+class Finding(BaseModel):
+    label: str
+    probability: float
+
+
+class WorklistRow(BaseModel):
+    """One study as the worklist shows it. Patient data is plain text: escape when rendering."""
+
+    study_uid: str
+    patient_name: str = Field(description="DICOM PN as received, e.g. DOE^JANE")
+    patient_name_display: str = Field(description="the name for people, e.g. 'DOE, JANE'")
+    patient_id: str
+    accession_number: str
+    modalities: list[str]
+    study_date: str
+    study_time: str
+    study_datetime: str | None = Field(description="'YYYY-MM-DD HH:MM' from StudyDate/StudyTime")
+    study_description: str
+    num_instances: int
+    state: str
+    state_reason: str
+    analysed: bool
+    status_text: str = Field(description="what the Status column says, e.g. 'not analysed: queued'")
+    abnormality_score: float | None
+    priority: Priority = Field(description="effective priority: the override if any, else triage's")
+    model_priority: Priority = Field(description="what triage decided from the findings")
+    priority_override: Priority | None
+    rank: int = Field(description="effective rank used for ordering (0 = STAT), after ageing")
+    aged: bool = Field(description="ageing raised the rank above what triage decided")
+    priority_reason: str
+    why: str = Field(description="why the study is where it is in the list, for people")
+    top_findings: list[Finding]
+    model_version: str
+    read_status: ReadStatus
+    first_received_at: dt.datetime
+    analysed_at: dt.datetime | None
+    waiting_s: float | None = Field(description="seconds since arrival; null once read")
+
+
+class WorklistPage(BaseModel):
+    rows: list[WorklistRow]
+    total: int = Field(description="rows matching the filters, all pages")
+    query: WorklistQuery
+    generated_at: dt.datetime
+
+
+_COLUMNS = (
+    STUDIES.c.study_uid,
+    STUDIES.c.patient_name,
+    STUDIES.c.patient_id,
+    STUDIES.c.accession_number,
+    STUDIES.c.modalities,
+    STUDIES.c.study_date,
+    STUDIES.c.study_time,
+    STUDIES.c.study_description,
+    STUDIES.c.num_instances,
+    STUDIES.c.state,
+    STUDIES.c.state_reason,
+    STUDIES.c.abnormality_score,
+    STUDIES.c.priority,
+    STUDIES.c.priority_rank,
+    STUDIES.c.priority_override,
+    STUDIES.c.priority_reason,
+    STUDIES.c.top_findings,
+    STUDIES.c.model_version,
+    STUDIES.c.read_status,
+    STUDIES.c.first_received_at,
+    STUDIES.c.analysed_at,
+    EFFECTIVE_RANK.label("effective_rank"),
+)
+
+
+def format_person_name(pn: str) -> str:
+    """DICOM PN (family^given^middle^prefix^suffix, '=' between representations) for people."""
+    first = pn.split("=", 1)[0].strip() or pn.strip()
+    parts = [p.strip() for p in first.split("^")]
+    family, given = (parts + ["", ""])[:2]
+    rest = " ".join(p for p in parts[2:] if p)
+    name = family
+    if given or rest:
+        name = f"{family}, {' '.join(p for p in (given, rest) if p)}" if family else " ".join(
+            p for p in (given, rest) if p
+        )
+    return name or pn
+
+
+def format_study_datetime(date: str, time: str) -> str | None:
+    date = date.strip()
+    if len(date) != 8 or not date.isdigit():
+        return None
+    out = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    digits = time.strip().split(".", 1)[0]
+    if len(digits) >= 4 and digits[:4].isdigit():
+        out += f" {digits[:2]}:{digits[2:4]}"
+    return out
+
+
+def _priority(value: str | None) -> Priority | None:
+    if value is None:
+        return None
+    try:
+        return Priority(value)
+    except ValueError:
+        return None
+
+
+def _findings(raw: Any) -> list[Finding]:
+    out: list[Finding] = []
+    if not isinstance(raw, list):
+        return out
+    for item in raw:
+        # Written by the worker as [label, probability]; anything else is skipped, not fatal.
+        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], (int, float)):
+            out.append(Finding(label=str(item[0]), probability=float(item[1])))
+    return out
+
+
+_STATE_TEXT: dict[str, str] = {
+    StudyState.RECEIVING: "not analysed: receiving images",
+    StudyState.QUEUED: "not analysed: queued for analysis",
+    StudyState.ANALYSING: "not analysed: analysing",
+    StudyState.NOT_ROUTED: "not analysed: no model for this study",
+    StudyState.FAILED: "not analysed: analysis failed",
+}
+
+
+def _status_text(state: str, reason: str, analysed: bool) -> str:
+    if state == StudyState.ANALYSED:
+        return "analysed"
+    text = _STATE_TEXT.get(state, f"not analysed: {state}")
+    if analysed:
+        # An earlier generation was analysed; new images re-opened the study.
+        text = "analysed earlier; now " + text.removeprefix("not analysed: ")
+    return f"{text} ({reason})" if reason else text
+
+
+def _why(
+    priority: Priority, model_priority: Priority, override: Priority | None, reason: str, aged: bool
+) -> str:
+    if override is not None:
+        base = f"{override.value}: set by hand (manual override)"
+        return base + (f"; triage said {model_priority.value}: {reason}" if reason else "")
+    if model_priority == Priority.NOT_ANALYSED and not reason:
+        reason = "no result yet: listed in the ROUTINE band by arrival"
+    text = f"{priority.value}: {reason}" if reason else priority.value
+    if aged and "ageing" not in reason:
+        text += " (raised by ageing)"
+    return text
+
+
+def _row(r: Any, now: dt.datetime) -> WorklistRow:
+    override = _priority(r.priority_override)
+    model_priority = _priority(r.priority) or Priority.NOT_ANALYSED
+    priority = override or model_priority
+    rank = int(r.effective_rank)
+    aged = override is None and rank < RANK[model_priority]
+    analysed = r.analysed_at is not None
+    read_status = r.read_status if r.read_status in ReadStatus.__members__.values() else ReadStatus.UNREAD
+    return WorklistRow(
+        study_uid=r.study_uid,
+        patient_name=r.patient_name,
+        patient_name_display=format_person_name(r.patient_name),
+        patient_id=r.patient_id,
+        accession_number=r.accession_number,
+        modalities=[m for m in r.modalities.split("\\") if m],
+        study_date=r.study_date,
+        study_time=r.study_time,
+        study_datetime=format_study_datetime(r.study_date, r.study_time),
+        study_description=r.study_description,
+        num_instances=r.num_instances,
+        state=r.state,
+        state_reason=r.state_reason,
+        analysed=analysed,
+        status_text=_status_text(r.state, r.state_reason, analysed),
+        abnormality_score=r.abnormality_score,
+        priority=priority,
+        model_priority=model_priority,
+        priority_override=override,
+        rank=rank,
+        aged=aged,
+        priority_reason=r.priority_reason,
+        why=_why(priority, model_priority, override, r.priority_reason, aged),
+        top_findings=_findings(r.top_findings),
+        model_version=r.model_version,
+        read_status=ReadStatus(read_status),
+        first_received_at=r.first_received_at,
+        analysed_at=r.analysed_at,
+        waiting_s=None if read_status == ReadStatus.READ else max(0.0, (now - r.first_received_at).total_seconds()),
+    )
+
+
+def _where(query: WorklistQuery) -> list[ColumnElement[bool]]:
+    c = STUDIES.c
+    conditions: list[ColumnElement[bool]] = []
+    if query.unread:
+        conditions.append(NOT_READ)
+    if query.modality:
+        # ``modalities`` is backslash-joined ("CR\DX"): match a whole element. autoescape
+        # escapes LIKE wildcards with '/', which also stops PostgreSQL reading '\' as escape.
+        wanted = "\\" + query.modality.strip().upper() + "\\"
+        conditions.append(
+            (_lit("\\") + c.modalities + _lit("\\")).contains(wanted, autoescape=True)
+        )
+    if query.priority is not None:
+        conditions.append(EFFECTIVE_PRIORITY == query.priority.value)
+    return conditions
+
+
+def rows_statement(query: WorklistQuery) -> Select[Any]:
+    return (
+        select(*_COLUMNS)
+        .where(and_(True, *_where(query)))
+        .order_by(*order_by(query.order))
+        .limit(query.limit)
+        .offset(query.offset)
+    )
+
+
+def count_statement(query: WorklistQuery) -> Select[Any]:
+    return select(func.count()).select_from(STUDIES).where(and_(True, *_where(query)))
+
+
+def fetch_worklist(session: Session, query: WorklistQuery, now: dt.datetime | None = None) -> WorklistPage:
+    """One page of the worklist: the rows in order, and how many match in all."""
+    now = now or utcnow()
+    rows = session.execute(rows_statement(query)).all()
+    if query.offset == 0 and len(rows) < query.limit:
+        total = len(rows)  # the page holds every match: no count query needed
+    else:
+        total = int(session.execute(count_statement(query)).scalar_one())
+    return WorklistPage(rows=[_row(r, now) for r in rows], total=total, query=query, generated_at=now)
+
+
+def get_worklist(database: Database, query: WorklistQuery, now: dt.datetime | None = None) -> WorklistPage:
+    with database.read() as session:
+        return fetch_worklist(session, query, now)
+
+
+def fetch_row(session: Session, study_uid: str, now: dt.datetime | None = None) -> WorklistRow | None:
+    r = session.execute(select(*_COLUMNS).where(STUDIES.c.study_uid == study_uid)).first()
+    return None if r is None else _row(r, now or utcnow())
+
+
+# -- changes by radiologists ------------------------------------------------------------
+
+
+class StudyNotFound(LookupError):
+    pass
+
+
+def _lock_study(session: Session, study_uid: str) -> Study:
+    # FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers.
+    study = session.execute(
+        select(Study).where(Study.study_uid == study_uid).with_for_update()
+    ).scalar_one_or_none()
+    if study is None:
+        raise StudyNotFound(study_uid)
+    return study
+
+
+def _record(session: Session, study: Study, user: str, host: str, action: str, value: str, before: str) -> None:
+    session.add(WorklistEvent(study_id=study.id, user=user[:128], action=action, value=value))
+    add_audit(
+        session,
+        AuditEventName.WORKLIST_CHANGED,
+        actor=user,
+        host=host,
+        study_uid=study.study_uid,
+        action=action,
+        value=value,
+        before=before,
+    )
+
+
+def set_read_status(
+    database: Database, study_uid: str, status: ReadStatus, *, user: str, host: str = ""
+) -> bool:
+    """Mark a study opened / read / unread. Returns False when it already was (not recorded)."""
+    with database.session() as session:
+        study = _lock_study(session, study_uid)
+        before = study.read_status
+        if before == status.value:
+            return False
+        study.read_status = status.value
+        _record(session, study, user, host, status.value, status.value, before)
+    return True
+
+
+def set_priority_override(
+    database: Database, study_uid: str, priority: Priority | None, *, user: str, host: str = ""
+) -> bool:
+    """Set (or with None, clear) the manual priority. Returns False when nothing changed."""
+    if priority is not None and priority not in OVERRIDABLE:
+        raise ValueError(f"priority override must be one of {[p.value for p in OVERRIDABLE]}")
+    value = priority.value if priority is not None else None
+    with database.session() as session:
+        study = _lock_study(session, study_uid)
+        before = study.priority_override or ""
+        if study.priority_override == value:
+            return False
+        study.priority_override = value
+        # value "" = override cleared: triage's priority applies again.
+        _record(session, study, user, host, "override", value or "", before)
+    return True
+
+
+class HistoryEntry(BaseModel):
+    at: dt.datetime
+    user: str
+    action: str
+    value: str
+
+
+def fetch_history(session: Session, study_id: int, limit: int = 200) -> list[HistoryEntry]:
+    rows = session.execute(
+        select(WorklistEvent.at, WorklistEvent.user, WorklistEvent.action, WorklistEvent.value)
+        .where(WorklistEvent.study_id == study_id)
+        .order_by(WorklistEvent.at.desc(), WorklistEvent.id.desc())
+        .limit(limit)
+    ).all()
+    return [HistoryEntry(at=r.at, user=r.user, action=r.action, value=r.value) for r in rows]

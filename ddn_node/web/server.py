@@ -1,0 +1,66 @@
+"""Running the web app inside ``ddn-node serve``: uvicorn in a thread of the node process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+import uvicorn
+
+from ddn_node.config import Settings
+from ddn_node.dicom.spool import Spool
+from ddn_node.store.engine import Database
+from ddn_node.web.app import create_app
+
+log = structlog.get_logger("ddn_node.web")
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+def start_web(settings: Settings, database: Database, spool: Spool) -> Callable[[], None]:
+    """Start serving on ``[web] host:port``; returns the function that stops the server.
+
+    Raises OSError when the server cannot listen (port taken), so ``serve`` reports it.
+    """
+    app = create_app(settings, database, spool)
+    config = uvicorn.Config(
+        app,
+        host=settings.web.host,
+        port=settings.web.port,
+        # The node configured logging already (JSON through structlog); uvicorn's own
+        # dictConfig would replace it.
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        # Sessions and tokens are checked per request; a slow client must not hold a
+        # worker for long.
+        timeout_keep_alive=15,
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="web", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive():
+            # uvicorn logs the bind error and exits the thread (SystemExit) on failure.
+            raise OSError(f"web server could not listen on {settings.web.host}:{settings.web.port}")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise OSError(f"web server did not start within {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.02)
+    log.info("web.started", host=settings.web.host, port=settings.web.port)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT_S)
+        if thread.is_alive():
+            # Long-lived connections (a browser polling) get a forced close.
+            server.force_exit = True
+            thread.join(STOP_TIMEOUT_S)
+        log.info("web.stopped")
+
+    return stop

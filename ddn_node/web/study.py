@@ -1,0 +1,306 @@
+"""One study in detail: the API's ``/api/studies/{uid}`` and the study page share this.
+
+A handful of indexed queries (study, latest result, its image results, instances,
+deliveries, history); the thresholds come from the model manifests named by the routing
+table, read as JSON (the web part never imports torch) and cached per file version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import structlog
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ddn_node.config import RoutingRule
+from ddn_node.pipeline.worklist import HistoryEntry, WorklistRow, fetch_history, fetch_row
+from ddn_node.store.models import Delivery, ImageResult, Instance, Result, Series, Study
+
+log = structlog.get_logger("ddn_node.web")
+
+MAX_IMAGES = 60  # a CT study may hold thousands of slices; the page is for the analysed images
+
+
+class FindingView(BaseModel):
+    label: str
+    probability: float
+    threshold: float | None = Field(description="operating threshold from the model manifest, if known")
+    present: bool
+
+
+class ResultView(BaseModel):
+    generation: int
+    model_name: str
+    model_version: str
+    head: str
+    created_at: dt.datetime
+    abnormality_score: float
+    priority: str
+    findings: list[FindingView]
+    timings_ms: dict[str, float]
+
+
+class OverlayView(BaseModel):
+    label: str
+    probability: float | None
+    url: str
+    full_url: str
+
+
+class ImageView(BaseModel):
+    sop_instance_uid: str
+    modality: str
+    view_position: str
+    laterality: str
+    rows: int | None
+    columns: int | None
+    analysed: bool
+    thumbnail_url: str
+    probabilities: dict[str, float]
+    overlays: list[OverlayView]
+
+
+class DeliveryView(BaseModel):
+    destination: str
+    kind: str
+    sop_instance_uid: str
+    state: str
+    attempts: int
+    last_status: str | None = Field(description="DIMSE status of the last attempt, hex")
+    last_error: str
+    created_at: dt.datetime
+    sent_at: dt.datetime | None
+
+
+class StudyDetail(BaseModel):
+    study: WorklistRow
+    patient_sex: str
+    patient_birth_date: str
+    referring_physician: str
+    body_part: str
+    calling_ae: str
+    result: ResultView | None
+    images: list[ImageView]
+    images_omitted: int
+    deliveries: list[DeliveryView]
+    history: list[HistoryEntry]
+
+
+class ManifestThresholds:
+    """label thresholds per (model version, head), from the routing table's manifests."""
+
+    def __init__(self, routing: list[RoutingRule]):
+        self._paths = sorted({rule.model / "manifest.json" for rule in routing})
+        self._cache: dict[Path, tuple[float, dict[tuple[str, str], dict[str, float]]]] = {}
+        self._lock = threading.Lock()
+
+    def _read(self, path: Path) -> dict[tuple[str, str], dict[str, float]]:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return {}
+        with self._lock:
+            cached = self._cache.get(path)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+        table: dict[tuple[str, str], dict[str, float]] = {}
+        try:
+            manifest: Any = json.loads(path.read_text(encoding="utf-8"))
+            for head, info in manifest["heads"].items():
+                table[(str(manifest["version"]), head)] = {
+                    str(lab["name"]): float(lab["threshold"]) for lab in info["labels"]
+                }
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("web.manifest_unreadable", path=str(path), error=str(exc))
+            return {}
+        with self._lock:
+            self._cache[path] = (mtime, table)
+        return table
+
+    def get(self, version: str, head: str) -> dict[str, float]:
+        for path in self._paths:
+            found = self._read(path).get((version, head))
+            if found is not None:
+                return found
+        return {}
+
+
+def study_path(study_uid: str) -> str:
+    return "/studies/" + quote(study_uid, safe="")
+
+
+def thumbnail_url(study_uid: str, sop_uid: str) -> str:
+    return f"{study_path(study_uid)}/instances/{quote(sop_uid, safe='')}/thumbnail.png"
+
+
+def overlay_url(study_uid: str, sop_uid: str, label: str, full: bool = False) -> str:
+    url = f"{study_path(study_uid)}/instances/{quote(sop_uid, safe='')}/overlays/{quote(label, safe='')}.png"
+    return url + ("?full=1" if full else "")
+
+
+def latest_result(session: Session, study_id: int) -> Result | None:
+    return session.execute(
+        select(Result)
+        .where(Result.study_id == study_id)
+        .order_by(Result.generation.desc(), Result.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def _floats(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+
+
+def fetch_detail(session: Session, study_uid: str, thresholds: ManifestThresholds) -> StudyDetail | None:
+    row = fetch_row(session, study_uid)
+    if row is None:
+        return None
+    study = session.execute(
+        select(
+            Study.id,
+            Study.patient_sex,
+            Study.patient_birth_date,
+            Study.referring_physician,
+            Study.body_part,
+            Study.calling_ae,
+        ).where(Study.study_uid == study_uid)
+    ).one()
+    result = latest_result(session, study.id)
+    result_view: ResultView | None = None
+    per_image: dict[int, tuple[dict[str, float], dict[str, str]]] = {}
+    if result is not None:
+        limits = thresholds.get(result.model_version, result.head)
+        probs = _floats(result.probabilities)
+        positive = set(result.positive or [])
+        findings = [
+            FindingView(label=label, probability=p, threshold=limits.get(label), present=label in positive)
+            for label, p in sorted(probs.items(), key=lambda kv: kv[1], reverse=True)
+        ]
+        result_view = ResultView(
+            generation=result.generation,
+            model_name=result.model_name,
+            model_version=result.model_version,
+            head=result.head,
+            created_at=result.created_at,
+            abnormality_score=result.abnormality_score,
+            priority=result.priority,
+            findings=findings,
+            timings_ms=_floats(result.timings_ms),
+        )
+        for image in session.execute(
+            select(ImageResult.instance_id, ImageResult.probabilities, ImageResult.overlay_paths).where(
+                ImageResult.result_id == result.id
+            )
+        ):
+            overlays = image.overlay_paths if isinstance(image.overlay_paths, dict) else {}
+            per_image[image.instance_id] = (_floats(image.probabilities), overlays)
+
+    instances = session.execute(
+        select(
+            Instance.id,
+            Instance.sop_instance_uid,
+            Series.modality,
+            Instance.view_position,
+            Instance.image_laterality,
+            Instance.rows,
+            Instance.columns,
+        )
+        .join(Series, Instance.series_id == Series.id)
+        .where(Instance.study_id == study.id, Instance.rows.is_not(None))
+        .order_by(Series.series_number, Instance.instance_number, Instance.id)
+    ).all()
+    # The analysed images first: they are why the study is where it is in the list.
+    instances.sort(key=lambda i: i.id not in per_image)
+    images = []
+    for inst in instances[:MAX_IMAGES]:
+        probs, overlays = per_image.get(inst.id, ({}, {}))
+        images.append(
+            ImageView(
+                sop_instance_uid=inst.sop_instance_uid,
+                modality=inst.modality,
+                view_position=inst.view_position,
+                laterality=inst.image_laterality,
+                rows=inst.rows,
+                columns=inst.columns,
+                analysed=inst.id in per_image,
+                thumbnail_url=thumbnail_url(study_uid, inst.sop_instance_uid),
+                probabilities=dict(sorted(probs.items(), key=lambda kv: kv[1], reverse=True)),
+                overlays=[
+                    OverlayView(
+                        label=label,
+                        probability=probs.get(label),
+                        url=overlay_url(study_uid, inst.sop_instance_uid, label),
+                        full_url=overlay_url(study_uid, inst.sop_instance_uid, label, full=True),
+                    )
+                    for label in sorted(overlays, key=lambda lab: -probs.get(lab, 0.0))
+                ],
+            )
+        )
+    deliveries = [
+        DeliveryView(
+            destination=d.destination,
+            kind=d.kind,
+            sop_instance_uid=d.sop_instance_uid,
+            state=d.state,
+            attempts=d.attempts,
+            last_status=None if d.last_status is None else f"0x{d.last_status:04X}",
+            last_error=d.last_error,
+            created_at=d.created_at,
+            sent_at=d.sent_at,
+        )
+        for d in session.execute(
+            select(Delivery)
+            .where(Delivery.study_id == study.id)
+            .order_by(Delivery.created_at.desc(), Delivery.id)
+            .limit(200)
+        ).scalars()
+    ]
+    return StudyDetail(
+        study=row,
+        patient_sex=study.patient_sex,
+        patient_birth_date=study.patient_birth_date,
+        referring_physician=study.referring_physician,
+        body_part=study.body_part,
+        calling_ae=study.calling_ae,
+        result=result_view,
+        images=images,
+        images_omitted=max(0, len(instances) - MAX_IMAGES),
+        deliveries=deliveries,
+        history=fetch_history(session, study.id),
+    )
+
+
+def overlay_relpath(session: Session, study_uid: str, sop_uid: str, label: str) -> str | None:
+    """The spool-relative PNG of one overlay of the latest result, or None."""
+    study_id = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one_or_none()
+    if study_id is None:
+        return None
+    result = latest_result(session, study_id)
+    if result is None:
+        return None
+    paths = session.execute(
+        select(ImageResult.overlay_paths)
+        .join(Instance, ImageResult.instance_id == Instance.id)
+        .where(ImageResult.result_id == result.id, Instance.sop_instance_uid == sop_uid)
+    ).scalar_one_or_none()
+    if not isinstance(paths, dict):
+        return None
+    value = paths.get(label)
+    return value if isinstance(value, str) else None
+
+
+def instance_relpath(session: Session, study_uid: str, sop_uid: str) -> str | None:
+    return session.execute(
+        select(Instance.path)
+        .join(Study, Instance.study_id == Study.id)
+        .where(Study.study_uid == study_uid, Instance.sop_instance_uid == sop_uid)
+    ).scalar_one_or_none()

@@ -1,0 +1,416 @@
+"""Pages for people: login, the worklist, a study, and the forms that change a study.
+
+Templates autoescape everything (Jinja2 ``autoescape=True``): patient names and study
+descriptions come from DICOM headers written by anyone, some with ``<script>`` in them.
+The pages load only local JS (no inline scripts; the CSP forbids them), which builds rows
+with ``textContent``.
+
+Form posts carry the session's CSRF token (hidden field, or ``X-CSRF-Token`` from fetch).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode, urlparse
+
+import jinja2
+import structlog
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from ddn_node.config import Priority
+from ddn_node.pipeline.worklist import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    OVERRIDABLE,
+    ReadStatus,
+    WorklistPage,
+    WorklistQuery,
+    fetch_row,
+    get_worklist,
+    set_priority_override,
+    set_read_status,
+)
+from ddn_node.store.audit import AuditEventName, audit
+from ddn_node.web.auth import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    LOGIN_COOKIE,
+    LOGIN_COOKIE_MAX_AGE_S,
+    SESSION_COOKIE,
+    Auth,
+    Principal,
+)
+from ddn_node.web.images import FULL_PX, THUMB_PX, ImageUnavailable, dicom_thumbnail, png_scaled
+from ddn_node.web.study import fetch_detail, instance_relpath, overlay_relpath, study_path
+
+log = structlog.get_logger("ddn_node.web")
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+POLL_MS = 3000
+MODALITIES = ("CR", "DX", "CT", "MR", "US", "MG", "NM", "PT", "XA", "RF")
+
+router = APIRouter(include_in_schema=False)
+
+
+# -- templates ------------------------------------------------------------------------------
+
+
+def _local_dt(value: dt.datetime | None) -> str:
+    if value is None:
+        return ""
+    # The node's local time zone: the radiologists work in it, the server is in the hospital.
+    return value.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes = int(seconds // 60)
+    if minutes < 1:
+        return "<1 min"
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _score(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def make_templates(*, asset_version: str, demo: bool) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["local_dt"] = _local_dt
+    env.filters["duration"] = format_duration
+    env.filters["score"] = _score
+    env.filters["pq"] = lambda s: quote(str(s), safe="")
+    env.globals["asset_version"] = asset_version
+    env.globals["demo"] = demo
+    env.globals["study_path"] = study_path
+    return env
+
+
+def _render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    env: jinja2.Environment = request.app.state.templates
+    principal: Principal | None = getattr(request.state, "principal", None)
+    html = env.get_template(name).render(
+        principal=principal if principal is not None and principal.kind == "user" else None,
+        csrf=principal.csrf if principal is not None else "",
+        **context,
+    )
+    return HTMLResponse(html, status_code=status_code)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def safe_next(value: str | None, default: str = "/") -> str:
+    """Only local paths: an open redirect after login would be a phishing tool."""
+    if not value or not value.startswith("/") or value.startswith("//"):
+        return default
+    if "\\" in value or any(ord(ch) < 0x20 for ch in value) or urlparse(value).netloc:
+        return default
+    return value
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def ui_query(params: Any) -> WorklistQuery:
+    """The worklist filters from a page URL; unknown values fall back to defaults, not 422."""
+    unread = str(params.get("unread", "true")).lower() not in ("false", "0", "no", "off", "all")
+    modality = str(params.get("modality") or "").strip().upper()[:16] or None
+    raw_priority = params.get("priority") or ""
+    priority = Priority(raw_priority) if raw_priority in Priority.__members__.values() else None
+    order = "arrival" if params.get("order") == "arrival" else "priority"
+    try:
+        offset = max(0, int(params.get("offset") or 0))
+        limit = min(MAX_LIMIT, max(1, int(params.get("limit") or DEFAULT_LIMIT)))
+    except ValueError:
+        offset, limit = 0, DEFAULT_LIMIT
+    return WorklistQuery(unread=unread, modality=modality, priority=priority, order=order, offset=offset, limit=limit)
+
+
+def query_params(query: WorklistQuery, **changes: Any) -> str:
+    """The page URL's query string for ``query`` with ``changes`` (defaults left out)."""
+    values = query.model_copy(update=changes)
+    out: dict[str, str] = {}
+    if not values.unread:
+        out["unread"] = "false"
+    if values.modality:
+        out["modality"] = values.modality
+    if values.priority is not None:
+        out["priority"] = values.priority.value
+    if values.order != "priority":
+        out["order"] = values.order
+    if values.limit != DEFAULT_LIMIT:
+        out["limit"] = str(values.limit)
+    if values.offset:
+        out["offset"] = str(values.offset)
+    return urlencode(out)
+
+
+def _etag(page: WorklistPage) -> str:
+    # Waiting times and the generation time change every second; the list has changed
+    # only when something else did.
+    stable = page.model_dump_json(exclude={"generated_at": True, "rows": {"__all__": {"waiting_s"}}})
+    return '"' + hashlib.sha256(stable.encode()).hexdigest()[:32] + '"'
+
+
+async def csrf_protect(request: Request) -> Principal:
+    """Refuse a state-changing form post without this session's CSRF token (403)."""
+    principal: Principal = request.state.principal
+    presented = request.headers.get(CSRF_HEADER)
+    if presented is None:
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        presented = value if isinstance(value, str) else None
+    origin = request.headers.get("origin")
+    same_origin = origin is None or urlparse(origin).netloc == request.headers.get("host", "")
+    if not same_origin or not Auth.csrf_ok(principal, presented):
+        log.warning("web.csrf_refused", path_part="ui", method=request.method, same_origin=same_origin)
+        raise HTTPException(status_code=403, detail="CSRF token missing or wrong: reload the page and try again")
+    return principal
+
+
+# -- login ----------------------------------------------------------------------------------
+
+
+def _login_page(request: Request, next_url: str, error: str = "", status_code: int = 200) -> HTMLResponse:
+    auth: Auth = request.app.state.auth
+    cookie, token = auth.new_login_token()
+    response = _render(
+        request, "login.html", status_code=status_code, login_token=token, next_url=next_url, error=error
+    )
+    response.set_cookie(
+        LOGIN_COOKIE,
+        cookie,
+        max_age=LOGIN_COOKIE_MAX_AGE_S,
+        path="/login",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> Response:
+    auth: Auth = request.app.state.auth
+    if auth.check_session(request.cookies.get(SESSION_COOKIE)) is not None:
+        return RedirectResponse(safe_next(next), status_code=303)
+    return _login_page(request, safe_next(next))
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    username: Annotated[str, Form(max_length=128)] = "",
+    password: Annotated[str, Form(max_length=1024)] = "",
+    csrf_token: Annotated[str, Form(max_length=256)] = "",
+    next: Annotated[str, Form(max_length=2048)] = "/",
+) -> Response:
+    auth: Auth = request.app.state.auth
+    database = request.app.state.database
+    client = _client(request)
+    next_url = safe_next(next)
+    # Before anything costly (argon2 is slow on purpose): a guesser gets 429s, not answers.
+    retry_after = auth.login_limiter.hit(client)
+    if retry_after:
+        log.warning("web.login_rate_limited", client=client)
+        response = _login_page(
+            request, next_url, "Too many login attempts. Wait a minute and try again.", status_code=429
+        )
+        response.headers["retry-after"] = str(int(retry_after) + 1)
+        return response
+    if not auth.login_token_ok(request.cookies.get(LOGIN_COOKIE), csrf_token):
+        log.warning("web.login_csrf_refused", client=client)
+        return _login_page(request, next_url, "The form expired. Please log in again.", status_code=403)
+    principal = auth.verify_password(username, password)
+    if principal is None:
+        log.warning("web.login_failed", user=username[:64], client=client)
+        audit(database, AuditEventName.USER_LOGIN_FAILED, actor=username, host=client, outcome="failure")
+        return _login_page(request, next_url, "Wrong user name or password.", status_code=401)
+    log.info("web.login", user=principal.name, client=client)
+    audit(database, AuditEventName.USER_LOGIN, actor=principal.name, host=client)
+    response = RedirectResponse(next_url, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        auth.new_session(principal),
+        max_age=int(request.app.state.settings.web.session_max_age_s),
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+    )
+    response.delete_cookie(LOGIN_COOKIE, path="/login")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, principal: Annotated[Principal, Depends(csrf_protect)]) -> Response:
+    request.app.state.auth.revoke(principal)
+    log.info("web.logout", user=principal.name)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+# -- the worklist ---------------------------------------------------------------------------
+
+
+@router.get("/")
+def worklist_page(request: Request) -> HTMLResponse:
+    query = ui_query(request.query_params)
+    page = get_worklist(request.app.state.database, query)
+    here = "/" + (("?" + qs) if (qs := query_params(query)) else "")
+    prev_qs = query_params(query, offset=max(0, query.offset - query.limit)) if query.offset else None
+    next_qs = query_params(query, offset=query.offset + query.limit) if query.offset + len(page.rows) < page.total else None
+    return _render(
+        request,
+        "worklist.html",
+        page=page,
+        query=query,
+        here=here,
+        poll_ms=POLL_MS,
+        feed="/ui/worklist.json",
+        modalities=sorted(set(MODALITIES) | ({query.modality} if query.modality else set())),
+        priorities=list(Priority),
+        order_links={o: "/?" + query_params(query, order=o, offset=0) for o in ("priority", "arrival")},
+        prev_url=None if prev_qs is None else "/?" + prev_qs,
+        next_url=None if next_qs is None else "/?" + next_qs,
+        etag=_etag(page),
+    )
+
+
+@router.get("/ui/worklist.json")
+def worklist_feed(request: Request) -> Response:
+    """The page's live feed: the same rows as JSON; 304 while nothing changed."""
+    page = get_worklist(request.app.state.database, ui_query(request.query_params))
+    etag = _etag(page)
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"etag": etag})
+    return Response(page.model_dump_json(), media_type="application/json", headers={"etag": etag})
+
+
+# -- one study ------------------------------------------------------------------------------
+
+
+@router.get("/studies/{study_uid}")
+def study_page(request: Request, study_uid: str) -> HTMLResponse:
+    with request.app.state.database.read() as session:
+        detail = fetch_detail(session, study_uid, request.app.state.thresholds)
+    if detail is None:
+        return _render(request, "not_found.html", status_code=404)
+    return _render(
+        request,
+        "study.html",
+        d=detail,
+        s=detail.study,
+        here=study_path(study_uid),
+        overridable=[p.value for p in OVERRIDABLE],
+    )
+
+
+def _after_change(request: Request, study_uid: str, changed: bool, next_url: str) -> Response:
+    if request.headers.get("x-requested-with") == "fetch":
+        with request.app.state.database.read() as session:
+            row = fetch_row(session, study_uid)
+        return JSONResponse({"changed": changed, "study": None if row is None else row.model_dump(mode="json")})
+    return RedirectResponse(safe_next(next_url, study_path(study_uid)), status_code=303)
+
+
+@router.post("/studies/{study_uid}/status")
+def change_status(
+    request: Request,
+    study_uid: str,
+    principal: Annotated[Principal, Depends(csrf_protect)],
+    status: Annotated[ReadStatus, Form()],
+    next: Annotated[str, Form(max_length=2048)] = "",
+) -> Response:
+    changed = set_read_status(
+        request.app.state.database, study_uid, status, user=principal.actor, host=_client(request)
+    )
+    if changed:
+        log.info("web.status_changed", study_uid=study_uid, status=status.value, user=principal.actor)
+    return _after_change(request, study_uid, changed, next)
+
+
+@router.post("/studies/{study_uid}/priority")
+def change_priority(
+    request: Request,
+    study_uid: str,
+    principal: Annotated[Principal, Depends(csrf_protect)],
+    priority: Annotated[str, Form(max_length=16)] = "",
+    next: Annotated[str, Form(max_length=2048)] = "",
+) -> Response:
+    wanted: Priority | None = None
+    if priority and priority != "clear":
+        if priority not in [p.value for p in OVERRIDABLE]:
+            raise HTTPException(status_code=422, detail=f"priority must be one of {[p.value for p in OVERRIDABLE]}")
+        wanted = Priority(priority)
+    changed = set_priority_override(
+        request.app.state.database, study_uid, wanted, user=principal.actor, host=_client(request)
+    )
+    if changed:
+        log.info("web.priority_overridden", study_uid=study_uid, priority=priority or "clear", user=principal.actor)
+    return _after_change(request, study_uid, changed, next)
+
+
+def _png(data: bytes) -> Response:
+    return Response(data, media_type="image/png", headers={"cache-control": "private, no-store"})
+
+
+@router.get("/studies/{study_uid}/instances/{sop_uid}/thumbnail.png")
+def thumbnail(request: Request, study_uid: str, sop_uid: str) -> Response:
+    # A plain def: FastAPI runs it in a worker thread, off the event loop (decoding a
+    # compressed image may take hundreds of milliseconds).
+    state = request.app.state
+    with state.database.read() as session:
+        relpath = instance_relpath(session, study_uid, sop_uid)
+    if relpath is None:
+        raise HTTPException(status_code=404, detail="no such image")
+    try:
+        data = dicom_thumbnail(state.images, _in_spool(state.spool.root, relpath), THUMB_PX)
+    except ImageUnavailable as exc:
+        log.warning("web.thumbnail_unavailable", study_uid=study_uid, sop_instance_uid=sop_uid, error=str(exc))
+        raise HTTPException(status_code=404, detail="image cannot be displayed") from None
+    return _png(data)
+
+
+@router.get("/studies/{study_uid}/instances/{sop_uid}/overlays/{label}.png")
+def overlay(request: Request, study_uid: str, sop_uid: str, label: str, full: bool = False) -> Response:
+    state = request.app.state
+    with state.database.read() as session:
+        relpath = overlay_relpath(session, study_uid, sop_uid, label)
+    if relpath is None:
+        raise HTTPException(status_code=404, detail="no such overlay")
+    try:
+        data = png_scaled(state.images, _in_spool(state.spool.root, relpath), FULL_PX if full else THUMB_PX)
+    except ImageUnavailable as exc:
+        log.warning("web.overlay_unavailable", study_uid=study_uid, sop_instance_uid=sop_uid, error=str(exc))
+        raise HTTPException(status_code=404, detail="overlay cannot be displayed") from None
+    return _png(data)
+
+
+def _in_spool(root: Path, relpath: str) -> Path:
+    """The file under the spool; a stored path that climbs out of it is refused."""
+    base = root.resolve()
+    path = (base / relpath).resolve()
+    if not path.is_relative_to(base):
+        raise ImageUnavailable("path outside the spool")
+    return path
