@@ -91,9 +91,12 @@ class Predictor:
                     sop_instance_uid=uids[s + b],
                     probabilities={spec.name: float(probs[b, k]) for k, spec in enumerate(labels)},
                 )
-                for k, spec in enumerate(labels):
-                    if (b, k) in cams:
-                        pred.heatmaps[spec.name] = map_to_source(cams[(b, k)].float().cpu(), geoms[b])
+                ks = [k for k in range(len(labels)) if (b, k) in cams]
+                if ks:
+                    # All of one image's maps are resized in one call: one pass at full size.
+                    maps = map_to_source(torch.stack([cams[(b, k)] for k in ks]).float().cpu(), geoms[b])
+                    for i, k in enumerate(ks):
+                        pred.heatmaps[labels[k].name] = maps[i]
                 out.append(pred)
             t_cam += time.perf_counter() - t1
         self.timings_ms = {"model": 1000 * t_model, "gradcam": 1000 * t_cam}

@@ -138,7 +138,7 @@ def test_predictor_heat_maps_at_source_size_only_above_threshold(blob_model: DDN
     assert preds[0].probabilities["blob"] >= 0.5 and preds[1].probabilities["blob"] < 0.5
     hm = preds[0].heatmaps["blob"]
     assert hm.shape == (300, 480) and hm.dtype == np.float32
-    assert float(hm.min()) >= 0 and float(hm.max()) == pytest.approx(1.0)
+    assert float(hm.min()) >= 0 and 0.95 <= float(hm.max()) <= 1.0  # scaled by its peak before the last resize
     r, c = peak(hm)
     assert np.hypot(r - 120, c - 350) <= 480 / 4
     assert preds[1].heatmaps == {}

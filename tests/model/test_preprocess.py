@@ -54,7 +54,7 @@ def test_map_to_source_round_trips_a_location() -> None:
     assert back.shape == (300, 480)
     r, c = np.unravel_index(int(np.argmax(back)), back.shape)
     assert 55 <= r <= 95 and 355 <= c <= 405
-    assert float(back.max()) == pytest.approx(1.0)
+    assert 0.95 <= float(back.max()) <= 1.0
     assert float(map_to_source(torch.zeros(7, 7), geoms[0]).max()) == 0.0  # empty map stays empty
 
 

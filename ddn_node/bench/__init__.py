@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): ``ddn-node bench model``."""
