@@ -88,6 +88,17 @@ def post(
         return PostOutcome(
             NotifyResult(ok=False, status=None, error=f"{type(exc).__name__}: {exc}"), "transport"
         )
+    except (UnicodeError, ValueError) as exc:
+        # A header or host that cannot be encoded (a non-ASCII token, say). The exception's
+        # text may quote the value, and the value may be the token: name the type only.
+        return PostOutcome(
+            NotifyResult(
+                ok=False,
+                status=None,
+                error=f"invalid request ({type(exc).__name__}): check the URL and the token",
+            ),
+            "config",
+        )
     if 200 <= response.status_code < 300:
         return PostOutcome(NotifyResult(ok=True, status=response.status_code, error=""), "")
     detail = _detail(response)

@@ -57,6 +57,8 @@ def exchange(host: str, port: int, message: bytes, timeout_s: float) -> bytes:
         raise MLLPError(f"timed out after {timeout_s:g} s connecting to {where}") from None
     except OSError as exc:
         raise MLLPError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+    except UnicodeError:  # a host name that IDNA cannot encode
+        raise MLLPError(f"cannot connect to {where}: invalid host name") from None
     with sock:
         try:
             sock.settimeout(timeout_s)
