@@ -193,9 +193,11 @@ def _message_id(message: OutgoingMessage) -> str:
         return ""
     if not isinstance(document, dict):
         return ""
-    if isinstance(document.get("id"), str):
-        return document["id"]
+    own_id = document.get("id")
+    if isinstance(own_id, str):
+        return own_id
     for identifier in document.get("identifier", []):
-        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
-            return identifier["value"].removeprefix("urn:uuid:")
+        value = identifier.get("value") if isinstance(identifier, dict) else None
+        if isinstance(value, str):
+            return value.removeprefix("urn:uuid:")
     return ""

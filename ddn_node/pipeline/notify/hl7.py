@@ -284,11 +284,12 @@ def parse_ack(raw: bytes) -> Ack:
     text = raw.decode("utf-8", errors="replace")
     lines = [s for s in re.split(r"\r\n|\r|\n", text) if s.strip()]
     header = next((s for s in lines if s.startswith("MSH")), None)
-    if header is None or len(header) < 8:
+    if header is None or len(header) < 4:
         raise ValueError("the reply has no MSH segment")
     field_sep = header[3]
-    encoding = header[4:8]
-    comp, rep, esc, sub = (encoding + "^~\\&"[len(encoding) :])[:4]
+    encoding = header[4:].split(field_sep, 1)[0][:4]  # MSH-2; missing ones take defaults
+    encoding += "^~\\&"[len(encoding) :]
+    comp, rep, esc, sub = encoding[0], encoding[1], encoding[2], encoding[3]
     delimiters = {"F": field_sep, "S": comp, "T": sub, "R": rep, "E": esc}
 
     def fields(seg: str) -> list[str]:
