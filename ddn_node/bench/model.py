@@ -341,7 +341,7 @@ def _print(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(width=150)  # a pipe or CI log would otherwise wrap the table at 80 columns
     con.print(f"[bold]ddn-node bench model[/]  {r['model']}; torch {r['machine']['torch']}, {r['machine']['threads']} threads, medians of {r['rounds']} alternating rounds")
     t = Table("variant", "b1 ms/img", "b1 img/s", "b1 x base", "b16 ms/img", "b16 img/s", "b16 x base", "note")
     for row in r["throughput"]:

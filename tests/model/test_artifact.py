@@ -177,3 +177,15 @@ def test_predictor_interface_and_abnormality_scores(saved: tuple[Path, DDN]) -> 
         p.predict(images[:1], head="nope")
     with pytest.raises(ValueError):
         p.predict(images[:2], head="cxr", sop_instance_uids=["only-one"])
+
+
+def test_every_bundled_label_has_a_code_and_a_source() -> None:
+    from ddn_node.model.codes import CODE_SOURCES, KNOWN_CODES, code_for
+    from ddn_node.training.data import NIH_LABELS
+
+    for lab in (*NIH_LABELS, "glioma", "meningioma", "notumor", "pituitary"):
+        code = code_for(lab)
+        assert code.scheme in ("SCT", "DCM", "99DDN") and code.value and code.meaning
+        assert CODE_SOURCES[lab]
+    assert code_for("Something New").scheme == "99DDN"
+    assert KNOWN_CODES["Effusion"].value == "60046008"

@@ -81,7 +81,7 @@ def test_train_writes_a_verified_artifact(trained: tuple[Path, Path]) -> None:
     art = ModelArtifact.load(out)
     m = json.loads((out / "manifest.json").read_text())
     assert [lab.name for lab in art.heads["cxr"].labels] == LABELS
-    assert art.heads["cxr"].labels[2].code.value == "60046008"
+    assert art.heads["cxr"].labels[2].code.value == "60046008"  # Effusion, checked in DICOM PS3.16
     assert m["training"]["command"].startswith("ddn-node train") and "--resume" not in m["training"]["command"]
     assert "--resume" in m["training"]["resumed_with"][0]
     assert [h["epoch"] for h in m["training"]["history"]] == [1, 2, 3]
