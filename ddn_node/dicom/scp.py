@@ -45,6 +45,7 @@ from ddn_node.dicom.syntaxes import (
 from ddn_node.store.audit import AuditEventName, add_audit, audit
 from ddn_node.store.engine import Database
 from ddn_node.store.ingest import IngestOutcome, InstanceRecord, record_instance
+from ddn_node.store.models import UID_LEN
 
 log = structlog.get_logger("ddn_node.scp")
 
@@ -330,6 +331,9 @@ class StorageSCP:
         if not (study_uid and series_uid and sop_uid):
             log.warning("scp.store_missing_uid", sop_instance_uid=sop_uid, calling_ae=calling)
             return MISSING_UID
+        if max(len(study_uid), len(series_uid), len(sop_uid)) > UID_LEN:
+            log.warning("scp.store_uid_too_long", sop_instance_uid=sop_uid[:UID_LEN], calling_ae=calling)
+            return CANNOT_UNDERSTAND
         ds_sop = header.text("SOPInstanceUID")
         if ds_sop and ds_sop != sop_uid:
             log.warning("scp.store_uid_mismatch", sop_instance_uid=sop_uid, dataset_uid=ds_sop)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import defaultdict
-from pathlib import Path
+from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import select, update
@@ -26,6 +26,9 @@ from sqlalchemy import select, update
 from ddn_node.config import DestinationSettings, Settings
 from ddn_node.dicom.scu import Peer, SendOutcome, StoreSCU, client_tls_context
 from ddn_node.dicom.spool import Spool
+from ddn_node.pipeline.notify import HL7_CONTENT_TYPE, OutgoingMessage, send
+from ddn_node.pipeline.notify import fhir as fhir_adapter
+from ddn_node.pipeline.notify import webhook as webhook_adapter
 from ddn_node.store.audit import AuditEventName, add_audit
 from ddn_node.store.engine import Database
 from ddn_node.store.models import Delivery, DeliveryState, Study, utcnow
@@ -34,6 +37,25 @@ from ddn_node.store.queue import DELIVERIES
 log = structlog.get_logger("ddn_node.delivery")
 
 BATCH = 32
+ADAPTER_PREFIX = "adapter:"
+CONTENT_TYPES = {
+    "hl7": HL7_CONTENT_TYPE,
+    "fhir": fhir_adapter.CONTENT_TYPE,
+    "webhook": webhook_adapter.CONTENT_TYPE,
+}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one send went, whatever the transport (DICOM status or HTTP status)."""
+
+    ok: bool
+    status: int | None
+    error: str
+
+    @classmethod
+    def of_store(cls, outcome: SendOutcome) -> Attempt:
+        return cls(outcome.ok, outcome.status, outcome.error)
 
 
 def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
@@ -80,27 +102,42 @@ class Deliverer:
             self._lock.release()
 
     def _send(self, name: str, rows: list[tuple[int, str, str, int]]) -> None:
+        if name.startswith(ADAPTER_PREFIX):
+            self._notify(name, rows)
+            return
         dest = self.destinations.get(name)
         if dest is None:
-            self._record(
-                name,
-                rows,
-                {row[0]: SendOutcome(Path(row[1]), row[2], None, "destination no longer configured") for row in rows},
-            )
+            self._record(name, rows, {row[0]: Attempt(False, None, "destination no longer configured") for row in rows})
             return
         scu = StoreSCU(self.settings.node.ae_title, self._peer(dest), timeout_s=self.settings.delivery.timeout_s)
         by_path = {str(self.spool.path(row[1])): row[0] for row in rows}
         outcomes = {}
         for outcome in scu.send([self.spool.path(row[1]) for row in rows]):
-            outcomes[by_path[str(outcome.path)]] = outcome
+            outcomes[by_path[str(outcome.path)]] = Attempt.of_store(outcome)
+        self._record(name, rows, outcomes)
+
+    def _notify(self, name: str, rows: list[tuple[int, str, str, int]]) -> None:
+        """HL7 / FHIR / webhook messages: one attempt each through the adapter."""
+        kind = name.removeprefix(ADAPTER_PREFIX)
+        outcomes = {}
+        for row_id, relpath, _message_id, _attempts in rows:
+            try:
+                payload = self.spool.path(relpath).read_bytes()
+            except OSError as exc:
+                outcomes[row_id] = Attempt(False, None, f"message file unreadable: {exc}")
+                continue
+            result = send(self.settings.adapters, OutgoingMessage(kind, payload, CONTENT_TYPES.get(kind, "")))
+            outcomes[row_id] = Attempt(result.ok, result.status, result.error)
         self._record(name, rows, outcomes)
 
     def _record(
-        self, name: str, rows: list[tuple[int, str, str, int]], outcomes: dict[int, SendOutcome]
+        self, name: str, rows: list[tuple[int, str, str, int]], outcomes: dict[int, Attempt]
     ) -> None:
         cfg = self.settings.delivery
         now = utcnow()
         sent_studies: set[int] = set()
+        # A RIS may echo patient data in its error text: that stays in the table, not the log.
+        loggable = (lambda e: "(see 'ddn-node deliveries list')") if name.startswith(ADAPTER_PREFIX) else (lambda e: e)
         with self.database.session() as session:
             for row_id, _path, sop_uid, attempts in rows:
                 outcome = outcomes.get(row_id)
@@ -118,7 +155,14 @@ class Deliverer:
                     DELIVERIES.finish(
                         session, row_id, self.owner, DeliveryState.FAILED, last_status=status, last_error=error
                     )
-                    log.error("delivery.failed", destination=name, sop_instance_uid=sop_uid, status=status, error=error, attempts=attempts)
+                    log.error(
+                        "delivery.failed",
+                        destination=name,
+                        sop_instance_uid=sop_uid,
+                        status=status,
+                        error=loggable(error),
+                        attempts=attempts,
+                    )
                 else:
                     delay = backoff_s(attempts, cfg.backoff_initial_s, cfg.backoff_max_s)
                     DELIVERIES.retry_later(
@@ -129,7 +173,7 @@ class Deliverer:
                         destination=name,
                         sop_instance_uid=sop_uid,
                         status=status,
-                        error=error,
+                        error=loggable(error),
                         attempt=attempts,
                         retry_in_s=delay,
                     )

@@ -30,6 +30,7 @@ from ddn_node.dicom.spool import Spool
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import Predictor
 from ddn_node.model.types import StudyPrediction
+from ddn_node.pipeline.notify import OutgoingMessage, StudySummary, messages_for
 from ddn_node.pipeline.routing import InstanceFacts, route_study
 from ddn_node.pipeline.triage import decide
 from ddn_node.store.engine import Database
@@ -259,8 +260,10 @@ class Worker:
             "total_ms": (t_results - t0) * 1000,
         }
         prediction.timings_ms = timings
+        now = utcnow()
+        messages = self._notifications(study_id, prediction, decision, now)
         committed = self._commit(
-            job_id, study_id, generation, rule, prediction, decision, objects, files, overlays, sources
+            job_id, study_id, generation, rule, prediction, decision, objects, files, overlays, sources, messages, now
         )
         if committed:
             log.info(
@@ -277,6 +280,48 @@ class Worker:
             )
             if self.on_results is not None:
                 self.on_results()
+
+    def _notifications(
+        self, study_id: int, prediction: StudyPrediction, decision, now  # type: ignore[no-untyped-def]
+    ) -> list[tuple[OutgoingMessage, str, str]]:
+        """Messages for the enabled adapters, durably on disk: (message, id, relpath)."""
+        adapters = self.settings.adapters
+        if not (adapters.hl7.enabled or adapters.fhir.enabled or adapters.webhook.enabled):
+            return []
+        with self.database.read() as session:
+            study = session.get(Study, study_id)
+            assert study is not None
+            summary = StudySummary(
+                study_uid=study.study_uid,
+                accession_number=study.accession_number,
+                patient_id=study.patient_id,
+                patient_name=study.patient_name,
+                patient_birth_date=study.patient_birth_date,
+                patient_sex=study.patient_sex,
+                study_date=study.study_date,
+                study_time=study.study_time,
+                modalities=study.modalities,
+                study_description=study.study_description,
+                priority=decision.priority.value,
+                priority_reason=decision.reason,
+                abnormality_score=prediction.abnormality_score,
+                findings=[
+                    (name, p, name in prediction.positive)
+                    for name, p in sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+                ],
+                model_name=prediction.algorithm.name,
+                model_version=prediction.algorithm.version,
+                is_demo=prediction.algorithm.is_demo,
+                analysed_at=now,
+            )
+        out = []
+        for message in messages_for(adapters, summary):
+            relpath = self.spool.result_relpath(
+                summary.study_uid, f"{message.kind}-{summary.notification_id}", suffix=".msg"
+            )
+            self.spool.write_bytes(relpath, message.payload)
+            out.append((message, summary.notification_id, relpath))
+        return out
 
     def _predecessor(self, study_id: int) -> SRReference | None:
         with self.database.read() as session:
@@ -332,8 +377,9 @@ class Worker:
         files: list[tuple[str, Dataset, str]],
         overlays: dict[tuple[str, str], str],
         sources: list[_Source],
+        messages: list[tuple[OutgoingMessage, str, str]],
+        now,  # type: ignore[no-untyped-def]
     ) -> bool:
-        now = utcnow()
         with self.database.session() as session:
             if not JOBS.finish(session, job_id, self.owner, JobState.DONE, finished_at=now, last_error=""):
                 log.warning("worker.lease_lost", job_id=job_id, study_id=study_id)
@@ -380,6 +426,19 @@ class Worker:
                             not_before=now,
                         )
                     )
+            for message, message_id, relpath in messages:
+                session.add(
+                    Delivery(
+                        study_id=study_id,
+                        result_id=result.id,
+                        destination=f"adapter:{message.kind}",
+                        kind=message.kind,
+                        sop_class_uid="",
+                        sop_instance_uid=message_id,
+                        path=relpath,
+                        not_before=now,
+                    )
+                )
             top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[:3]
             session.execute(
                 update(Study)

@@ -71,7 +71,9 @@ def _fit(model: type, values: dict[str, object]) -> dict[str, object]:
         if column is None:
             continue
         length = getattr(column.type, "length", None)
-        if isinstance(value, str) and length is not None and len(value) > length:
+        # Identifiers are never shortened (a cut UID names another object); the SCP has
+        # already refused UIDs longer than their columns.
+        if isinstance(value, str) and length is not None and len(value) > length and not key.endswith("uid"):
             value = value[:length]
         out[key] = value
     return out

@@ -37,6 +37,11 @@ NAMING = {
 }
 
 
+# PS3.5 9.1 limits UIDs to 64 characters, but real senders exceed it now and then; the
+# columns hold up to 128 so such instances are kept exactly, and the SCP refuses longer ones.
+UID_LEN = 128
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -92,7 +97,7 @@ class Study(Base):
     __tablename__ = "studies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     patient_name: Mapped[str] = mapped_column(String(324), default="")
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
@@ -144,7 +149,7 @@ class Series(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
-    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
     modality: Mapped[str] = mapped_column(String(16), default="")
     body_part: Mapped[str] = mapped_column(String(64), default="")
     series_number: Mapped[str] = mapped_column(String(12), default="")
@@ -160,9 +165,9 @@ class Instance(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LEN))
     instance_number: Mapped[str] = mapped_column(String(12), default="")
     view_position: Mapped[str] = mapped_column(String(16), default="")
     image_laterality: Mapped[str] = mapped_column(String(4), default="")
@@ -218,7 +223,7 @@ class Result(Base):
     abnormality_score: Mapped[float] = mapped_column(Float)
     priority: Mapped[str] = mapped_column(String(16))
     timings_ms: Mapped[dict[str, float]] = mapped_column(JSON)
-    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     images: Mapped[list[ImageResult]] = relationship(back_populates="result", cascade="all, delete")
@@ -248,8 +253,8 @@ class Delivery(Base):
     )
     destination: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))  # sr / pm / sc
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN))
     path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -278,7 +283,7 @@ class AuditEvent(Base):
     outcome: Mapped[str] = mapped_column(String(16), default="success")
     actor: Mapped[str] = mapped_column(String(128), default="")  # AE title or user name
     host: Mapped[str] = mapped_column(String(64), default="")
-    study_uid: Mapped[str] = mapped_column(String(64), default="")
+    study_uid: Mapped[str] = mapped_column(String(UID_LEN), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Set once the event went out to the audit repository (syslog), when one is configured.
     exported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

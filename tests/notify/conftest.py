@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from notify_support import BASE, HTTPReceiver, MLLPListener, Responder, SummaryFactory
+from support.notify import BASE, HTTPReceiver, MLLPListener, Responder, SummaryFactory
 
 from ddn_node.pipeline.notify import StudySummary
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import structlog
-from notify_support import HOSTILE_NAME, SummaryFactory, adapters
+from support.notify import HOSTILE_NAME, SummaryFactory, adapters
 from support.net import free_port
 
 from ddn_node.config import AdaptersSettings, Priority

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from notify_support import HTTPReceiver, SummaryFactory, adapters, task_problems
+from support.notify import HTTPReceiver, SummaryFactory, adapters, task_problems
 from support.net import free_port
 
 from ddn_node.config import AdaptersSettings

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from notify_support import (
+from support.notify import (
     BASE,
     HOSTILE_NAME,
     Segment,

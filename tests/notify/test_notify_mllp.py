@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from notify_support import (
+from support.notify import (
     FS,
     VT,
     MLLPListener,

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from notify_support import HOSTILE_NAME, HTTPReceiver, SummaryFactory, adapters
+from support.notify import HOSTILE_NAME, HTTPReceiver, SummaryFactory, adapters
 from support.net import free_port
 
 from ddn_node.config import AdaptersSettings

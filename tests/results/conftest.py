@@ -15,7 +15,15 @@ MODEL = REPO / "models" / "ddn-cxr"
 
 
 @pytest.fixture
-def model_dir() -> Path:
+def model_dir(tmp_path: Path) -> Path:
+    """A tiny artifact whose findings are all positive, so every result type is produced."""
+    from support.artifacts import make_test_artifact
+
+    return make_test_artifact(tmp_path / "model", threshold=0.0)
+
+
+@pytest.fixture
+def bundled_model() -> Path:
     if not (MODEL / "manifest.json").is_file():
         pytest.skip("the bundled model models/ddn-cxr is not there")
     return MODEL

@@ -69,8 +69,13 @@ def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir
         study_uids = {pydicom.dcmread(chest, stop_before_pixels=True).StudyInstanceUID}
         study_uids |= {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in sample.glob("*.dcm")}
         pacs.send_to_node(sorted({u["ParentStudy"] for u in uploaded}))
-        returned = {uid: wait_for(lambda u=uid: _results_in(pacs, u), 180, f"results of {uid} in Orthanc") for uid in study_uids}
-        db_rows = wait_for(lambda: all(d.state == "sent" for _, ds in _db_results(sqlite_url).values() for d in ds) and _db_results(sqlite_url), 60, "deliveries marked sent")
+        def all_sent() -> dict[str, tuple[Result, list[Delivery]]] | None:
+            rows = _db_results(sqlite_url)
+            done = len(rows) == len(study_uids) and all(r and ds and all(d.state == "sent" for d in ds) for r, ds in rows.values())
+            return rows if done else None
+
+        db_rows = wait_for(all_sent, 180, "every result delivered")
+        returned = {uid: pacs.instance_datasets(uid) for uid in study_uids}
 
     for study_uid, objects in returned.items():
         result, deliveries = db_rows[study_uid]
@@ -82,8 +87,11 @@ def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir
         content = read_sr(sr)
         assert content.priority == result.priority
         assert content.abnormality_score == pytest.approx(result.abnormality_score, abs=1e-4)
-        for finding in content.findings:
-            assert finding.probability == pytest.approx(result.probabilities[finding.label], abs=1e-4)
+        assert set(content.findings) == set(result.probabilities)
+        for label, finding in content.findings.items():
+            assert finding.probability == pytest.approx(result.probabilities[label], abs=1e-4)
+            assert finding.present == (label in result.positive)
+        assert content.not_for_diagnostic_use
         # References resolve to the source instances in the PACS.
         evidence = {ref.ReferencedSOPInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence for s in item.ReferencedSeriesSequence for ref in s.ReferencedSOPSequence}
         assert evidence and evidence <= sources
@@ -97,7 +105,7 @@ def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir
     # The lateral view of the PA + lateral study is stored but not scored.
     two_view = pydicom.dcmread(sample / "demo02_PA.dcm", stop_before_pixels=True).StudyInstanceUID
     sr = next(d for d in returned[two_view] if d.SOPClassUID == SR_CLASS)
-    scored = {uid for f in read_sr(sr).findings for uid in f.image_probabilities}
+    scored = {uid for f in read_sr(sr).findings.values() for uid in f.image_probabilities}
     pa_uid = pydicom.dcmread(sample / "demo02_PA.dcm", stop_before_pixels=True).SOPInstanceUID
     assert scored == {pa_uid}
 
@@ -126,10 +134,10 @@ def test_pacs_down_then_back(make_node, sqlite_url: str, pacs: Orthanc, model_di
 
         wait_for(retried, 180, "deliveries retrying while the PACS is down")
         pacs.start()
-        objects = wait_for(lambda: _results_in(pacs, study_uid), 120, "results after the PACS is back")
         _result, deliveries = wait_for(
-            lambda: (r := _db_results(sqlite_url)[study_uid]) and all(d.state == "sent" for d in r[1]) and r, 60, "all sent"
+            lambda: (r := _db_results(sqlite_url)[study_uid]) and all(d.state == "sent" for d in r[1]) and r, 120, "all sent"
         )
+        objects = pacs.instance_datasets(study_uid)
     ours = [d for d in objects if d.SOPInstanceUID != pydicom.dcmread(sample, stop_before_pixels=True).SOPInstanceUID]
     assert len(ours) == len(deliveries)  # each object once in the PACS
     assert len({d.SOPInstanceUID for d in ours}) == len(ours)
@@ -141,7 +149,7 @@ def test_late_instance_supersedes_the_sr(make_node, sqlite_url: str, pacs: Ortha
     first = repo_root / "sample_studies" / "demo04" / "demo04_PA.dcm"
     study = pydicom.dcmread(first)
     study_uid = str(study.StudyInstanceUID)
-    late = make_cr(study_uid, series_uid=f"{study.SeriesInstanceUID}.9", size=256, seed=3, view="AP")
+    late = make_cr(study_uid, size=256, seed=3, view="AP")
     late_path = tmp_path / "late.dcm"
     late_path.write_bytes(to_file_bytes(late))
     with node:

@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: d23abdb99078
+Revision ID: 27eb54df0369
 Revises: 
-Create Date: 2026-11-27 11:55:26.420518
+Create Date: 2026-11-27 12:02:05.748196
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from alembic import op
 
 import ddn_node.store.models
 
-revision = 'd23abdb99078'
+revision = '27eb54df0369'
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -27,7 +27,7 @@ def upgrade() -> None:
     sa.Column('outcome', sa.String(length=16), nullable=False),
     sa.Column('actor', sa.String(length=128), nullable=False),
     sa.Column('host', sa.String(length=64), nullable=False),
-    sa.Column('study_uid', sa.String(length=64), nullable=False),
+    sa.Column('study_uid', sa.String(length=128), nullable=False),
     sa.Column('detail', sa.JSON(), nullable=False),
     sa.Column('exported_at', ddn_node.store.models.UTCDateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_events'))
@@ -39,7 +39,7 @@ def upgrade() -> None:
 
     op.create_table('studies',
     sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('study_uid', sa.String(length=64), nullable=False),
+    sa.Column('study_uid', sa.String(length=128), nullable=False),
     sa.Column('patient_id', sa.String(length=64), nullable=False),
     sa.Column('patient_name', sa.String(length=324), nullable=False),
     sa.Column('patient_birth_date', sa.String(length=8), nullable=False),
@@ -104,7 +104,7 @@ def upgrade() -> None:
     op.create_table('series',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('study_id', sa.Integer(), nullable=False),
-    sa.Column('series_uid', sa.String(length=64), nullable=False),
+    sa.Column('series_uid', sa.String(length=128), nullable=False),
     sa.Column('modality', sa.String(length=16), nullable=False),
     sa.Column('body_part', sa.String(length=64), nullable=False),
     sa.Column('series_number', sa.String(length=12), nullable=False),
@@ -133,9 +133,9 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('series_id', sa.Integer(), nullable=False),
     sa.Column('study_id', sa.Integer(), nullable=False),
-    sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
-    sa.Column('sop_class_uid', sa.String(length=64), nullable=False),
-    sa.Column('transfer_syntax_uid', sa.String(length=64), nullable=False),
+    sa.Column('sop_instance_uid', sa.String(length=128), nullable=False),
+    sa.Column('sop_class_uid', sa.String(length=128), nullable=False),
+    sa.Column('transfer_syntax_uid', sa.String(length=128), nullable=False),
     sa.Column('instance_number', sa.String(length=12), nullable=False),
     sa.Column('view_position', sa.String(length=16), nullable=False),
     sa.Column('image_laterality', sa.String(length=4), nullable=False),
@@ -169,7 +169,7 @@ def upgrade() -> None:
     sa.Column('abnormality_score', sa.Float(), nullable=False),
     sa.Column('priority', sa.String(length=16), nullable=False),
     sa.Column('timings_ms', sa.JSON(), nullable=False),
-    sa.Column('sr_sop_instance_uid', sa.String(length=64), nullable=True),
+    sa.Column('sr_sop_instance_uid', sa.String(length=128), nullable=True),
     sa.Column('created_at', ddn_node.store.models.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_results_job_id_jobs'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_results_study_id_studies'), ondelete='CASCADE'),
@@ -185,8 +185,8 @@ def upgrade() -> None:
     sa.Column('result_id', sa.Integer(), nullable=True),
     sa.Column('destination', sa.String(length=64), nullable=False),
     sa.Column('kind', sa.String(length=16), nullable=False),
-    sa.Column('sop_class_uid', sa.String(length=64), nullable=False),
-    sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
+    sa.Column('sop_class_uid', sa.String(length=128), nullable=False),
+    sa.Column('sop_instance_uid', sa.String(length=128), nullable=False),
     sa.Column('path', sa.Text(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
