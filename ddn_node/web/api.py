@@ -29,6 +29,7 @@ from ddn_node.pipeline.worklist import (
     WorklistRow,
     fetch_row,
     get_worklist,
+    page_json,
     set_priority_override,
     set_read_status,
 )
@@ -96,8 +97,8 @@ def api_worklist(
         offset=offset,
     )
     page = get_worklist(request.app.state.database, query)
-    # Serialised once by pydantic-core; returning the model would validate it again.
-    return Response(page.model_dump_json(), media_type="application/json")
+    # Serialised once by pydantic-core; returning the page would make FastAPI validate it again.
+    return Response(page_json(page), media_type="application/json")
 
 
 @router.get("/studies/{study_uid}", response_model=StudyDetail, summary="One study: findings, images, deliveries, history")

@@ -11,7 +11,6 @@ Form posts carry the session's CSRF token (hidden field, or ``X-CSRF-Token`` fro
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlparse
@@ -27,10 +26,12 @@ from ddn_node.pipeline.worklist import (
     MAX_LIMIT,
     OVERRIDABLE,
     ReadStatus,
-    WorklistPage,
+    ROW_JSON,
     WorklistQuery,
     fetch_row,
     get_worklist,
+    page_etag,
+    page_json,
     set_priority_override,
     set_read_status,
 )
@@ -164,13 +165,6 @@ def query_params(query: WorklistQuery, **changes: Any) -> str:
     return urlencode(out)
 
 
-def _etag(page: WorklistPage) -> str:
-    # Waiting times and the generation time change every second; the list has changed
-    # only when something else did.
-    stable = page.model_dump_json(exclude={"generated_at": True, "rows": {"__all__": {"waiting_s"}}})
-    return '"' + hashlib.sha256(stable.encode()).hexdigest()[:32] + '"'
-
-
 async def csrf_protect(request: Request) -> Principal:
     """Refuse a state-changing form post without this session's CSRF token (403)."""
     principal: Principal = request.state.principal
@@ -293,7 +287,6 @@ def worklist_page(request: Request) -> HTMLResponse:
         order_links={o: "/?" + query_params(query, order=o, offset=0) for o in ("priority", "arrival")},
         prev_url=None if prev_qs is None else "/?" + prev_qs,
         next_url=None if next_qs is None else "/?" + next_qs,
-        etag=_etag(page),
     )
 
 
@@ -301,10 +294,10 @@ def worklist_page(request: Request) -> HTMLResponse:
 def worklist_feed(request: Request) -> Response:
     """The page's live feed: the same rows as JSON; 304 while nothing changed."""
     page = get_worklist(request.app.state.database, ui_query(request.query_params))
-    etag = _etag(page)
+    etag = page_etag(page)
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"etag": etag})
-    return Response(page.model_dump_json(), media_type="application/json", headers={"etag": etag})
+    return Response(page_json(page), media_type="application/json", headers={"etag": etag})
 
 
 # -- one study ------------------------------------------------------------------------------
@@ -330,7 +323,7 @@ def _after_change(request: Request, study_uid: str, changed: bool, next_url: str
     if request.headers.get("x-requested-with") == "fetch":
         with request.app.state.database.read() as session:
             row = fetch_row(session, study_uid)
-        return JSONResponse({"changed": changed, "study": None if row is None else row.model_dump(mode="json")})
+        return JSONResponse({"changed": changed, "study": None if row is None else ROW_JSON.dump_python(row, mode="json")})
     return RedirectResponse(safe_next(next_url, study_path(study_uid)), status_code=303)
 
 
