@@ -135,8 +135,14 @@ def _select(table: LabelTable, cfg: EvalConfig) -> tuple[LabelTable, dict[str, A
     return table.subset(keep), info
 
 
-def _load(table: LabelTable) -> list[np.ndarray]:
-    return [load_image_file(p) for p in table.paths]
+def _predict(predictor: Predictor, table: LabelTable, head: str, labels: list[str], batch: int) -> np.ndarray:
+    """Probabilities (N, L), images decoded one batch at a time."""
+    out = []
+    for s in range(0, len(table), batch):
+        imgs = [load_image_file(p) for p in table.paths[s : s + batch]]
+        preds = predictor.predict(imgs, head=head, heatmaps=False)
+        out.extend([[pr.probabilities[lab] for lab in labels] for pr in preds])
+    return np.asarray(out, dtype=np.float64).reshape(len(table), len(labels))
 
 
 def _aligned_targets(table: LabelTable, labels: list[str]) -> np.ndarray:
@@ -146,12 +152,21 @@ def _aligned_targets(table: LabelTable, labels: list[str]) -> np.ndarray:
     return table.targets[:, [table.labels.index(lab) for lab in labels]]
 
 
+def _thumbnail(a: np.ndarray, box: Box, side: int = 256) -> tuple[np.ndarray, Box]:
+    """A copy no larger than ``side`` px (for report figures) and the box in its pixels."""
+    h, w = a.shape
+    f = min(1.0, side / max(h, w))
+    if f >= 1.0:
+        return a.copy(), box
+    t = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(a))[None, None], scale_factor=f, mode="area")[0, 0].numpy()
+    return t, Box(box.x * f, box.y * f, box.w * f, box.h * f)
+
+
 def _localisation(
     predictor: Predictor,
     head: str,
     labels: list[str],
     table: LabelTable,
-    images: list[np.ndarray],
     boxes: list[BoxRow],
     cfg: EvalConfig,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -172,6 +187,8 @@ def _localisation(
     order = sorted(per_image)
     for s in range(0, len(order), cfg.batch_size):
         idx = order[s : s + cfg.batch_size]
+        # Decoded per batch: a folder of full-size DICOM radiographs does not fit in memory.
+        images = {i: load_image_file(table.paths[i]) for i in idx}
         x, geoms = prepare_batch([images[i] for i in idx], spec)
         x = x.to(predictor.device)
         with torch.inference_mode():
@@ -206,8 +223,10 @@ def _localisation(
                 r_ious.append(float(np.mean(ri)))
                 r_iobbs.append(float(np.mean(rb)))
                 c_hits.append(pointing_hit(_centre_map(shape), box))
+                thumb, tbox = _thumbnail(images[i], box)
+                small_hm, _ = _thumbnail(hm, box)
                 examples.append(
-                    {"i": i, "label": r.label, "prob": float(probs[b, k]), "hit": hit, "iou": iou, "box": box, "heatmap": hm}
+                    {"i": i, "label": r.label, "prob": float(probs[b, k]), "hit": hit, "iou": iou, "box": tbox, "heatmap": small_hm, "image": thumb}
                 )
     summary = localisation_summary(hits, ious, iobbs)
     rand = localisation_summary([bool(h) for h in r_hits], r_ious, r_iobbs)
@@ -247,14 +266,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     table = read_label_csv(cfg.images, cfg.labels)
     table, selection = _select(table, cfg)
     y = _aligned_targets(table, labels)
-    images = _load(table)
     predictor = Predictor(art, device=cfg.device, batch_size=cfg.batch_size)
-    preds = predictor.predict(images, head=head, heatmaps=False)
-    p = np.array([[pr.probabilities[lab] for lab in labels] for pr in preds], dtype=np.float64)
+    p = _predict(predictor, table, head, labels, cfg.batch_size)
     thresholds = [spec.threshold for spec in info.labels]
     boot = BootstrapSpec(cfg.n_boot, cfg.seed)
     report = classification_report(y, p, labels, thresholds, table.patients, boot)
-    scores = np.array([abnormality_score(art, head, pr.probabilities) for pr in preds])
+    scores = np.array([abnormality_score(art, head, dict(zip(labels, row, strict=True))) for row in p.tolist()])
     abnormal = ~table.normal
     abn = binary_auc_with_ci(abnormal.astype(float), scores, table.patients, boot)
     abn.update(
@@ -266,7 +283,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     loc: dict[str, Any] = {"pointing_game": None, "random_pointing_game": None, "n_boxes": 0, "note": "no --bboxes given"}
     examples: list[dict[str, Any]] = []
     if cfg.bboxes is not None:
-        loc, examples = _localisation(predictor, head, labels, table, images, read_bboxes(cfg.bboxes), cfg)
+        loc, examples = _localisation(predictor, head, labels, table, read_bboxes(cfg.bboxes), cfg)
     metrics: dict[str, Any] = {
         "model": {"name": art.name, "version": art.version, "weights_sha256": art.weights_sha256, "head": head},
         "data": {"images": str(cfg.images), "labels": str(cfg.labels), "bboxes": str(cfg.bboxes) if cfg.bboxes else None, "selection": selection},
@@ -287,7 +304,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     from ddn_node.training.report import write_report
 
-    write_report(cfg.out, metrics, labels, y, p, scores, abnormal, table, images, examples, cfg.n_examples)
+    write_report(cfg.out, metrics, labels, y, p, scores, abnormal, table, examples, cfg.n_examples)
     if cfg.record_in_manifest:
         _record(art, metrics, cfg)
     log.info(

@@ -82,7 +82,7 @@ def _calibration_png(path: Path, y: np.ndarray, p: np.ndarray, bins: int = 10) -
     return table
 
 
-def _example_pngs(out: Path, images: Sequence[np.ndarray], table: LabelTable, examples: list[dict[str, Any]], n: int) -> list[tuple[str, str]]:
+def _example_pngs(out: Path, table: LabelTable, examples: list[dict[str, Any]], n: int) -> list[tuple[str, str]]:
     """The n boxed findings the model rated most likely, then the n least: heat map + boxes."""
     if not examples:
         return []
@@ -94,7 +94,7 @@ def _example_pngs(out: Path, images: Sequence[np.ndarray], table: LabelTable, ex
     from ddn_node.training.metrics import peak, predicted_box
 
     for e in chosen:
-        img = images[e["i"]]
+        img = e["image"]
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)
         ax.imshow(e["heatmap"], cmap="jet", alpha=0.35, vmin=0, vmax=1)
@@ -124,14 +124,13 @@ def write_report(
     scores: np.ndarray,
     abnormal: np.ndarray,
     table: LabelTable,
-    images: Sequence[np.ndarray],
     examples: list[dict[str, Any]],
     n_examples: int,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _roc_png(out / "roc_curves.png", labels, y, p, metrics["per_label"], (abnormal.astype(float), scores, metrics["abnormality"]["auc"]))
     calib = _calibration_png(out / "calibration.png", y, p)
-    ex = _example_pngs(out, images, table, examples, n_examples)
+    ex = _example_pngs(out, table, examples, n_examples)
     m, a, loc = metrics["macro"], metrics["abnormality"], metrics["localization"]
     lines = [
         f"# Evaluation of {metrics['model']['name']} ({metrics['model']['version']}), head `{metrics['model']['head']}`",
