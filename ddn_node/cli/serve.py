@@ -69,6 +69,8 @@ class Node:
     ports: list[int] = field(default_factory=list)
     stoppers: list[Callable[[], Any]] = field(default_factory=list)
     shutdown_requested: threading.Event = field(default_factory=threading.Event)
+    worker_ready: threading.Event = field(default_factory=threading.Event)
+    failure: str | None = None
     _stopped: bool = False
 
     def stop(self) -> None:
@@ -104,9 +106,9 @@ def start_node(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
             node.ports = node.scp.start()
             node.stoppers.append(node.scp.stop)
         if "worker" in roles:
-            from ddn_node.pipeline.runtime import start_worker_parts
-
-            node.stoppers.extend(start_worker_parts(settings, database, spool, scheduler, worker_id()))
+            # torch and the model take seconds to load: the SCP already accepts meanwhile
+            # (after a restart, the PACS is not kept waiting), and the queue holds the work.
+            threading.Thread(target=_start_worker, args=(node,), name="worker-start", daemon=True).start()
         scheduler.start()
         node.stoppers.append(scheduler.stop)
         if "web" in roles:
@@ -118,6 +120,24 @@ def start_node(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
         raise
     log.info("serve.started", roles=sorted(roles), ports=node.ports)
     return node
+
+
+def _start_worker(node: Node) -> None:
+    try:
+        from ddn_node.pipeline.runtime import start_worker_parts
+
+        stoppers = start_worker_parts(node.settings, node.database, node.spool, node.scheduler, worker_id())
+        if node._stopped:  # stopped while the model was loading
+            for stop in stoppers:
+                stop()
+            return
+        node.stoppers.extend(stoppers)
+        node.worker_ready.set()
+        log.info("serve.worker_ready")
+    except Exception as exc:  # noqa: BLE001 - reported, and the process exits non-zero
+        node.failure = f"the worker could not start: {exc}"
+        log.error("serve.worker_failed", error=str(exc))
+        node.shutdown_requested.set()
 
 
 def serve_forever(settings: Settings, roles: frozenset[str]) -> None:
@@ -133,3 +153,5 @@ def serve_forever(settings: Settings, roles: frozenset[str]) -> None:
     while not node.shutdown_requested.wait(1.0):
         pass
     node.stop()
+    if node.failure:
+        raise StartupError(node.failure)
