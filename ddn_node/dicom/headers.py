@@ -7,13 +7,14 @@ the pixel data, so a 500 MB instance costs the same as a 5 KB one.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import Tag
 
 INDEXED_TAGS = [
@@ -46,6 +47,26 @@ INDEXED_TAGS = [
         "Columns",
     )
 ]
+
+
+# What pydicom raises on malformed input. BytesLengthException (a value whose length does
+# not fit its VR) derives from Exception only, and RecursionError comes from sequences
+# nested deeper than the interpreter's stack (undefined-length items never closed): both
+# are the sender's fault, not ours, so both mean "cannot be parsed" (0xC000).
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    struct.error,
+    ValueError,
+    TypeError,
+    KeyError,
+    OSError,
+    BytesLengthException,
+    RecursionError,
+    zlib.error,
+)
+# Errors of converting one raw value (lazily, on first access): index what we can.
+_VALUE_ERRORS = (ValueError, TypeError, LookupError, BytesLengthException, struct.error)
 
 
 class HeaderError(ValueError):
@@ -86,15 +107,18 @@ def _as_text(value: Any) -> Any:
 def header_from_dataset(ds: Dataset) -> Header:
     values: dict[str, Any] = {}
     for tag in INDEXED_TAGS:
-        elem = ds.get(tag)
-        if elem is None:
-            continue
+        keyword = pydicom.datadict.keyword_for_tag(tag)
         try:
-            values[elem.keyword] = _as_text(elem.value)
-        except (ValueError, TypeError, LookupError) as exc:
+            # pydicom converts a raw value on first access (ds.get), so a value whose
+            # length or bytes do not fit its VR raises here, not in dcmread.
+            elem = ds.get(tag)
+            if elem is None:
+                continue
+            values[keyword] = _as_text(elem.value)
+        except _VALUE_ERRORS as exc:
             # A value in a wrong VR or an unknown character set: index what we can.
-            values[elem.keyword] = ""
-            values.setdefault("_warnings", []).append(f"{elem.keyword}: {exc}")
+            values[keyword] = ""
+            values.setdefault("_warnings", []).append(f"{keyword}: {exc}")
     return Header(values)
 
 
@@ -104,7 +128,7 @@ def read_header(path: Path) -> Header:
         ds = pydicom.dcmread(
             path, stop_before_pixels=True, specific_tags=INDEXED_TAGS, force=True, defer_size=4096
         )
-    except (InvalidDicomError, EOFError, struct.error, ValueError, TypeError, KeyError, OSError) as exc:
+    except _PARSE_ERRORS as exc:
         raise HeaderError(f"unparseable dataset: {type(exc).__name__}: {exc}") from exc
     return header_from_dataset(ds)
 
