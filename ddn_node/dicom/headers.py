@@ -6,6 +6,7 @@ the pixel data, so a 500 MB instance costs the same as a 5 KB one.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 INDEXED_TAGS = [
     Tag(k)
@@ -122,12 +124,59 @@ def header_from_dataset(ds: Dataset) -> Header:
     return Header(values)
 
 
+# The most of a deflated data set that is inflated to find the indexed attributes. They
+# sit in groups 0008-0028, before anything large (sequences of group 0040, pixel data),
+# so a few MiB is plenty; the cap keeps a "zip bomb" (deflate reaches ~1000:1, so 1 MB on
+# the wire could be 1 GB in memory) from costing the DIMSE thread more than this.
+DEFLATED_HEADER_LIMIT = 16 << 20
+_LAST_INDEXED = max(INDEXED_TAGS)
+
+
+def _is_deflated(path: Path) -> bool:
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except _PARSE_ERRORS:
+        return False  # no (readable) file meta: dcmread below decides what it is
+    return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+
+
+def _inflate_prefix(path: Path, offset: int, limit: int) -> bytes:
+    """At most ``limit`` bytes of the deflated data set that starts at ``offset``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while len(out) < limit and not inflater.eof:
+            chunk = inflater.unconsumed_tail or handle.read(1 << 16)
+            if not chunk:
+                break
+            out += inflater.decompress(chunk, limit - len(out))
+    return bytes(out)
+
+
+def _read_deflated(path: Path) -> Dataset:
+    """pydicom inflates a whole deflated data set in memory before parsing it; this
+    inflates only a bounded prefix and parses the indexed attributes out of it."""
+    body = _inflate_prefix(path, dataset_offset(path), DEFLATED_HEADER_LIMIT)
+    return pydicom.filereader.read_dataset(
+        io.BytesIO(body),
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=lambda tag, _vr, _length: tag > _LAST_INDEXED,
+        defer_size=4096,
+        specific_tags=INDEXED_TAGS,
+    )
+
+
 def read_header(path: Path) -> Header:
     """Parse the indexed attributes of a DICOM Part 10 file."""
     try:
-        ds = pydicom.dcmread(
-            path, stop_before_pixels=True, specific_tags=INDEXED_TAGS, force=True, defer_size=4096
-        )
+        if _is_deflated(path):
+            ds = _read_deflated(path)
+        else:
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=INDEXED_TAGS, force=True, defer_size=4096
+            )
     except _PARSE_ERRORS as exc:
         raise HeaderError(f"unparseable dataset: {type(exc).__name__}: {exc}") from exc
     return header_from_dataset(ds)
