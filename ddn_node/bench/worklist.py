@@ -225,9 +225,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), to tell the server's own cost
+    from the waiting a shared, busy machine adds to wall-clock latency."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    base: str
+    pid: int
+
+
 @contextmanager
-def web_server(db_url: str, tmp: Path) -> Iterator[str]:
-    """``ddn-node serve --role web`` on a free port; yields its base URL."""
+def web_server(db_url: str, tmp: Path) -> Iterator[Server]:
+    """``ddn-node serve --role web`` on a free port."""
     from argon2 import PasswordHasher
 
     port = _free_port()
@@ -276,7 +292,7 @@ sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
             if time.monotonic() > deadline:
                 raise RuntimeError("web server did not answer /healthz within 60 s")
             time.sleep(0.1)
-        yield base
+        yield Server(base, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -314,8 +330,13 @@ class Figure:
     view: str
     p50_ms: list[float] = field(default_factory=list)
     p95_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
     rows: int = 0
     bytes: int = 0
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpu_ms)
 
     @property
     def p50(self) -> float:
@@ -326,10 +347,10 @@ class Figure:
         return statistics.median(self.p95_ms)
 
 
-def measure(base: str, backend: str, n: int, rounds: int, requests: int) -> list[Figure]:
+def measure(server: Server, backend: str, n: int, rounds: int, requests: int) -> list[Figure]:
     figures = {name: Figure(backend, n, name) for name, _ in VIEWS}
-    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-    browser = httpx.Client(base_url=base, timeout=30, follow_redirects=False)
+    api = httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    browser = httpx.Client(base_url=server.base, timeout=30, follow_redirects=False)
     try:
         login(browser)
         for name, path in VIEWS:  # warm caches and connections, not timed
@@ -338,6 +359,7 @@ def measure(base: str, backend: str, n: int, rounds: int, requests: int) -> list
             for name, path in VIEWS:
                 client = browser if not path.startswith("/api") else api
                 times = []
+                cpu0 = process_cpu_s(server.pid)
                 for _ in range(requests):
                     t0 = time.perf_counter()
                     response = client.get(path)
@@ -345,6 +367,7 @@ def measure(base: str, backend: str, n: int, rounds: int, requests: int) -> list
                     if response.status_code != 200:
                         raise RuntimeError(f"{path}: HTTP {response.status_code}")
                 fig = figures[name]
+                fig.cpu_ms.append((process_cpu_s(server.pid) - cpu0) * 1000 / requests)
                 fig.p50_ms.append(_percentile(times, 0.5))
                 fig.p95_ms.append(_percentile(times, 0.95))
                 fig.bytes = len(response.content)
@@ -389,12 +412,12 @@ def run(
                     )
                 finally:
                     database.dispose()
-                with web_server(url, tmp) as base:
-                    got = measure(base, backend, n_studies, rounds, requests)
+                with web_server(url, tmp) as server:
+                    got = measure(server, backend, n_studies, rounds, requests)
                 for fig in got:
                     print(
                         f"[{backend}] {n_studies:>7} studies  {fig.view:<36} p50 {fig.p50:6.1f} ms  "
-                        f"p95 {fig.p95:6.1f} ms  ({fig.rows or '-'} rows, {fig.bytes // 1024} KiB)",
+                        f"p95 {fig.p95:6.1f} ms  server CPU {fig.cpu:5.1f} ms/req  ({fig.rows or '-'} rows, {fig.bytes // 1024} KiB)",
                         file=out,
                         flush=True,
                     )

@@ -38,7 +38,7 @@ from ddn_node.web.auth import SESSION_COOKIE, Auth, Principal
 from ddn_node.web.images import ImageCache
 from ddn_node.web.metrics import WebMetrics
 from ddn_node.web.study import ManifestThresholds
-from ddn_node.web.views import make_templates
+from ddn_node.web.views import RowRenderer, make_templates
 
 log = structlog.get_logger("ddn_node.web")
 
@@ -205,6 +205,7 @@ def create_app(settings: Settings, database: Database, spool: Spool) -> FastAPI:
     app.state.images = ImageCache()
     app.state.thresholds = ManifestThresholds(settings.routing)
     app.state.templates = make_templates(asset_version=_asset_version(), demo=settings.demo)
+    app.state.rows = RowRenderer(app.state.templates)
 
     app.include_router(api.router)
     app.include_router(views.router)

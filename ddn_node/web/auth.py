@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
@@ -95,9 +95,8 @@ class Auth:
         self.login_limiter = RateLimiter(web.login_rate_per_minute)
         self._revoked: dict[str, float] = {}  # session id -> when it would have expired
         self._revoked_lock = threading.Lock()
-        # Verifying against this for unknown users makes "no such user" cost the same time
-        # as "wrong password", so response times do not reveal user names.
-        self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
+        self._dummy_hash: str | None = None
+        self._dummy_lock = threading.Lock()
 
     # -- API tokens ------------------------------------------------------------------
 
@@ -118,10 +117,25 @@ class Auth:
 
     # -- passwords ---------------------------------------------------------------------
 
+    def _dummy(self) -> str:
+        """A hash to verify against for unknown users, so that "no such user" costs the
+        same time as "wrong password" and response times do not reveal user names. Made
+        with the first user's argon2 parameters, on first need (hashing is slow)."""
+        with self._dummy_lock:
+            if self._dummy_hash is None:
+                hasher = self.hasher
+                if self.web.users:
+                    try:
+                        hasher = PasswordHasher.from_parameters(extract_parameters(self.web.users[0].password_hash))
+                    except InvalidHashError:
+                        pass  # the default parameters then
+                self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
+            return self._dummy_hash
+
     def verify_password(self, user: str, password: str) -> Principal | None:
         """argon2 verification (slow by design: call it from a worker thread)."""
         settings = self.users.get(user)
-        stored = settings.password_hash if settings is not None else self._dummy_hash
+        stored = settings.password_hash if settings is not None else self._dummy()
         try:
             self.hasher.verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):

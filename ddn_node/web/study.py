@@ -260,7 +260,7 @@ def fetch_detail(session: Session, study_uid: str, thresholds: ManifestThreshold
         for d in session.execute(
             select(Delivery)
             .where(Delivery.study_id == study.id)
-            .order_by(Delivery.created_at.desc(), Delivery.id)
+            .order_by(Delivery.result_id.desc(), Delivery.id)  # newest analysis first
             .limit(200)
         ).scalars()
     ]

@@ -11,11 +11,14 @@ Form posts carry the session's CSRF token (hidden field, or ``X-CSRF-Token`` fro
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlparse
 
 import jinja2
+from markupsafe import Markup
 import structlog
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -28,6 +31,7 @@ from ddn_node.pipeline.worklist import (
     ReadStatus,
     ROW_JSON,
     WorklistQuery,
+    WorklistRow,
     fetch_row,
     get_worklist,
     page_etag,
@@ -102,6 +106,41 @@ def make_templates(*, asset_version: str, demo: bool) -> jinja2.Environment:
     env.globals["demo"] = demo
     env.globals["study_path"] = study_path
     return env
+
+
+class RowRenderer:
+    """Worklist rows as HTML, each rendered once per distinct content.
+
+    Rendering 200 autoescaped rows costs more than the query behind them, and most rows
+    are unchanged from one page view to the next. The cache key is the row's full JSON
+    (so a changed row is a new key, never a stale one) plus its "waiting" text, which
+    changes once a minute. Bounded LRU, safe across the server's worker threads.
+    """
+
+    def __init__(self, env: jinja2.Environment, max_rows: int = 2000):
+        self._macro = env.get_template("_row.html").module.row  # type: ignore[attr-defined]
+        self._cache: OrderedDict[bytes, str] = OrderedDict()
+        self._max = max_rows
+        self._lock = threading.Lock()
+
+    def render(self, rows: list[WorklistRow]) -> Markup:
+        parts = []
+        for row in rows:
+            waiting = format_duration(row.waiting_s)
+            key = ROW_JSON.dump_json(row, exclude={"waiting_s"}) + waiting.encode()
+            with self._lock:
+                html = self._cache.get(key)
+                if html is not None:
+                    self._cache.move_to_end(key)
+            if html is None:
+                html = str(self._macro(row, waiting))
+                with self._lock:
+                    self._cache[key] = html
+                    while len(self._cache) > self._max:
+                        self._cache.popitem(last=False)
+            parts.append(html)
+        # Each part came out of the autoescaping template: safe to join as markup.
+        return Markup("".join(parts))
 
 
 def _render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -278,6 +317,7 @@ def worklist_page(request: Request) -> HTMLResponse:
         request,
         "worklist.html",
         page=page,
+        rows_html=request.app.state.rows.render(page.rows),
         query=query,
         here=here,
         poll_ms=POLL_MS,

@@ -10,7 +10,6 @@
   const tbody = document.getElementById("rows");
   const feed = table.dataset.feed;
   const pollMs = parseInt(table.dataset.pollMs, 10) || 3000;
-  const here = table.dataset.here;
   const csrfMeta = document.querySelector('meta[name="csrf-token"]');
   const csrf = csrfMeta ? csrfMeta.content : "";
   const liveStatus = document.getElementById("live-status");
@@ -56,14 +55,6 @@
 
   function studyPath(uid) {
     return "/studies/" + encodeURIComponent(uid);
-  }
-
-  function hidden(name, value) {
-    const input = el("input");
-    input.type = "hidden";
-    input.name = name;
-    input.value = value;
-    return input;
   }
 
   function buildRow(r, openWhy) {
@@ -130,15 +121,14 @@
     tr.append(status);
 
     const actions = el("td", "c-actions");
-    const form = el("form", "row-action");
-    form.method = "post";
-    form.action = studyPath(r.study_uid) + "/status";
     const read = r.read_status === "read";
-    form.append(hidden("csrf_token", csrf), hidden("next", here), hidden("status", read ? "unread" : "read"));
     const button = el("button", null, read ? "Mark unread" : "Mark read");
     button.type = "submit";
-    form.append(button);
-    actions.append(form);
+    button.setAttribute("form", "row-action");
+    button.formAction = studyPath(r.study_uid) + "/status";
+    button.name = "status";
+    button.value = read ? "unread" : "read";
+    actions.append(button);
     tr.append(actions);
     return tr;
   }
@@ -227,36 +217,37 @@
     schedule(document.hidden ? pollMs * 5 : pollMs);
   }
 
-  tbody.addEventListener("submit", async (event) => {
-    const form = event.target;
-    if (!(form instanceof HTMLFormElement) || !form.classList.contains("row-action")) {
-      return;
-    }
-    event.preventDefault();
-    const button = form.querySelector("button");
-    if (button) {
-      button.disabled = true;
-    }
-    try {
-      const response = await fetch(form.action, {
-        method: "POST",
-        body: new URLSearchParams(new FormData(form)),
-        headers: { "X-CSRF-Token": csrf, "X-Requested-With": "fetch" },
-        credentials: "same-origin",
-      });
-      if (!response.ok) {
-        throw new Error("HTTP " + response.status);
+  // Row buttons submit the shared form #row-action (CSRF token) to their study's URL.
+  const actionForm = document.getElementById("row-action");
+  if (actionForm) {
+    actionForm.addEventListener("submit", async (event) => {
+      const button = event.submitter;
+      if (!(button instanceof HTMLButtonElement)) {
+        return;
       }
-      etag = null;
-      clearTimeout(timer);
-      await poll();
-    } catch (err) {
-      setLive("could not change the study: " + err.message);
-      if (button) {
+      event.preventDefault();
+      const data = new URLSearchParams(new FormData(actionForm));
+      data.set(button.name, button.value);
+      button.disabled = true;
+      try {
+        const response = await fetch(button.formAction, {
+          method: "POST",
+          body: data,
+          headers: { "X-CSRF-Token": csrf, "X-Requested-With": "fetch" },
+          credentials: "same-origin",
+        });
+        if (!response.ok) {
+          throw new Error("HTTP " + response.status);
+        }
+        etag = null;
+        clearTimeout(timer);
+        await poll();
+      } catch (err) {
+        setLive("could not change the study: " + err.message);
         button.disabled = false;
       }
-    }
-  });
+    });
+  }
 
   const filters = document.getElementById("filters");
   if (filters) {
