@@ -103,13 +103,19 @@ NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBig
 #   JPEG-LS lossless:   pyjpegls 71, gdcm 102, pylibjpeg 304
 #   JPEG lossless SV1:  gdcm 75, pylibjpeg 151
 #   RLE:                pylibjpeg 10, pydicom 40
-# gdcm refuses 12-bit JPEG Extended, which libjpeg decodes, hence libjpeg first for the
-# lossy JPEG processes. Plugins that are not installed are skipped; the next ones are
-# tried when one refuses a file.
-_J2K = ("gdcm", "pylibjpeg", "pillow")
-_JLS = ("pyjpegls", "gdcm", "pylibjpeg")
-_JPEG_LOSSY = ("pylibjpeg", "gdcm", "pillow")
-_JPEG_LOSSLESS = ("gdcm", "pylibjpeg")
+# gdcm is fastest for two of them but is never used: on a corrupt codestream, or a header
+# that disagrees with it (Samples per Pixel, Bits Allocated, Rows...), python-gdcm lets a
+# C++ exception escape and the whole process aborts (std::terminate). Fuzzing found this
+# for JPEG baseline, JPEG-LS and JPEG 2000, so one hostile file could kill the node; a
+# slower decode is the price. pylibjpeg, pyjpegls and Pillow raise Python exceptions.
+# libjpeg decodes 12-bit JPEG Extended, hence libjpeg first for the lossy JPEG processes.
+# Plugins that are not installed are skipped; the next ones are tried when one refuses a
+# file.
+UNSAFE_PLUGINS = frozenset({"gdcm"})
+_J2K = ("pylibjpeg", "pillow")
+_JLS = ("pyjpegls", "pylibjpeg")
+_JPEG_LOSSY = ("pylibjpeg", "pillow")
+_JPEG_LOSSLESS = ("pylibjpeg",)
 DECODER_PREFERENCE: dict[str, tuple[str, ...]] = {
     JPEG2000: _J2K,
     JPEG2000Lossless: _J2K,
@@ -128,12 +134,13 @@ _CODESTREAM_SYNTAXES = {u for u in DECODER_PREFERENCE if u != RLELossless}
 
 
 def decoder_plugins(uid: str) -> list[str]:
-    """Installed decoding plugins for a transfer syntax, in the order they are tried."""
+    """Installed decoding plugins for a transfer syntax, in the order they are tried
+    (never one of :data:`UNSAFE_PLUGINS`)."""
     try:
         decoder = get_decoder(UID(uid))
     except NotImplementedError:
         return []
-    available = list(decoder.available_plugins)
+    available = [p for p in decoder.available_plugins if p not in UNSAFE_PLUGINS]
     preferred = [p for p in DECODER_PREFERENCE.get(uid, ()) if p in available]
     return preferred + [p for p in available if p not in preferred]
 
