@@ -44,7 +44,7 @@ from ddn_node.dicom.syntaxes import (
 )
 from ddn_node.store.audit import AuditEventName, add_audit, audit
 from ddn_node.store.engine import Database
-from ddn_node.store.ingest import IngestOutcome, InstanceRecord, record_instance
+from ddn_node.store.ingest import IngestOutcome, InstanceRecord, KnownSeries, record_instance
 from ddn_node.store.models import UID_LEN
 
 log = structlog.get_logger("ddn_node.scp")
@@ -142,6 +142,7 @@ class StorageSCP:
         self._threads: list[threading.Thread] = []
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
+        self._known = KnownSeries()
         self.ae = self._make_ae()
 
     # -- set-up -----------------------------------------------------------------------
@@ -385,6 +386,7 @@ class StorageSCP:
                 record,
                 quiet_period_s=self.settings.quiet_period_for(calling),
                 force_complete_s=self.settings.completion.force_complete_s,
+                known=self._known,
             )
         except SQLAlchemyError as exc:
             # The file is in place but not acknowledged: a re-send overwrites it.

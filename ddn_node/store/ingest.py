@@ -7,10 +7,13 @@ transaction is what allows the SCP to answer 0x0000.
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ddn_node.store.engine import Database
@@ -103,6 +106,74 @@ _STUDY_ATTRS = (
 )
 
 
+class KnownSeries:
+    """The (study id, series id) of series this process recently stored into.
+
+    Lets the common case - one more new instance of a series we have, in a study still
+    receiving - take a two-statement fast path instead of the full upsert. A stale entry
+    (the study was purged meanwhile) only costs a fall back to the full path.
+    """
+
+    def __init__(self, capacity: int = 4096):
+        self._ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, series_uid: str) -> tuple[int, int] | None:
+        with self._lock:
+            ids = self._ids.get(series_uid)
+            if ids is not None:
+                self._ids.move_to_end(series_uid)
+            return ids
+
+    def put(self, series_uid: str, study_id: int, series_id: int) -> None:
+        with self._lock:
+            self._ids[series_uid] = (study_id, series_id)
+            self._ids.move_to_end(series_uid)
+            while len(self._ids) > self._capacity:
+                self._ids.popitem(last=False)
+
+    def forget(self, series_uid: str) -> None:
+        with self._lock:
+            self._ids.pop(series_uid, None)
+
+
+def _instance_values(rec: InstanceRecord, study_id: int, series_id: int, now: dt.datetime) -> dict[str, object]:
+    values = {f.name: getattr(rec, f.name) for f in fields(rec)}
+    values.update(series_id=series_id, study_id=study_id, received_at=now)
+    return _fit(Instance, values)
+
+
+def _fast_path(
+    session: Session, rec: InstanceRecord, ids: tuple[int, int], now: dt.datetime, complete_after: dt.datetime
+) -> IngestOutcome | None:
+    """A new instance of a known series in a study still receiving; None if not that case."""
+    study_id, series_id = ids
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    inserted = session.scalar(
+        dialect.insert(Instance)
+        .values(**_instance_values(rec, study_id, series_id, now))
+        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        .returning(Instance.id)
+    )
+    if inserted is None:
+        return None  # a duplicate: the full path compares content
+    # The cached ids must still name this series of this study (ids of purged rows could
+    # in principle be reused): checked in the same statement that touches the study.
+    same_series = exists().where(
+        Series.id == series_id, Series.study_id == study_id, Series.series_uid == rec.series_uid
+    )
+    touched = session.scalar(
+        update(Study)
+        .where(Study.id == study_id, Study.state == StudyState.RECEIVING, same_series)
+        .values(num_instances=Study.num_instances + 1, last_received_at=now, complete_after=complete_after)
+        .returning(Study.id)
+    )
+    if touched is None:
+        return None  # completed meanwhile: the full path re-opens it
+    return IngestOutcome(study_id, True, False, False, complete_after)
+
+
 def record_instance(
     database: Database,
     rec: InstanceRecord,
@@ -110,9 +181,38 @@ def record_instance(
     quiet_period_s: float,
     force_complete_s: float,
     now: dt.datetime | None = None,
+    known: KnownSeries | None = None,
 ) -> IngestOutcome:
     now = now or utcnow()
     complete_after = now + dt.timedelta(seconds=quiet_period_s)
+    ids = known.get(rec.series_uid) if known is not None else None
+    if ids is not None:
+        try:
+            with database.session() as session:
+                outcome = _fast_path(session, rec, ids, now, complete_after)
+                if outcome is None:
+                    session.rollback()
+                else:
+                    return outcome
+        except IntegrityError:
+            assert known is not None
+            known.forget(rec.series_uid)
+    outcome = _full_path(database, rec, now, complete_after, force_complete_s)
+    if known is not None:
+        known.put(rec.series_uid, outcome.study_id, outcome.series_id)
+    return outcome.outcome
+
+
+@dataclass(frozen=True)
+class _Full:
+    outcome: IngestOutcome
+    study_id: int
+    series_id: int
+
+
+def _full_path(
+    database: Database, rec: InstanceRecord, now: dt.datetime, complete_after: dt.datetime, force_complete_s: float
+) -> _Full:
     with database.session() as session:
         _insert_ignore(
             session,
@@ -153,9 +253,7 @@ def record_instance(
         new_instance = existing is None
         changed = False
         if existing is None:
-            values = {f.name: getattr(rec, f.name) for f in fields(rec)}
-            values.update(series_id=series.id, study_id=study.id, received_at=now)
-            session.add(Instance(**_fit(Instance, values)))
+            session.add(Instance(**_instance_values(rec, study.id, series.id, now)))
             study.num_instances += 1
         elif existing.sha256 != rec.sha256:
             # Same UID, new content (a corrected image): keep the new bytes, analyse again.
@@ -164,7 +262,7 @@ def record_instance(
             existing.received_at = now
         if not (new_instance or changed):
             # An idempotent re-send: nothing about the study changes.
-            return IngestOutcome(study.id, False, False, False, study.complete_after or now)
+            return _Full(IngestOutcome(study.id, False, False, False, study.complete_after or now), study.id, series.id)
 
         # Fill attributes an earlier instance left empty (the first one may be a KO or PR).
         for attr in _STUDY_ATTRS:
@@ -189,7 +287,7 @@ def record_instance(
             )
         study.last_received_at = now
         study.complete_after = complete_after
-        return IngestOutcome(study.id, new_instance, changed, reopened, complete_after)
+        return _Full(IngestOutcome(study.id, new_instance, changed, reopened, complete_after), study.id, series.id)
 
 
 def study_is_known(database: Database, study_uid: str) -> bool:

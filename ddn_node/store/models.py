@@ -65,8 +65,14 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
+# Row ids appear in logs, URLs and caches: SQLite must never reuse a deleted one.
+_SQLITE_ARGS: dict[str, Any] = {"sqlite_autoincrement": True}
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+    __table_args__ = _SQLITE_ARGS
 
 
 class StudyState(StrEnum):
@@ -141,6 +147,7 @@ class Study(Base):
         Index("ix_studies_state_force_complete_at", "state", "force_complete_at"),
         Index("ix_studies_worklist", "read_status", "priority_rank", "abnormality_score"),
         Index("ix_studies_first_received_at", "first_received_at"),
+        _SQLITE_ARGS,
     )
 
 
@@ -203,6 +210,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("study_id", "generation", name="uq_jobs_study_generation"),
         Index("ix_jobs_claim", "state", "not_before"),
+        _SQLITE_ARGS,
     )
 
 
@@ -269,6 +277,7 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("destination", "sop_instance_uid", name="uq_deliveries_dest_sop"),
         Index("ix_deliveries_claim", "state", "not_before"),
+        _SQLITE_ARGS,
     )
 
 
@@ -288,7 +297,7 @@ class AuditEvent(Base):
     # Set once the event went out to the audit repository (syslog), when one is configured.
     exported_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
-    __table_args__ = (Index("ix_audit_events_unexported", "exported_at", "id"),)
+    __table_args__ = (Index("ix_audit_events_unexported", "exported_at", "id"), _SQLITE_ARGS)
 
 
 class WorklistEvent(Base):

@@ -146,3 +146,32 @@ def test_concurrent_sweepers_complete_once(db: Database) -> None:
         t.join()
     assert sorted(results) == sorted(set(results)) and len(results) == 20
     assert len(jobs(db)) == 20
+
+
+def test_fast_path_for_known_series_keeps_the_same_semantics(db: Database) -> None:
+    from ddn_node.store.ingest import KnownSeries
+
+    s = settings()
+    known = KnownSeries()
+    tracker = CompletionTracker(s, db)
+
+    def rx(n: int, at: dt.datetime):  # type: ignore[no-untyped-def]
+        rec = instance("7.1", n)
+        return record_instance(db, rec, quiet_period_s=30, force_complete_s=900, now=at, known=known)
+
+    first = rx(1, T0)
+    assert first.new_instance and known.get("7.1.1") is not None
+    second = rx(2, T0 + dt.timedelta(seconds=1))  # fast path
+    assert second.new_instance and not second.reopened
+    assert not rx(2, T0 + dt.timedelta(seconds=2)).new_instance  # duplicate via the full path
+    assert tracker.sweep(T0 + dt.timedelta(seconds=40))
+    late = rx(3, T0 + dt.timedelta(minutes=5))  # study completed: re-opened via the full path
+    assert late.reopened
+    with db.read() as session:
+        study = session.scalars(select(Study)).one()
+    assert study.num_instances == 3 and study.state == "receiving"
+    # A stale cache entry (the study was purged) falls back to the full path.
+    with db.session() as session:
+        session.delete(session.get(Study, study.id))
+    again = rx(4, T0 + dt.timedelta(minutes=6))
+    assert again.new_instance and again.study_id != study.id  # ids are never reused

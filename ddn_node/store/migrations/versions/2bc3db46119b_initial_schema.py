@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 27eb54df0369
+Revision ID: 2bc3db46119b
 Revises: 
-Create Date: 2026-11-27 12:02:05.748196
+Create Date: 2026-11-27 12:12:51.599437
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from alembic import op
 
 import ddn_node.store.models
 
-revision = '27eb54df0369'
+revision = '2bc3db46119b'
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -30,7 +30,8 @@ def upgrade() -> None:
     sa.Column('study_uid', sa.String(length=128), nullable=False),
     sa.Column('detail', sa.JSON(), nullable=False),
     sa.Column('exported_at', ddn_node.store.models.UTCDateTime(timezone=True), nullable=True),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_events'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_events')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_audit_events_at'), ['at'], unique=False)
@@ -73,7 +74,8 @@ def upgrade() -> None:
     sa.Column('model_version', sa.String(length=128), nullable=False),
     sa.Column('read_status', sa.String(length=16), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_studies')),
-    sa.UniqueConstraint('study_uid', name=op.f('uq_studies_study_uid'))
+    sa.UniqueConstraint('study_uid', name=op.f('uq_studies_study_uid')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('studies', schema=None) as batch_op:
         batch_op.create_index('ix_studies_first_received_at', ['first_received_at'], unique=False)
@@ -95,7 +97,8 @@ def upgrade() -> None:
     sa.Column('finished_at', ddn_node.store.models.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_jobs_study_id_studies'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
-    sa.UniqueConstraint('study_id', 'generation', name='uq_jobs_study_generation')
+    sa.UniqueConstraint('study_id', 'generation', name='uq_jobs_study_generation'),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index('ix_jobs_claim', ['state', 'not_before'], unique=False)
@@ -111,7 +114,8 @@ def upgrade() -> None:
     sa.Column('series_description', sa.String(length=64), nullable=False),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_series_study_id_studies'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_series')),
-    sa.UniqueConstraint('series_uid', name=op.f('uq_series_series_uid'))
+    sa.UniqueConstraint('series_uid', name=op.f('uq_series_series_uid')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('series', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_series_study_id'), ['study_id'], unique=False)
@@ -124,7 +128,8 @@ def upgrade() -> None:
     sa.Column('action', sa.String(length=32), nullable=False),
     sa.Column('value', sa.String(length=32), nullable=False),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_worklist_events_study_id_studies'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_worklist_events'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_worklist_events')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('worklist_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_worklist_events_study_id'), ['study_id'], unique=False)
@@ -150,7 +155,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['series_id'], ['series.id'], name=op.f('fk_instances_series_id_series'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_instances_study_id_studies'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_instances')),
-    sa.UniqueConstraint('sop_instance_uid', name=op.f('uq_instances_sop_instance_uid'))
+    sa.UniqueConstraint('sop_instance_uid', name=op.f('uq_instances_sop_instance_uid')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('instances', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_instances_series_id'), ['series_id'], unique=False)
@@ -174,7 +180,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_results_job_id_jobs'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_results_study_id_studies'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_results')),
-    sa.UniqueConstraint('job_id', name=op.f('uq_results_job_id'))
+    sa.UniqueConstraint('job_id', name=op.f('uq_results_job_id')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('results', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_results_study_id'), ['study_id'], unique=False)
@@ -200,7 +207,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['result_id'], ['results.id'], name=op.f('fk_deliveries_result_id_results'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_deliveries_study_id_studies'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_deliveries')),
-    sa.UniqueConstraint('destination', 'sop_instance_uid', name='uq_deliveries_dest_sop')
+    sa.UniqueConstraint('destination', 'sop_instance_uid', name='uq_deliveries_dest_sop'),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('deliveries', schema=None) as batch_op:
         batch_op.create_index('ix_deliveries_claim', ['state', 'not_before'], unique=False)
@@ -214,7 +222,8 @@ def upgrade() -> None:
     sa.Column('overlay_paths', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['instance_id'], ['instances.id'], name=op.f('fk_image_results_instance_id_instances'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['result_id'], ['results.id'], name=op.f('fk_image_results_result_id_results'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_image_results'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_image_results')),
+    sqlite_autoincrement=True
     )
     with op.batch_alter_table('image_results', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_image_results_result_id'), ['result_id'], unique=False)
