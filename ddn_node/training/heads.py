@@ -98,7 +98,8 @@ def add_head(cfg: Any) -> Manifest:
     folds = kfold_groups(table.patients, k, cfg.seed, y)
     oof = np.zeros_like(y)
     for i, fold in enumerate(folds):
-        train_idx = [j for j in range(len(table)) if j not in set(fold)]
+        held = set(fold)
+        train_idx = [j for j in range(len(table)) if j not in held]
         lin = fit_probe(feats[train_idx], y[train_idx], table.activation, model.config.dropout, cfg.seed + i)
         oof[fold] = _probs(lin, feats[fold], table.activation)
     thresholds, methods = _thresholds(y, oof, table.labels, "pooled out-of-fold predictions")

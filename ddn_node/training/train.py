@@ -443,7 +443,8 @@ def run_training(cfg: TrainConfig) -> Manifest:
         best_epochs, fold_aucs = [], []
         for k, fold in enumerate(folds):
             val_k = [dev[i] for i in fold]
-            tr_k = [i for i in dev if i not in set(val_k)]
+            held = set(val_k)
+            tr_k = [i for i in dev if i not in held]
             key = _run_key(cfg, fp["sha256"], [table.files[i] for i in tr_k], f"fold{k}")
             res = fit(cfg, model_config, cache, table, tr_k, val_k, cfg.epochs, ckpt / f"fold{k + 1}", key, spec, f"fold {k + 1}/{cfg.folds} ")
             assert res.val_probs is not None
