@@ -25,6 +25,10 @@ deliveries_app = typer.Typer(help="Result deliveries to the PACS and other syste
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(deliveries_app, name="deliveries")
+bench_app = typer.Typer(
+    help="Benchmarks: each figure with its ratio against a peer run in the same process.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -290,19 +294,66 @@ def hash_password(
     typer.echo(PasswordHasher().hash(password))
 
 
-def _register_optional() -> None:
-    """Commands owned by other parts register themselves here."""
-    for module in ("ddn_node.cli.model_cmds", "ddn_node.cli.ops_cmds"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app)
+@bench_app.command("ingest")
+def bench_ingest(
+    rounds: Annotated[int, typer.Option(help="Alternating rounds (medians are reported).")] = 3,
+    quick: Annotated[bool, typer.Option(help="Fewer instances per run.")] = False,
+) -> None:
+    """Instances/s received: the node vs DCMTK storescp and Orthanc (storescu TCP_NODELAY=1)."""
+    from ddn_node.bench.ingest import run
+
+    run(rounds=rounds, quick=quick)
 
 
-_register_optional()
+@bench_app.command("e2e")
+def bench_e2e(
+    studies: Annotated[int, typer.Option(help="Studies per phase (steady, burst).")] = 20,
+    model: Annotated[Path, typer.Option(help="Model artifact.")] = Path("models/ddn-cxr"),
+    size: Annotated[int, typer.Option(help="Image rows and columns.")] = 2048,
+) -> None:
+    """End-to-end latency through Orthanc, and the node's memory."""
+    from ddn_node.bench.e2e import run
+
+    run(n_studies=studies, model=model, size=size)
+
+
+@bench_app.command("worklist")
+def bench_worklist(
+    studies: Annotated[list[int] | None, typer.Option(help="Database sizes.")] = None,
+    rounds: Annotated[int, typer.Option()] = 5,
+    no_postgres: Annotated[bool, typer.Option(help="SQLite only.")] = False,
+) -> None:
+    """/api/worklist and / latency at 10,000 and 100,000 studies."""
+    from ddn_node.bench.worklist import main as worklist_main
+
+    args = ["--rounds", str(rounds), "--studies", *map(str, studies or [10_000, 100_000])]
+    raise typer.Exit(worklist_main([*args, *(["--no-postgres"] if no_postgres else [])]))
+
+
+@bench_app.command("all")
+def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False) -> None:
+    """Every benchmark in turn (what `make bench` runs)."""
+    from ddn_node.bench.e2e import run as e2e
+    from ddn_node.bench.ingest import run as ingest
+    from ddn_node.bench.model import BenchConfig, run_bench
+    from ddn_node.bench.worklist import main as worklist_main
+
+    ingest(rounds=2 if quick else 3, quick=quick)
+    run_bench(BenchConfig(model=Path("models/ddn-cxr") if Path("models/ddn-cxr/manifest.json").is_file() else None, quick=quick))
+    e2e(n_studies=8 if quick else 20)
+    worklist_main(["--rounds", "3" if quick else "5"])
+
+
+def _register() -> None:
+    """Commands whose code lives with the part they drive."""
+    from ddn_node.cli import model_cmds, ops_cmds
+
+    model_cmds.register(app)
+    bench_app.command("model")(model_cmds.model_bench)
+    ops_cmds.register(app)
+
+
+_register()
 
 
 def main() -> None:

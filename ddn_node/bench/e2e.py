@@ -1,0 +1,161 @@
+"""``ddn-node bench e2e``: from a study's last instance to its SR stored in the PACS.
+
+Orthanc (the PACS) pushes N single-image chest studies to the node, one at a time
+(steady) and all at once (burst). For each study the latency is the time between the node
+receiving its last instance and Orthanc answering 0x0000 to the node's C-STORE of the SR,
+minus the configured quiet period; both instants are the node's own database timestamps,
+so no polling error enters. Also reports the node's memory: idle with the model loaded,
+peak under ingest and inference, and the SCP role alone.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from ddn_node.bench.common import (
+    Proc,
+    ddn_node_cmd,
+    free_port,
+    header,
+    percentile,
+    port_open,
+    rss_mib,
+    wait_until,
+    write_instances,
+)
+from ddn_node.demo.orthanc import LocalOrthanc, orthanc_available
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Delivery, Study
+
+QUIET_S = 1.0
+
+
+@dataclass
+class Latencies:
+    steady: list[float]
+    burst: list[float]
+    memory: dict[str, float]
+
+
+def _config(work: Path, port: int, pacs_port: int, model: Path, web: bool) -> Path:
+    path = work / "node.toml"
+    path.write_text(
+        "demo = true\n"
+        f'[node]\nport = {port}\nhost = "127.0.0.1"\nspool_dir = "{work / "spool"}"\ndisk_reserve_mb = 64\n'
+        f'[[peers]]\nae_title = "ORTHANC"\nhosts = ["127.0.0.1"]\nquiet_period_s = {QUIET_S}\n'
+        f'[database]\nurl = "sqlite:///{work / "node.db"}"\n'
+        "[completion]\nsweep_interval_s = 0.5\n"
+        "[worker]\npoll_interval_s = 0.2\n"
+        f'[[routing]]\nname = "cxr"\nmodel = "{model}"\nhead = "cxr"\nmodalities = ["CR", "DX"]\n'
+        f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+        "[delivery]\nsweep_interval_s = 0.5\n"
+        f"[web]\nenabled = {'true' if web else 'false'}\nport = {free_port()}\n"
+        '[logging]\nlevel = "WARNING"\n'
+    )
+    return path
+
+
+def _latencies(db_url: str, study_uids: set[str]) -> list[float] | None:
+    db = make_database(db_url)
+    try:
+        with db.read() as s:
+            rows = s.execute(
+                select(Study.study_uid, Study.last_received_at, Delivery.sent_at)
+                .join(Delivery, Delivery.study_id == Study.id)
+                .where(Delivery.kind == "sr", Study.study_uid.in_(study_uids))
+            ).all()
+    finally:
+        db.dispose()
+    if len({r[0] for r in rows if r[2] is not None}) < len(study_uids):
+        return None
+    return [(sent - received).total_seconds() - QUIET_S for _uid, received, sent in rows if sent is not None]
+
+
+def run(n_studies: int = 20, model: Path = Path("models/ddn-cxr"), size: int = 2048) -> Latencies | None:
+    header("end to end: last instance in -> SR stored in the PACS", "ddn-node bench e2e")
+    if not orthanc_available():
+        print("  (skipped: Orthanc not installed)")
+        return None
+    if not (model / "manifest.json").is_file():
+        print(f"  (skipped: no model at {model})")
+        return None
+    with tempfile.TemporaryDirectory(prefix="ddn-bench-e2e-") as tmp:
+        work = Path(tmp)
+        node_port = free_port()
+        pacs = LocalOrthanc(work / "orthanc", free_port(), free_port(), node_port)
+        pacs.start()
+        config = _config(work, node_port, pacs.dicom_port, model.resolve(), web=True)
+        node = Proc([*ddn_node_cmd(), "serve", "--config", str(config)], work / "node.log").start()
+        memory: dict[str, float] = {}
+        try:
+            wait_until(lambda: port_open(node_port), 120, "the node")
+            files = write_instances(work / "data", 2 * n_studies, size, studies=2 * n_studies)
+            ids = [pacs.upload(p)["ParentStudy"] for p in files]
+            uids = [str(pacs.get(f"/studies/{i}")["MainDicomTags"]["StudyInstanceUID"]) for i in ids]
+            db_url = f"sqlite:///{work / 'node.db'}"
+            # Warm-up study (model load, first allocations), not counted.
+            pacs.send_to_node([ids[0]])
+            wait_until(lambda: _latencies(db_url, {uids[0]}) is not None, 300, "warm-up study")
+            memory["serve idle, model loaded"] = rss_mib(node.pid)[0]
+            steady: list[float] = []
+            for i in range(1, n_studies):
+                pacs.send_to_node([ids[i]])
+                wait_until(lambda i=i: _latencies(db_url, {uids[i]}) is not None, 120, f"study {i}")
+                steady += _latencies(db_url, {uids[i]}) or []
+            burst_ids, burst_uids = ids[n_studies:], set(uids[n_studies:])
+            pacs.send_to_node(burst_ids)
+            wait_until(lambda: _latencies(db_url, burst_uids) is not None, 600, "burst")
+            burst = _latencies(db_url, burst_uids) or []
+            memory["serve peak (ingest + inference)"] = rss_mib(node.pid)[1]
+        finally:
+            node.stop()
+            pacs.stop()
+        scp_memory = _scp_only_rss(work)
+        memory["SCP role alone, after 20 instances"] = scp_memory
+    result = Latencies(steady, burst, memory)
+    _print(result, size)
+    return result
+
+
+def _scp_only_rss(work: Path) -> float:
+    port = free_port()
+    config = work / "scp.toml"
+    config.write_text(
+        f'[node]\nport = {port}\nhost = "127.0.0.1"\nspool_dir = "{work / "spool2"}"\ndisk_reserve_mb = 64\n'
+        '[[peers]]\nae_title = "STORESCU"\nhosts = ["127.0.0.1"]\n'
+        f'[database]\nurl = "sqlite:///{work / "scp.db"}"\n[web]\nenabled = false\n[logging]\nlevel = "WARNING"\n'
+    )
+    proc = Proc([*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"], work / "scp.log").start()
+    try:
+        wait_until(lambda: port_open(port), 60, "SCP")
+        files = sorted((work / "data").glob("*.dcm"))[:20]
+        subprocess.run(
+            ["storescu", "-aet", "STORESCU", "-aec", "DDN_NODE", "127.0.0.1", str(port), *map(str, files)],
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        return rss_mib(proc.pid)[1]
+    finally:
+        proc.stop()
+
+
+def _print(r: Latencies, size: int) -> None:
+    print(f"single-image uncompressed {size}x{size} DX studies, quiet period {QUIET_S:g} s subtracted")
+    for name, values in (("steady", r.steady), ("burst", r.burst)):
+        print(
+            f"{name:7} n={len(values):3}  p50 {percentile(values, 50):6.3f} s  p95 {percentile(values, 95):6.3f} s"
+            f"  max {max(values) if values else float('nan'):6.3f} s"
+        )
+    p95 = percentile(r.steady, 95)
+    print(f"goal steady p95 < 1 s on CPU: {'met' if p95 < 1 else 'NOT met'} ({p95:.3f} s)")
+    for name, mib in r.memory.items():
+        print(f"memory {name}: {mib:.0f} MiB")
+    scp = r.memory.get("SCP role alone, after 20 instances")
+    if scp is not None:
+        print(f"goal SCP alone < 150 MB: {'met' if scp * 1.048576 < 150 else 'NOT met'} ({scp * 1.048576:.0f} MB)")
