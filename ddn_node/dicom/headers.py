@@ -65,10 +65,21 @@ _PARSE_ERRORS = (
     OSError,
     BytesLengthException,
     RecursionError,
+    NotImplementedError,  # an unknown VR
     zlib.error,
 )
-# Errors of converting one raw value (lazily, on first access): index what we can.
-_VALUE_ERRORS = (ValueError, TypeError, LookupError, BytesLengthException, struct.error)
+# Errors of converting one raw value (lazily, on first access; a value read as SQ is
+# parsed then, hence OSError and RecursionError too): index what we can.
+_VALUE_ERRORS = (
+    ValueError,
+    TypeError,
+    LookupError,
+    BytesLengthException,
+    struct.error,
+    NotImplementedError,
+    OSError,
+    RecursionError,
+)
 
 
 class HeaderError(ValueError):
@@ -163,8 +174,7 @@ def _read_deflated(path: Path) -> Dataset:
         is_implicit_VR=False,
         is_little_endian=True,
         stop_when=lambda tag, _vr, _length: tag > _LAST_INDEXED,
-        defer_size=4096,
-        specific_tags=INDEXED_TAGS,
+        specific_tags=INDEXED_TAGS,  # no defer_size: a deferred value is re-read from a file
     )
 
 
