@@ -32,7 +32,7 @@ import numpy as np
 import pydicom
 import structlog
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import (
     UID,
@@ -93,6 +93,23 @@ class FrameOutOfRange(PixelDataError):
 class PixelLimits:
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     max_decoded_mb: float = DEFAULT_MAX_DECODED_MB
+
+
+# What pydicom raises on a malformed data set, while reading it and again while converting
+# a raw value on first access. BytesLengthException (a value whose length does not fit its
+# VR) derives from Exception only; RecursionError comes from undefined-length sequences
+# nested hundreds deep and never closed; OSError ("No tag to read at file position") from
+# a sequence that runs off the end of the data (also lazily: a defined-length sequence is
+# parsed on first access); NotImplementedError from an unknown VR.
+_VALUE_ERRORS = (BytesLengthException, RecursionError, struct.error, NotImplementedError, OSError)
+_PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, zlib.error, OSError, *_VALUE_ERRORS)
+
+
+def _is_decoder_panic(exc: BaseException) -> bool:
+    """pyo3 (the Rust binding of pylibjpeg-rle) turns a Rust panic, e.g. an index out of
+    bounds on a corrupt RLE segment, into ``PanicException``, which derives from
+    BaseException so that ``except Exception`` lets it through."""
+    return type(exc).__name__ == "PanicException"
 
 
 NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
@@ -176,7 +193,7 @@ def _read(path: Path, limits: PixelLimits) -> Dataset:
         raise NotDicom(f"cannot read {path.name}: {e}") from e
     try:
         meta_probe = pydicom.dcmread(io.BytesIO(raw), force=True, stop_before_pixels=True, specific_tags=[0x00020010])
-    except (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, TypeError) as e:
+    except _PARSE_ERRORS as e:
         raise NotDicom(f"{path.name} is not a readable DICOM file: {e}") from e
     ts = getattr(getattr(meta_probe, "file_meta", None), "TransferSyntaxUID", None)
     if ts == DeflatedExplicitVRLittleEndian:
@@ -189,7 +206,7 @@ def _read(path: Path, limits: PixelLimits) -> Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return pydicom.dcmread(io.BytesIO(raw), force=True)
-    except (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, TypeError, zlib.error) as e:
+    except _PARSE_ERRORS as e:
         raise NotDicom(f"{path.name} is not a readable DICOM file: {e}") from e
 
 
@@ -300,6 +317,8 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
 def _check_codestream(ds: Dataset, g: _Geometry, frame: int) -> None:
     from pydicom.encaps import get_frame
 
+    if not isinstance(ds.PixelData, bytes):  # empty (None) or read with a wrong VR
+        raise CorruptPixelData(f"encapsulated Pixel Data is {type(ds.PixelData).__name__}, not bytes")
     try:
         data = get_frame(ds.PixelData, frame, number_of_frames=g.frames)
     except (ValueError, IndexError, KeyError, struct.error) as e:
@@ -332,6 +351,10 @@ def _decode(ds: Dataset, ts: UID, frame: int) -> np.ndarray:
         # recorded and the next decoder tried, and all of them end as one typed error.
         except Exception as e:  # noqa: BLE001
             errors.append(f"{plugin or 'pydicom'}: {str(e).splitlines()[-1][:200] if str(e) else type(e).__name__}")
+        except BaseException as e:
+            if not _is_decoder_panic(e):
+                raise
+            errors.append(f"{plugin}: decoder panic: {str(e)[:200]}")
     raise CorruptPixelData(f"{ts.name}: no decoder could read the pixel data ({'; '.join(errors)})")
 
 
@@ -433,7 +456,17 @@ def load_display_image(
 
     Raises a :class:`PixelDataError` subclass for anything that cannot be displayed.
     """
-    limits = limits or PixelLimits()
+    try:
+        return _display_image(source, frame, limits or PixelLimits())
+    except PixelDataError:
+        raise
+    except _VALUE_ERRORS as e:
+        # An attribute whose raw value breaks its VR fails when first used (Rows with 3
+        # bytes, a LUT descriptor of the wrong length, an unknown VR...), anywhere below.
+        raise CorruptPixelData(f"malformed attribute value: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits) -> np.ndarray:
     ds = _read(Path(source), limits) if isinstance(source, (str, Path)) else source
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NoPixelData("the dataset has no Pixel Data")
