@@ -163,3 +163,27 @@ def test_plane_follows_the_patient_orientation_of_a_lateral_view() -> None:
     source.PatientOrientation = ["P", "F"]  # left lateral: rows run posterior
     geo = geometry_header(reference_header(source))
     assert [float(v) for v in geo.ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]
+
+
+def test_large_sources_get_a_coarser_map_covering_the_same_area() -> None:
+    """A 2048^2 source gets a 512^2 map (1 MiB, not 16) whose pixels cover the image."""
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    from ddn_node.dicom.results.pmap import map_grid
+
+    geo = Dataset()
+    geo.Rows, geo.Columns = 2048, 1536
+    geo.PixelSpacing = [0.2, 0.1]
+    geo.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    geo.ImagePositionPatient = [10.0, 20.0, 0.0]
+    grid = map_grid(geo, 512)
+    assert (grid.rows, grid.columns) == (512, 384)
+    spacing = [float(v) for v in grid.pixel_measures[0].PixelSpacing]
+    assert spacing == pytest.approx([0.8, 0.4])
+    first = np.array([float(v) for v in grid.plane_positions[0][0].ImagePositionPatient])
+    # Edges: the source's first pixel's outer corner equals the map's first pixel's.
+    assert first - [0.4 / 2, 0.8 / 2, 0] == pytest.approx(np.array([10.0, 20.0, 0.0]) - [0.1 / 2, 0.2 / 2, 0])
+    small = Dataset()
+    small.Rows, small.Columns = 300, 200
+    assert map_grid(small, 512).pixel_measures is None

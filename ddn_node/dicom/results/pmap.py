@@ -20,9 +20,16 @@ from __future__ import annotations
 
 import copy
 import datetime
+from dataclasses import dataclass
 
 import numpy as np
-from highdicom import ContentQualificationValues, VOILUTTransformation
+from highdicom import (
+    ContentQualificationValues,
+    PixelMeasuresSequence,
+    PlaneOrientationSequence,
+    PlanePositionSequence,
+    VOILUTTransformation,
+)
 from highdicom.pm import ParametricMap, RealWorldValueMapping
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -127,6 +134,48 @@ def _spacing(header: Dataset) -> list[float]:
     return [1.0, 1.0]
 
 
+# Grad-CAM is upsampled from the last stage's 7x7 grid: a 512-pixel map holds all of its
+# information, at 1 MiB of floats where the source resolution (2048^2) would take 16 MiB
+# per finding in the PACS.
+MAX_MAP_SIDE = 512
+
+
+@dataclass(frozen=True)
+class _Grid:
+    rows: int
+    columns: int
+    pixel_measures: PixelMeasuresSequence | None = None
+    plane_orientation: PlaneOrientationSequence | None = None
+    plane_positions: list[PlanePositionSequence] | None = None
+
+
+def map_grid(geo: Dataset, max_side: int | None) -> _Grid:
+    """The map's pixel grid: the source's, or coarser with the same extent in the patient.
+
+    A coarser grid keeps the source's plane; its pixel spacing grows by the scale factor
+    and the centre of its first pixel moves half a (new) pixel minus half an (old) pixel
+    along each axis, so the map covers the image exactly (PS3.3 C.7.6.2.1.1).
+    """
+    rows, columns = int(geo.Rows), int(geo.Columns)
+    if max_side is None or max(rows, columns) <= max_side:
+        return _Grid(rows, columns)
+    scale = max(rows, columns) / max_side
+    new_rows, new_columns = max(1, round(rows / scale)), max(1, round(columns / scale))
+    s_rows, s_cols = rows / new_rows, columns / new_columns
+    row_spacing, col_spacing = (float(v) for v in geo.PixelSpacing)
+    orientation = [float(v) for v in geo.ImageOrientationPatient]
+    along_row, along_col = np.array(orientation[:3]), np.array(orientation[3:])
+    origin = np.array([float(v) for v in geo.ImagePositionPatient])
+    first = origin + along_row * (s_cols - 1) / 2 * col_spacing + along_col * (s_rows - 1) / 2 * row_spacing
+    return _Grid(
+        new_rows,
+        new_columns,
+        PixelMeasuresSequence([row_spacing * s_rows, col_spacing * s_cols], None),
+        PlaneOrientationSequence("PATIENT", orientation),
+        [PlanePositionSequence("PATIENT", [float(v) for v in first])],
+    )
+
+
 def build_parametric_map(
     source: Dataset,
     header: Dataset,
@@ -140,19 +189,22 @@ def build_parametric_map(
     series_number: int,
     instance_number: int,
     now: datetime.datetime | None = None,
+    max_side: int | None = MAX_MAP_SIDE,
 ) -> ParametricMap:
     """The Parametric Map of one heat map of one source image.
 
     Args:
         source: the source image header (patient and study attributes are copied).
         header: its :func:`~.content.reference_header`.
-        heatmap: Grad-CAM values in [0, 1]; resampled to the source grid if needed.
+        heatmap: Grad-CAM values in [0, 1]; resampled to the map's grid.
+        max_side: longest side of the map in pixels (None: the source's grid).
     """
     if "Rows" not in header or "Columns" not in header:
         raise ValueError(f"source {header.SOPInstanceUID} has no Rows/Columns: cannot place a map")
     charsets = charsets_of(source)
-    rows, columns = int(header.Rows), int(header.Columns)
-    values = heatmap_at(heatmap, rows, columns)
+    geo = geometry_header(header)
+    grid = map_grid(geo, max_side)
+    values = heatmap_at(heatmap, grid.rows, grid.columns)
     label_text = fit_text(label, None, charsets)
     mapping = RealWorldValueMapping(
         lut_label=LUT_LABEL,
@@ -168,8 +220,11 @@ def build_parametric_map(
         content_description = f"{NOT_FOR_DIAGNOSTIC_USE} - {content_description}"
     equipment = general_equipment(algorithm)
     pm = ParametricMap(
-        source_images=[geometry_header(header)],
+        source_images=[geo],
         pixel_array=values,
+        pixel_measures=grid.pixel_measures,
+        plane_orientation=grid.plane_orientation,
+        plane_positions=grid.plane_positions,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
