@@ -16,7 +16,9 @@ Every failure is a :class:`PixelDataError` (a ``ValueError``) with a typed subcl
 the image is never NaN. Decompression bombs are refused *before* anything is allocated:
 the declared size (Rows x Columns x frames x samples x bits) is checked against a limit,
 native pixel data against the bytes actually present, compressed frames against the
-dimensions in their codestream header, and deflated datasets while they inflate.
+dimensions in their codestream header and against the fewest bytes that size can be coded
+in (RLE, Huffman JPEG, JPEG-LS; JPEG 2000 has no such bound, only the limit), and deflated
+datasets while they inflate.
 """
 
 from __future__ import annotations
@@ -295,38 +297,128 @@ def _check_native_length(ds: Dataset, g: _Geometry, frame: int) -> None:
         raise TruncatedPixelData(f"declared {declared} bytes of pixel data, {actual} present")
 
 
-def _codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(rows, columns) from a JPEG / JPEG-LS SOF or a JPEG 2000 SIZ marker, if found."""
-    j2k = frame.find(b"\xff\x4f\xff\x51")
+@dataclass(frozen=True)
+class _FrameHeader:
+    """Image size and component sampling as a codestream declares them."""
+
+    marker: int  # JPEG SOFn (0xF7 for JPEG-LS), or 0x51 for a JPEG 2000 SIZ
+    rows: int
+    cols: int
+    sampling: tuple[tuple[int, int], ...] = ()  # JPEG (H, V) per component
+
+
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI
+_SOF_HUFFMAN_DCT = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended, progressive
+_SOF_HUFFMAN_LOSSLESS = frozenset({0xC3})
+_SOF_JPEG_LS = 0xF7
+
+
+def _frame_header(frame: bytes) -> _FrameHeader | None:
+    """The image size from a JPEG 2000 SIZ or a JPEG / JPEG-LS SOF, if there is one.
+
+    JPEG marker segments are walked as a decoder walks them, so APPn segments of any size
+    before the SOF cannot hide it (a scan of the first bytes could be outrun).
+    """
+    j2k = frame.find(b"\xff\x4f\xff\x51")  # SOC, SIZ
     if j2k >= 0 and len(frame) >= j2k + 4 + 2 + 2 + 16:
         o = j2k + 4 + 2 + 2  # SOC, SIZ marker, Lsiz, Rsiz
         xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[o : o + 16])
-        return ysiz - yo, xsiz - xo
-    i = 0
-    while True:
-        i = frame.find(b"\xff", i)
-        if i < 0 or i + 9 > len(frame):
+        return _FrameHeader(0x51, ysiz - yo, xsiz - xo)
+    i = frame.find(b"\xff\xd8")  # SOI
+    if i < 0:
+        return None
+    i += 2
+    n = len(frame)
+    while i + 4 <= n:
+        if frame[i] != 0xFF:  # junk between segments: decoders skip to the next marker
+            i = frame.find(b"\xff", i)
+            if i < 0:
+                return None
+            continue
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
             return None
-        m = frame[i + 1]
-        if m in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
-            h, w = struct.unpack(">HH", frame[i + 5 : i + 9])
-            return h, w
-        i += 1
+        if marker in _SOF_MARKERS:
+            if i + 10 > n:
+                return None
+            rows, cols = struct.unpack(">HH", frame[i + 5 : i + 9])
+            comps = frame[i + 10 : i + 10 + 3 * frame[i + 9]]
+            sampling = tuple((comps[k + 1] >> 4, comps[k + 1] & 0x0F) for k in range(0, len(comps) - 2, 3))
+            return _FrameHeader(marker, rows, cols, sampling)
+        (length,) = struct.unpack(">H", frame[i + 2 : i + 4])
+        i += 2 + length
+    return None
 
 
-def _check_codestream(ds: Dataset, g: _Geometry, frame: int) -> None:
+def _min_codestream_bits(h: _FrameHeader, rows: int) -> int:
+    """A lower bound on the size of any complete codestream of this frame header, in bits.
+
+    Huffman codes are at least one bit long, so a Huffman DCT stream (baseline, extended,
+    progressive) has at least one bit per 8x8 block of each component (its DC difference),
+    and a lossless one at least one bit per sample. JPEG-LS run mode can code a whole line
+    in one bit, so it has at least one bit per line. JPEG 2000 and arithmetic coding have
+    no useful bound (0): only the size limits stand before them.
+    """
+    height = h.rows or rows  # 0: the height is defined later by a DNL marker
+    if h.marker == _SOF_JPEG_LS:
+        return height
+    if h.marker not in _SOF_HUFFMAN_DCT | _SOF_HUFFMAN_LOSSLESS or not h.sampling:
+        return 0
+    hmax = max(hc for hc, _ in h.sampling) or 1
+    vmax = max(vc for _, vc in h.sampling) or 1
+    bits = 0
+    for hc, vc in h.sampling:
+        width_c, height_c = -(-h.cols * hc // hmax), -(-height * vc // vmax)
+        if h.marker in _SOF_HUFFMAN_DCT:
+            bits += -(-width_c // 8) * -(-height_c // 8)
+        else:
+            bits += width_c * height_c
+    return bits
+
+
+def _encapsulated_frame(ds: Dataset, g: _Geometry, frame: int) -> bytes:
     from pydicom.encaps import get_frame
 
     if not isinstance(ds.PixelData, bytes):  # empty (None) or read with a wrong VR
         raise CorruptPixelData(f"encapsulated Pixel Data is {type(ds.PixelData).__name__}, not bytes")
     try:
-        data = get_frame(ds.PixelData, frame, number_of_frames=g.frames)
+        return get_frame(ds.PixelData, frame, number_of_frames=g.frames)
     except (ValueError, IndexError, KeyError, struct.error) as e:
         raise CorruptPixelData(f"cannot find frame {frame} in the encapsulated pixel data: {e}") from e
-    size = _codestream_size(data[:65536])
+
+
+def _check_rle(data: bytes, g: _Geometry) -> None:
+    """RLE (PS3.5 G.3.1, PackBits) expands at most 64x: a replicate run of up to 128
+    bytes costs 2. A frame too short for its declared size is refused before a decoder
+    allocates the declared size (pylibjpeg-rle allocates first, then finds out)."""
+    needed = g.rows * g.cols * g.samples * -(-g.bits_allocated // 8)
+    most = 64 * max(len(data) - 64, 0)  # after the 64-byte RLE header
+    if needed > most:
+        raise CorruptPixelData(f"RLE frame of {len(data)} bytes cannot hold {g.rows}x{g.cols}x{g.samples} ({needed} bytes)")
+
+
+def _check_codestream(data: bytes, g: _Geometry) -> None:
+    header = _frame_header(data)
+    if header is None:
+        return
     # JPEG allows height 0 in the SOF (defined later by DNL); only a larger size is a threat.
-    if size is not None and (size[0] > g.rows or size[1] > g.cols):
-        raise CorruptPixelData(f"codestream declares {size[0]}x{size[1]}, the header {g.rows}x{g.cols}")
+    if header.rows > g.rows or header.cols > g.cols:
+        raise CorruptPixelData(f"codestream declares {header.rows}x{header.cols}, the header {g.rows}x{g.cols}")
+    # Decoders allocate the declared size and then fill what the data does not cover
+    # (libjpeg: 'premature end of data'), so a few hundred bytes could become gigabytes.
+    needed = _min_codestream_bits(header, g.rows)
+    if len(data) * 8 < needed:
+        raise CorruptPixelData(
+            f"codestream of {len(data)} bytes is too short for {header.rows or g.rows}x{header.cols} "
+            f"(at least {-(-needed // 8)} bytes)"
+        )
 
 
 # --- decoding ----------------------------------------------------------------------------
@@ -480,8 +572,10 @@ def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits
     else:
         if "PixelData" not in ds:
             raise CorruptPixelData("compressed transfer syntax without encapsulated Pixel Data")
-        if ts in _CODESTREAM_SYNTAXES:
-            _check_codestream(ds, g, frame)
+        if ts == RLELossless:
+            _check_rle(_encapsulated_frame(ds, g, frame), g)
+        elif ts in _CODESTREAM_SYNTAXES:
+            _check_codestream(_encapsulated_frame(ds, g, frame), g)
     arr = _decode(ds, ts, frame)
     if arr.ndim == 3 and g.samples == 1:  # defensive: a single frame must be 2-D
         arr = arr[0]
