@@ -7,6 +7,7 @@ the pixel data, so a 500 MB instance costs the same as a 5 KB one.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -178,15 +179,37 @@ def _read_deflated(path: Path) -> Dataset:
     )
 
 
+class _ClampedReader(io.BufferedReader):
+    """A file whose ``read(n)`` never asks for more than what is left of it.
+
+    pydicom reads a value with ``fp.read(length)``, and CPython allocates ``length`` bytes
+    before reading. Specific Character Set is read even past ``defer_size``, so a 1 kB
+    file declaring it 4 GiB long asked for a 4 GiB buffer in the DIMSE thread (a
+    MemoryError, not a HeaderError, where address space is limited).
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = max(min(size, self._size - self.tell()), 0)
+            if size == 0:
+                return b""
+        return super().read(size)
+
+
 def read_header(path: Path) -> Header:
     """Parse the indexed attributes of a DICOM Part 10 file."""
     try:
         if _is_deflated(path):
             ds = _read_deflated(path)
         else:
-            ds = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=INDEXED_TAGS, force=True, defer_size=4096
-            )
+            with _ClampedReader(path) as handle:
+                ds = pydicom.dcmread(
+                    handle, stop_before_pixels=True, specific_tags=INDEXED_TAGS, force=True, defer_size=4096
+                )
     except _PARSE_ERRORS as exc:
         raise HeaderError(f"unparseable dataset: {type(exc).__name__}: {exc}") from exc
     return header_from_dataset(ds)
