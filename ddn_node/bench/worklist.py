@@ -57,7 +57,8 @@ VIEWS: list[tuple[str, str]] = [
     ("api all by priority", "/api/worklist?unread=false"),
     ("api unread by arrival", "/api/worklist?order=arrival"),
     ("api unread CT", "/api/worklist?modality=CT"),
-    ("api STAT", "/api/worklist?priority=STAT&unread=false"),
+    ("api unread STAT", "/api/worklist?priority=STAT"),
+    ("api STAT in the whole archive", "/api/worklist?priority=STAT&unread=false"),
     ("page unread by priority (default)", "/"),
     ("page all by priority", "/?unread=false"),
 ]

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy import ColumnElement, Index, MetaData, Select, case, func, literal_column, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import Grouping
 
 from ddn_node.config import Priority
 from ddn_node.pipeline.triage import RANK
@@ -112,6 +113,9 @@ def proposed_indexes() -> list[Index]:
     table = STUDIES.to_metadata(MetaData())
     rank, score, not_read = _effective_rank(table), _score_key(table), _not_read(table)
     c = table.c
+    # PostgreSQL wants a CASE in an index in its own parentheses; both databases compare
+    # the parsed expressions, so the query's unparenthesised CASE still matches.
+    rank = Grouping(rank)
     return [
         Index("ix_studies_worklist_priority", rank, score.desc(), c.first_received_at, c.id),
         Index(
@@ -122,6 +126,16 @@ def proposed_indexes() -> list[Index]:
             c.id,
             sqlite_where=not_read,
             postgresql_where=not_read,
+        ),
+        # A priority filter over the whole archive (read studies included): equality on the
+        # effective priority, then the list's order.
+        Index(
+            "ix_studies_worklist_by_priority",
+            func.coalesce(c.priority_override, c.priority),
+            rank,
+            score.desc(),
+            c.first_received_at,
+            c.id,
         ),
         Index(
             "ix_studies_worklist_arrival_unread",
@@ -266,6 +280,21 @@ def format_study_datetime(date: str, time: str) -> str | None:
     if len(digits) >= 4 and digits[:4].isdigit():
         out += f" {digits[:2]}:{digits[2:4]}"
     return out
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes = int(seconds // 60)
+    if minutes < 1:
+        return "<1 min"
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
 
 
 _PRIORITIES = {p.value: p for p in Priority}

@@ -59,8 +59,9 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    # URLs carry study UIDs: do not hand them to other sites.
-    (b"referrer-policy", b"no-referrer"),
+    # URLs carry study UIDs: do not hand them to other sites. ("no-referrer" would also
+    # make browsers send "Origin: null" on our own form posts, which the CSRF check refuses.)
+    (b"referrer-policy", b"same-origin"),
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cross-origin-resource-policy", b"same-origin"),
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),

@@ -15,24 +15,25 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode, urlparse
+from urllib.parse import urlencode, urlparse
 
 import jinja2
-from markupsafe import Markup
 import structlog
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from markupsafe import Markup
 
 from ddn_node.config import Priority
 from ddn_node.pipeline.worklist import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     OVERRIDABLE,
-    ReadStatus,
     ROW_JSON,
+    ReadStatus,
     WorklistQuery,
     WorklistRow,
     fetch_row,
+    format_duration,
     get_worklist,
     page_etag,
     page_json,
@@ -71,21 +72,6 @@ def _local_dt(value: dt.datetime | None) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    minutes = int(seconds // 60)
-    if minutes < 1:
-        return "<1 min"
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes:02d} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
-
-
 def _score(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
@@ -101,7 +87,6 @@ def make_templates(*, asset_version: str, demo: bool) -> jinja2.Environment:
     env.filters["local_dt"] = _local_dt
     env.filters["duration"] = format_duration
     env.filters["score"] = _score
-    env.filters["pq"] = lambda s: quote(str(s), safe="")
     env.globals["asset_version"] = asset_version
     env.globals["demo"] = demo
     env.globals["study_path"] = study_path
@@ -204,6 +189,10 @@ def query_params(query: WorklistQuery, **changes: Any) -> str:
     return urlencode(out)
 
 
+def _page_url(query_string: str) -> str:
+    return "/?" + query_string if query_string else "/"
+
+
 async def csrf_protect(request: Request) -> Principal:
     """Refuse a state-changing form post without this session's CSRF token (403)."""
     principal: Principal = request.state.principal
@@ -275,7 +264,9 @@ def login(
         return _login_page(request, next_url, "The form expired. Please log in again.", status_code=403)
     principal = auth.verify_password(username, password)
     if principal is None:
-        log.warning("web.login_failed", user=username[:64], client=client)
+        # Not the name typed: people type passwords into the user field by mistake. The
+        # audit table (not the log) keeps the attempted name for security review.
+        log.warning("web.login_failed", known_user=username in auth.users, client=client)
         audit(database, AuditEventName.USER_LOGIN_FAILED, actor=username, host=client, outcome="failure")
         return _login_page(request, next_url, "Wrong user name or password.", status_code=401)
     log.info("web.login", user=principal.name, client=client)
@@ -310,7 +301,7 @@ def logout(request: Request, principal: Annotated[Principal, Depends(csrf_protec
 def worklist_page(request: Request) -> HTMLResponse:
     query = ui_query(request.query_params)
     page = get_worklist(request.app.state.database, query)
-    here = "/" + (("?" + qs) if (qs := query_params(query)) else "")
+    here = _page_url(query_params(query))
     prev_qs = query_params(query, offset=max(0, query.offset - query.limit)) if query.offset else None
     next_qs = query_params(query, offset=query.offset + query.limit) if query.offset + len(page.rows) < page.total else None
     return _render(
@@ -324,9 +315,9 @@ def worklist_page(request: Request) -> HTMLResponse:
         feed="/ui/worklist.json",
         modalities=sorted(set(MODALITIES) | ({query.modality} if query.modality else set())),
         priorities=list(Priority),
-        order_links={o: "/?" + query_params(query, order=o, offset=0) for o in ("priority", "arrival")},
-        prev_url=None if prev_qs is None else "/?" + prev_qs,
-        next_url=None if next_qs is None else "/?" + next_qs,
+        order_links={o: _page_url(query_params(query, order=o, offset=0)) for o in ("priority", "arrival")},
+        prev_url=None if prev_qs is None else _page_url(prev_qs),
+        next_url=None if next_qs is None else _page_url(next_qs),
     )
 
 
