@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import Tag
@@ -123,6 +124,16 @@ def header_from_dataset(ds: Dataset) -> Header:
     for tag in INDEXED_TAGS:
         keyword = pydicom.datadict.keyword_for_tag(tag)
         try:
+            raw = ds.get_item(tag, keep_deferred=True)
+            if raw is None:
+                continue
+            if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+                # Longer than defer_size: no indexed attribute is (UI, LO, PN... are at
+                # most a few hundred bytes), and reading it would load whatever length
+                # the sender declared.
+                values[keyword] = ""
+                values.setdefault("_warnings", []).append(f"{keyword}: {raw.length} bytes, not indexed")
+                continue
             # pydicom converts a raw value on first access (ds.get), so a value whose
             # length or bytes do not fit its VR raises here, not in dcmread.
             elem = ds.get(tag)
@@ -144,9 +155,33 @@ DEFLATED_HEADER_LIMIT = 16 << 20
 _LAST_INDEXED = max(INDEXED_TAGS)
 
 
+class _ClampedReader(io.BufferedReader):
+    """A file whose ``read(n)`` never asks for more than what is left of it.
+
+    pydicom reads a value with ``fp.read(length)``, and CPython allocates ``length`` bytes
+    before reading. Specific Character Set is read even past ``defer_size``, so a 1 kB
+    file declaring it 4 GiB long asked for a 4 GiB buffer in the DIMSE thread (a
+    MemoryError, not a HeaderError, where address space is limited).
+    """
+
+    def __init__(self, path: Path | str, mode: str = "rb"):
+        super().__init__(io.FileIO(str(path), mode))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = max(min(size, self._size - self.tell()), 0)
+            if size == 0:
+                return b""
+        return super().read(size)
+
+
 def _is_deflated(path: Path) -> bool:
+    # As pydicom.filereader.read_file_meta_info, but through the clamped reader.
     try:
-        meta = pydicom.filereader.read_file_meta_info(path)
+        with _ClampedReader(path) as handle:
+            pydicom.filereader.read_preamble(handle, False)
+            meta = pydicom.filereader._read_file_meta_info(handle)
     except _PARSE_ERRORS:
         return False  # no (readable) file meta: dcmread below decides what it is
     return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
@@ -177,27 +212,6 @@ def _read_deflated(path: Path) -> Dataset:
         stop_when=lambda tag, _vr, _length: tag > _LAST_INDEXED,
         specific_tags=INDEXED_TAGS,  # no defer_size: a deferred value is re-read from a file
     )
-
-
-class _ClampedReader(io.BufferedReader):
-    """A file whose ``read(n)`` never asks for more than what is left of it.
-
-    pydicom reads a value with ``fp.read(length)``, and CPython allocates ``length`` bytes
-    before reading. Specific Character Set is read even past ``defer_size``, so a 1 kB
-    file declaring it 4 GiB long asked for a 4 GiB buffer in the DIMSE thread (a
-    MemoryError, not a HeaderError, where address space is limited).
-    """
-
-    def __init__(self, path: Path):
-        super().__init__(io.FileIO(path, "rb"))
-        self._size = os.fstat(self.fileno()).st_size
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is not None and size > 0:
-            size = max(min(size, self._size - self.tell()), 0)
-            if size == 0:
-                return b""
-        return super().read(size)
 
 
 def read_header(path: Path) -> Header:
