@@ -100,6 +100,11 @@ class _Server(ThreadedAssociationServer):
         client, address = self.socket.accept()
         # Small DIMSE responses must not wait ~40 ms for a delayed ACK (Nagle's algorithm).
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # An accepted socket is blocking without a timeout (the listening socket's does not
+        # carry over), and pynetdicom's reactor, once part of a PDU has arrived, blocks in
+        # recv() for the rest: a peer that sends half a PDU and stalls would hold the
+        # thread and its association slot forever. Bound every read by the network timeout.
+        client.settimeout(self.ae.network_timeout)
         return client, address
 
     def finish_request(self, request: Any, client_address: Any) -> None:
