@@ -20,6 +20,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from ddn_node.config import PeerSettings, Settings
@@ -87,6 +89,69 @@ def server_tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext
         context.load_verify_locations(ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+# The largest PDU accepted before an association is established. An A-ASSOCIATE-RQ with
+# 128 presentation contexts of ten transfer syntaxes each is ~100 kB; user identity
+# tokens add a few kB more.
+MAX_REQUEST_PDU_BYTES = 1 << 20
+
+
+class _RequestGuard(AssociationSocket):
+    """The DUL socket of an acceptor, stricter while the peer is still anonymous.
+
+    pynetdicom reads a whole PDU into memory, whatever length its header declares, and
+    only then decodes it; the allow-list is checked after that. Until the association is
+    established this socket therefore refuses (i) a PDU declaring more than
+    ``MAX_REQUEST_PDU_BYTES`` (an anonymous peer could otherwise make the node buffer up
+    to 4 GiB), and (ii) taking longer than the ACSE timeout in all to arrive (the ARTIM
+    rule of PS3.8 9.1.2; the network timeout alone bounds each read, so a peer trickling
+    one byte a second held a thread and an association slot indefinitely). Either ends
+    in an OSError, which pynetdicom treats as the connection closing.
+    """
+
+    _deadline: float
+    _host: str
+
+    def guard(self, acse_timeout: float | None, host: str) -> None:
+        self._deadline = time.monotonic() + (acse_timeout or 30.0)
+        self._host = host
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self.assoc.is_established or self.socket is None:
+            return super().recv(nr_bytes)
+        if nr_bytes > MAX_REQUEST_PDU_BYTES:
+            log.warning("scp.request_too_large", host=self._host, declared=nr_bytes)
+            raise OSError(f"a PDU of {nr_bytes} bytes before association")
+        out = bytearray()
+        network_timeout = self.socket.gettimeout()
+        try:
+            while len(out) < nr_bytes:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes)
+                    raise TimeoutError("the association request did not arrive within the ACSE timeout")
+                self.socket.settimeout(min(left, network_timeout) if network_timeout else left)
+                chunk = self.socket.recv(min(4096, nr_bytes - len(out)))
+                if not chunk:  # closed by the peer: return what there is, as pynetdicom does
+                    break
+                out += chunk
+        finally:
+            if self.socket is not None:
+                self.socket.settimeout(network_timeout)
+        return out
+
+
+class _GuardedRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        # pynetdicom builds the AssociationSocket itself (and queues the transport event
+        # in its constructor, so it cannot be built twice); give it the guard's recv.
+        assert type(sock) is AssociationSocket
+        sock.__class__ = _RequestGuard
+        sock.guard(self.ae.acse_timeout, str(self.client_address[0]))
+        return assoc
 
 
 class _Server(ThreadedAssociationServer):
@@ -198,7 +263,10 @@ class StorageSCP:
 
     def _serve(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         server = self.ae.make_server(
-            (host, port), evt_handlers=self._handlers(), server_class=_Server
+            (host, port),
+            evt_handlers=self._handlers(),
+            server_class=_Server,
+            request_handler=_GuardedRequestHandler,
         )
         assert isinstance(server, _Server)
         server.tls = tls
