@@ -83,7 +83,7 @@ def worklist(
         return
 
     table = Table(
-        title=f"{page.total} {'unread ' if unread else ''}studies, {order} order"
+        title=f"{page.total}{'' if page.total_exact else '+'} {'unread ' if unread else ''}studies, {order} order"
         + (f", modality {query.modality}" if query.modality else "")
         + (f", {priority.value}" if priority else ""),
         title_justify="left",
@@ -117,8 +117,8 @@ def worklist(
         )
     console = Console(soft_wrap=False)
     console.print(table)
-    if page.total > offset + len(page.rows):
-        console.print(f"... {page.total - offset - len(page.rows)} more (--offset {offset + len(page.rows)})", highlight=False)
+    if len(page.rows) == limit and (not page.total_exact or page.total > offset + limit):
+        console.print(f"... more with --offset {offset + limit}", highlight=False)
 
 
 def worklist_bench(

@@ -42,6 +42,9 @@ from ddn_node.store.models import Study, StudyState, WorklistEvent, utcnow
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = 1000
+# Counting every study of a large archive costs more than the page itself (PostgreSQL
+# counts 100,000 rows in ~10 ms); nobody needs "97,512 studies" to the unit.
+COUNT_CAP = 10_000
 
 Order = Literal["priority", "arrival"]
 
@@ -212,7 +215,10 @@ class WorklistRow:
 @dataclass(slots=True)
 class WorklistPage:
     rows: list[WorklistRow]
-    total: Annotated[int, Field(description="rows matching the filters, all pages")]
+    total: Annotated[
+        int, Field(description=f"rows matching the filters, all pages; counted up to {COUNT_CAP} (see total_exact)")
+    ]
+    total_exact: Annotated[bool, Field(description=f"false when more than {COUNT_CAP} match and total says {COUNT_CAP}")]
     query: WorklistQuery
     generated_at: dt.datetime
 
@@ -429,8 +435,10 @@ def rows_statement(query: WorklistQuery) -> Select[Any]:
     )
 
 
-def count_statement(query: WorklistQuery) -> Select[Any]:
-    return select(func.count()).select_from(STUDIES).where(*_where(query, for_count=True))
+def count_statement(query: WorklistQuery, cap: int = COUNT_CAP) -> Select[Any]:
+    """How many match, counting at most ``cap + 1`` (the scan stops there)."""
+    matching = select(literal_column("1")).select_from(STUDIES).where(*_where(query, for_count=True))
+    return select(func.count()).select_from(matching.limit(cap + 1).subquery())
 
 
 def fetch_worklist(session: Session, query: WorklistQuery, now: dt.datetime | None = None) -> WorklistPage:
@@ -441,7 +449,14 @@ def fetch_worklist(session: Session, query: WorklistQuery, now: dt.datetime | No
         total = len(rows)  # the page holds every match: no count query needed
     else:
         total = int(session.execute(count_statement(query)).scalar_one())
-    return WorklistPage(rows=[_row(r, now) for r in rows], total=total, query=query, generated_at=now)
+    exact = total <= COUNT_CAP
+    return WorklistPage(
+        rows=[_row(r, now) for r in rows],
+        total=min(total, COUNT_CAP),
+        total_exact=exact,
+        query=query,
+        generated_at=now,
+    )
 
 
 def get_worklist(database: Database, query: WorklistQuery, now: dt.datetime | None = None) -> WorklistPage:

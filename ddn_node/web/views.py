@@ -303,7 +303,8 @@ def worklist_page(request: Request) -> HTMLResponse:
     page = get_worklist(request.app.state.database, query)
     here = _page_url(query_params(query))
     prev_qs = query_params(query, offset=max(0, query.offset - query.limit)) if query.offset else None
-    next_qs = query_params(query, offset=query.offset + query.limit) if query.offset + len(page.rows) < page.total else None
+    more = len(page.rows) == query.limit and (not page.total_exact or query.offset + query.limit < page.total)
+    next_qs = query_params(query, offset=query.offset + query.limit) if more else None
     return _render(
         request,
         "worklist.html",

@@ -157,7 +157,7 @@
     lastRows = page.rows;
     renderedAt = Date.now();
     if (count) {
-      count.textContent = String(page.total);
+      count.textContent = String(page.total) + (page.total_exact ? "" : "+");
     }
   }
 
