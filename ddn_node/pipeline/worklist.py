@@ -341,17 +341,21 @@ def _status_text(state: str, reason: str, analysed: bool) -> str:
     return f"{text} ({reason})" if reason else text
 
 
-def _why(
-    priority: Priority, model_priority: Priority, override: Priority | None, reason: str, aged: bool
-) -> str:
+# What triage.apply_ageing appends to priority_reason when it raises a study's rank.
+AGEING_MARK = "raised by ageing"
+_RANK_NAMES = {0: "STAT", 1: "HIGH", 2: "ROUTINE"}
+
+
+def _why(priority: Priority, model_priority: Priority, override: Priority | None, reason: str, rank: int) -> str:
     if override is not None:
         base = f"{override.value}: set by hand (manual override)"
         return base + (f"; triage said {model_priority.value}: {reason}" if reason else "")
     if model_priority == Priority.NOT_ANALYSED and not reason:
         reason = "no result yet: listed in the ROUTINE band by arrival"
     text = f"{priority.value}: {reason}" if reason else priority.value
-    if aged and "ageing" not in reason:
-        text += " (raised by ageing)"
+    if rank < RANK[model_priority] and AGEING_MARK not in reason:
+        # Not ageing: a rank kept from an earlier decision (say, a re-analysis that failed).
+        text += f" (ranked {_RANK_NAMES.get(rank, rank)} by an earlier decision)"
     return text
 
 
@@ -368,7 +372,7 @@ def _row(r: Any, now: dt.datetime) -> WorklistRow:
     model_priority = _priority(priority_value) or Priority.NOT_ANALYSED
     priority = override or model_priority
     rank = int(effective_rank)
-    aged = override is None and rank < RANK[model_priority]
+    aged = override is None and rank < RANK[model_priority] and AGEING_MARK in priority_reason
     analysed = analysed_at is not None
     read_status = _READ_STATUSES.get(read_value, ReadStatus.UNREAD)
     return WorklistRow(
@@ -394,7 +398,7 @@ def _row(r: Any, now: dt.datetime) -> WorklistRow:
         rank=rank,
         aged=aged,
         priority_reason=priority_reason,
-        why=_why(priority, model_priority, override, priority_reason, aged),
+        why=_why(priority, model_priority, override, priority_reason, rank),
         top_findings=_findings(top_findings),
         model_version=model_version,
         read_status=read_status,

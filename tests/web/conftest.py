@@ -43,11 +43,11 @@ def spool(tmp_path: Path) -> Spool:
     return spool
 
 
-AppFactory = Callable[..., TestClient]
+ClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture
-def make_client(tmp_path: Path, spool: Spool) -> Iterator[AppFactory]:
+def make_client(tmp_path: Path, spool: Spool) -> Iterator[ClientFactory]:
     """Build the app over a database and return a TestClient (closed at the end)."""
     from ddn_node.web.app import create_app
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+import httpx
 from sqlalchemy import select
-from web_helpers import OTHER_TOKEN, TOKEN, api_headers, login
+from web_helpers import OTHER_TOKEN, TOKEN, ClientFactory, api_headers, login
 from worklist_factory import add_study, analyse
 
 from ddn_node.store.audit import AuditEventName
@@ -15,12 +16,12 @@ from ddn_node.store.models import AuditEvent, Study, WorklistEvent
 HOSTILE = "<script>alert(1)</script>"
 
 
-def uids(response) -> list[str]:  # type: ignore[no-untyped-def]
+def uids(response: httpx.Response) -> list[str]:
     assert response.status_code == 200, response.text
     return [row["study_uid"] for row in response.json()["rows"]]
 
 
-def test_priority_order_arrival_order_filters_and_pages(database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_priority_order_arrival_order_filters_and_pages(database: Database, make_client: ClientFactory) -> None:
     m = dt.timedelta(minutes=1)
     # Arrival order (oldest first): routine, waiting, high_low, stat, high_top, dx, read.
     routine = add_study(database, received_ago=60 * m, modalities="CR")
@@ -66,7 +67,7 @@ def test_priority_order_arrival_order_filters_and_pages(database: Database, make
     assert client.get("/api/worklist?limit=100000", headers=h).status_code == 422
 
 
-def test_override_and_status_are_recorded_and_win(database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_override_and_status_are_recorded_and_win(database: Database, make_client: ClientFactory) -> None:
     stat = add_study(database, received_ago=dt.timedelta(minutes=30))
     routine = add_study(database, received_ago=dt.timedelta(minutes=20))
     analyse(database, stat, {"Pneumothorax": 0.9})
@@ -129,7 +130,7 @@ def test_override_and_status_are_recorded_and_win(database: Database, make_clien
     ]
 
 
-def test_every_api_call_needs_a_valid_token(database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_every_api_call_needs_a_valid_token(database: Database, make_client: ClientFactory) -> None:
     study = add_study(database)
     client = make_client(database)
     calls = [
@@ -179,7 +180,7 @@ def test_every_api_call_needs_a_valid_token(database: Database, make_client) -> 
         assert session.execute(select(Study.read_status, Study.priority_override)).one() == ("unread", None)
 
 
-def test_hostile_names_are_plain_data_in_json(database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_names_are_plain_data_in_json(database: Database, make_client: ClientFactory) -> None:
     name = f"{HOSTILE}^<img src=x onerror=alert(2)>"
     study = add_study(database, patient_name=name, description=f'"><{HOSTILE}', patient_id="Ж-1&2")
     analyse(database, study, {"Mass": 0.8})

@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import select
@@ -37,6 +38,9 @@ HOSTILE = "<script>alert(1)</script>"
 
 pytestmark = pytest.mark.slow
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
 
 @pytest.fixture
 def screenshot_dir(tmp_path: Path) -> Path:
@@ -46,7 +50,7 @@ def screenshot_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.skip("Debian chromium not installed")
     from playwright.sync_api import sync_playwright
@@ -57,13 +61,14 @@ def browser() -> Iterator[object]:
         chromium.close()
 
 
-def row_uids(page) -> list[str]:  # type: ignore[no-untyped-def]
-    return page.eval_on_selector_all("#rows tr[data-study-uid]", "rows => rows.map(r => r.dataset.studyUid)")
+def row_uids(page: Page) -> list[str]:
+    uids: list[str] = page.eval_on_selector_all("#rows tr[data-study-uid]", "rows => rows.map(r => r.dataset.studyUid)")
+    return uids
 
 
 def test_radiologist_path(
-    browser, sqlite_database: Database, spool: Spool, tmp_path: Path, screenshot_dir: Path
-) -> None:  # type: ignore[no-untyped-def]
+    browser: Browser, sqlite_database: Database, spool: Spool, tmp_path: Path, screenshot_dir: Path
+) -> None:
     from ddn_node.web.server import start_web
 
     db = sqlite_database

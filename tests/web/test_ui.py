@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from web_helpers import PASSWORD, USER, api_headers, csrf_of, login
+from web_helpers import PASSWORD, USER, ClientFactory, api_headers, csrf_of, login
 from worklist_factory import LABELS, add_image, add_study, analyse, write_manifest, write_overlay_png
 
 from ddn_node.dicom.spool import Spool
@@ -27,7 +27,7 @@ def audit_events(database: Database, name: str) -> list[tuple[str, str, str]]:
     return [tuple(r) for r in rows]
 
 
-def test_pages_need_a_login_and_logins_are_audited(sqlite_database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_pages_need_a_login_and_logins_are_audited(sqlite_database: Database, make_client: ClientFactory) -> None:
     client = make_client(sqlite_database)
     page = client.get("/?order=arrival")
     assert page.status_code == 303 and page.headers["location"] == "/login?next=%2F%3Forder%3Darrival"
@@ -57,7 +57,7 @@ def test_pages_need_a_login_and_logins_are_audited(sqlite_database: Database, ma
     assert client.get("/").status_code == 303
 
 
-def test_login_form_refuses_offsite_next_and_missing_csrf(sqlite_database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_login_form_refuses_offsite_next_and_missing_csrf(sqlite_database: Database, make_client: ClientFactory) -> None:
     client = make_client(sqlite_database)
     form = client.get("/login?next=//evil.example/x")
     assert 'name="next" value="/"' in form.text
@@ -68,7 +68,7 @@ def test_login_form_refuses_offsite_next_and_missing_csrf(sqlite_database: Datab
     assert "ddn_session" not in client.cookies
 
 
-def test_login_rate_limit_per_client(sqlite_database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_login_rate_limit_per_client(sqlite_database: Database, make_client: ClientFactory) -> None:
     client = make_client(sqlite_database, login_rate_per_minute=3)
     for _ in range(3):
         assert login(client, password="guess").status_code == 401
@@ -80,7 +80,7 @@ def test_login_rate_limit_per_client(sqlite_database: Database, make_client) -> 
     assert len(audit_events(sqlite_database, AuditEventName.USER_LOGIN_FAILED)) == 3
 
 
-def test_forms_need_the_csrf_token(sqlite_database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_forms_need_the_csrf_token(sqlite_database: Database, make_client: ClientFactory) -> None:
     study = add_study(sqlite_database)
     client = make_client(sqlite_database)
     login(client)
@@ -119,7 +119,7 @@ def test_forms_need_the_csrf_token(sqlite_database: Database, make_client) -> No
     assert [tuple(e) for e in events] == [(USER, "read", "read"), (USER, "override", "HIGH"), (USER, "unread", "unread")]
 
 
-def test_hostile_names_render_as_text(sqlite_database: Database, make_client, spool: Spool) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_names_render_as_text(sqlite_database: Database, make_client: ClientFactory, spool: Spool) -> None:
     name = f"{HOSTILE}^<img src=x onerror=alert(2)>"
     description = f'"><{HOSTILE}'
     study = add_study(sqlite_database, patient_name=name, description=description, patient_id="<b>P1</b>")
@@ -142,8 +142,8 @@ def test_hostile_names_render_as_text(sqlite_database: Database, make_client, sp
 
 
 def test_study_page_findings_images_deliveries_history(
-    sqlite_database: Database, make_client, spool: Spool, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    sqlite_database: Database, make_client: ClientFactory, spool: Spool, tmp_path: Path
+) -> None:
     model_dir = write_manifest(tmp_path / "model")
     study = add_study(sqlite_database, patient_name="ROE^RICHARD")
     image = add_image(sqlite_database, spool, study)
@@ -199,7 +199,7 @@ def test_study_page_findings_images_deliveries_history(
     assert client.get("/studies/9.9.9.9").status_code == 404
 
 
-def test_live_feed_answers_304_until_the_list_changes(sqlite_database: Database, make_client) -> None:  # type: ignore[no-untyped-def]
+def test_live_feed_answers_304_until_the_list_changes(sqlite_database: Database, make_client: ClientFactory) -> None:
     normal = add_study(sqlite_database, received_ago=dt.timedelta(minutes=30))
     analyse(sqlite_database, normal, {"Mass": 0.1})
     waiting = add_study(sqlite_database, received_ago=dt.timedelta(minutes=1))
@@ -218,7 +218,7 @@ def test_live_feed_answers_304_until_the_list_changes(sqlite_database: Database,
     assert client.get("/ui/worklist.json?order=arrival&priority=nonsense").json()["rows"][0]["study_uid"] == normal
 
 
-def test_metrics_are_computed_from_the_database(sqlite_database: Database, make_client, spool: Spool) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_are_computed_from_the_database(sqlite_database: Database, make_client: ClientFactory, spool: Spool) -> None:
     a = add_study(sqlite_database)
     add_image(sqlite_database, spool, a)
     analyse(sqlite_database, a, {"Pneumothorax": 0.9}, timings_ms={"model_ms": 40.0, "total_ms": 130.0},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from ddn_node.config import Settings
 TOKEN = "test-token-1"
 OTHER_TOKEN = "test-token-2"
 USER, PASSWORD = "radiologist", "correct horse battery staple"
+# make_client(database, model_dir=None, **web_settings) -> a TestClient of a new app
+ClientFactory = Callable[..., Any]
 # Cheap argon2 parameters: the tests check the logic, not the hashing cost.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 
