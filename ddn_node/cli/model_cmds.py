@@ -174,7 +174,7 @@ def evaluate(
 
 def model_bench(
     model: Annotated[Path | None, typer.Option(help="Artifact to benchmark (default: random DDN weights)")] = None,
-    dicom: Annotated[Path | None, typer.Option(help="DICOM file for the end-to-end timing")] = None,
+    dicom: Annotated[list[Path] | None, typer.Option(help="DICOM file(s) for the end-to-end timing (repeat the option)")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Alternating measurement rounds (medians reported)")] = 5,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch default)")] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer variants and iterations (smoke test)")] = False,
@@ -183,7 +183,7 @@ def model_bench(
     """Speed of ResNet-50 vs DDN, Grad-CAM overhead, end-to-end DICOM -> result (CPU)."""
     from ddn_node.bench.model import BenchConfig, run_bench
 
-    run_bench(BenchConfig(model=model, dicom=dicom, rounds=rounds, threads=threads, quick=quick, json_out=json_out))
+    run_bench(BenchConfig(model=model, dicom=tuple(dicom or ()), rounds=rounds, threads=threads, quick=quick, json_out=json_out))
 
 
 def register(app: typer.Typer) -> None:
