@@ -132,7 +132,12 @@ class _RequestGuard(AssociationSocket):
                     log.warning("scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes)
                     raise TimeoutError("the association request did not arrive within the ACSE timeout")
                 self.socket.settimeout(min(left, network_timeout) if network_timeout else left)
-                chunk = self.socket.recv(min(4096, nr_bytes - len(out)))
+                try:
+                    chunk = self.socket.recv(min(4096, nr_bytes - len(out)))
+                except TimeoutError:
+                    if time.monotonic() >= self._deadline:
+                        log.warning("scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes)
+                    raise
                 if not chunk:  # closed by the peer: return what there is, as pynetdicom does
                     break
                 out += chunk
