@@ -181,6 +181,16 @@ class Priority(StrEnum):
     NOT_ANALYSED = "NOT_ANALYSED"
 
 
+# Reading order of the priority classes (0 is read first). Not analysed studies sit in
+# the routine band, by arrival: listed, never hidden below it.
+PRIORITY_RANK: dict[Priority, int] = {
+    Priority.STAT: 0,
+    Priority.HIGH: 1,
+    Priority.ROUTINE: 2,
+    Priority.NOT_ANALYSED: 2,
+}
+
+
 class TriageSettings(_Section):
     """How an abnormality score and findings become a priority (explained in the UI)."""
 

@@ -9,9 +9,7 @@ that round's p50 / p95 (this machine is shared and noisy); views alternate withi
     python -m ddn_node.bench.worklist                 # 10k and 100k, SQLite (+ PostgreSQL)
     python -m ddn_node.bench.worklist --studies 10000 --rounds 3 --no-postgres
 
-The database is what the migrations create. ``--proposed-indexes`` adds the indexes of
-:func:`ddn_node.pipeline.worklist.proposed_indexes` first, to measure them before they are
-part of the schema.
+The database is what the migrations create, the worklist's indexes included.
 """
 
 from __future__ import annotations
@@ -42,7 +40,6 @@ from sqlalchemy.schema import CreateIndex
 
 from ddn_node.config import Priority
 from ddn_node.pipeline.triage import RANK
-from ddn_node.pipeline.worklist import proposed_indexes
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import Study
@@ -172,18 +169,6 @@ def _analyze(database: Database) -> None:
     if database.is_postgres:
         with database.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM ANALYZE"))
-
-
-def add_proposed_indexes(database: Database) -> list[str]:
-    existing = {ix["name"] for ix in inspect(database.engine).get_indexes("studies")}
-    added = []
-    with database.engine.begin() as conn:
-        for index in proposed_indexes():
-            if index.name not in existing:
-                conn.execute(CreateIndex(index))
-                added.append(str(index.name))
-    _analyze(database)
-    return added
 
 
 # -- databases and the server ------------------------------------------------------------
@@ -386,7 +371,6 @@ def run(
     backends: tuple[str, ...] = ("sqlite", "postgres"),
     rounds: int = 5,
     requests: int = 40,
-    proposed: bool = False,
     out: Any = None,
 ) -> list[Figure]:
     """Fill, serve and time the worklist at ``n_studies``; prints and returns the figures."""
@@ -405,12 +389,8 @@ def run(
                     t0 = time.perf_counter()
                     fill(database, n_studies)
                     fill_s = time.perf_counter() - t0
-                    added = add_proposed_indexes(database) if proposed else []
-                    print(
-                        f"[{backend}] {n_studies} studies filled in {fill_s:.1f} s"
-                        + (f"; proposed indexes added: {', '.join(added)}" if added else ""),
-                        file=out,
-                    )
+                    _analyze(database)
+                    print(f"[{backend}] {n_studies} studies filled in {fill_s:.1f} s", file=out)
                 finally:
                     database.dispose()
                 with web_server(url, tmp) as server:
@@ -434,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=40, help="requests per view per round")
     parser.add_argument("--no-postgres", action="store_true")
-    parser.add_argument("--proposed-indexes", action="store_true", help="add worklist.proposed_indexes() first")
     args = parser.parse_args(argv)
     backends = ("sqlite",) if args.no_postgres else ("sqlite", "postgres")
     print(
@@ -444,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = []
     for n in args.studies:
-        results += run(n, backends=backends, rounds=args.rounds, requests=args.requests, proposed=args.proposed_indexes)
+        results += run(n, backends=backends, rounds=args.rounds, requests=args.requests)
     worst = max((f.p95 for f in results), default=0.0)
     print(f"worst p95: {worst:.1f} ms (goal: under 50 ms at 100,000 studies)")
     return 0

@@ -317,19 +317,6 @@ def bench_e2e(
     run(n_studies=studies, model=model, size=size)
 
 
-@bench_app.command("worklist")
-def bench_worklist(
-    studies: Annotated[list[int] | None, typer.Option(help="Database sizes.")] = None,
-    rounds: Annotated[int, typer.Option()] = 5,
-    no_postgres: Annotated[bool, typer.Option(help="SQLite only.")] = False,
-) -> None:
-    """/api/worklist and / latency at 10,000 and 100,000 studies."""
-    from ddn_node.bench.worklist import main as worklist_main
-
-    args = ["--rounds", str(rounds), "--studies", *map(str, studies or [10_000, 100_000])]
-    raise typer.Exit(worklist_main([*args, *(["--no-postgres"] if no_postgres else [])]))
-
-
 @bench_app.command("all")
 def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False) -> None:
     """Every benchmark in turn (what `make bench` runs)."""
@@ -350,6 +337,7 @@ def _register() -> None:
 
     model_cmds.register(app)
     bench_app.command("model")(model_cmds.model_bench)
+    bench_app.command("worklist")(ops_cmds.worklist_bench)
     ops_cmds.register(app)
 
 

@@ -126,7 +126,6 @@ def worklist_bench(
     rounds: Annotated[int, typer.Option(min=1)] = 5,
     requests: Annotated[int, typer.Option(min=1, help="Requests per view per round.")] = 40,
     postgres: Annotated[bool, typer.Option("--postgres/--no-postgres", help="Also PostgreSQL when reachable.")] = True,
-    proposed_indexes: Annotated[bool, typer.Option(help="Add worklist.proposed_indexes() first.")] = False,
 ) -> None:
     """Worklist latency (p50/p95 of /api/worklist and the page) at 10,000 and 100,000 studies."""
     from ddn_node.bench.worklist import main as bench_main
@@ -135,8 +134,6 @@ def worklist_bench(
     args += ["--studies", *(str(n) for n in (studies or [10_000, 100_000]))]
     if not postgres:
         args.append("--no-postgres")
-    if proposed_indexes:
-        args.append("--proposed-indexes")
     raise typer.Exit(bench_main(args))
 
 

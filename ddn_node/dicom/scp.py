@@ -32,6 +32,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -108,6 +109,12 @@ class _RequestGuard(AssociationSocket):
     rule of PS3.8 9.1.2; the network timeout alone bounds each read, so a peer trickling
     one byte a second held a thread and an association slot indefinitely). Either ends
     in an OSError, which pynetdicom treats as the connection closing.
+
+    (iii) When the connection ends before an A-ASSOCIATE-RQ arrived (a port probe, a
+    health check, junk), pynetdicom's association thread would go on waiting for the
+    request until the ACSE timeout, holding one of ``max_associations`` slots all that
+    time: a TCP health check every 2 s filled 16 slots with the default 30 s. The guard
+    wakes it with the same "no request" it gets on a timeout.
     """
 
     _deadline: float
@@ -120,6 +127,17 @@ class _RequestGuard(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         if self.assoc.is_established or self.socket is None:
             return super().recv(nr_bytes)
+        try:
+            out = self._recv_before_association(nr_bytes)
+        except OSError:  # TimeoutError included
+            self._no_request()
+            raise
+        if len(out) < nr_bytes:  # closed by the peer
+            self._no_request()
+        return out
+
+    def _recv_before_association(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
         if nr_bytes > MAX_REQUEST_PDU_BYTES:
             log.warning("scp.request_too_large", host=self._host, declared=nr_bytes)
             raise OSError(f"a PDU of {nr_bytes} bytes before association")
@@ -145,6 +163,23 @@ class _RequestGuard(AssociationSocket):
             if self.socket is not None:
                 self.socket.settimeout(network_timeout)
         return out
+
+    def close(self) -> None:
+        # The DUL closes the transport itself after aborting a bad first PDU (A-ABORT,
+        # then close): no A-ASSOCIATE-RQ will come on this connection either.
+        super().close()
+        self._no_request()
+
+    def _no_request(self) -> None:
+        """Wake the association thread if it is still waiting for an A-ASSOCIATE-RQ that
+        can no longer come. None is what its wait returns on the ACSE timeout; it then
+        stops the DUL once that has seen the close (Sta1) and shuts the socket down."""
+        if self.assoc.requestor.primitive is not None:
+            return  # the request arrived: the association thread is past that wait
+        queued = list(self.assoc.dul.to_user_queue.queue)
+        if any(isinstance(p, A_ASSOCIATE) or p is None for p in queued):
+            return  # a request, or the wake-up, is already on its way
+        self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
 
 
 class _GuardedRequestHandler(RequestHandler):
@@ -419,11 +454,13 @@ class StorageSCP:
             return UID_MISMATCH
         try:
             stored = self.spool.commit(
-                tmp, self.spool.instance_relpath(study_uid, sop_uid), hash_from=offset
+                tmp, self.spool.instance_relpath(study_uid, sop_uid), hash_from=offset, overlap=True
             )
         except OSError as exc:
-            level = "scp.store_disk_full" if exc.errno == errno.ENOSPC else "scp.store_write_failed"
-            log.error(level, sop_instance_uid=sop_uid, error=str(exc))
+            if exc.errno == errno.ENOSPC:
+                log.error("scp.store_disk_full", sop_instance_uid=sop_uid, error=str(exc))
+            else:
+                log.error("scp.store_write_failed", sop_instance_uid=sop_uid, error=str(exc))
             return OUT_OF_RESOURCES
         transfer_syntax = str(event.context.transfer_syntax)
         record = InstanceRecord(
@@ -469,6 +506,13 @@ class StorageSCP:
         except SQLAlchemyError as exc:
             # The file is in place but not acknowledged: a re-send overwrites it.
             log.error("scp.store_db_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
+            return OUT_OF_RESOURCES
+        try:
+            # The row committed while the directory entry was being synced; 0x0000 only
+            # once both are on disk.
+            stored.wait_durable()
+        except OSError as exc:
+            log.error("scp.store_write_failed", sop_instance_uid=sop_uid, error=str(exc))
             return OUT_OF_RESOURCES
         with self._lock:
             stats = self._stats.get(id(event.assoc))

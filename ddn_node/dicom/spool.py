@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> int:
+    """fsync a file's data; returns its size."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+        return os.fstat(handle.fileno()).st_size
+
+
 def file_sha256(path: Path, offset: int = 0) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -49,6 +57,14 @@ class StoredFile:
     relpath: str
     size: int
     sha256: str
+    # The directory entry's fsync, still running: the caller overlaps it with its own
+    # commit and waits for it before acknowledging (see :meth:`Spool.commit`).
+    entry_synced: Future[None] | None = None
+
+    def wait_durable(self) -> None:
+        """Block until the rename itself is on disk (re-raises its OSError)."""
+        if self.entry_synced is not None:
+            self.entry_synced.result()
 
 
 class Spool:
@@ -56,6 +72,8 @@ class Spool:
 
     def __init__(self, root: Path):
         self.root = root
+        # fsync and hashing release the GIL: overlapping them halves the wait per instance.
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-io")
         self.incoming = root / "incoming"
         self.studies = root / "studies"
         self.results = root / "results"
@@ -84,26 +102,32 @@ class Spool:
         return f"results/{safe_component(study_uid)}/{safe_component(sop_instance_uid)}{suffix}"
 
     def commit(
-        self, tmp: Path, relpath: str, sha256: str | None = None, hash_from: int = 0
+        self, tmp: Path, relpath: str, sha256: str | None = None, hash_from: int = 0, *, overlap: bool = False
     ) -> StoredFile:
         """Make ``tmp`` durable and move it to ``relpath`` atomically.
 
         ``tmp`` must be on the spool's filesystem (``incoming/``) so the rename is atomic.
         The recorded sha256 covers the bytes from ``hash_from`` (the data set, for received
-        instances: what the sender put on the wire).
+        instances: what the sender put on the wire). The file's fsync runs while it is
+        hashed. With ``overlap``, the fsync of the directory entry is left running in
+        :attr:`StoredFile.entry_synced` so the caller can commit its database row
+        meanwhile and must call :meth:`StoredFile.wait_durable` before it acknowledges;
+        otherwise it is waited for here.
         """
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-            size = os.fstat(handle.fileno()).st_size
+        synced = self._io.submit(_fsync_file, tmp)
         digest = sha256 or file_sha256(tmp, hash_from)
+        size = synced.result()
         final = self.root / relpath
         parent = final.parent
         if not parent.is_dir():
             parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(parent.parent)
         os.replace(tmp, final)
-        fsync_dir(parent)
-        return StoredFile(relpath=relpath, size=size, sha256=digest)
+        entry = self._io.submit(fsync_dir, parent)
+        stored = StoredFile(relpath=relpath, size=size, sha256=digest, entry_synced=entry)
+        if not overlap:
+            stored.wait_durable()
+        return stored
 
     def write_bytes(self, relpath: str, data: bytes) -> StoredFile:
         """Durably write bytes we produced ourselves (results) to ``relpath``."""

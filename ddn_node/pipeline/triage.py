@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from ddn_node.config import Priority, TriageSettings
+from ddn_node.config import PRIORITY_RANK, Priority, TriageSettings
 from ddn_node.model.types import LabelSpec
 from ddn_node.store.engine import Database
 from ddn_node.store.models import Study, utcnow
 
-RANK = {Priority.STAT: 0, Priority.HIGH: 1, Priority.ROUTINE: 2, Priority.NOT_ANALYSED: 2}
+RANK = PRIORITY_RANK
 
 
 @dataclass(frozen=True)

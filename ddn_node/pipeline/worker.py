@@ -23,7 +23,7 @@ import structlog
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
-from ddn_node.config import Priority, RoutingRule, Settings
+from ddn_node.config import PRIORITY_RANK, Priority, RoutingRule, Settings
 from ddn_node.dicom.pixels import PixelDataError, load_display_image
 from ddn_node.dicom.results import ResultObjects, SRReference, build_results, render_png
 from ddn_node.dicom.spool import Spool
@@ -44,6 +44,7 @@ from ddn_node.store.models import (
     Series,
     Study,
     StudyState,
+    WorklistEvent,
     utcnow,
 )
 from ddn_node.store.queue import JOBS
@@ -451,8 +452,21 @@ class Worker:
                     top_findings=[[name, round(p, 4)] for name, p in top],
                     model_version=f"{prediction.algorithm.name} {prediction.algorithm.version}",
                     analysed_at=now,
+                    # New results are new reading: a study read before (a re-opened one, or
+                    # one read before its analysis) goes back on the unread list.
+                    read_status="unread",
                 )
             )
+            if generation > 1 or self._was_read(session, study_id):
+                session.add(
+                    WorklistEvent(
+                        study_id=study_id,
+                        user="ddn-node",
+                        action="unread",
+                        value=f"new results (analysis {generation})",
+                        at=now,
+                    )
+                )
             # Only the generation that is still current moves the study to 'analysed'; if
             # a late instance re-opened it meanwhile, it stays 'receiving'.
             session.execute(
@@ -465,6 +479,12 @@ class Worker:
                 .values(state=StudyState.ANALYSED, state_reason="")
             )
         return True
+
+    @staticmethod
+    def _was_read(session, study_id: int) -> bool:  # type: ignore[no-untyped-def]
+        return bool(
+            session.scalar(select(WorklistEvent.id).where(WorklistEvent.study_id == study_id).limit(1))
+        )
 
     def _failed(
         self, job_id: int, study_id: int, generation: int, attempts: int, reason: str, permanent: bool
@@ -502,6 +522,7 @@ class Worker:
                     state=StudyState.FAILED,
                     state_reason=reason[:2000],
                     priority=Priority.NOT_ANALYSED.value,
+                    priority_rank=PRIORITY_RANK[Priority.NOT_ANALYSED],
                     priority_reason=f"analysis failed: {reason}"[:2000],
                 )
             )

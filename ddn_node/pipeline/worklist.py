@@ -13,7 +13,7 @@ total and pages never overlap. ``arrival``: first instance received, oldest firs
 the original order the node keeps recoverable.
 
 The ordering expressions are built from literals (never bound parameters) so that they are
-textually the same as in the indexes of :func:`proposed_indexes`; SQLite only uses an
+textually the same as in the indexes declared in store/models.py; SQLite only uses an
 expression index when the query repeats the indexed expression exactly.
 
 Changes a radiologist makes (opened / read / unread, priority override) go through
@@ -30,15 +30,15 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
-from sqlalchemy import ColumnElement, Index, MetaData, Select, case, func, literal_column, select
+from sqlalchemy import ColumnElement, Select, case, func, literal_column, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import Grouping
 
 from ddn_node.config import Priority
 from ddn_node.pipeline.triage import RANK
 from ddn_node.store.audit import AuditEventName, add_audit
 from ddn_node.store.engine import Database
 from ddn_node.store.models import Study, StudyState, WorklistEvent, utcnow
+from ddn_node.store.ordering import effective_priority, effective_rank, lit, not_read, score_key
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = 1000
@@ -59,43 +59,14 @@ class ReadStatus(StrEnum):
 OVERRIDABLE = (Priority.STAT, Priority.HIGH, Priority.ROUTINE)
 
 
-# -- the SQL expressions ----------------------------------------------------------------
-
-
-def _lit(value: int | float | str) -> ColumnElement[Any]:
-    """An inline SQL literal (see the module docstring: indexes match on exact text)."""
-    if isinstance(value, str):
-        return literal_column("'" + value.replace("'", "''") + "'")
-    return literal_column(repr(value))
-
-
-def _effective_rank(table: Any) -> ColumnElement[int]:
-    c = table.c
-    return case(
-        (c.priority_override.is_(None), c.priority_rank),
-        (c.priority_override == _lit(Priority.STAT.value), _lit(RANK[Priority.STAT])),
-        (c.priority_override == _lit(Priority.HIGH.value), _lit(RANK[Priority.HIGH])),
-        else_=_lit(RANK[Priority.ROUTINE]),
-    )
-
-
-def _score_key(table: Any) -> ColumnElement[float]:
-    # Scores are probabilities in [0, 1]; -1 puts "not analysed yet" last in its band on
-    # both SQLite (NULLs sort first) and PostgreSQL (NULLs sort last), without NULLS LAST,
-    # which SQLite cannot put in an index.
-    return func.coalesce(table.c.abnormality_score, _lit(-1.0))
-
-
-def _not_read(table: Any) -> ColumnElement[bool]:
-    return table.c.read_status != _lit(ReadStatus.READ.value)
-
+# -- the SQL expressions (shared with the indexes, see store/ordering.py) ----------------
 
 STUDIES = Study.__table__
-EFFECTIVE_RANK = _effective_rank(STUDIES)
-SCORE_KEY = _score_key(STUDIES)
-NOT_READ = _not_read(STUDIES)
+EFFECTIVE_RANK = effective_rank(STUDIES)
+SCORE_KEY = score_key(STUDIES)
+NOT_READ = not_read(STUDIES)
 UNREAD_IN = STUDIES.c.read_status.in_([ReadStatus.UNREAD.value, ReadStatus.OPENED.value])
-EFFECTIVE_PRIORITY = func.coalesce(STUDIES.c.priority_override, STUDIES.c.priority)
+EFFECTIVE_PRIORITY = effective_priority(STUDIES)
 
 
 def order_by(order: Order) -> list[ColumnElement[Any]]:
@@ -103,51 +74,6 @@ def order_by(order: Order) -> list[ColumnElement[Any]]:
     if order == "arrival":
         return [c.first_received_at.asc(), c.id.asc()]
     return [EFFECTIVE_RANK.asc(), SCORE_KEY.desc(), c.first_received_at.asc(), c.id.asc()]
-
-
-def proposed_indexes() -> list[Index]:
-    """The indexes the worklist needs, on a detached copy of ``studies``.
-
-    They belong in store/models.py with an Alembic migration (the store owner adds them);
-    until then the worklist bench can create them on its throw-away databases to measure
-    their effect. Two of them are partial (unread rows only): the default view, so the
-    list walks a small index and stops after one page however many studies were read.
-    """
-    table = STUDIES.to_metadata(MetaData())
-    rank, score, not_read = _effective_rank(table), _score_key(table), _not_read(table)
-    c = table.c
-    # PostgreSQL wants a CASE in an index in its own parentheses; both databases compare
-    # the parsed expressions, so the query's unparenthesised CASE still matches.
-    rank = Grouping(rank)
-    return [
-        Index("ix_studies_worklist_priority", rank, score.desc(), c.first_received_at, c.id),
-        Index(
-            "ix_studies_worklist_priority_unread",
-            rank,
-            score.desc(),
-            c.first_received_at,
-            c.id,
-            sqlite_where=not_read,
-            postgresql_where=not_read,
-        ),
-        # A priority filter over the whole archive (read studies included): equality on the
-        # effective priority, then the list's order.
-        Index(
-            "ix_studies_worklist_by_priority",
-            func.coalesce(c.priority_override, c.priority),
-            rank,
-            score.desc(),
-            c.first_received_at,
-            c.id,
-        ),
-        Index(
-            "ix_studies_worklist_arrival_unread",
-            c.first_received_at,
-            c.id,
-            sqlite_where=not_read,
-            postgresql_where=not_read,
-        ),
-    ]
 
 
 # -- rows ---------------------------------------------------------------------------------
@@ -422,7 +348,7 @@ def _where(query: WorklistQuery, *, for_count: bool = False) -> list[ColumnEleme
         # escapes LIKE wildcards with '/', which also stops PostgreSQL reading '\' as escape.
         wanted = "\\" + query.modality.strip().upper() + "\\"
         conditions.append(
-            (_lit("\\") + c.modalities + _lit("\\")).contains(wanted, autoescape=True)
+            (lit("\\") + c.modalities + lit("\\")).contains(wanted, autoescape=True)
         )
     if query.priority is not None:
         conditions.append(EFFECTIVE_PRIORITY == query.priority.value)

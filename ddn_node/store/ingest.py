@@ -10,14 +10,16 @@ import datetime as dt
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, fields
+from functools import cache
+from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Instance, Job, JobState, Series, Study, StudyState, utcnow
+from ddn_node.store.models import Instance, Job, JobState, Series, Study, StudyState, UTCDateTime, utcnow
 
 
 @dataclass(frozen=True)
@@ -144,31 +146,63 @@ def _instance_values(rec: InstanceRecord, study_id: int, series_id: int, now: dt
     return _fit(Instance, values)
 
 
+_INSTANCE_COLUMNS = [c.name for c in Instance.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
+
+
+@cache
+def _fast_statements(dialect_name: str) -> tuple[Any, Any]:
+    """The fast path's two statements, built once with bind parameters.
+
+    Built per call they cost more Python time than SQLite takes to run them.
+    """
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    insert_instance = (
+        dialect.insert(Instance)
+        .values({name: bindparam(name) for name in _INSTANCE_COLUMNS})
+        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        .returning(Instance.id)
+    )
+    # The cached ids must still name this series of this study (ids of purged rows could
+    # in principle be reused): checked in the same statement that touches the study.
+    same_series = exists().where(
+        Series.id == bindparam("series_id"),
+        Series.study_id == bindparam("study_id"),
+        Series.series_uid == bindparam("series_uid"),
+    )
+    touch_study = (
+        update(Study)
+        .where(Study.id == bindparam("study_id"), Study.state == StudyState.RECEIVING, same_series)
+        .values(
+            num_instances=Study.num_instances + 1,
+            last_received_at=bindparam("now", type_=UTCDateTime()),
+            complete_after=bindparam("complete_after", type_=UTCDateTime()),
+        )
+        .returning(Study.id)
+    )
+    return insert_instance, touch_study
+
+
 def _fast_path(
     session: Session, rec: InstanceRecord, ids: tuple[int, int], now: dt.datetime, complete_after: dt.datetime
 ) -> IngestOutcome | None:
     """A new instance of a known series in a study still receiving; None if not that case."""
     study_id, series_id = ids
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    inserted = session.scalar(
-        dialect.insert(Instance)
-        .values(**_instance_values(rec, study_id, series_id, now))
-        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        .returning(Instance.id)
-    )
+    insert_instance, touch_study = _fast_statements(session.get_bind().dialect.name)
+    values = _instance_values(rec, study_id, series_id, now)
+    row = {name: values.get(name) for name in _INSTANCE_COLUMNS}
+    inserted = session.execute(insert_instance, row).scalar()
     if inserted is None:
         return None  # a duplicate: the full path compares content
-    # The cached ids must still name this series of this study (ids of purged rows could
-    # in principle be reused): checked in the same statement that touches the study.
-    same_series = exists().where(
-        Series.id == series_id, Series.study_id == study_id, Series.series_uid == rec.series_uid
-    )
-    touched = session.scalar(
-        update(Study)
-        .where(Study.id == study_id, Study.state == StudyState.RECEIVING, same_series)
-        .values(num_instances=Study.num_instances + 1, last_received_at=now, complete_after=complete_after)
-        .returning(Study.id)
-    )
+    touched = session.execute(
+        touch_study,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "series_uid": rec.series_uid,
+            "now": now,
+            "complete_after": complete_after,
+        },
+    ).scalar()
     if touched is None:
         return None  # completed meanwhile: the full path re-opens it
     return IngestOutcome(study_id, True, False, False, complete_after)

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    CheckConstraint,
     BigInteger,
     DateTime,
     Float,
@@ -27,7 +28,10 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import Grouping
 from sqlalchemy.types import TypeDecorator
+
+from ddn_node.store.ordering import READ_STATUSES, effective_priority, effective_rank, not_read, score_key
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -147,8 +151,51 @@ class Study(Base):
         Index("ix_studies_state_force_complete_at", "state", "force_complete_at"),
         Index("ix_studies_worklist", "read_status", "priority_rank", "abnormality_score"),
         Index("ix_studies_first_received_at", "first_received_at"),
+        # The worklist's page query and its count use two equivalent predicates on it.
+        CheckConstraint(
+            "read_status IN (" + ", ".join(f"'{v}'" for v in READ_STATUSES) + ")", name="ck_studies_read_status"
+        ),
         _SQLITE_ARGS,
     )
+
+
+def _worklist_indexes(table: Any) -> None:
+    """The indexes behind the worklist's orders and filters (expressions: store/ordering.py).
+
+    Two are partial (unread rows only), for the default view: the list walks a small
+    index and stops after one page, however many studies were read. PostgreSQL wants the
+    CASE of an expression index in its own parentheses; both databases compare parsed
+    expressions, so the query's unparenthesised CASE still matches.
+    """
+    rank, score, unread, c = Grouping(effective_rank(table)), score_key(table), not_read(table), table.c
+    Index("ix_studies_worklist_priority", rank, score.desc(), c.first_received_at, c.id)
+    Index(
+        "ix_studies_worklist_priority_unread",
+        rank,
+        score.desc(),
+        c.first_received_at,
+        c.id,
+        sqlite_where=unread,
+        postgresql_where=unread,
+    )
+    Index(
+        "ix_studies_worklist_by_priority",
+        effective_priority(table),
+        rank,
+        score.desc(),
+        c.first_received_at,
+        c.id,
+    )
+    Index(
+        "ix_studies_worklist_arrival_unread",
+        c.first_received_at,
+        c.id,
+        sqlite_where=unread,
+        postgresql_where=unread,
+    )
+
+
+_worklist_indexes(Study.__table__)
 
 
 class Series(Base):

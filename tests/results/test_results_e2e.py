@@ -156,6 +156,7 @@ def test_late_instance_supersedes_the_sr(make_node, sqlite_url: str, pacs: Ortha
         assert _send_sample(node.port, first) == 0
         objs = wait_for(lambda: _results_in(pacs, study_uid), 180, "first SR")
         first_sr = next(d for d in objs if d.SOPClassUID == SR_CLASS)
+        _mark_read(sqlite_url, study_uid)  # the radiologist read it
         assert _send_sample(node.port, late_path) == 0
         objs = wait_for(lambda: _results_in(pacs, study_uid, sr_count=2), 180, "superseding SR")
     srs = [d for d in objs if d.SOPClassUID == SR_CLASS]
@@ -167,3 +168,21 @@ def test_late_instance_supersedes_the_sr(make_node, sqlite_url: str, pacs: Ortha
         for ref in series.ReferencedSOPSequence
     }
     assert predecessors == {first_sr.SOPInstanceUID}
+    # New images and new results: back on the radiologist's unread list.
+    db = make_database(sqlite_url)
+    try:
+        with db.read() as s:
+            study = s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
+    finally:
+        db.dispose()
+    assert study.read_status == "unread" and study.generation == 2
+
+
+def _mark_read(db_url: str, study_uid: str) -> None:
+    from ddn_node.pipeline.worklist import ReadStatus, set_read_status
+
+    db = make_database(db_url)
+    try:
+        set_read_status(db, study_uid, ReadStatus.READ, user="dr.test")
+    finally:
+        db.dispose()

@@ -1,17 +1,16 @@
-"""The worklist's queries can use the indexes proposed for them (expressions that match).
+"""The worklist's queries use the schema's indexes (expressions that match).
 
 SQLite only uses an expression index when the query repeats the indexed expression, and a
 partial index when the query repeats its WHERE term; a harmless-looking change to either
 side silently turns the list back into a sort of every study. The figures are in the
-worklist bench; this test only guards the match. Once the store's migration creates the
-indexes, ``add_proposed_indexes`` finds them by name and the same checks hold for them.
+worklist bench; this test only guards the match.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import text
 
-from ddn_node.bench.worklist import add_proposed_indexes, fill
+from ddn_node.bench.worklist import fill
 from ddn_node.config import Priority
 from ddn_node.pipeline.worklist import WorklistQuery, count_statement, rows_statement
 from ddn_node.store.engine import Database
@@ -41,7 +40,6 @@ def _plan(database: Database, statement: object) -> str:
 
 def test_worklist_queries_use_their_indexes(database: Database) -> None:
     fill(database, 2000)
-    add_proposed_indexes(database)
     for name, (query, index) in VIEWS.items():
         plan = _plan(database, rows_statement(query))
         assert index in plan, f"{name}: {plan}"
