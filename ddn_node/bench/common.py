@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,41 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+PG_ADMIN_DSN = os.environ.get("DDN_BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+
+def postgres_reachable(dsn: str = PG_ADMIN_DSN) -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except Exception:  # noqa: BLE001 - any failure means: not available
+        return False
+
+
+@contextmanager
+def throwaway_database(kind: str, tmp: Path, dsn: str = PG_ADMIN_DSN, prefix: str = "ddn_tmp") -> Iterator[str]:
+    """A URL to an empty database: a SQLite file in ``tmp``, or a new PostgreSQL database
+    (dropped afterwards) on the server ``dsn`` names."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp / f'{prefix}.sqlite'}"
+        return
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = dict(kv.split("=", 1) for kv in dsn.split())
+    try:
+        yield (
+            f"postgresql+psycopg://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
+            f"{params.get('port', '5432')}/{name}"
+        )
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 def machine() -> str:
@@ -115,10 +151,14 @@ def write_instances(folder: Path, n: int, size: int, studies: int = 1) -> list[P
     return paths
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its reaped children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds of a process (and its reaped children), from /proc: the
+    process's own cost, apart from the waiting a shared machine adds to wall time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    ticks = sum(int(fields[i]) for i in ((11, 12, 13, 14) if children else (11, 12)))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

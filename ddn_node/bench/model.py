@@ -35,7 +35,7 @@ from torch import nn
 
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.gradcam import logits_and_cams
-from ddn_node.model.preprocess import Geometry, PreprocessSpec, fit_geometry, map_to_source
+from ddn_node.model.preprocess import Geometry, fit_geometry, map_to_source
 
 log = structlog.get_logger()
 

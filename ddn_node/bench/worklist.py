@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,16 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import insert, inspect, text
-from sqlalchemy.schema import CreateIndex
+from sqlalchemy import insert, text
 
+from ddn_node.bench.common import PG_ADMIN_DSN, cpu_seconds, free_port, postgres_reachable, throwaway_database
 from ddn_node.config import Priority
 from ddn_node.pipeline.triage import RANK
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import Study
 
-PG_ADMIN_DSN = os.environ.get("DDN_BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 TOKEN = "bench-token"
 USER, PASSWORD = "bench", "bench-password"
 
@@ -174,53 +172,6 @@ def _analyze(database: Database) -> None:
 # -- databases and the server ------------------------------------------------------------
 
 
-def postgres_reachable() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
-            return True
-    except Exception:  # noqa: BLE001 - any failure means: not available
-        return False
-
-
-@contextmanager
-def throwaway_database(kind: str, tmp: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp / 'bench.sqlite'}"
-        return
-    import psycopg
-
-    name = f"ddn_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = dict(kv.split("=", 1) for kv in PG_ADMIN_DSN.split())
-    try:
-        yield f"postgresql+psycopg://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:{params.get('port', '5432')}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc), to tell the server's own cost
-    from the waiting a shared, busy machine adds to wall-clock latency."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Server:
     base: str
@@ -232,7 +183,7 @@ def web_server(db_url: str, tmp: Path) -> Iterator[Server]:
     """``ddn-node serve --role web`` on a free port."""
     from argon2 import PasswordHasher
 
-    port = _free_port()
+    port = free_port()
     # Cheap argon2 parameters: the bench logs in once, it does not measure hashing.
     password_hash = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
     config = tmp / "bench.toml"
@@ -345,7 +296,7 @@ def measure(server: Server, backend: str, n: int, rounds: int, requests: int) ->
             for name, path in VIEWS:
                 client = browser if not path.startswith("/api") else api
                 times = []
-                cpu0 = process_cpu_s(server.pid)
+                cpu0 = cpu_seconds(server.pid, children=False)
                 for _ in range(requests):
                     t0 = time.perf_counter()
                     response = client.get(path)
@@ -353,7 +304,7 @@ def measure(server: Server, backend: str, n: int, rounds: int, requests: int) ->
                     if response.status_code != 200:
                         raise RuntimeError(f"{path}: HTTP {response.status_code}")
                 fig = figures[name]
-                fig.cpu_ms.append((process_cpu_s(server.pid) - cpu0) * 1000 / requests)
+                fig.cpu_ms.append((cpu_seconds(server.pid, children=False) - cpu0) * 1000 / requests)
                 fig.p50_ms.append(_percentile(times, 0.5))
                 fig.p95_ms.append(_percentile(times, 0.95))
                 fig.bytes = len(response.content)
@@ -382,7 +333,7 @@ def run(
             continue
         tmp = Path(tempfile.mkdtemp(prefix="ddn-bench-worklist-"))
         try:
-            with throwaway_database(backend, tmp) as url:
+            with throwaway_database(backend, tmp, prefix="ddn_bench") as url:
                 database = make_database(url)
                 try:
                     upgrade(database)

@@ -17,9 +17,9 @@ import structlog
 from sqlalchemy import and_, or_, select, update
 
 from ddn_node.config import Settings
-from ddn_node.pipeline.routing import InstanceFacts, route_study
+from ddn_node.pipeline.routing import route_study, study_instances
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Instance, Job, Series, Study, StudyState, utcnow
+from ddn_node.store.models import Job, Study, StudyState, utcnow
 
 log = structlog.get_logger("ddn_node.completion")
 
@@ -67,28 +67,7 @@ class CompletionTracker:
         """Complete one study if it is still due; None if someone else did, or it re-opened."""
         now = now or utcnow()
         with self.database.session() as session:
-            facts = [
-                InstanceFacts(
-                    instance_id=inst_id,
-                    sop_instance_uid=sop,
-                    sop_class_uid=sop_class,
-                    modality=modality,
-                    body_part=body_part,
-                    view_position=view,
-                )
-                for inst_id, sop, sop_class, modality, body_part, view in session.execute(
-                    select(
-                        Instance.id,
-                        Instance.sop_instance_uid,
-                        Instance.sop_class_uid,
-                        Series.modality,
-                        Series.body_part,
-                        Instance.view_position,
-                    )
-                    .join(Series, Instance.series_id == Series.id)
-                    .where(Instance.study_id == study_id)
-                )
-            ]
+            facts = [stored.facts for stored in study_instances(session, study_id)]
             route = route_study(self.settings.routing, facts)
             forced = bool(
                 session.scalar(

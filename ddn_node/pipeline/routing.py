@@ -11,7 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from ddn_node.config import RoutingRule
+from ddn_node.store.models import Instance, Series
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,31 @@ class InstanceFacts:
     modality: str
     body_part: str
     view_position: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    facts: InstanceFacts
+    path: str  # relative to the spool
+
+
+def study_instances(session: Session, study_id: int) -> list[StoredInstance]:
+    """A study's instances with what routing needs, in series and instance order."""
+    rows = session.execute(
+        select(
+            Instance.id,
+            Instance.sop_instance_uid,
+            Instance.sop_class_uid,
+            Series.modality,
+            Series.body_part,
+            Instance.view_position,
+            Instance.path,
+        )
+        .join(Series, Instance.series_id == Series.id)
+        .where(Instance.study_id == study_id)
+        .order_by(Series.series_number, Instance.instance_number, Instance.id)
+    ).all()
+    return [StoredInstance(InstanceFacts(*row[:6]), row[6]) for row in rows]
 
 
 @dataclass(frozen=True)

@@ -31,17 +31,15 @@ from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import Predictor
 from ddn_node.model.types import StudyPrediction
 from ddn_node.pipeline.notify import OutgoingMessage, StudySummary, messages_for
-from ddn_node.pipeline.routing import InstanceFacts, route_study
+from ddn_node.pipeline.routing import InstanceFacts, route_study, study_instances
 from ddn_node.pipeline.triage import decide
 from ddn_node.store.engine import Database
 from ddn_node.store.models import (
     Delivery,
     ImageResult,
-    Instance,
     Job,
     JobState,
     Result,
-    Series,
     Study,
     StudyState,
     WorklistEvent,
@@ -175,26 +173,11 @@ class Worker:
 
     def _sources(self, study_id: int) -> tuple[RoutingRule, list[InstanceFacts], dict[int, str]]:
         with self.database.read() as session:
-            rows = session.execute(
-                select(
-                    Instance.id,
-                    Instance.sop_instance_uid,
-                    Instance.sop_class_uid,
-                    Series.modality,
-                    Series.body_part,
-                    Instance.view_position,
-                    Instance.path,
-                )
-                .join(Series, Instance.series_id == Series.id)
-                .where(Instance.study_id == study_id)
-                .order_by(Series.series_number, Instance.instance_number, Instance.id)
-            ).all()
-        facts = [InstanceFacts(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
-        paths = {r[0]: r[6] for r in rows}
-        route = route_study(self.settings.routing, facts)
+            stored = study_instances(session, study_id)
+        route = route_study(self.settings.routing, [s.facts for s in stored])
         if route is None:
             raise AnalysisError("no routing rule matches this study any more", permanent=True)
-        return route.rule, route.instances, paths
+        return route.rule, route.instances, {s.facts.instance_id: s.path for s in stored}
 
     def process(self, job_id: int, study_id: int, generation: int) -> None:
         t0 = time.perf_counter()

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from sqlalchemy import func, select
 

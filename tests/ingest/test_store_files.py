@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 from sqlalchemy import func, select
 
 from ddn_node.dicom.scu import Peer, StoreSCU
