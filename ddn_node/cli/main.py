@@ -317,6 +317,17 @@ def bench_e2e(
     run(n_studies=studies, model=model, size=size)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    studies: Annotated[int, typer.Option(help="Studies per run.")] = 16,
+    model: Annotated[Path, typer.Option(help="Model artifact.")] = Path("models/ddn-cxr"),
+) -> None:
+    """Analysis throughput with 1, 2 and 4 worker processes sharing PostgreSQL."""
+    from ddn_node.bench.scale import run
+
+    run(studies=studies, model=model)
+
+
 @bench_app.command("all")
 def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False) -> None:
     """Every benchmark in turn (what `make bench` runs)."""
@@ -329,6 +340,9 @@ def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False
     run_bench(BenchConfig(model=Path("models/ddn-cxr") if Path("models/ddn-cxr/manifest.json").is_file() else None, quick=quick))
     e2e(n_studies=8 if quick else 20)
     worklist_main(["--rounds", "3" if quick else "5"])
+    from ddn_node.bench.scale import run as scale
+
+    scale(studies=8 if quick else 16)
 
 
 def _register() -> None:
