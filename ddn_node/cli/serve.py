@@ -86,7 +86,9 @@ class Node:
         log.info("serve.stopped")
 
 
-def start_node(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> Node:
+def start_node(
+    settings: Settings, roles: frozenset[str] = frozenset(ROLES), shutdown: threading.Event | None = None
+) -> Node:
     # Real headers break VR rules all the time; the node stores them as they came.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     unknown = roles - set(ROLES)
@@ -100,6 +102,8 @@ def start_node(settings: Settings, roles: frozenset[str] = frozenset(ROLES)) -> 
     tracker = CompletionTracker(settings, database)
     scheduler = NodeScheduler(tracker, settings.completion.sweep_interval_s)
     node = Node(settings, roles, database, spool, scheduler)
+    if shutdown is not None:
+        node.shutdown_requested = shutdown
     try:
         if "scp" in roles:
             node.scp = StorageSCP(settings, database, spool, on_stored=scheduler.on_stored)
@@ -142,15 +146,17 @@ def _start_worker(node: Node) -> None:
 
 def serve_forever(settings: Settings, roles: frozenset[str]) -> None:
     """Run until SIGTERM / SIGINT, then stop every part cleanly."""
-    node = start_node(settings, roles)
+    # Handlers first: a SIGTERM while the parts start must still stop them cleanly.
+    shutdown = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("serve.signal", signal=signal.Signals(signum).name)
-        node.shutdown_requested.set()
+        shutdown.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    while not node.shutdown_requested.wait(1.0):
+    node = start_node(settings, roles, shutdown)
+    while not shutdown.wait(1.0):
         pass
     node.stop()
     if node.failure:
