@@ -163,7 +163,12 @@ def _onnx_runner(model: nn.Module, int8: bool) -> Callable[[torch.Tensor], Any]:
     if int8:
         import tempfile
 
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         class _Calib(CalibrationDataReader):
             def __init__(self) -> None:
@@ -214,11 +219,11 @@ def _gradcam_cost(model: DDN, head: str, rounds: int) -> dict[str, Any]:
         geo_224 = fit_geometry(224, 224, 224)
         geo_big = fit_geometry(2048, 2048, 224)
 
-        def fwd() -> torch.Tensor:
+        def fwd(x: torch.Tensor = x) -> torch.Tensor:
             with torch.inference_mode():
                 return m.forward_from_features(m.features(x), heads=[head])[head]
 
-        def cam(k: int, geo: Geometry | None) -> None:
+        def cam(k: int, geo: Geometry | None, x: torch.Tensor = x, b: int = b) -> None:
             with torch.inference_mode():
                 feats = m.features(x)
                 m.forward_from_features(feats, heads=[head])
@@ -230,9 +235,9 @@ def _gradcam_cost(model: DDN, head: str, rounds: int) -> dict[str, Any]:
         cases: dict[str, Callable[[], Any]] = {
             "forward": fwd,
             "forward+cam1": lambda: cam(1, None),
-            "forward+cam1->224px": lambda: cam(1, geo_224),
-            "forward+cam3->224px": lambda: cam(3, geo_224),
-            "forward+cam1->2048px": lambda: cam(1, geo_big),
+            "forward+cam1->224px": lambda g=geo_224: cam(1, g),
+            "forward+cam3->224px": lambda g=geo_224: cam(3, g),
+            "forward+cam1->2048px": lambda g=geo_big: cam(1, g),
         }
         for fn in cases.values():
             fn()

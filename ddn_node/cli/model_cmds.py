@@ -84,8 +84,8 @@ def train(
     progress: Annotated[bool, typer.Option(help="Progress bars")] = True,
 ) -> None:
     """Train the DDN (Adam, weighted BCE, augmentation; patient-disjoint splits) and write an artifact."""
-    from ddn_node.training.train import TrainConfig, TrainingError, run_training
     from ddn_node.training.data import DatasetError
+    from ddn_node.training.train import TrainConfig, TrainingError, run_training
 
     cfg = TrainConfig(
         images=images,

@@ -26,6 +26,7 @@ from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.preprocess import PreprocessSpec
 from ddn_node.model.types import AlgorithmInfo, LabelSpec
 
+
 def software_version() -> str:
     """The installed ddn-node version.
 

@@ -28,7 +28,13 @@ from torch import nn
 from ddn_node.model.artifact import HeadInfo, Manifest, ModelArtifact, save_artifact
 from ddn_node.model.ddn import DDN, HeadConfig
 from ddn_node.model.preprocess import normalise
-from ddn_node.training.data import ImageCache, LabelTable, data_fingerprint, load_images, read_label_csv
+from ddn_node.training.data import (
+    ImageCache,
+    LabelTable,
+    data_fingerprint,
+    load_images,
+    read_label_csv,
+)
 from ddn_node.training.metrics import BootstrapSpec, classification_report
 from ddn_node.training.splits import kfold_groups
 
@@ -84,7 +90,13 @@ def _probs(lin: nn.Linear, feats: torch.Tensor, activation: str) -> np.ndarray:
 
 def add_head(cfg: Any) -> Manifest:
     """Train ``cfg.head`` on the frozen backbone of ``cfg.add_head_to``; write to ``cfg.out``."""
-    from ddn_node.training.train import _abnormality, _clean, _label_specs, _thresholds, command_line
+    from ddn_node.training.train import (
+        _abnormality,
+        _clean,
+        _label_specs,
+        _thresholds,
+        command_line,
+    )
 
     t0 = time.monotonic()
     art = ModelArtifact.load(cfg.add_head_to)

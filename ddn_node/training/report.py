@@ -15,12 +15,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: reports are written on servers without a display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Rectangle
+from sklearn.metrics import roc_curve
 
-from ddn_node.training.data import LabelTable  # noqa: E402
+from ddn_node.training.data import LabelTable
 
 
 def _fmt(v: object, nd: int = 3) -> str:

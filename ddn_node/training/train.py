@@ -47,8 +47,20 @@ from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.preprocess import PreprocessSpec, normalise
 from ddn_node.model.types import LabelSpec
 from ddn_node.training.augment import AugmentSpec, augment
-from ddn_node.training.checkpoint import TrainState, load_checkpoint, load_weights, save_checkpoint, save_weights
-from ddn_node.training.data import ImageCache, LabelTable, data_fingerprint, load_images, read_label_csv
+from ddn_node.training.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
+from ddn_node.training.data import (
+    ImageCache,
+    LabelTable,
+    data_fingerprint,
+    load_images,
+    read_label_csv,
+)
 from ddn_node.training.metrics import BootstrapSpec, auc, choose_threshold, classification_report
 from ddn_node.training.splits import (
     Split,

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from ddn_node.model.artifact import AbnormalityDef, HeadInfo, Manifest, ModelArtifact, WeightsModel, architecture_of, save_artifact
+from ddn_node.model.artifact import (
+    AbnormalityDef,
+    HeadInfo,
+    Manifest,
+    ModelArtifact,
+    WeightsModel,
+    architecture_of,
+    save_artifact,
+)
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.gradcam import gradcam, logits_and_cams
 from ddn_node.model.inference import Predictor

@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddn_node.training.data import read_label_csv
-from ddn_node.training.splits import kfold_groups, read_split_csv, split_from_assignment, train_val_test_split, write_split_csv
+from ddn_node.training.splits import (
+    kfold_groups,
+    read_split_csv,
+    split_from_assignment,
+    train_val_test_split,
+    write_split_csv,
+)
 
 
 @settings(max_examples=40, deadline=None)
