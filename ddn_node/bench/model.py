@@ -242,8 +242,10 @@ def _gradcam_cost(model: DDN, head: str, rounds: int) -> dict[str, Any]:
         for fn in cases.values():
             fn()
         times: dict[str, list[float]] = {k: [] for k in cases}
-        reps = 3 if b == 1 else 1
-        for _ in range(rounds):
+        reps = 5 if b == 1 else 1
+        # The differences measured here are a few percent: more rounds than the throughput
+        # table needs, or a burst of load elsewhere decides the sign.
+        for _ in range(max(2 * rounds, 6)):
             for k, fn in cases.items():
                 times[k].append(_time_call(fn, reps))
         med = {k: _median(v) for k, v in times.items()}
