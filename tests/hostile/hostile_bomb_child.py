@@ -48,17 +48,20 @@ def _reset_peak() -> bool:
 
 
 def _deflate_bomb(inflated_mb: int) -> bytes:
-    """A deflated data set whose first element claims ``inflated_mb`` MiB of zeros."""
+    """A deflated data set whose first element claims ``inflated_mb`` MiB of zeros.
+
+    Built without deflating gigabytes: after a full flush a raw deflate stream is byte
+    aligned and the compressor starts afresh, so 1 MiB of zeros deflates to the same
+    bytes every time; those are repeated, and an empty final block ends the stream.
+    """
     s = seed("deflate")
-    n = inflated_mb << 20
+    head = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + b"\x09\x00\x10\x00OB\x00\x00" + struct.pack("<I", inflated_mb << 20)
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    head = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + b"\x09\x00\x10\x00OB\x00\x00" + struct.pack("<I", n)
-    parts = [c.compress(head)]
-    chunk = b"\0" * (1 << 20)
-    for _ in range(inflated_mb):
-        parts.append(c.compress(chunk))
-    parts.append(c.flush())
-    return s.meta + b"".join(parts)
+    prefix = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(b"\0" * (1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    body = prefix + block * inflated_mb + b"\x03\x00"  # empty final fixed-Huffman block
+    assert len(zlib.decompress(prefix + block * 2 + b"\x03\x00", -zlib.MAX_WBITS)) == len(head) + (2 << 20)
+    return s.meta + body
 
 
 def _jpeg_sof_far_away(rows: int, cols: int) -> bytes:

@@ -345,3 +345,37 @@ def test_the_socket_helper_sees_a_reset_as_a_close() -> None:
     assert read_until_closed(client, 5).closed_by_peer
     client.close()
     server.close()
+
+
+# -- unknown host, beyond tests/ingest/test_association.py -------------------------------
+
+
+def _echo_from(host: str, port: int, calling: str = "TESTSCU") -> int | None:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title="DDN_NODE")
+    if not assoc.is_established:
+        return None if not assoc.is_rejected else -1
+    status = assoc.send_c_echo()
+    assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+def test_the_same_machine_over_ipv6_is_another_host(make_node: Any, sqlite_url: str) -> None:
+    """A node listening on all IPv6 addresses (dual stack): TESTSCU is allowed from
+    127.0.0.1 only. Over IPv4 the peer address arrives IPv4-mapped (::ffff:127.0.0.1)
+    and is allowed; from ::1 it is another host and is rejected, and audited as such."""
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with make_node(sqlite_url, node={**NODE, "host": "::"}) as n:
+        wait_for(lambda: _echo_from("::1", n.port) is not None, 10, "the node on IPv6")
+        assert _echo_from("127.0.0.1", n.port) == 0x0000
+        assert _echo_from("::1", n.port) == -1  # A-ASSOCIATE-RJ
+        wait_for(
+            lambda: any(e.get("host") == "::1" for e in events(n, "scp.association_rejected")), 10, "the rejection logged"
+        )
