@@ -29,10 +29,10 @@ from typing import Any
 import structlog
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
