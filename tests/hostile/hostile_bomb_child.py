@@ -22,9 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from ddn_node.dicom.pixels import PixelLimits  # noqa: E402
-from hostile_gen import bomb, seed, seeds  # noqa: E402
-from hostile_oracle import check_header, check_pixels  # noqa: E402
+from ddn_node.dicom.pixels import PixelLimits
+from hostile_gen import bomb, seed, seeds
+from hostile_oracle import check_header, check_pixels
 
 # A bomb may cost what a legitimate image of the seed's size costs plus this: far less
 # than the hundreds of MB to GB that the declared sizes would need.
