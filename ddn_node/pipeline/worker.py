@@ -345,7 +345,8 @@ class Worker:
             source_uid = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
             label = objects.overlay_labels[str(ds.SOPInstanceUID)]
             relpath = self.spool.result_relpath(study_uid, str(ds.SOPInstanceUID), suffix=".png")
-            self.spool.write_bytes(relpath, render_png(ds))
+            # For the study page: a screen-sized view, cheap to encode.
+            self.spool.write_bytes(relpath, render_png(ds, max_side=1024, compress_level=1))
             out[(source_uid, label)] = relpath
         return out
 

@@ -246,8 +246,12 @@ def _image_reference(header: Dataset, *, with_purpose: bool) -> Dataset:
     return item
 
 
-def render_png(ds: Dataset) -> bytes:
-    """PNG bytes of a Secondary Capture (RGB or grayscale, uncompressed or compressed)."""
+def render_png(ds: Dataset, max_side: int | None = None, compress_level: int = 6) -> bytes:
+    """PNG bytes of a Secondary Capture (RGB or grayscale, uncompressed or compressed).
+
+    ``max_side`` shrinks large images (a web thumbnail needs no 2048 px); a low
+    ``compress_level`` trades a larger file for much less CPU.
+    """
     pixels = ds.pixel_array
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
         mode = "RGB"
@@ -260,6 +264,9 @@ def render_png(ds: Dataset) -> bytes:
             pixels = (pixels.astype(np.float32) * (255.0 / peak)).astype(np.uint8)
     else:
         raise ValueError(f"cannot render pixel data of shape {pixels.shape} as PNG")
+    image = Image.fromarray(np.ascontiguousarray(pixels), mode=mode)
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels), mode=mode).save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
