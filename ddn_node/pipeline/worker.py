@@ -25,7 +25,7 @@ from sqlalchemy import select, update
 
 from ddn_node.config import PRIORITY_RANK, Priority, RoutingRule, Settings
 from ddn_node.dicom.pixels import PixelDataError, load_display_image
-from ddn_node.dicom.results import ResultObjects, SRReference, build_results, render_png
+from ddn_node.dicom.results import ResultObjects, SRReference, build_results
 from ddn_node.dicom.spool import Spool
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import Predictor
@@ -233,7 +233,7 @@ class Worker:
             uid_seed=f"ddn-node:{study_uid}:generation:{generation}",
         )
         files = self._write_results(study_uid, objects)
-        overlays = self._write_overlay_pngs(study_uid, objects)
+        overlays = self._overlay_files(objects, files)
         t_results = time.perf_counter()
         timings = {
             "decode_ms": (t_decode - t0) * 1000,
@@ -338,17 +338,19 @@ class Worker:
                 out.append((kind, ds, relpath))
         return out
 
-    def _write_overlay_pngs(self, study_uid: str, objects: ResultObjects) -> dict[tuple[str, str], str]:
-        """PNG renderings of the overlays for the web UI: (source SOP UID, label) -> relpath."""
-        out: dict[tuple[str, str], str] = {}
-        for ds in objects.overlays:
-            source_uid = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
-            label = objects.overlay_labels[str(ds.SOPInstanceUID)]
-            relpath = self.spool.result_relpath(study_uid, str(ds.SOPInstanceUID), suffix=".png")
-            # For the study page: a screen-sized view, cheap to encode.
-            self.spool.write_bytes(relpath, render_png(ds, max_side=1024, compress_level=1))
-            out[(source_uid, label)] = relpath
-        return out
+    @staticmethod
+    def _overlay_files(
+        objects: ResultObjects, files: list[tuple[str, Dataset, str]]
+    ) -> dict[tuple[str, str], str]:
+        """(source SOP UID, label) -> the overlay Secondary Capture in the spool, which the
+        study page renders when someone looks."""
+        path_of = {str(ds.SOPInstanceUID): relpath for _kind, ds, relpath in files}
+        return {
+            (str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID), objects.overlay_labels[str(ds.SOPInstanceUID)]): path_of[
+                str(ds.SOPInstanceUID)
+            ]
+            for ds in objects.overlays
+        }
 
     def _commit(
         self,

@@ -1,8 +1,9 @@
 """Pictures for the study page: source-image thumbnails and Grad-CAM overlays, as PNG.
 
 Source thumbnails are rendered from the spooled DICOM (``dicom.pixels`` applies the LUTs
-and photometric rules the model sees), overlays are the PNGs the worker wrote beside its
-Secondary Capture objects. Both are scaled down and kept in a bounded in-memory cache on
+and photometric rules the model sees), overlays from the RGB Secondary Capture objects the
+worker sent to the PACS (rendering them only when someone looks keeps PNG encoding off the
+analysis's critical path). Both are scaled down and kept in a bounded in-memory cache on
 ``app.state``; decoding a 2048x2048 JPEG 2000 image costs hundreds of milliseconds and a
 radiologist opens the same study several times.
 """
@@ -95,11 +96,19 @@ def png_scaled(cache: ImageCache, path: Path, max_px: int = THUMB_PX) -> bytes:
     if cached is not None:
         return cached
     try:
-        with Image.open(path) as img:
-            if img.format != "PNG":
-                raise ImageUnavailable("not a PNG file")
-            data = _png(img.convert("RGB"), max_px)
-    except (OSError, Image.DecompressionBombError) as exc:
+        if path.suffix == ".dcm":
+            import pydicom
+
+            pixels = pydicom.dcmread(path).pixel_array
+            if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+                raise ImageUnavailable("not an 8-bit RGB Secondary Capture")
+            data = _png(Image.fromarray(np.ascontiguousarray(pixels), mode="RGB"), max_px)
+        else:
+            with Image.open(path) as img:
+                if img.format != "PNG":
+                    raise ImageUnavailable("not a PNG file")
+                data = _png(img.convert("RGB"), max_px)
+    except (OSError, ValueError, AttributeError, Image.DecompressionBombError) as exc:
         raise ImageUnavailable(str(exc)) from None
     cache.put(key, data)
     return data

@@ -125,3 +125,24 @@ def test_labels_of_maps_and_overlays_are_listed() -> None:
     nodule = [pm for pm in results.parametric_maps if labels[pm.SOPInstanceUID] == "Nodule"]
     assert len({pm.SeriesInstanceUID for pm in nodule}) == 1
     assert [pm.InstanceNumber for pm in nodule] == [1, 2]
+
+
+def test_the_study_page_renders_an_overlay_secondary_capture(tmp_path) -> None:
+    """The worker keeps no PNG of its own: the web part renders the SC the PACS got."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from ddn_node.dicom.results import build_results
+    from ddn_node.web.images import ImageCache, png_scaled
+    from results_factories import display_for, prediction_for, synthetic_source
+
+    source = synthetic_source(rows=600, columns=500)
+    objects = build_results(
+        [source], prediction_for([source], [{"Pneumothorax": 0.9, "Effusion": 0.1, "Nodule": 0.1}]), "STAT", display_for([source])
+    )
+    path = tmp_path / "overlay.dcm"
+    objects.overlays[0].save_as(path, enforce_file_format=True)
+    png = png_scaled(ImageCache(), path, max_px=200)
+    image = Image.open(BytesIO(png))
+    assert image.format == "PNG" and image.mode == "RGB" and max(image.size) == 200

@@ -8,8 +8,10 @@ value, so cold regions leave the anatomy untouched. The label, its probability a
 threshold, the model version and - for demonstration models - "NOT FOR DIAGNOSTIC USE"
 are burned in, hence Burned In Annotation (0028,0301) = YES (General Image, C.7.6.1).
 
-Size: the source resolution, capped at :data:`MAX_SIDE` on the longest side (a 3000 px
-RGB capture is 27 MB and no viewer needs it to show where the model looked).
+Size: the source resolution, capped at :data:`MAX_SIDE` on the longest side. A 3000 px
+RGB capture is 27 MB, and every positive finding makes one: at 1024 px each is 3 MB, enough
+to show where the model looked (the heat map itself comes from a 7x7 grid), and a study
+with several findings no longer costs the PACS a hundred megabytes.
 
 :func:`render_png` turns such an object back into PNG bytes for the web UI and the docs.
 """
@@ -38,7 +40,7 @@ from ddn_node.dicom.results.equipment import algorithm_equipment, general_equipm
 from ddn_node.model.types import AlgorithmInfo, Code
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-MAX_SIDE = 2048
+MAX_SIDE = 1024
 COLORMAP = "inferno"
 # Below this heat nothing is drawn; above it opacity rises to MAX_ALPHA at 1.0.
 ALPHA_FLOOR = 0.15
