@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from ddn_node.dicom.results.content import check_sources, make_uid, reference_header
 from ddn_node.dicom.results.enum import ResultKind, TriagePriority
-from ddn_node.dicom.results.overlay import MAX_SIDE, build_overlay
+from ddn_node.dicom.results.overlay import MAX_SIDE, build_overlay, fit_display
 from ddn_node.dicom.results.pmap import build_parametric_map
 from ddn_node.dicom.results.sr import SRReference, build_sr
 from ddn_node.model.types import StudyPrediction
@@ -149,6 +149,7 @@ def build_results(
     pm_instance_numbers = dict.fromkeys(mapped_labels, 0)
     for image in prediction.images:
         uid = image.sop_instance_uid
+        fitted: np.ndarray | None = None
         for name in (n for n in mapped_labels if n in image.heatmaps):
             heatmap = image.heatmaps[name]
             probability = float(image.probabilities.get(name, prediction.probabilities[name]))
@@ -169,13 +170,15 @@ def build_results(
             )
             results.parametric_maps.append(pm)
             results.parametric_map_labels[str(pm.SOPInstanceUID)] = name
-            display = display_images.get(uid)
-            if display is None:
-                raise ValueError(f"no display image for source {uid}, which has a heat map")
+            if fitted is None:
+                display = display_images.get(uid)
+                if display is None:
+                    raise ValueError(f"no display image for source {uid}, which has a heat map")
+                fitted = fit_display(display, max_overlay_side)
             sc = build_overlay(
                 source_by_uid[uid],
                 header_by_uid[uid],
-                display,
+                fitted,
                 heatmap,
                 label=name,
                 probability=probability,

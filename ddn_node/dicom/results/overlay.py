@@ -88,6 +88,14 @@ def _resize(values: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return np.asarray(image.resize((columns, rows), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+def fit_display(display: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    """The display image at the overlay's size: done once per image, not once per finding."""
+    gray = np.nan_to_num(np.asarray(display, dtype=np.float32), nan=0.0)
+    if gray.ndim != 2:
+        raise ValueError(f"the display image must be 2-D grayscale, got shape {gray.shape}")
+    return np.clip(_resize(gray, *output_size(*gray.shape, max_side=max_side)), 0.0, 1.0)
+
+
 def blend(
     display: np.ndarray, heatmap: np.ndarray, *, max_side: int = MAX_SIDE, colormap: str = COLORMAP
 ) -> np.ndarray:
