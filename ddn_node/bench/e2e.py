@@ -30,7 +30,7 @@ from ddn_node.bench.common import (
 )
 from ddn_node.demo.orthanc import LocalOrthanc, orthanc_available
 from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery, Study
+from ddn_node.store.models import Delivery, Result, Study
 
 QUIET_S = 1.0
 
@@ -40,6 +40,7 @@ class Latencies:
     steady: list[float]
     burst: list[float]
     memory: dict[str, float]
+    stages_ms: dict[str, float]  # medians of the worker's own timings, and SR delivery
 
 
 def _config(work: Path, port: int, pacs_port: int, model: Path, web: bool) -> Path:
@@ -112,14 +113,40 @@ def run(n_studies: int = 20, model: Path = Path("models/ddn-cxr"), size: int = 2
             wait_until(lambda: _latencies(db_url, burst_uids) is not None, 600, "burst")
             burst = _latencies(db_url, burst_uids) or []
             memory["serve peak (ingest + inference)"] = rss_mib(node.pid)[1]
+            stages = _stages(db_url, set(uids[1:n_studies]))
         finally:
             node.stop()
             pacs.stop()
         scp_memory = _scp_only_rss(work)
         memory["SCP role alone, after 20 instances"] = scp_memory
-    result = Latencies(steady, burst, memory)
+    result = Latencies(steady, burst, memory, stages)
     _print(result, size)
     return result
+
+
+def _stages(db_url: str, study_uids: set[str]) -> dict[str, float]:
+    """Where the steady studies' time went: the worker's timings and the SR's delivery."""
+    db = make_database(db_url)
+    try:
+        with db.read() as s:
+            rows = s.execute(
+                select(Result.timings_ms, Study.completed_at, Result.created_at, Delivery.sent_at)
+                .join(Study, Result.study_id == Study.id)
+                .join(Delivery, Delivery.result_id == Result.id)
+                .where(Delivery.kind == "sr", Study.study_uid.in_(study_uids))
+            ).all()
+    finally:
+        db.dispose()
+    stages: dict[str, list[float]] = {}
+    for timings, completed, created, sent in rows:
+        for key, value in (timings or {}).items():
+            stages.setdefault(key, []).append(float(value))
+        stages.setdefault("queue_and_claim_ms", []).append(
+            (created - completed).total_seconds() * 1000 - float((timings or {}).get("total_ms", 0.0))
+        )
+        if sent is not None:
+            stages.setdefault("sr_delivery_ms", []).append((sent - created).total_seconds() * 1000)
+    return {key: percentile(values, 50) for key, values in stages.items()}
 
 
 def _scp_only_rss(work: Path) -> float:
@@ -152,6 +179,7 @@ def _print(r: Latencies, size: int) -> None:
             f"{name:7} n={len(values):3}  p50 {percentile(values, 50):6.3f} s  p95 {percentile(values, 95):6.3f} s"
             f"  max {max(values) if values else float('nan'):6.3f} s"
         )
+    print("steady, median per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.stages_ms.items())))
     p95 = percentile(r.steady, 95)
     print(f"goal steady p95 < 1 s on CPU: {'met' if p95 < 1 else 'NOT met'} ({p95:.3f} s)")
     for name, mib in r.memory.items():

@@ -19,6 +19,7 @@ import datetime as dt
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 from sqlalchemy import select, update
@@ -58,6 +59,14 @@ class Attempt:
         return cls(outcome.ok, outcome.status, outcome.error)
 
 
+class Claimed(NamedTuple):
+    id: int
+    path: str
+    sop_instance_uid: str
+    attempts: int
+    kind: str
+
+
 def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
     """Delay before attempt ``attempt + 1`` after ``attempt`` failures (1-based)."""
     return float(min(max_s, initial_s * 2 ** max(0, attempt - 1)))
@@ -76,16 +85,16 @@ class Deliverer:
         tls = client_tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
         return Peer(dest.ae_title, dest.host, dest.port, tls)
 
-    def _claim(self) -> dict[str, list[tuple[int, str, str, int]]]:
-        """Claim up to BATCH due rows: destination -> [(id, path, sop uid, attempts)]."""
+    def _claim(self) -> dict[str, list[Claimed]]:
+        """Claim up to BATCH due rows, by destination."""
         lease_s = self.settings.delivery.timeout_s * 4 + 60
-        claimed: dict[str, list[tuple[int, str, str, int]]] = defaultdict(list)
+        claimed: dict[str, list[Claimed]] = defaultdict(list)
         with self.database.session() as session:
             for _ in range(BATCH):
                 row = DELIVERIES.claim(session, self.owner, lease_s)
                 if row is None:
                     break
-                claimed[row.destination].append((row.id, row.path, row.sop_instance_uid, row.attempts))
+                claimed[row.destination].append(Claimed(row.id, row.path, row.sop_instance_uid, row.attempts, row.kind))
         return claimed
 
     def deliver_due(self) -> int:
@@ -101,26 +110,31 @@ class Deliverer:
         finally:
             self._lock.release()
 
-    def _send(self, name: str, rows: list[tuple[int, str, str, int]]) -> None:
+    def _send(self, name: str, rows: list[Claimed]) -> None:
         if name.startswith(ADAPTER_PREFIX):
             self._notify(name, rows)
             return
         dest = self.destinations.get(name)
         if dest is None:
-            self._record(name, rows, {row[0]: Attempt(False, None, "destination no longer configured") for row in rows})
+            self._record(name, rows, {row.id: Attempt(False, None, "destination no longer configured") for row in rows})
             return
         scu = StoreSCU(self.settings.node.ae_title, self._peer(dest), timeout_s=self.settings.delivery.timeout_s)
-        by_path = {str(self.spool.path(row[1])): row[0] for row in rows}
-        outcomes = {}
-        for outcome in scu.send([self.spool.path(row[1]) for row in rows]):
-            outcomes[by_path[str(outcome.path)]] = Attempt.of_store(outcome)
-        self._record(name, rows, outcomes)
+        # The reports first, recorded as soon as the PACS has them: the findings reach the
+        # radiologist while the (larger) heat-map objects are still on their way.
+        for group in ([r for r in rows if r.kind == "sr"], [r for r in rows if r.kind != "sr"]):
+            if not group:
+                continue
+            by_path = {str(self.spool.path(row.path)): row.id for row in group}
+            outcomes = {}
+            for outcome in scu.send([self.spool.path(row.path) for row in group]):
+                outcomes[by_path[str(outcome.path)]] = Attempt.of_store(outcome)
+            self._record(name, group, outcomes)
 
-    def _notify(self, name: str, rows: list[tuple[int, str, str, int]]) -> None:
+    def _notify(self, name: str, rows: list[Claimed]) -> None:
         """HL7 / FHIR / webhook messages: one attempt each through the adapter."""
         kind = name.removeprefix(ADAPTER_PREFIX)
         outcomes = {}
-        for row_id, relpath, _message_id, _attempts in rows:
+        for row_id, relpath, _message_id, _attempts, _kind in rows:
             try:
                 payload = self.spool.path(relpath).read_bytes()
             except OSError as exc:
@@ -131,7 +145,7 @@ class Deliverer:
         self._record(name, rows, outcomes)
 
     def _record(
-        self, name: str, rows: list[tuple[int, str, str, int]], outcomes: dict[int, Attempt]
+        self, name: str, rows: list[Claimed], outcomes: dict[int, Attempt]
     ) -> None:
         cfg = self.settings.delivery
         now = utcnow()
@@ -139,7 +153,7 @@ class Deliverer:
         # A RIS may echo patient data in its error text: that stays in the table, not the log.
         loggable = (lambda e: "(see 'ddn-node deliveries list')") if name.startswith(ADAPTER_PREFIX) else (lambda e: e)
         with self.database.session() as session:
-            for row_id, _path, sop_uid, attempts in rows:
+            for row_id, _path, sop_uid, attempts, _kind in rows:
                 outcome = outcomes.get(row_id)
                 status = outcome.status if outcome else None
                 error = outcome.error if outcome else "not attempted"
