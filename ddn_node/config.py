@@ -75,7 +75,7 @@ class NodeSettings(_Section):
     network_timeout_s: Seconds = 60
     spool_dir: Path = Path("var/spool")
     disk_reserve_mb: Annotated[int, Field(ge=0)] = 1024
-    max_instance_mb: Annotated[int, Field(ge=1)] = 2048
+    max_instance_mb: Annotated[int, Field(ge=1)] = 2048  # larger instances: C-STORE 0xA700
     tls: TLSSettings = TLSSettings()
 
     _ae = field_validator("ae_title")(_check_ae)

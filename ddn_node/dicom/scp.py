@@ -436,6 +436,15 @@ class StorageSCP:
             log.warning("scp.store_refused", sop_instance_uid=sop_uid, reason="disk below reserve")
             return OUT_OF_RESOURCES
         try:
+            size = tmp.stat().st_size
+        except OSError:
+            size = 0
+        if size > self.settings.node.max_instance_mb * 1024 * 1024:
+            # pynetdicom has already streamed it to disk (never to memory); refusing it
+            # keeps it out of the spool, and the PACS sees why.
+            log.warning("scp.store_refused", sop_instance_uid=sop_uid, reason="instance above max_instance_mb", size=size)
+            return OUT_OF_RESOURCES
+        try:
             header = read_header(tmp)
             offset = dataset_offset(tmp)
         except HeaderError as exc:

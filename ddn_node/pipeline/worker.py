@@ -187,9 +187,13 @@ class Worker:
         images: list[np.ndarray] = []
         problems: list[str] = []
         for facts in routed:
+            path = self.spool.path(paths[facts.instance_id])
             try:
-                ds = pydicom.dcmread(self.spool.path(paths[facts.instance_id]))
-                images.append(load_display_image(ds))
+                # From the path, so the decoder's guards (deflate and decompression bombs)
+                # see the file before anything is inflated; the results need the header only.
+                image = load_display_image(path)
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                images.append(image)
                 sources.append(_Source(facts.instance_id, facts.sop_instance_uid, ds))
             except (PixelDataError, OSError, ValueError, AttributeError) as exc:
                 problems.append(f"{facts.sop_instance_uid}: {exc}")

@@ -141,3 +141,15 @@ def test_a_large_instance_is_streamed_to_disk(make_node, sqlite_url: str, tmp_pa
     assert dataset_sha256(stored) == dataset_sha256(path)
     print(f"{size_mb:.0f} MiB instance: node peak RSS {peak // 1024} MiB (before {rss_before // 1024} MiB)")
     assert (peak - rss_before) / 1024 < size_mb / 2, "the instance was held in memory"
+
+
+def test_an_instance_above_the_configured_maximum_is_refused(make_node, sqlite_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "big.dcm"
+    _write_large_instance(path, 3, 1024, 1024)  # 6 MiB
+    node = make_node(sqlite_url, node={"max_instance_mb": 2})
+    with node:
+        with raw_association(node.port, contexts=[("1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.1.2.1")]) as assoc:
+            assert store_file(assoc, path) == 0xA700
+        assert not list((node.spool / "studies").rglob("*.dcm"))
+        assert not list((node.spool / "incoming").iterdir())
+    assert any(e.get("reason") == "instance above max_instance_mb" for e in node.events())
