@@ -32,7 +32,7 @@ from ddn_node.store.engine import make_database
 from ddn_node.store.models import Result, Study
 
 
-def _config(work: Path, url: str, port: int, model: Path) -> Path:
+def _write_config(work: Path, url: str, port: int, model: Path) -> Path:
     path = work / "scale.toml"
     path.write_text(
         f'[node]\nport = {port}\nhost = "127.0.0.1"\nspool_dir = "{work / "spool"}"\ndisk_reserve_mb = 64\n'
@@ -74,7 +74,7 @@ def run(workers: tuple[int, ...] = (1, 2, 4), studies: int = 16, model: Path = P
             work = Path(tempfile.mkdtemp(dir=root, prefix=f"w{n}-"))
             with throwaway_database("postgres", work, prefix="ddn_bench") as url:
                 port = free_port()
-                config = _config(work, url, port, model.resolve())
+                config = _write_config(work, url, port, model.resolve())
                 subprocess.run([*ddn_node_cmd(), "db", "upgrade", "--config", str(config)], check=True, capture_output=True)
                 procs = [Proc([*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"], work / "scp.log").start()]
                 procs += [

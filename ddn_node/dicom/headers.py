@@ -57,7 +57,8 @@ INDEXED_TAGS = [
 # not fit its VR) derives from Exception only, and RecursionError comes from sequences
 # nested deeper than the interpreter's stack (undefined-length items never closed): both
 # are the sender's fault, not ours, so both mean "cannot be parsed" (0xC000).
-_PARSE_ERRORS = (
+# What pydicom raises on malformed input (callers parsing untrusted files catch these).
+PARSE_ERRORS = (
     InvalidDicomError,
     EOFError,
     struct.error,
@@ -155,7 +156,7 @@ DEFLATED_HEADER_LIMIT = 16 << 20
 _LAST_INDEXED = max(INDEXED_TAGS)
 
 
-class _ClampedReader(io.BufferedReader):
+class ClampedReader(io.BufferedReader):
     """A file whose ``read(n)`` never asks for more than what is left of it.
 
     pydicom reads a value with ``fp.read(length)``, and CPython allocates ``length`` bytes
@@ -179,10 +180,10 @@ class _ClampedReader(io.BufferedReader):
 def _is_deflated(path: Path) -> bool:
     # As pydicom.filereader.read_file_meta_info, but through the clamped reader.
     try:
-        with _ClampedReader(path) as handle:
+        with ClampedReader(path) as handle:
             pydicom.filereader.read_preamble(handle, False)
             meta = pydicom.filereader._read_file_meta_info(handle)
-    except _PARSE_ERRORS:
+    except PARSE_ERRORS:
         return False  # no (readable) file meta: dcmread below decides what it is
     return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
 
@@ -220,11 +221,11 @@ def read_header(path: Path) -> Header:
         if _is_deflated(path):
             ds = _read_deflated(path)
         else:
-            with _ClampedReader(path) as handle:
+            with ClampedReader(path) as handle:
                 ds = pydicom.dcmread(
                     handle, stop_before_pixels=True, specific_tags=INDEXED_TAGS, force=True, defer_size=4096
                 )
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise HeaderError(f"unparseable dataset: {type(exc).__name__}: {exc}") from exc
     return header_from_dataset(ds)
 

@@ -29,6 +29,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+from ddn_node.dicom.headers import PARSE_ERRORS, ClampedReader
 from ddn_node.dicom.syntaxes import IMPLEMENTATION_CLASS_UID, implementation_version_name
 
 log = structlog.get_logger("ddn_node.scu")
@@ -99,9 +100,15 @@ def _scan(paths: Iterable[Path]) -> tuple[list[_Item], list[SendOutcome]]:
     items, bad = [], []
     for path in paths:
         try:
-            ds = pydicom.dcmread(
-                path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"], force=True
-            )
+            # A corrupt length must not make the scan allocate gigabytes (see ClampedReader).
+            with ClampedReader(path) as handle:
+                ds = pydicom.dcmread(
+                    handle,
+                    stop_before_pixels=True,
+                    specific_tags=["SOPClassUID", "SOPInstanceUID"],
+                    force=True,
+                    defer_size=4096,
+                )
             meta = ds.file_meta
             syntax = meta.get("TransferSyntaxUID") or _encoding_syntax(ds)
             # Some real files carry a File Meta SOP Instance UID that differs from the data
@@ -112,7 +119,7 @@ def _scan(paths: Iterable[Path]) -> tuple[list[_Item], list[SendOutcome]]:
                 and meta.get("MediaStorageSOPClassUID") == ds.SOPClassUID
             )
             items.append(_Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax), raw_ok))
-        except (InvalidDicomError, AttributeError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (*PARSE_ERRORS, AttributeError) as exc:
             bad.append(SendOutcome(path, "", None, f"not a DICOM file: {exc}"))
     return items, bad
 

@@ -65,8 +65,14 @@ def _count_events(node, name: str) -> int:  # type: ignore[no-untyped-def]
     return sum(1 for e in node.events() if e.get("event") == name)
 
 
-def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tmp_path: Path) -> None:
-    rounds = int(os.environ.get("DDN_CRASH_ROUNDS", "50"))
+@pytest.mark.parametrize(
+    "rounds",
+    [
+        pytest.param(int(os.environ.get("DDN_CRASH_ROUNDS", "50")), id="ci"),
+        pytest.param(int(os.environ.get("DDN_SOAK_CRASH_ROUNDS", "300")), id="soak", marks=pytest.mark.soak),
+    ],
+)
+def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tmp_path: Path, rounds: int) -> None:
     rng = random.Random(4242)
     model = make_test_artifact(tmp_path / "model", threshold=0.5)
     pacs = Orthanc(tmp_path / "orthanc", node_port=0)

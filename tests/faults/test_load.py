@@ -41,9 +41,16 @@ def _files(tmp: Path, tag: str, n: int, size: int) -> list[Path]:
     return out
 
 
-def test_eight_concurrent_senders(make_node, sqlite_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "per_sender",
+    [
+        pytest.param(int(os.environ.get("DDN_LOAD_FILES", "25")), id="ci"),
+        # Minutes of sustained load for `make soak`: 8 x 1,500 instances.
+        pytest.param(int(os.environ.get("DDN_SOAK_LOAD_FILES", "1500")), id="soak", marks=pytest.mark.soak),
+    ],
+)
+def test_eight_concurrent_senders(make_node, sqlite_url: str, tmp_path: Path, per_sender: int) -> None:
     node = make_node(sqlite_url, node={"max_associations": 16})
-    per_sender = int(os.environ.get("DDN_LOAD_FILES", "25"))
     batches = [_files(tmp_path, f"sender{k}", per_sender, 256) for k in range(8)]
     with node:
         assert node.proc is not None

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pydicom
 
+from ddn_node.dicom.headers import ClampedReader
+
 from ddn_node.dicom import scu
 from ddn_node.dicom.headers import Header, HeaderError, read_header
 from ddn_node.dicom.pixels import PixelDataError, PixelLimits, load_display_image
@@ -109,7 +111,9 @@ def check_sr(path: Path, seconds: float = 10) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=True)
+            # Clamped: the test's own read must not be the one that allocates gigabytes.
+            with ClampedReader(path) as handle:
+                ds = pydicom.dcmread(handle, force=True)
             sop_class = str(ds.get("SOPClassUID", ""))
     except Exception:  # noqa: BLE001 - pydicom's own failure is not read_sr's; counted, not judged
         return "unreadable"

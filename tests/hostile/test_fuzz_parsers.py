@@ -103,21 +103,10 @@ def _scan_only(path: Path, _limits: PixelLimits) -> dict[str, str]:
     return {"scan": check_scan(path)}
 
 
-@pytest.mark.xfail(
-    reason="known, reported: read_sr raises AttributeError / IndexError on malformed TID 1500 "
-    "content (e.g. an item without TextValue, an empty code sequence) instead of ValueError; "
-    "only tests call it today",
-    strict=False,
-)
 def test_fuzz_read_sr(tmp_path: Path) -> None:
     _fuzz(tmp_path, KNOWN, _sr_only)
 
 
-@pytest.mark.xfail(
-    reason="known, reported: scu._scan (ddn-node send) lets zlib.error, struct.error and "
-    "BytesLengthException out of a malformed file instead of listing it as not DICOM",
-    strict=False,
-)
 def test_fuzz_scu_scan(tmp_path: Path) -> None:
     _fuzz(tmp_path, KNOWN, _scan_only)
 

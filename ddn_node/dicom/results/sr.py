@@ -375,8 +375,18 @@ def read_sr(ds: Dataset) -> SRContent:
     """Parse the findings, score, priority and references out of a DDN SR.
 
     Works on a dataset as built or as read back from a file or a PACS. Raises
-    ``ValueError`` when the document is not a TID 1500 Measurement Report.
+    ``ValueError`` when the document is not a TID 1500 Measurement Report or its content
+    is malformed.
     """
+    try:
+        return _read_sr(ds)
+    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+        # A malformed tree (an item without its value, an empty code sequence) is bad
+        # input, like any other: one documented error type for callers.
+        raise ValueError(f"malformed TID 1500 content: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_sr(ds: Dataset) -> SRContent:
     templates = ds.get("ContentTemplateSequence", [])
     if not templates or str(templates[0].get("TemplateIdentifier", "")) != "1500":
         raise ValueError("not a TID 1500 Measurement Report")
