@@ -41,7 +41,7 @@ def _write_config(work: Path, url: str, port: int, model: Path) -> Path:
         "[completion]\nsweep_interval_s = 0.3\n"
         "[worker]\npoll_interval_s = 0.2\ntorch_threads = 1\n"
         f'[[routing]]\nname = "cxr"\nmodel = "{model}"\nhead = "cxr"\nmodalities = ["CR", "DX"]\n'
-        '[web]\nenabled = false\n[logging]\nlevel = "WARNING"\n'
+        '[web]\nenabled = false\n[logging]\nlevel = "INFO"\n'
     )
     return path
 
