@@ -24,7 +24,9 @@ from ddn_node.model.preprocess import PreprocessSpec, prepare_batch
 from ddn_node.model.types import Code, LabelSpec
 from ddn_node.training.metrics import peak
 
-SIZE = 128
+# 256 px gives the tiny backbone an 8 x 8 last stage. At 128 px (4 x 4 cells of 32 px)
+# where the Grad-CAM peak lands depended on the CPU the fixture trained on.
+SIZE = 256
 SPEC = PreprocessSpec(size=SIZE)
 
 
@@ -96,7 +98,7 @@ def test_heat_map_peaks_on_the_blob(blob_model: DDN) -> None:
         hm = map_to_source(cams[(i, 0)], geoms[i])
         r, c = peak(hm)
         cy, cx = centres[i]  # type: ignore[misc]
-        # within one feature-map cell (128 / 4 = 32 px) of the blob centre
+        # within one feature-map cell (256 / 8 = 32 px) of the blob centre
         hits += int(np.hypot(r - cy, c - cx) <= 32)
     assert hits / len(positives) >= 0.85
 
