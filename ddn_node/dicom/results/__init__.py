@@ -7,10 +7,17 @@
   :func:`render_png`;
 - :mod:`.content`, :mod:`.equipment`, :mod:`.codes`: what all of them share (patient and
   study attributes with their character set, IHE AIR style equipment, coded concepts);
-- :mod:`.build`: :func:`build_results`, all objects of one analysis.
+- :mod:`.build`: :func:`build_results`, all objects of one analysis (or in two phases,
+  :func:`build_sr_result` then :func:`add_heat_map_objects`).
 """
 
-from ddn_node.dicom.results.build import ResultObjects, SeriesNumbers, build_results
+from ddn_node.dicom.results.build import (
+    ResultObjects,
+    SeriesNumbers,
+    add_heat_map_objects,
+    build_results,
+    build_sr_result,
+)
 from ddn_node.dicom.results.enum import ResultKind, TriagePriority
 from ddn_node.dicom.results.overlay import blend, render_png
 from ddn_node.dicom.results.sr import SRContent, SRFinding, SRReference, read_sr
@@ -23,8 +30,10 @@ __all__ = [
     "SRReference",
     "SeriesNumbers",
     "TriagePriority",
+    "add_heat_map_objects",
     "blend",
     "build_results",
+    "build_sr_result",
     "read_sr",
     "render_png",
 ]

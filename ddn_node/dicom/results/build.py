@@ -80,6 +80,9 @@ def build_results(
 ) -> ResultObjects:
     """Build the SR, Parametric Maps and Secondary Captures of one analysis.
 
+    The same as :func:`build_sr_result` followed by :func:`add_heat_map_objects`; the
+    worker calls the two separately so the SR can leave before the heat maps are drawn.
+
     Args:
         sources: the scored source images; headers are enough (pixel data may be absent).
             All must belong to one study; patient and study attributes come from the first.
@@ -101,6 +104,41 @@ def build_results(
             a prediction for an image that is not a source, a heat map without a display
             image, or a predecessor from another study.
     """
+    now = now or datetime.datetime.now(datetime.UTC)
+    # Without a seed, a random one: UIDs differ between builds but stay consistent within
+    # this one (all maps of a label share one series UID).
+    uid_seed = uid_seed if uid_seed is not None else make_uid(None)
+    results = build_sr_result(
+        sources, prediction, priority, predecessor, series_numbers, uid_seed=uid_seed, now=now
+    )
+    add_heat_map_objects(
+        results,
+        sources,
+        prediction,
+        display_images,
+        series_numbers,
+        uid_seed=uid_seed,
+        max_overlay_side=max_overlay_side,
+        now=now,
+    )
+    return results
+
+
+def build_sr_result(
+    sources: Sequence[Dataset],
+    prediction: StudyPrediction,
+    priority: str,
+    predecessor: SRReference | None = None,
+    series_numbers: SeriesNumbers = SeriesNumbers(),
+    *,
+    uid_seed: str,
+    now: datetime.datetime,
+) -> ResultObjects:
+    """The first phase of :func:`build_results`: the SR alone, in a new ResultObjects.
+
+    The SR refers to no heat-map object, so it is complete without them; its UIDs come
+    from ``uid_seed`` like theirs. Raises ``ValueError`` as :func:`build_results` does.
+    """
     check_sources(sources)
     try:
         triage = TriagePriority(str(priority).upper())
@@ -111,14 +149,7 @@ def build_results(
     study_uid = str(sources[0].StudyInstanceUID)
     if predecessor is not None and predecessor.study_instance_uid != study_uid:
         raise ValueError("the predecessor SR belongs to another study")
-    now = now or datetime.datetime.now(datetime.UTC)
-    # Without a seed, a random one: UIDs differ between builds but stay consistent within
-    # this one (all maps of a label share one series UID).
-    uid_seed = uid_seed if uid_seed is not None else make_uid(None)
     headers = [reference_header(ds) for ds in sources]
-    source_by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    header_by_uid = {str(h.SOPInstanceUID): h for h in headers}
-
     sr = build_sr(
         sources,
         headers,
@@ -131,7 +162,26 @@ def build_results(
         uid_seed=uid_seed,
         now=now,
     )
-    results = ResultObjects(sr=sr)
+    return ResultObjects(sr=sr)
+
+
+def add_heat_map_objects(
+    results: ResultObjects,
+    sources: Sequence[Dataset],
+    prediction: StudyPrediction,
+    display_images: Mapping[str, np.ndarray],
+    series_numbers: SeriesNumbers = SeriesNumbers(),
+    *,
+    uid_seed: str,
+    max_overlay_side: int = MAX_SIDE,
+    now: datetime.datetime,
+) -> None:
+    """The second phase of :func:`build_results`: a Parametric Map and an overlay per
+    heat map, appended to ``results``. Pass the ``uid_seed`` the SR was built with."""
+    check_sources(sources)
+    headers = [reference_header(ds) for ds in sources]
+    source_by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    header_by_uid = {str(h.SOPInstanceUID): h for h in headers}
 
     specs = {spec.name: spec for spec in prediction.labels}
     mapped_labels = [
@@ -193,4 +243,3 @@ def build_results(
             )
             results.overlays.append(sc)
             results.overlay_labels[str(sc.SOPInstanceUID)] = name
-    return results

@@ -57,8 +57,8 @@ rather than a generic "score".
 
 from __future__ import annotations
 
-from highdicom.sr import CodedConcept
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
 
 from ddn_node.dicom.results.enum import TriagePriority
 from ddn_node.model.types import Code
