@@ -8,13 +8,15 @@
 Images are display images from :func:`ddn_node.dicom.pixels.load_display_image`. For each
 batch the backbone runs once under ``inference_mode``; when heat maps are wanted, the
 logits come from the same differentiable tail that Grad-CAM back-propagates through, so
-probabilities and heat maps cost one backbone pass.
+probabilities and heat maps cost one backbone pass. :meth:`Predictor.predict_deferred`
+returns the probabilities first and keeps the features for :meth:`Predictor.add_heatmaps`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import structlog
@@ -22,10 +24,27 @@ import torch
 
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.gradcam import logits_and_cams
-from ddn_node.model.preprocess import map_to_source, prepare_batch
+from ddn_node.model.preprocess import Geometry, map_to_source, prepare_batch
 from ddn_node.model.types import ImagePrediction
 
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class _Batch:
+    start: int  # index of the batch's first image
+    features: torch.Tensor
+    probs: np.ndarray
+    geoms: list[Geometry]
+
+
+@dataclass(frozen=True)
+class ForwardPass:
+    """What one forward pass leaves for the heat maps: the backbone features and the
+    probabilities that decide which labels get a map."""
+
+    head: str
+    batches: list[_Batch]
 
 
 class Predictor:
@@ -61,13 +80,28 @@ class Predictor:
         heatmaps: bool = True,
     ) -> list[ImagePrediction]:
         """Probabilities per label for each image; heat maps for labels at/above threshold."""
-        info = self.artifact.head(head)
-        labels = info.labels
+        predictions, forward = self.predict_deferred(images, head, sop_instance_uids)
+        if heatmaps:
+            self.add_heatmaps(predictions, forward)
+        return predictions
+
+    def predict_deferred(
+        self,
+        images: Sequence[np.ndarray],
+        head: str,
+        sop_instance_uids: Sequence[str] | None = None,
+    ) -> tuple[list[ImagePrediction], ForwardPass]:
+        """Probabilities now; what :meth:`add_heatmaps` needs to draw the heat maps later.
+
+        The worker reports the findings before it spends time on heat maps.
+        """
+        labels = self.artifact.head(head).labels
         uids = list(sop_instance_uids) if sop_instance_uids is not None else [str(i) for i in range(len(images))]
         if len(uids) != len(images):
             raise ValueError("one SOP Instance UID per image")
         out: list[ImagePrediction] = []
-        t_model = t_cam = 0.0
+        batches: list[_Batch] = []
+        t_model = 0.0
         for s in range(0, len(images), self.batch_size):
             chunk = images[s : s + self.batch_size]
             x, geoms = prepare_batch(chunk, self.spec)
@@ -77,30 +111,39 @@ class Predictor:
                 feats = self.model.features(x)
                 logits = self.model.forward_from_features(feats, heads=[head])[head]
             probs = self.model.probabilities({head: logits})[head].float().cpu().numpy()
-            t1 = time.perf_counter()
-            t_model += t1 - t0
-            cams: dict[tuple[int, int], torch.Tensor] = {}
-            if heatmaps:
-                # Which labels pass their threshold is known only after the forward pass; the
-                # cheap tail then runs once more, with gradients, inside logits_and_cams.
-                wanted = [[k for k, spec in enumerate(labels) if probs[b, k] >= spec.threshold] for b in range(len(chunk))]
-                if any(wanted):
-                    _, cams = logits_and_cams(self.model, feats, head, wanted)
-            for b in range(len(chunk)):
-                pred = ImagePrediction(
+            t_model += time.perf_counter() - t0
+            batches.append(_Batch(s, feats, probs, geoms))
+            out.extend(
+                ImagePrediction(
                     sop_instance_uid=uids[s + b],
                     probabilities={spec.name: float(probs[b, k]) for k, spec in enumerate(labels)},
                 )
+                for b in range(len(chunk))
+            )
+        self.timings_ms = {"model": 1000 * t_model}
+        return out, ForwardPass(head, batches)
+
+    def add_heatmaps(self, predictions: Sequence[ImagePrediction], forward: ForwardPass) -> None:
+        """Grad-CAM heat maps, at source size, for the labels at/above their threshold,
+        into ``predictions[i].heatmaps`` (the predictions :meth:`predict_deferred` made)."""
+        labels = self.artifact.head(forward.head).labels
+        t1 = time.perf_counter()
+        for batch in forward.batches:
+            n = batch.probs.shape[0]
+            # Which labels pass their threshold is known only after the forward pass; the
+            # cheap tail then runs once more, with gradients, inside logits_and_cams.
+            wanted = [[k for k, spec in enumerate(labels) if batch.probs[b, k] >= spec.threshold] for b in range(n)]
+            if not any(wanted):
+                continue
+            _, cams = logits_and_cams(self.model, batch.features, forward.head, wanted)
+            for b in range(n):
                 ks = [k for k in range(len(labels)) if (b, k) in cams]
                 if ks:
                     # All of one image's maps are resized in one call: one pass at full size.
-                    maps = map_to_source(torch.stack([cams[(b, k)] for k in ks]).float().cpu(), geoms[b])
+                    maps = map_to_source(torch.stack([cams[(b, k)] for k in ks]).float().cpu(), batch.geoms[b])
                     for i, k in enumerate(ks):
-                        pred.heatmaps[labels[k].name] = maps[i]
-                out.append(pred)
-            t_cam += time.perf_counter() - t1
-        self.timings_ms = {"model": 1000 * t_model, "gradcam": 1000 * t_cam}
-        return out
+                        predictions[batch.start + b].heatmaps[labels[k].name] = maps[i]
+        self.timings_ms["gradcam"] = 1000 * (time.perf_counter() - t1)
 
     @staticmethod
     def study_probabilities(predictions: Sequence[ImagePrediction]) -> dict[str, float]:

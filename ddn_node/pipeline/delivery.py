@@ -97,6 +97,29 @@ class Deliverer:
                 claimed[row.destination].append(Claimed(row.id, row.path, row.sop_instance_uid, row.attempts, row.kind))
         return claimed
 
+    def deliver_object(self, study_id: int, sop_instance_uid: str) -> int:
+        """Send one object's pending deliveries now, from the calling thread; returns how
+        many rows were attempted. The worker sends its SR this way, so the findings leave
+        on their own association instead of waiting for the delivery loop, which may be
+        busy with earlier heat maps; failures back off and retry through the loop."""
+        lease_s = self.settings.delivery.timeout_s * 4 + 60
+        with self.database.session() as session:
+            ids = DELIVERIES.claim_where(
+                session,
+                self.owner,
+                lease_s,
+                Delivery.study_id == study_id,
+                Delivery.sop_instance_uid == sop_instance_uid,
+            )
+            rows = [session.get(Delivery, i) for i in ids]
+            claimed: dict[str, list[Claimed]] = defaultdict(list)
+            for row in rows:
+                assert row is not None
+                claimed[row.destination].append(Claimed(row.id, row.path, row.sop_instance_uid, row.attempts, row.kind))
+        for name, group in claimed.items():
+            self._send(name, group)
+        return len(ids)
+
     def deliver_due(self) -> int:
         """Send what is due now; returns how many rows were attempted."""
         # One sender per process at a time: concurrent sweeps would only split batches.

@@ -48,8 +48,10 @@ def start_worker_parts(
     models = ModelRegistry(settings)
     if settings.worker.enabled:
         models.preload()
-    worker = Worker(settings, database, spool, models, owner, on_results=deliver_wake.set)
     deliverer = Deliverer(settings, database, spool, owner)
+    worker = Worker(
+        settings, database, spool, models, owner, on_results=deliver_wake.set, send_now=deliverer.deliver_object
+    )
     threads = []
     if settings.worker.enabled:
         threads.append(

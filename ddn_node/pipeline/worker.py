@@ -10,12 +10,15 @@ only unreferenced files, rewritten identically by the next attempt.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -25,14 +28,15 @@ from sqlalchemy import select, update
 
 from ddn_node.config import PRIORITY_RANK, Priority, RoutingRule, Settings
 from ddn_node.dicom.pixels import PixelDataError, load_display_image
-from ddn_node.dicom.results import ResultObjects, SRReference, build_results
+from ddn_node.dicom.results import ResultObjects, SRReference, add_heat_map_objects, build_sr_result
+from ddn_node.dicom.results.content import make_uid
 from ddn_node.dicom.spool import Spool
 from ddn_node.model.artifact import ModelArtifact
-from ddn_node.model.inference import Predictor
+from ddn_node.model.inference import ForwardPass, Predictor
 from ddn_node.model.types import StudyPrediction
 from ddn_node.pipeline.notify import OutgoingMessage, StudySummary, messages_for
 from ddn_node.pipeline.routing import InstanceFacts, route_study, study_instances
-from ddn_node.pipeline.triage import decide
+from ddn_node.pipeline.triage import TriageDecision, decide
 from ddn_node.store.engine import Database
 from ddn_node.store.models import (
     Delivery,
@@ -94,6 +98,49 @@ class _Source:
     dataset: Dataset
 
 
+# How many studies' heat maps may wait while the SRs of newer studies go first. Each holds
+# its decoded images (a 2048 x 2048 image is 16 MB as float32) until drawn.
+MAX_DEFERRED = 8
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    study_id: int
+    generation: int
+    attempts: int
+    stop_renewing: threading.Event
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    """What phase 1 of a study's analysis leaves for phase 2."""
+
+    job_id: int
+    study_id: int
+    generation: int
+    rule: RoutingRule
+    predictor: Predictor
+    forward: ForwardPass
+    prediction: StudyPrediction
+    decision: TriageDecision
+    sources: list[_Source]
+    images: list[np.ndarray]
+    objects: ResultObjects
+    sr_files: list[tuple[str, Dataset, str]]
+    uid_seed: str
+    built_at: dt.datetime
+    unreadable: int
+    timings_ms: dict[str, float]
+    phase1_done: float
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.sources[0].dataset.StudyInstanceUID)
+
+
 class Worker:
     def __init__(
         self,
@@ -103,13 +150,19 @@ class Worker:
         models: ModelRegistry,
         owner: str,
         on_results: Callable[[], None] | None = None,
+        send_now: Callable[[int, str], object] | None = None,
     ):
         self.settings = settings
         self.database = database
         self.spool = spool
         self.models = models
         self.owner = owner
+        # Wakes the delivery loop once results are queued.
         self.on_results = on_results
+        # Sends one object (study id, SOP Instance UID) at once, from this thread: the SR.
+        self.send_now = send_now
+        # Studies whose SR is out and whose heat maps wait (their leases kept renewed).
+        self._deferred: deque[tuple[_Claimed, Callable[[], None]]] = deque()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -125,10 +178,24 @@ class Worker:
             if not worked:
                 wakeup.wait(self.settings.worker.poll_interval_s)
                 wakeup.clear()
+        # Heat maps already promised: draw them rather than leave them to a lease expiry.
+        while self._deferred:
+            self._finish_deferred()
         log.info("worker.stopped", owner=self.owner)
 
     def run_once(self) -> bool:
-        """Claim and process one job; False when the queue had nothing claimable."""
+        """One step: the SR of a newly claimed study before the heat maps of an earlier
+        one (up to ``MAX_DEFERRED`` waiting); False when there was nothing to do."""
+        if len(self._deferred) < MAX_DEFERRED and self._start_next():
+            return True
+        if self._deferred:
+            self._finish_deferred()
+            return True
+        return False
+
+    def _start_next(self) -> bool:
+        """Claim a job and run its phase 1; phase 2 waits in ``_deferred``. False when the
+        queue had nothing claimable."""
         lease_s = self.settings.queue.lease_s
         with self.database.session() as session:
             job = JOBS.claim(session, self.owner, lease_s)
@@ -148,16 +215,33 @@ class Worker:
             target=self._renew_lease, args=(job_id, stop_renewing), name=f"lease-{job_id}", daemon=True
         )
         renewer.start()
-        try:
-            self.process(job_id, study_id, generation)
-        except AnalysisError as exc:
-            self._failed(job_id, study_id, generation, attempts, str(exc), exc.permanent)
-        except Exception as exc:  # noqa: BLE001 - a model or library error must not stop the queue
-            log.exception("worker.unexpected_error", study_id=study_id)
-            self._failed(job_id, study_id, generation, attempts, f"{type(exc).__name__}: {exc}", False)
-        finally:
+        claimed = _Claimed(job_id, study_id, generation, attempts, stop_renewing)
+        finish = self._guarded(claimed, lambda: self.begin(job_id, study_id, generation))
+        if finish is None:
             stop_renewing.set()
+        else:
+            self._deferred.append((claimed, finish))
         return True
+
+    def _finish_deferred(self) -> None:
+        job, finish = self._deferred.popleft()
+        try:
+            self._guarded(job, finish)
+        finally:
+            job.stop_renewing.set()
+
+    def _guarded(self, job: _Claimed, step: Callable[[], _T]) -> _T | None:
+        """Run one phase of a job; a failure is recorded against the job (retry or give up)."""
+        try:
+            return step()
+        except AnalysisError as exc:
+            self._failed(job.id, job.study_id, job.generation, job.attempts, str(exc), exc.permanent)
+        except Exception as exc:
+            log.exception("worker.unexpected_error", study_id=job.study_id)
+            self._failed(
+                job.id, job.study_id, job.generation, job.attempts, f"{type(exc).__name__}: {exc}", False
+            )
+        return None
 
     def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
         lease_s = self.settings.queue.lease_s
@@ -180,6 +264,14 @@ class Worker:
         return route.rule, route.instances, {s.facts.instance_id: s.path for s in stored}
 
     def process(self, job_id: int, study_id: int, generation: int) -> None:
+        """Analyse one study: both phases, one after the other."""
+        finish = self.begin(job_id, study_id, generation)
+        if finish is not None:
+            finish()
+
+    def begin(self, job_id: int, study_id: int, generation: int) -> Callable[[], None] | None:
+        """Phase 1 (decode, model, SR queued and sent); returns phase 2 (heat maps, the
+        result rows, the study's state), or None when the job's lease was lost."""
         t0 = time.perf_counter()
         rule, routed, paths = self._sources(study_id)
         predictor = self.models.predictor(rule)
@@ -203,8 +295,9 @@ class Worker:
         t_decode = time.perf_counter()
 
         uids = [s.sop_instance_uid for s in sources]
-        predictions = predictor.predict(images, head=rule.head, sop_instance_uids=uids, heatmaps=True)
+        predictions, forward = predictor.predict_deferred(images, head=rule.head, sop_instance_uids=uids)
         t_model = time.perf_counter()
+        forward_ms = predictor.timings_ms.get("model", 0.0)
 
         artifact = predictor.artifact
         labels = artifact.labels(rule.head)
@@ -224,29 +317,79 @@ class Worker:
             images=predictions,
             algorithm=algorithm,
         )
-        predecessor = self._predecessor(study_id)
         study_uid = str(sources[0].dataset.StudyInstanceUID)
-        objects = build_results(
-            [s.dataset for s in sources],
+        # A retried job rebuilds the same UIDs, so a PACS that got the first attempt's
+        # objects keeps one copy of each.
+        uid_seed = f"ddn-node:{study_uid}:generation:{generation}"
+        built_at = dt.datetime.now(dt.UTC)
+        source_headers = [s.dataset for s in sources]
+        sr_uid = make_uid(uid_seed, "sr")
+        # Phase 1: the SR (findings, score, priority) leaves for the PACS as soon as it is
+        # built; the heat maps, which take longer to draw, follow in phase 2.
+        objects = build_sr_result(
+            source_headers,
             prediction,
             decision.priority.value,
-            {s.sop_instance_uid: img for s, img in zip(sources, images, strict=True)},
-            predecessor=predecessor,
-            # A retried job rebuilds the same UIDs, so a PACS that got the first attempt's
-            # objects keeps one copy of each.
-            uid_seed=f"ddn-node:{study_uid}:generation:{generation}",
+            self._predecessor(study_id, exclude=sr_uid),
+            uid_seed=uid_seed,
+            now=built_at,
         )
-        files = self._write_results(study_uid, objects)
+        sr_files = self._queue_sr(job_id, study_id, study_uid, objects, prediction, decision, generation)
+        if sr_files is None:
+            return None
+        t_sr = time.perf_counter()
+        self._send_sr(study_id, str(objects.sr.SOPInstanceUID))
+        t_sent = time.perf_counter()
+        return lambda: self._finish(
+            _Analysis(
+                job_id, study_id, generation, rule, predictor, forward, prediction, decision, sources, images,
+                objects, sr_files, uid_seed, built_at, len(problems),
+                {
+                    "decode_ms": (t_decode - t0) * 1000,
+                    "model_ms": (t_model - t_decode) * 1000,
+                    "forward_ms": forward_ms,
+                    "sr_ms": (t_sr - t_model) * 1000,
+                    "sr_send_ms": (t_sent - t_sr) * 1000,
+                },
+                t_sent,
+            )
+        )
+
+    def _finish(self, a: _Analysis) -> None:
+        """Phase 2: heat maps, then the result, its deliveries and the study's new state in
+        one transaction fenced by the job's lease."""
+        t2 = time.perf_counter()
+        a.predictor.add_heatmaps(a.prediction.images, a.forward)
+        t_cam = time.perf_counter()
+        study_uid, uid_seed, built_at = a.study_uid, a.uid_seed, a.built_at
+        job_id, study_id, generation, rule = a.job_id, a.study_id, a.generation, a.rule
+        objects, sources, images, prediction, decision = a.objects, a.sources, a.images, a.prediction, a.decision
+        add_heat_map_objects(
+            objects,
+            [src.dataset for src in sources],
+            prediction,
+            {s.sop_instance_uid: img for s, img in zip(sources, images, strict=True)},
+            uid_seed=uid_seed,
+            now=built_at,
+        )
+        files = a.sr_files + self._write_results(
+            study_uid,
+            [("pm", ds) for ds in objects.parametric_maps] + [("sc", ds) for ds in objects.overlays],
+        )
         overlays = self._overlay_files(objects, files)
         t_results = time.perf_counter()
-        timings = {
-            "decode_ms": (t_decode - t0) * 1000,
-            "model_ms": (t_model - t_decode) * 1000,
-            "forward_ms": predictor.timings_ms.get("model", 0.0),
-            "gradcam_ms": predictor.timings_ms.get("gradcam", 0.0),
-            "results_ms": (t_results - t_model) * 1000,
-            "total_ms": (t_results - t0) * 1000,
+        timings = dict(a.timings_ms)
+        busy = {
+            "gradcam_ms": (t_cam - t2) * 1000,
+            # Building result objects: the SR (phase 1) and the heat-map objects (phase 2).
+            "results_ms": timings["sr_ms"] + (t_results - t_cam) * 1000,
+            # Phase 2 may wait while the SRs of studies that came meanwhile go first.
+            "deferred_ms": (t2 - a.phase1_done) * 1000,
         }
+        timings.update(busy)
+        timings["total_ms"] = sum(
+            timings[k] for k in ("decode_ms", "model_ms", "sr_ms", "sr_send_ms", "gradcam_ms")
+        ) + (t_results - t_cam) * 1000
         prediction.timings_ms = timings
         now = utcnow()
         messages = self._notifications(study_id, prediction, decision, now)
@@ -260,8 +403,8 @@ class Worker:
                 generation=generation,
                 head=rule.head,
                 images=len(sources),
-                unreadable=len(problems),
-                score=round(score, 4),
+                unreadable=a.unreadable,
+                score=round(prediction.abnormality_score, 4),
                 priority=decision.priority.value,
                 positive=prediction.positive,
                 **{k: round(v, 1) for k, v in timings.items()},
@@ -311,13 +454,18 @@ class Worker:
             out.append((message, summary.notification_id, relpath))
         return out
 
-    def _predecessor(self, study_id: int) -> SRReference | None:
+    def _predecessor(self, study_id: int, exclude: str) -> SRReference | None:
+        """The study's latest SR before this analysis (``exclude``: this analysis's own SR,
+        queued already when a job is retried after its first phase)."""
         with self.database.read() as session:
             row = session.execute(
                 select(Delivery.sop_instance_uid, Delivery.path)
-                .join(Result, Delivery.result_id == Result.id)
-                .where(Result.study_id == study_id, Delivery.kind == "sr")
-                .order_by(Result.generation.desc())
+                .where(
+                    Delivery.study_id == study_id,
+                    Delivery.kind == "sr",
+                    Delivery.sop_instance_uid != exclude,
+                )
+                .order_by(Delivery.id.desc())
                 .limit(1)
             ).first()
         if row is None:
@@ -330,17 +478,123 @@ class Worker:
             study_instance_uid=str(ds.StudyInstanceUID),
         )
 
-    def _write_results(self, study_uid: str, objects: ResultObjects) -> list[tuple[str, Dataset, str]]:
+    def _write_results(self, study_uid: str, objects: list[tuple[str, Dataset]]) -> list[tuple[str, Dataset, str]]:
         """(kind, dataset, relpath) for every object, durably on disk."""
         out = []
-        for kind, datasets in (("sr", [objects.sr]), ("pm", objects.parametric_maps), ("sc", objects.overlays)):
-            for ds in datasets:
-                relpath = self.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
-                buffer = BytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-                self.spool.write_bytes(relpath, buffer.getvalue())
-                out.append((kind, ds, relpath))
+        for kind, ds in objects:
+            relpath = self.spool.result_relpath(study_uid, str(ds.SOPInstanceUID))
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            self.spool.write_bytes(relpath, buffer.getvalue())
+            out.append((kind, ds, relpath))
         return out
+
+    def _send_sr(self, study_id: int, sr_uid: str) -> None:
+        """The SR to the PACS before the heat maps are drawn: sent from this thread when
+        this process delivers, else left to the delivery loop (woken here)."""
+        if self.send_now is None:
+            if self.on_results is not None:
+                self.on_results()
+            return
+        try:
+            self.send_now(study_id, sr_uid)
+        except Exception as exc:  # noqa: BLE001 - the delivery loop retries whatever is left
+            log.warning("worker.sr_send_failed", study_id=study_id, error=repr(exc))
+            if self.on_results is not None:
+                self.on_results()
+
+    def _queue_sr(
+        self,
+        job_id: int,
+        study_id: int,
+        study_uid: str,
+        objects: ResultObjects,
+        prediction: StudyPrediction,
+        decision: TriageDecision,
+        generation: int,
+    ) -> list[tuple[str, Dataset, str]] | None:
+        """Phase 1: the SR on disk, its delivery rows and the study's new priority
+        committed, fenced by the job's lease; None when the lease was lost. The rows have
+        no result yet (phase 2 links them). When an earlier attempt got this far, its SR -
+        the one a PACS may already hold - is kept as it is."""
+        sr = objects.sr
+        sr_uid = str(sr.SOPInstanceUID)
+        relpath = self.spool.result_relpath(study_uid, sr_uid)
+        wanted = {d.name for d in self.settings.destinations}
+        with self.database.read() as session:
+            queued = set(
+                session.scalars(
+                    select(Delivery.destination).where(
+                        Delivery.study_id == study_id, Delivery.sop_instance_uid == sr_uid
+                    )
+                )
+            )
+        if queued and self.spool.path(relpath).is_file():
+            if wanted <= queued:
+                return [("sr", sr, relpath)]
+        else:
+            self._write_results(study_uid, [("sr", sr)])
+        now = utcnow()
+        with self.database.session() as session:
+            if not JOBS.renew(session, job_id, self.owner, self.settings.queue.lease_s):
+                log.warning("worker.lease_lost", job_id=job_id, study_id=study_id)
+                session.rollback()
+                return None
+            for name in sorted(wanted - queued):
+                session.add(
+                    Delivery(
+                        study_id=study_id,
+                        result_id=None,
+                        destination=name,
+                        kind="sr",
+                        sop_class_uid=str(sr.SOPClassUID),
+                        sop_instance_uid=sr_uid,
+                        path=relpath,
+                        not_before=now,
+                    )
+                )
+            if not queued:
+                # The worklist re-orders as the SR leaves, not after the heat maps.
+                self._triage_study(session, study_id, generation, prediction, decision, now)
+        return [("sr", sr, relpath)]
+
+    def _triage_study(
+        self,
+        session,  # type: ignore[no-untyped-def]
+        study_id: int,
+        generation: int,
+        prediction: StudyPrediction,
+        decision: TriageDecision,
+        now: dt.datetime,
+    ) -> None:
+        top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[:3]
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(
+                abnormality_score=prediction.abnormality_score,
+                priority=decision.priority.value,
+                priority_rank=decision.rank,
+                priority_reason=decision.reason,
+                top_findings=[[name, round(p, 4)] for name, p in top],
+                model_version=f"{prediction.algorithm.name} {prediction.algorithm.version}",
+                analysed_at=now,
+                # New results are new reading: a study read before (a re-opened one, or
+                # one read before its analysis) goes back on the unread list.
+                read_status="unread",
+            )
+        )
+        if generation > 1 or self._was_read(session, study_id):
+            session.add(
+                WorklistEvent(
+                    study_id=study_id,
+                    user="ddn-node",
+                    action="unread",
+                    value=f"new results (analysis {generation})",
+                    at=now,
+                )
+            )
+
 
     @staticmethod
     def _overlay_files(
@@ -403,8 +657,19 @@ class Worker:
                         },
                     )
                 )
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.study_id == study_id,
+                    Delivery.sop_instance_uid == str(objects.sr.SOPInstanceUID),
+                    Delivery.result_id.is_(None),
+                )
+                .values(result_id=result.id)
+            )
             for destination in self.settings.destinations:
                 for kind, ds, relpath in files:
+                    if kind == "sr":
+                        continue  # queued in phase 1
                     session.add(
                         Delivery(
                             study_id=study_id,
@@ -428,33 +693,6 @@ class Worker:
                         sop_instance_uid=message_id,
                         path=relpath,
                         not_before=now,
-                    )
-                )
-            top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[:3]
-            session.execute(
-                update(Study)
-                .where(Study.id == study_id)
-                .values(
-                    abnormality_score=prediction.abnormality_score,
-                    priority=decision.priority.value,
-                    priority_rank=decision.rank,
-                    priority_reason=decision.reason,
-                    top_findings=[[name, round(p, 4)] for name, p in top],
-                    model_version=f"{prediction.algorithm.name} {prediction.algorithm.version}",
-                    analysed_at=now,
-                    # New results are new reading: a study read before (a re-opened one, or
-                    # one read before its analysis) goes back on the unread list.
-                    read_status="unread",
-                )
-            )
-            if generation > 1 or self._was_read(session, study_id):
-                session.add(
-                    WorklistEvent(
-                        study_id=study_id,
-                        user="ddn-node",
-                        action="unread",
-                        value=f"new results (analysis {generation})",
-                        at=now,
                     )
                 )
             # Only the generation that is still current moves the study to 'analysed'; if

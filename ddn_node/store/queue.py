@@ -72,6 +72,30 @@ class LeaseQueue(Generic[Row]):
         session.expire_all()
         return session.get(m, row_id)
 
+    def claim_where(
+        self, session: Session, owner: str, lease_s: float, *criteria: Any, now: dt.datetime | None = None
+    ) -> list[int]:
+        """Take every claimable row that also meets ``criteria`` (for example one object's
+        deliveries); returns their ids. Rows another owner holds are skipped, as in
+        :meth:`claim`. The caller commits the session."""
+        now = now or utcnow()
+        m = self.model
+        values = {
+            "state": self.running,
+            "lease_owner": owner,
+            "lease_expires_at": now + dt.timedelta(seconds=lease_s),
+            "attempts": m.attempts + 1,
+        }
+        wanted = and_(self._claimable(now), *criteria)
+        if session.get_bind().dialect.name == "postgresql":
+            ids = list(session.scalars(select(m.id).where(wanted).order_by(m.id).with_for_update(skip_locked=True)))
+            if ids:
+                session.execute(update(m).where(m.id.in_(ids)).values(**values))
+        else:
+            ids = list(session.scalars(update(m).where(wanted).values(**values).returning(m.id)))
+        session.expire_all()
+        return sorted(ids)
+
     def renew(self, session: Session, row_id: int, owner: str, lease_s: float) -> bool:
         m = self.model
         result = session.execute(

@@ -162,6 +162,9 @@ def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tm
     # exactly the delivery rows, every one sent.
     delivered = {d.sop_instance_uid for d in deliveries}
     assert len(delivered) == len(deliveries)
+    # The SR, queued before the heat maps, ended linked to its generation's one result
+    # even when a kill fell between the two phases.
+    assert all(d.result_id is not None for d in deliveries)
     sources = set(instances)
     in_pacs = [uid for uids in pacs_objects.values() for uid in uids if uid not in sources]
     assert sorted(in_pacs) == sorted(delivered)
