@@ -479,13 +479,24 @@ def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.n
     return np.clip((arr - (center - 0.5)) / w1 + 0.5, 0.0, 1.0)
 
 
+# The percentiles come from a regular sub-grid of at most about this many pixels: for a
+# 2048 x 2048 image (every second row and column) the window moves by a fraction of a
+# grey level, and finding it costs a quarter of the time.
+PERCENTILE_SAMPLE_PIXELS = 1 << 20
+
+
 def _percentile_window(arr: np.ndarray) -> np.ndarray:
     """Robust auto-window: 0.5th-99.5th percentiles (min-max when those coincide)."""
-    finite = arr[np.isfinite(arr)]
+    step = max(1, int(np.ceil(np.sqrt(arr.size / PERCENTILE_SAMPLE_PIXELS))))
+    sample = arr[::step, ::step] if arr.ndim >= 2 else arr[:: step * step]
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        finite = arr[np.isfinite(arr)]
     if finite.size == 0:
         return np.zeros(arr.shape, dtype=np.float64)
     lo, hi = np.percentile(finite, [0.5, 99.5])
     if hi <= lo:
+        finite = arr[np.isfinite(arr)]  # min-max over every pixel, not just the sample
         lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.float64)

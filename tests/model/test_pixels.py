@@ -123,6 +123,20 @@ def test_monochrome2_percentile_window_keeps_order() -> None:
     assert np.all(np.diff(img.ravel()) >= 0)
 
 
+def test_percentile_window_of_a_large_image_matches_every_pixel_within_half_a_grey_level() -> None:
+    """Large images take their auto-window from a sub-grid; what the radiologist and the
+    model see must not change by more than half of one 8-bit grey level."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:2048, 0:2048]
+    body = 1500 + 1200 * np.exp(-((yy - 1024) ** 2 + (xx - 900) ** 2) / (2 * 500.0**2))
+    arr = np.clip(body + rng.normal(0, 120, body.shape), 0, 4095).astype(np.uint16)
+    arr[100:140, 1800:1840] = 4095  # a small marker, brighter than anything else
+    img = load_display_image(_ds(arr))
+    lo, hi = np.percentile(arr.astype(np.float64), [0.5, 99.5])
+    exact = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    assert np.abs(img - exact).max() <= 0.5 / 255
+
+
 def test_monochrome1_is_inverted() -> None:
     m2 = load_display_image(_ds(_ramp()))
     m1 = load_display_image(_ds(_ramp(), photometric="MONOCHROME1"))
