@@ -30,6 +30,7 @@ from ddn_node.config import PRIORITY_RANK, Priority, RoutingRule, Settings
 from ddn_node.dicom.pixels import PixelDataError, load_display_image
 from ddn_node.dicom.results import ResultObjects, SRReference, add_heat_map_objects, build_sr_result
 from ddn_node.dicom.results.content import make_uid
+from ddn_node.dicom.results.overlay import fit_display
 from ddn_node.dicom.spool import Spool
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import ForwardPass, Predictor
@@ -98,9 +99,11 @@ class _Source:
     dataset: Dataset
 
 
-# How many studies' heat maps may wait while the SRs of newer studies go first. Each holds
-# its decoded images (a 2048 x 2048 image is 16 MB as float32) until drawn.
-MAX_DEFERRED = 8
+# How many studies' heat maps may wait while the SRs of newer studies go first, and how
+# much image memory they may hold meanwhile (display images at overlay size, 4 MB each for
+# a 1024 x 1024 float32 image).
+MAX_DEFERRED = 64
+MAX_DEFERRED_BYTES = 256 * 1024 * 1024
 
 _T = TypeVar("_T")
 
@@ -162,7 +165,7 @@ class Worker:
         # Sends one object (study id, SOP Instance UID) at once, from this thread: the SR.
         self.send_now = send_now
         # Studies whose SR is out and whose heat maps wait (their leases kept renewed).
-        self._deferred: deque[tuple[_Claimed, Callable[[], None]]] = deque()
+        self._deferred: deque[tuple[_Claimed, _Analysis]] = deque()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -186,7 +189,7 @@ class Worker:
     def run_once(self) -> bool:
         """One step: the SR of a newly claimed study before the heat maps of an earlier
         one (up to ``MAX_DEFERRED`` waiting); False when there was nothing to do."""
-        if len(self._deferred) < MAX_DEFERRED and self._start_next():
+        if self._may_defer() and self._start_next():
             return True
         if self._deferred:
             self._finish_deferred()
@@ -216,19 +219,24 @@ class Worker:
         )
         renewer.start()
         claimed = _Claimed(job_id, study_id, generation, attempts, stop_renewing)
-        finish = self._guarded(claimed, lambda: self.begin(job_id, study_id, generation))
-        if finish is None:
+        analysis = self._guarded(claimed, lambda: self.begin(job_id, study_id, generation))
+        if analysis is None:
             stop_renewing.set()
         else:
-            self._deferred.append((claimed, finish))
+            self._deferred.append((claimed, analysis))
         return True
 
     def _finish_deferred(self) -> None:
-        job, finish = self._deferred.popleft()
+        job, analysis = self._deferred.popleft()
         try:
-            self._guarded(job, finish)
+            self._guarded(job, lambda: self.finish(analysis))
         finally:
             job.stop_renewing.set()
+
+    def _may_defer(self) -> bool:
+        """Room for one more study's phase 2 to wait: by count and by image memory."""
+        held = sum(img.nbytes for _job, a in self._deferred for img in a.images)
+        return len(self._deferred) < MAX_DEFERRED and held < MAX_DEFERRED_BYTES
 
     def _guarded(self, job: _Claimed, step: Callable[[], _T]) -> _T | None:
         """Run one phase of a job; a failure is recorded against the job (retry or give up)."""
@@ -265,13 +273,13 @@ class Worker:
 
     def process(self, job_id: int, study_id: int, generation: int) -> None:
         """Analyse one study: both phases, one after the other."""
-        finish = self.begin(job_id, study_id, generation)
-        if finish is not None:
-            finish()
+        analysis = self.begin(job_id, study_id, generation)
+        if analysis is not None:
+            self.finish(analysis)
 
-    def begin(self, job_id: int, study_id: int, generation: int) -> Callable[[], None] | None:
-        """Phase 1 (decode, model, SR queued and sent); returns phase 2 (heat maps, the
-        result rows, the study's state), or None when the job's lease was lost."""
+    def begin(self, job_id: int, study_id: int, generation: int) -> _Analysis | None:
+        """Phase 1 (decode, model, SR queued and sent); returns what :meth:`finish` needs
+        for phase 2, or None when the job's lease was lost."""
         t0 = time.perf_counter()
         rule, routed, paths = self._sources(study_id)
         predictor = self.models.predictor(rule)
@@ -340,22 +348,36 @@ class Worker:
         t_sr = time.perf_counter()
         self._send_sr(study_id, str(objects.sr.SOPInstanceUID))
         t_sent = time.perf_counter()
-        return lambda: self._finish(
-            _Analysis(
-                job_id, study_id, generation, rule, predictor, forward, prediction, decision, sources, images,
-                objects, sr_files, uid_seed, built_at, len(problems),
-                {
-                    "decode_ms": (t_decode - t0) * 1000,
-                    "model_ms": (t_model - t_decode) * 1000,
-                    "forward_ms": forward_ms,
-                    "sr_ms": (t_sr - t_model) * 1000,
-                    "sr_send_ms": (t_sent - t_sr) * 1000,
-                },
-                t_sent,
-            )
+        # The overlays are drawn at most MAX_SIDE pixels wide: keep the display images at
+        # that size while phase 2 waits (a quarter of a 2048 x 2048 image's memory).
+        images = [fit_display(img) for img in images]
+        return _Analysis(
+            job_id=job_id,
+            study_id=study_id,
+            generation=generation,
+            rule=rule,
+            predictor=predictor,
+            forward=forward,
+            prediction=prediction,
+            decision=decision,
+            sources=sources,
+            images=images,
+            objects=objects,
+            sr_files=sr_files,
+            uid_seed=uid_seed,
+            built_at=built_at,
+            unreadable=len(problems),
+            timings_ms={
+                "decode_ms": (t_decode - t0) * 1000,
+                "model_ms": (t_model - t_decode) * 1000,
+                "forward_ms": forward_ms,
+                "sr_ms": (t_sr - t_model) * 1000,
+                "sr_send_ms": (t_sent - t_sr) * 1000,
+            },
+            phase1_done=t_sent,
         )
 
-    def _finish(self, a: _Analysis) -> None:
+    def finish(self, a: _Analysis) -> None:
         """Phase 2: heat maps, then the result, its deliveries and the study's new state in
         one transaction fenced by the job's lease."""
         t2 = time.perf_counter()
