@@ -145,13 +145,17 @@ def _variants(model: DDN, head: str, quick: bool) -> tuple[list[Variant], dict[s
     return out, skipped
 
 
-def _onnx_runner(model: nn.Module, int8: bool) -> Callable[[torch.Tensor], Any]:
+def _onnx_runner(
+    model: nn.Module, int8: bool, size: int = 224, calibration: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], Any]:
+    """An ONNX Runtime session of ``model``; int8 is calibrated on ``calibration`` (real
+    images, for accuracy checks) or on noise (enough for timing)."""
     import onnxruntime as ort
 
     buf = io.BytesIO()
     torch.onnx.export(
         model,
-        (torch.randn(1, 3, 224, 224),),
+        (torch.randn(1, 3, size, size),),
         buf,
         dynamo=False,
         input_names=["x"],
@@ -172,8 +176,11 @@ def _onnx_runner(model: nn.Module, int8: bool) -> Callable[[torch.Tensor], Any]:
 
         class _Calib(CalibrationDataReader):
             def __init__(self) -> None:
+                if calibration is not None:
+                    self.batches = iter([{"x": calibration[i : i + 4].numpy()} for i in range(0, len(calibration), 4)])
+                    return
                 g = torch.Generator().manual_seed(0)
-                self.batches = iter([{"x": torch.randn(4, 3, 224, 224, generator=g).numpy()} for _ in range(4)])
+                self.batches = iter([{"x": torch.randn(4, 3, size, size, generator=g).numpy()} for _ in range(4)])
 
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.batches, None)

@@ -328,6 +328,19 @@ def bench_scale(
     run(studies=studies, model=model)
 
 
+@bench_app.command("backends")
+def bench_backends(
+    model: Annotated[Path, typer.Option(help="Model artifact (with its split.csv).")] = Path("models/ddn-cxr"),
+    images: Annotated[Path | None, typer.Option(help="Training images (default: from the manifest).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Label CSV (default: from the manifest).")] = None,
+    rounds: Annotated[int, typer.Option(help="Alternating timing rounds.")] = 7,
+) -> None:
+    """Validation AUC and speed of each inference backend vs eager fp32 (pick within 0.005)."""
+    from ddn_node.bench.backends import run
+
+    run(model=model, images=images, labels=labels, rounds=rounds)
+
+
 @bench_app.command("all")
 def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False) -> None:
     """Every benchmark in turn (what `make bench` runs)."""
@@ -338,6 +351,9 @@ def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False
 
     ingest(rounds=2 if quick else 3, quick=quick)
     run_bench(BenchConfig(model=Path("models/ddn-cxr") if Path("models/ddn-cxr/manifest.json").is_file() else None, quick=quick))
+    from ddn_node.bench.backends import run as backends
+
+    backends(rounds=3 if quick else 7)
     e2e(n_studies=8 if quick else 20)
     worklist_main(["--rounds", "3" if quick else "5"])
     from ddn_node.bench.scale import run as scale
