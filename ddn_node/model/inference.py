@@ -57,6 +57,7 @@ class Predictor:
         threads: int = 0,
         batch_size: int = 16,
         channels_last: bool = True,
+        precision: str = "fp32",
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
@@ -70,6 +71,11 @@ class Predictor:
         self._fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = artifact.model.to(self.device, memory_format=self._fmt).eval()
         self.spec = artifact.preprocess
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        # bf16 covers the backbone only: the features come back as fp32, so the heads,
+        # the probabilities and Grad-CAM's back-propagation all run in fp32.
+        self.bf16 = precision == "bf16"
         self.timings_ms: dict[str, float] = {}
 
     def predict(
@@ -108,7 +114,9 @@ class Predictor:
             x = x.to(self.device).contiguous(memory_format=self._fmt)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                feats = self.model.features(x)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    feats = self.model.features(x)
+                feats = feats.float()
                 logits = self.model.forward_from_features(feats, heads=[head])[head]
             probs = self.model.probabilities({head: logits})[head].float().cpu().numpy()
             t_model += time.perf_counter() - t0

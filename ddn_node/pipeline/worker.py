@@ -82,7 +82,10 @@ class ModelRegistry:
                         permanent=True,
                     )
                 self._predictors[path] = Predictor(
-                    artifact, device=self.settings.worker.device, threads=self.settings.worker.torch_threads
+                    artifact,
+                    device=self.settings.worker.device,
+                    threads=self.settings.worker.torch_threads,
+                    precision=self.settings.worker.precision,
                 )
                 log.info("worker.model_loaded", model=artifact.name, version=artifact.version, device=self.settings.worker.device)
             return self._predictors[path]
