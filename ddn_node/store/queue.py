@@ -37,18 +37,21 @@ class LeaseQueue(Generic[Row]):
             and_(m.state == self.running, m.lease_expires_at < now),
         )
 
+    def _claim_values(self, owner: str, lease_s: float, now: dt.datetime) -> dict[str, Any]:
+        return {
+            "state": self.running,
+            "lease_owner": owner,
+            "lease_expires_at": now + dt.timedelta(seconds=lease_s),
+            "attempts": self.model.attempts + 1,
+        }
+
     def claim(
         self, session: Session, owner: str, lease_s: float, now: dt.datetime | None = None
     ) -> Row | None:
         """Take the oldest claimable row; the caller commits the session."""
         now = now or utcnow()
         m = self.model
-        values = {
-            "state": self.running,
-            "lease_owner": owner,
-            "lease_expires_at": now + dt.timedelta(seconds=lease_s),
-            "attempts": m.attempts + 1,
-        }
+        values = self._claim_values(owner, lease_s, now)
         if session.get_bind().dialect.name == "postgresql":
             row_id = session.scalar(
                 select(m.id)
@@ -80,12 +83,7 @@ class LeaseQueue(Generic[Row]):
         :meth:`claim`. The caller commits the session."""
         now = now or utcnow()
         m = self.model
-        values = {
-            "state": self.running,
-            "lease_owner": owner,
-            "lease_expires_at": now + dt.timedelta(seconds=lease_s),
-            "attempts": m.attempts + 1,
-        }
+        values = self._claim_values(owner, lease_s, now)
         wanted = and_(self._claimable(now), *criteria)
         if session.get_bind().dialect.name == "postgresql":
             ids = list(session.scalars(select(m.id).where(wanted).order_by(m.id).with_for_update(skip_locked=True)))

@@ -8,11 +8,15 @@ In process, on both databases: the worker's own code against a real spool and sc
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
+from support.artifacts import make_test_artifact
+from support.dicomgen import make_cr
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
@@ -20,12 +24,10 @@ from ddn_node.pipeline import worker as worker_module
 from ddn_node.pipeline.completion import CompletionTracker
 from ddn_node.pipeline.delivery import Deliverer
 from ddn_node.pipeline.worker import ModelRegistry, Worker
-from ddn_node.store.engine import make_database
+from ddn_node.store.engine import Database, make_database
 from ddn_node.store.ingest import InstanceRecord, record_instance
 from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import Delivery, Job, Result, Study, utcnow
-from support.artifacts import make_test_artifact
-from support.dicomgen import make_cr
 
 STUDY = "1.2.826.0.1.3680043.10.1.91.1"
 
@@ -79,113 +81,117 @@ def _receive(settings: Settings, database: Any, spool: Spool, study_uid: str = S
     return outcome.study_id
 
 
-def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
-    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = make_test_artifact(tmp_path / "model", threshold=0.0)  # every finding positive
-    settings = _settings(tmp_path, db_url, model)
-    database = make_database(db_url)
-    upgrade(database)
-    spool = Spool(settings.node.spool_dir)
-    spool.prepare()
-    try:
-        study_id = _receive(settings, database, spool)
-        # Nothing listens on the destinations' ports: sending fails fast and backs off.
-        deliverer = Deliverer(settings, database, spool, owner="test-worker")
-        worker = Worker(
-            settings, database, spool, ModelRegistry(settings), owner="test-worker", send_now=deliverer.deliver_object
-        )
-
-        seen_when_drawing: list[list[tuple[str, str, int | None, int]]] = []
-        draw = worker_module.add_heat_map_objects
-
-        def failing_draw(*args: Any, **kwargs: Any) -> None:
-            with database.read() as s:
-                seen_when_drawing.append(
-                    [(d.kind, d.destination, d.result_id, d.attempts) for d in s.scalars(select(Delivery))]
-                )
-            raise RuntimeError("the overlay renderer fell over")
-
-        monkeypatch.setattr(worker_module, "add_heat_map_objects", failing_draw)
-        assert worker.run_once()  # claim, SR
-        assert worker.run_once()  # heat maps: fail
-
-        # When the maps were about to be drawn, the SR was already queued, once per
-        # destination, and nothing else was; the worker had already tried to send it.
-        assert sorted(seen_when_drawing[0]) == [("sr", "archive", None, 1), ("sr", "pacs", None, 1)]
-        with database.read() as s:
-            job = s.scalars(select(Job)).one()
-            assert job.state == "queued" and "overlay renderer" in job.last_error
-            assert s.scalars(select(Result)).all() == []
-            sr_rows = s.scalars(select(Delivery)).all()
-            sr_path = spool.path(sr_rows[0].path)
-        first_sr = sr_path.read_bytes()
-
-        monkeypatch.setattr(worker_module, "add_heat_map_objects", draw)
-        assert worker.run_once() and worker.run_once()
-        assert not worker.run_once()
-        # The retry did not send the SR again itself (its rows wait for their back-off).
-        with database.read() as s:
-            assert {d.attempts for d in s.scalars(select(Delivery).where(Delivery.kind == "sr"))} == {1}
-
-        with database.read() as s:
-            job = s.scalars(select(Job)).one()
-            result = s.scalars(select(Result)).one()
-            deliveries = s.scalars(select(Delivery)).all()
-            study = s.get(Study, study_id)
-            assert study is not None and study.state == "analysed"
-        assert job.state == "done"
-        srs = [d for d in deliveries if d.kind == "sr"]
-        # Still one SR per destination: the retry kept the first attempt's, byte for byte
-        # (a PACS may hold it already), and linked it to the one result.
-        assert sorted(d.destination for d in srs) == ["archive", "pacs"]
-        assert {d.sop_instance_uid for d in srs} == {result.sr_sop_instance_uid}
-        assert sr_path.read_bytes() == first_sr
-        assert all(d.result_id == result.id for d in deliveries)
-        kinds = sorted({d.kind for d in deliveries})
-        assert kinds == ["pm", "sc", "sr"]
-        assert "sr_ms" in result.timings_ms and result.timings_ms["sr_ms"] <= result.timings_ms["results_ms"]
-    finally:
-        database.dispose()
+@dataclass
+class _Node:
+    settings: Settings
+    database: Database
+    spool: Spool
 
 
-def test_a_waiting_study_gets_its_sr_before_the_previous_study_gets_heat_maps(tmp_path: Path, db_url: str) -> None:
+@pytest.fixture
+def node(tmp_path: Path, db_url: str) -> Iterator[_Node]:
+    """Settings, a migrated database and a spool; the model finds every finding positive."""
     model = make_test_artifact(tmp_path / "model", threshold=0.0)
     settings = _settings(tmp_path, db_url, model)
     database = make_database(db_url)
     upgrade(database)
     spool = Spool(settings.node.spool_dir)
     spool.prepare()
-    try:
-        first = _receive(settings, database, spool, STUDY + ".1")
-        second = _receive(settings, database, spool, STUDY + ".2")
-        worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+    yield _Node(settings, database, spool)
+    database.dispose()
 
-        def kinds() -> dict[int, list[str]]:
-            with database.read() as s:
-                out: dict[int, list[str]] = {first: [], second: []}
-                for d in s.scalars(select(Delivery).where(Delivery.destination == "pacs")):
-                    out[d.study_id].append(d.kind)
-                return {k: sorted(set(v)) for k, v in out.items()}
 
-        def priorities() -> dict[int, str]:
-            with database.read() as s:
-                return {st.id: st.priority for st in s.scalars(select(Study))}
+def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
+    node: _Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, database, spool = node.settings, node.database, node.spool
+    study_id = _receive(settings, database, spool)
+    # Nothing listens on the destinations' ports: sending fails fast and backs off.
+    deliverer = Deliverer(settings, database, spool, owner="test-worker")
+    worker = Worker(
+        settings, database, spool, ModelRegistry(settings), owner="test-worker", send_now=deliverer.deliver_object
+    )
 
-        assert worker.run_once()
-        assert kinds() == {first: ["sr"], second: []}
-        assert worker.run_once()
-        # Both SRs are out, and both studies have their place in the worklist, before
-        # either study's heat maps are drawn.
-        assert kinds() == {first: ["sr"], second: ["sr"]}
-        assert "NOT_ANALYSED" not in priorities().values()
-        assert worker.run_once()
-        assert kinds() == {first: ["pm", "sc", "sr"], second: ["sr"]}
-        assert worker.run_once()
-        assert kinds() == {first: ["pm", "sc", "sr"], second: ["pm", "sc", "sr"]}
-        assert not worker.run_once()
+    seen_when_drawing: list[list[tuple[str, str, int | None, int]]] = []
+    draw = worker_module.add_heat_map_objects
+
+    def failing_draw(*args: Any, **kwargs: Any) -> None:
         with database.read() as s:
-            assert {st.state for st in s.scalars(select(Study))} == {"analysed"}
-            assert len(s.scalars(select(Result)).all()) == 2
-    finally:
-        database.dispose()
+            seen_when_drawing.append(
+                [(d.kind, d.destination, d.result_id, d.attempts) for d in s.scalars(select(Delivery))]
+            )
+        raise RuntimeError("the overlay renderer fell over")
+
+    monkeypatch.setattr(worker_module, "add_heat_map_objects", failing_draw)
+    assert worker.run_once()  # claim, SR
+    assert worker.run_once()  # heat maps: fail
+
+    # When the maps were about to be drawn, the SR was already queued, once per
+    # destination, and nothing else was; the worker had already tried to send it.
+    assert sorted(seen_when_drawing[0]) == [("sr", "archive", None, 1), ("sr", "pacs", None, 1)]
+    with database.read() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.state == "queued" and "overlay renderer" in job.last_error
+        assert s.scalars(select(Result)).all() == []
+        sr_rows = s.scalars(select(Delivery)).all()
+        sr_path = spool.path(sr_rows[0].path)
+    first_sr = sr_path.read_bytes()
+
+    monkeypatch.setattr(worker_module, "add_heat_map_objects", draw)
+    assert worker.run_once() and worker.run_once()
+    assert not worker.run_once()
+    # The retry did not send the SR again itself (its rows wait for their back-off).
+    with database.read() as s:
+        assert {d.attempts for d in s.scalars(select(Delivery).where(Delivery.kind == "sr"))} == {1}
+
+    with database.read() as s:
+        job = s.scalars(select(Job)).one()
+        result = s.scalars(select(Result)).one()
+        deliveries = s.scalars(select(Delivery)).all()
+        study = s.get(Study, study_id)
+        assert study is not None and study.state == "analysed"
+    assert job.state == "done"
+    srs = [d for d in deliveries if d.kind == "sr"]
+    # Still one SR per destination: the retry kept the first attempt's, byte for byte
+    # (a PACS may hold it already), and linked it to the one result.
+    assert sorted(d.destination for d in srs) == ["archive", "pacs"]
+    assert {d.sop_instance_uid for d in srs} == {result.sr_sop_instance_uid}
+    assert sr_path.read_bytes() == first_sr
+    assert all(d.result_id == result.id for d in deliveries)
+    kinds = sorted({d.kind for d in deliveries})
+    assert kinds == ["pm", "sc", "sr"]
+    assert "sr_ms" in result.timings_ms and result.timings_ms["sr_ms"] <= result.timings_ms["results_ms"]
+
+
+def test_a_waiting_study_gets_its_sr_before_the_previous_study_gets_heat_maps(node: _Node) -> None:
+    settings, database, spool = node.settings, node.database, node.spool
+    first = _receive(settings, database, spool, STUDY + ".1")
+    second = _receive(settings, database, spool, STUDY + ".2")
+    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+
+    def kinds() -> dict[int, list[str]]:
+        with database.read() as s:
+            out: dict[int, list[str]] = {first: [], second: []}
+            for d in s.scalars(select(Delivery).where(Delivery.destination == "pacs")):
+                out[d.study_id].append(d.kind)
+            return {k: sorted(set(v)) for k, v in out.items()}
+
+    def priorities() -> dict[int, str]:
+        with database.read() as s:
+            return {st.id: st.priority for st in s.scalars(select(Study))}
+
+    assert worker.run_once()
+    assert kinds() == {first: ["sr"], second: []}
+    assert worker.run_once()
+    # Both SRs are out, and both studies have their place in the worklist, before
+    # either study's heat maps are drawn.
+    assert kinds() == {first: ["sr"], second: ["sr"]}
+    assert "NOT_ANALYSED" not in priorities().values()
+    assert worker.run_once()
+    assert kinds() == {first: ["pm", "sc", "sr"], second: ["sr"]}
+    assert worker.run_once()
+    assert kinds() == {first: ["pm", "sc", "sr"], second: ["pm", "sc", "sr"]}
+    assert not worker.run_once()
+    with database.read() as s:
+        assert {st.state for st in s.scalars(select(Study))} == {"analysed"}
+        assert len(s.scalars(select(Result)).all()) == 2
