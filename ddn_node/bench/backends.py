@@ -36,6 +36,9 @@ from ddn_node.training.data import read_label_csv
 from ddn_node.training.metrics import auc
 
 AUC_TOLERANCE = 0.005
+# AUC ranks; a radiologist sees the calls. A backend that keeps the AUC but flips many
+# present/absent calls at the thresholds changes what the SR says.
+MAX_FLIPS = 0.02
 
 
 @dataclass
@@ -202,7 +205,11 @@ def _print(results: list[BackendResult]) -> None:
             f"{r.ms_b1:7.1f} {r.ratio_b1:5.2f}x {r.ms_b16:7.1f} {r.ratio_b16:5.2f}x"
             + ("" if r.acceptable else "   (AUC moved more than 0.005: not acceptable)")
         )
+    print("flips: share of (image, finding) present/absent calls at the model's thresholds that differ from fp32")
     ok = [r for r in results if r.acceptable]
     best = max(ok, key=lambda r: r.ratio_b1)
-    print(f"fastest acceptable at batch 1: {best.name} ({best.ratio_b1:.2f}x eager fp32)")
-    print("flips: share of (image, finding) present/absent calls at the model's thresholds that differ from fp32")
+    print(f"fastest within {AUC_TOLERANCE} validation AUC (issue 7's rule), batch 1: {best.name} ({best.ratio_b1:.2f}x)")
+    steady = [r for r in ok if r.decisions_changed <= MAX_FLIPS]
+    if steady:
+        calm = max(steady, key=lambda r: r.ratio_b1)
+        print(f"fastest that also flips <= {MAX_FLIPS:.0%} of the calls: {calm.name} ({calm.ratio_b1:.2f}x)")
