@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
-
 from hostile_pdus import (
     ABORT,
     RELEASE_RP,
@@ -33,7 +30,9 @@ from hostile_pdus import (
     read_pdu,
     read_until_closed,
 )
-from support.net import wait_for
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from support.net import echo, wait_for
 from support.node import NodeProcess, base_config, deep_merge
 
 pytestmark = pytest.mark.slow
@@ -65,18 +64,6 @@ def _node_alive_after(request: pytest.FixtureRequest) -> Iterator[None]:
     if "node" in request.fixturenames:
         n = request.getfixturevalue("node")
         assert n.proc.poll() is None, "the node process died"
-
-
-def echo(port: int, calling: str = "TESTSCU") -> int | None:
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DDN_NODE")
-    if not assoc.is_established:
-        return None
-    status = assoc.send_c_echo()
-    assoc.release()
-    return int(status.Status) if "Status" in status else None
 
 
 def events(node: Any, name: str) -> list[dict[str, Any]]:

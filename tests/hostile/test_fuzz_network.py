@@ -21,16 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile_gen import mutated_files, seeds
+from hostile_oracle import STORE_STATUSES
+from hostile_pdus import (
+    KNOWN_PDU_TYPES,
+    associated,
+    exchange,
+    hostile_connections,
+    read_until_closed,
+    send_all,
+)
 from hypothesis import HealthCheck, given, settings
 from pynetdicom import AE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
-
-from hostile_gen import mutated_files, seeds
-from hostile_oracle import STORE_STATUSES
-from hostile_pdus import KNOWN_PDU_TYPES, associated, exchange, hostile_connections, read_until_closed, send_all
 from support.dicomgen import raw_association, store_file
-from support.net import wait_for
+from support.net import echo, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,18 +63,6 @@ ANSWER_EVENTS = {
     0xC001: ("scp.store_missing_uid",),
     0xC002: ("scp.store_uid_mismatch",),
 }
-
-
-def echo(port: int) -> int | None:
-    ae = AE(ae_title="TESTSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DDN_NODE")
-    if not assoc.is_established:
-        return None
-    status = assoc.send_c_echo()
-    assoc.release()
-    return int(status.Status) if "Status" in status else None
 
 
 def threads_of(pid: int) -> int:
