@@ -184,9 +184,7 @@ class Worker:
             if not worked:
                 wakeup.wait(self.settings.worker.poll_interval_s)
                 wakeup.clear()
-        # Heat maps already promised: draw them rather than leave them to a lease expiry.
-        while self._deferred:
-            self._finish_deferred()
+        self._release_deferred()
         log.info("worker.stopped", owner=self.owner)
 
     def run_once(self) -> bool:
@@ -235,6 +233,22 @@ class Worker:
             self._guarded(job, lambda: self.finish(analysis))
         finally:
             job.stop_renewing.set()
+
+    def _release_deferred(self) -> None:
+        """On shutdown: the studies whose heat maps still wait go back to the queue at
+        once (their SR is out, so the next claim only draws the maps), instead of waiting
+        for their leases to expire."""
+        released = 0
+        while self._deferred:
+            job, _analysis = self._deferred.popleft()
+            job.stop_renewing.set()
+            try:
+                with self.database.session() as session:
+                    released += JOBS.release(session, job.id, self.owner)
+            except Exception as exc:  # noqa: BLE001 - the lease expires instead
+                log.warning("worker.release_failed", job_id=job.id, error=repr(exc))
+        if released:
+            log.info("worker.released_deferred", jobs=released)
 
     def _may_defer(self) -> bool:
         """Room for one more study's phase 2 to wait: by count and by image memory."""

@@ -125,6 +125,13 @@ class LeaseQueue(Generic[Row]):
             **values,
         )
 
+    def release(self, session: Session, row_id: int, owner: str) -> bool:
+        """Give a claimed row back, claimable at once, without counting the attempt (a
+        worker shutting down cleanly did not fail at it)."""
+        return self.finish(
+            session, row_id, owner, self.ready, not_before=utcnow(), attempts=self.model.attempts - 1
+        )
+
     def depth(self, session: Session) -> int:
         from sqlalchemy import func
 

@@ -8,6 +8,7 @@ In process, on both databases: the worker's own code against a real spool and sc
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,3 +196,27 @@ def test_a_waiting_study_gets_its_sr_before_the_previous_study_gets_heat_maps(no
     with database.read() as s:
         assert {st.state for st in s.scalars(select(Study))} == {"analysed"}
         assert len(s.scalars(select(Result)).all()) == 2
+
+
+def test_a_clean_stop_gives_waiting_heat_maps_back_to_the_queue(node: _Node) -> None:
+    settings, database, spool = node.settings, node.database, node.spool
+    study_id = _receive(settings, database, spool)
+    first = Worker(settings, database, spool, ModelRegistry(settings), owner="stopping-worker")
+    assert first.run_once()  # phase 1: the SR is queued, the heat maps wait
+    stop = threading.Event()
+    stop.set()
+    first.run(stop, threading.Event())  # the shutdown path
+    with database.read() as s:
+        job = s.scalars(select(Job)).one()
+        # Claimable now, not after the 300 s lease, and the clean stop cost no attempt.
+        assert (job.state, job.lease_owner, job.attempts) == ("queued", None, 0)
+
+    second = Worker(settings, database, spool, ModelRegistry(settings), owner="next-worker")
+    assert second.run_once() and second.run_once()
+    with database.read() as s:
+        job = s.scalars(select(Job)).one()
+        kinds = sorted(d.kind for d in s.scalars(select(Delivery).where(Delivery.destination == "pacs")))
+        study = s.get(Study, study_id)
+    assert (job.state, job.attempts) == ("done", 1)
+    assert kinds.count("sr") == 1 and "pm" in kinds and "sc" in kinds
+    assert study is not None and study.state == "analysed"
