@@ -31,8 +31,9 @@ from tqdm import tqdm
 from ddn_node.bench.common import header
 from ddn_node.bench.model import _Logits, _onnx_runner
 from ddn_node.model.artifact import ModelArtifact
-from ddn_node.model.preprocess import load_image_file, prepare_batch
+from ddn_node.model.preprocess import prepare_batch
 from ddn_node.training.data import read_label_csv
+from ddn_node.training.images import load_image_file
 from ddn_node.training.metrics import auc
 
 AUC_TOLERANCE = 0.005

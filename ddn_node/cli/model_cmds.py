@@ -46,6 +46,16 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class MapsRule(StrEnum):
+    ci_lower_bound = "ci_lower_bound"
+    point_estimate = "point_estimate"
+
+
+class MapsDecideOn(StrEnum):
+    val = "val"
+    evaluated = "evaluated"
+
+
 class BackboneChoice(StrEnum):
     resnet50 = "resnet50"
     resnet18 = "resnet18"
@@ -136,8 +146,30 @@ def evaluate(
     n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the 95% CIs")] = 1000,
     threads: Annotated[int, typer.Option(min=0)] = 0,
     record_in_manifest: Annotated[
-        bool, typer.Option("--record-in-manifest", help="Copy the headline test metrics into the artifact's manifest")
+        bool,
+        typer.Option(
+            "--record-in-manifest",
+            "--write-manifest",
+            help="Write the headline test metrics and, with --bboxes, the per-label localisation "
+            "evidence (which labels get heat maps) into the artifact's manifest",
+        ),
     ] = False,
+    maps_rule: Annotated[
+        MapsRule,
+        typer.Option(
+            help="When a label's heat maps are shown: 'ci_lower_bound' (the 95% lower bound of its "
+            "pointing game beats the random and centre baselines) or 'point_estimate' (weaker evidence)"
+        ),
+    ] = MapsRule.ci_lower_bound,
+    maps_min_boxes: Annotated[int, typer.Option(min=1, help="Fewest expert boxes a label needs before its maps can be shown")] = 5,
+    maps_decide_on: Annotated[
+        MapsDecideOn,
+        typer.Option(
+            help="Images whose boxes decide: 'val' (the artifact's validation patients; the test split only "
+            "reports) or 'evaluated' (the evaluated images, e.g. an operator's own boxed set)"
+        ),
+    ] = MapsDecideOn.val,
+    progress: Annotated[bool, typer.Option(help="Progress bars")] = True,
 ) -> None:
     """Evaluate an artifact: AUC/AP with CIs, abnormality AUC, Grad-CAM localisation, report."""
     from ddn_node.training.data import DatasetError
@@ -157,6 +189,10 @@ def evaluate(
                 n_boot=n_boot,
                 threads=threads,
                 record_in_manifest=record_in_manifest,
+                maps_rule=maps_rule.value,
+                maps_min_boxes=maps_min_boxes,
+                maps_decide_on=maps_decide_on.value,
+                progress=progress,
                 command=invoked_command(ctx),
             )
         )
@@ -170,6 +206,15 @@ def evaluate(
         f"{metrics['n_images']} images / {metrics['n_patients']} patients: macro AUC "
         f"{auc if auc is None else f'{auc:.3f}'} (95% CI {ci[0]:.3f}-{ci[1]:.3f}); report in {out}"
     )
+    evidence = metrics["localization"].get("evidence")
+    if evidence is not None:
+        shown = [lab for lab, v in evidence["labels"].items() if v["maps_shown"]]
+        where = evidence["rule"]["decided_on"]
+        typer.echo(
+            f"heat maps ({evidence['rule']['kind']}, decided on {where}): "
+            + (", ".join(shown) if shown else "none of the labels beats both baselines")
+            + ("; written to the manifest" if record_in_manifest else "; not written (add --record-in-manifest)")
+        )
 
 
 def model_bench(

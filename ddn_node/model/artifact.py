@@ -9,9 +9,9 @@ differ, so a swapped or corrupted weight file never scores a patient.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +70,57 @@ class AbnormalityDef(_M):
     description: str = ""
 
 
+# --- localisation evidence (which labels get heat maps) ------------------------------
+#
+# ``ddn-node evaluate --bboxes ... --record-in-manifest`` measures, per label, how often the
+# Grad-CAM map's peak falls inside an expert box (the pointing game) and compares it with
+# two maps that know nothing about the image: a random one and a fixed centre prior. Only
+# labels whose maps beat both get heat maps by default. A manifest without this record
+# (older artifacts) loads as before; its labels then have no evidence and get no maps.
+
+PART_NAMES = {"val": "validation patients", "test": "held-out test patients", "all": "all evaluated images"}
+
+
+class PartLocalisation(_M):
+    """Pointing game of one label on one part of the data (``val``, ``test`` or ``all``)."""
+
+    n_boxes: int = 0
+    n_images: int = 0
+    n_patients: int = 0
+    hits: int = 0
+    pointing_game: float | None = None  # hits / n_boxes
+    ci95: tuple[float, float] | None = None  # Wilson interval on n_effective
+    n_effective: float | None = None  # boxes as independent units after patient clustering (Kish)
+    random: float | None = None  # expected hit rate of a random peak: mean box area fraction
+    centre: float | None = None  # hit rate of a fixed map peaking at the image centre
+
+
+class LabelLocalisation(_M):
+    maps_shown: bool
+    reason: str
+    parts: dict[str, PartLocalisation] = Field(default_factory=dict)
+
+
+class LocalisationRule(_M):
+    """How ``maps_shown`` was decided (recorded, so that the decision can be re-read)."""
+
+    kind: Literal["ci_lower_bound", "point_estimate"]
+    confidence: float = 0.95
+    min_boxes: int = 5
+    decided_on: str  # the part whose figures decide: "val" unless the artifact has no split
+    description: str = ""
+
+
+class LocalisationRecord(_M):
+    metric: str = ""
+    baselines: str = ""
+    rule: LocalisationRule
+    weights_sha256: str  # the evidence is about these weights only
+    labels: dict[str, LabelLocalisation]
+    command: str = ""
+    created: str = ""
+
+
 class HeadInfo(_M):
     activation: Literal["sigmoid", "softmax"]
     # The boundary dataclasses themselves (pydantic validates stdlib dataclasses), so the
@@ -78,6 +129,7 @@ class HeadInfo(_M):
     abnormality: AbnormalityDef
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    localisation: LocalisationRecord | None = None
 
     @field_validator("labels")
     @classmethod
@@ -296,6 +348,31 @@ class ModelArtifact:
     def labels(self, head: str) -> list[LabelSpec]:
         return self.head(head).labels
 
+    def localisation(self, head: str) -> dict[str, LocalisationEvidence]:
+        """Per label of ``head``: does its Grad-CAM map beat the random and centre baselines?
+
+        Read from the manifest (``heads.<head>.localisation``, written by ``ddn-node
+        evaluate --record-in-manifest``). Every label of the head has an entry; a manifest
+        without the record, or with one measured on other weights, gives ``shown=False``
+        with a reason that says so.
+        """
+        return localisation_evidence(self.head(head), self.weights_sha256)
+
+    def heatmap_labels(self, head: str, policy: str = "evidence") -> frozenset[str]:
+        """The labels of ``head`` that may get heat maps.
+
+        ``"evidence"`` (the default): those whose recorded localisation evidence beats both
+        baselines; ``"all"``: every label (an operator who has the evidence elsewhere);
+        ``"none"``: no heat maps.
+        """
+        if policy == "all":
+            return frozenset(self.head(head).label_names)
+        if policy == "none":
+            return frozenset()
+        if policy != "evidence":
+            raise ValueError(f"heat-map policy must be one of {HEATMAP_POLICIES}, got {policy!r}")
+        return frozenset(n for n, ev in self.localisation(head).items() if ev.shown)
+
     def head(self, head: str) -> HeadInfo:
         try:
             return self.manifest.heads[head]
@@ -303,5 +380,69 @@ class ModelArtifact:
             raise KeyError(f"artifact {self.name} has no head {head!r}; heads: {sorted(self.manifest.heads)}") from None
 
 
-def manifest_json(manifest: Manifest) -> dict[str, Any]:
-    return json.loads(manifest.model_dump_json())
+HeatmapPolicy = Literal["evidence", "all", "none"]
+HEATMAP_POLICIES: tuple[str, ...] = ("evidence", "all", "none")
+
+
+@dataclass(frozen=True)
+class LocalisationEvidence:
+    """Whether a label's heat maps carry evidence of where the finding is.
+
+    ``shown`` is the manifest's decision (False whenever nothing was recorded, or it was
+    recorded for other weights); ``reason`` says why in one line. The figures are those of
+    the part the decision used (``split``: "val" for the bundled model); ``parts`` holds
+    every part recorded (e.g. the held-out "test" figures too).
+    """
+
+    label: str
+    shown: bool
+    reason: str
+    split: str | None = None
+    pointing_game: float | None = None
+    ci: tuple[float, float] | None = None
+    n_boxes: int = 0
+    random: float | None = None
+    centre: float | None = None
+    recorded: bool = False  # False: the manifest carries no (valid) evidence for this label
+    parts: Mapping[str, PartLocalisation] = field(default_factory=dict)
+
+
+NO_EVIDENCE_REASON = (
+    "no localisation evidence in the manifest (measure it with `ddn-node evaluate --bboxes ... "
+    "--record-in-manifest`): heat maps withheld"
+)
+
+
+def localisation_evidence(head: HeadInfo, weights_sha256: str) -> dict[str, LocalisationEvidence]:
+    """Per label of ``head``: its :class:`LocalisationEvidence` from the manifest record."""
+    rec = head.localisation
+    names = head.label_names
+    if rec is None:
+        return {n: LocalisationEvidence(n, False, NO_EVIDENCE_REASON) for n in names}
+    if rec.weights_sha256 != weights_sha256:
+        why = (
+            f"the localisation record was measured on other weights (sha256 {rec.weights_sha256[:12]}...), "
+            f"not these ({weights_sha256[:12]}...): heat maps withheld until `ddn-node evaluate` is re-run"
+        )
+        return {n: LocalisationEvidence(n, False, why) for n in names}
+    out: dict[str, LocalisationEvidence] = {}
+    for n in names:
+        entry = rec.labels.get(n)
+        if entry is None:
+            out[n] = LocalisationEvidence(n, False, f"{n} is not in the manifest's localisation record: heat maps withheld")
+            continue
+        part = entry.parts.get(rec.rule.decided_on) or PartLocalisation()
+        out[n] = LocalisationEvidence(
+            label=n,
+            shown=entry.maps_shown,
+            reason=entry.reason,
+            split=rec.rule.decided_on,
+            pointing_game=part.pointing_game,
+            ci=part.ci95,
+            n_boxes=part.n_boxes,
+            random=part.random,
+            centre=part.centre,
+            recorded=True,
+            parts=dict(entry.parts),
+        )
+    return out

@@ -29,7 +29,8 @@ import structlog
 import torch
 from tqdm import tqdm
 
-from ddn_node.model.preprocess import fit_to_square, load_image_file
+from ddn_node.model.preprocess import fit_to_square
+from ddn_node.training.images import load_image_file
 
 log = structlog.get_logger()
 

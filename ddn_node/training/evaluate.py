@@ -2,12 +2,18 @@
 
 Writes ``metrics.json`` (stable keys: ``macro.auc``, ``macro.auc_ci95``,
 ``per_label.<label>.auc``, ``abnormality.auc``, ``localization.pointing_game``,
-``localization.random_pointing_game``, ``n_images``, ``n_patients``) and a human-readable
-report (``report.md`` + ``report.html``) with ROC curves, a calibration plot and example
-heat maps.
+``localization.random_pointing_game``, ``localization.evidence``, ``n_images``,
+``n_patients``) and a human-readable report (``report.md`` + ``report.html``) with ROC
+curves, a calibration plot, the per-label localisation evidence and example heat maps.
 
 By default images the model trained or validated on (its ``split.csv``) are skipped, so the
 figures are about patients it has never seen; ``--split all`` evaluates everything given.
+
+With ``--bboxes``, Grad-CAM localisation is measured on the evaluated images and, when the
+artifact records a split, on its validation patients as well: the validation figures
+decide which labels get heat maps (:mod:`ddn_node.training.localisation`), the test
+figures report how that decision holds up. ``--record-in-manifest`` writes the decision
+into the manifest (``heads.<head>.localisation``), where the node reads it.
 """
 
 from __future__ import annotations
@@ -25,12 +31,22 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+from tqdm import tqdm
 
-from ddn_node.model.artifact import ModelArtifact, write_manifest
+from ddn_node.model.artifact import LocalisationRecord, ModelArtifact, write_manifest
 from ddn_node.model.gradcam import logits_and_cams
 from ddn_node.model.inference import Predictor, abnormality_score
-from ddn_node.model.preprocess import Geometry, load_image_file, map_to_source, prepare_batch
+from ddn_node.model.preprocess import Geometry, map_to_source, prepare_batch
 from ddn_node.training.data import NIH_BBOX_TO_LABEL, LabelTable, read_label_csv
+from ddn_node.training.images import load_image_file
+from ddn_node.training.localisation import (
+    BoxOutcome,
+    EvidenceRule,
+    build_record,
+    centre_hit,
+    random_hit_rate,
+    summarise,
+)
 from ddn_node.training.metrics import (
     BootstrapSpec,
     Box,
@@ -68,6 +84,10 @@ class EvalConfig:
     random_maps: int = 20
     seed: int = 0
     command: str = ""
+    maps_rule: str = "ci_lower_bound"
+    maps_min_boxes: int = 5
+    maps_decide_on: str = "val"
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,10 +155,11 @@ def _select(table: LabelTable, cfg: EvalConfig) -> tuple[LabelTable, dict[str, A
     return table.subset(keep), info
 
 
-def _predict(predictor: Predictor, table: LabelTable, head: str, labels: list[str], batch: int) -> np.ndarray:
+def _predict(predictor: Predictor, table: LabelTable, head: str, labels: list[str], batch: int, progress: bool = False) -> np.ndarray:
     """Probabilities (N, L), images decoded one batch at a time."""
     out = []
-    for s in range(0, len(table), batch):
+    starts = range(0, len(table), batch)
+    for s in tqdm(starts, desc="predict", unit="batch", disable=not progress, leave=False):
         imgs = [load_image_file(p) for p in table.paths[s : s + batch]]
         preds = predictor.predict(imgs, head=head, heatmaps=False)
         out.extend([[pr.probabilities[lab] for lab in labels] for pr in preds])
@@ -162,6 +183,15 @@ def _thumbnail(a: np.ndarray, box: Box, side: int = 256) -> tuple[np.ndarray, Bo
     return t, Box(box.x * f, box.y * f, box.w * f, box.h * f)
 
 
+def _validation_part(table: LabelTable, cfg: EvalConfig) -> LabelTable | None:
+    """The artifact's validation images among those given (None: the artifact records no split)."""
+    split_csv = cfg.model / "split.csv"
+    if not split_csv.is_file():
+        return None
+    recorded = read_split_csv(split_csv)
+    return table.subset([i for i, f in enumerate(table.files) if recorded.get(f) == "val"])
+
+
 def _localisation(
     predictor: Predictor,
     head: str,
@@ -169,23 +199,28 @@ def _localisation(
     table: LabelTable,
     boxes: list[BoxRow],
     cfg: EvalConfig,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    part: str = "test",
+    keep_examples: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[BoxOutcome]]:
+    """Grad-CAM against the expert boxes of ``table``'s images: summary, examples, per-box outcomes."""
     index = {f: i for i, f in enumerate(table.files)}
     per_image: dict[int, list[BoxRow]] = {}
     for r in boxes:
         if r.file in index and r.label in labels:
             per_image.setdefault(index[r.file], []).append(r)
     if not per_image:
-        return {"n_boxes": 0, "pointing_game": None, "random_pointing_game": None, "note": "no boxed image in the evaluated set"}, []
+        return {"n_boxes": 0, "pointing_game": None, "random_pointing_game": None, "note": "no boxed image in the evaluated set"}, [], []
     rng = np.random.default_rng(cfg.seed)
     model, spec = predictor.model, predictor.spec
     hits, ious, iobbs = [], [], []
     r_hits, r_ious, r_iobbs, c_hits = [], [], [], []
-    by_label: dict[str, list[bool]] = {}
+    outcomes: list[BoxOutcome] = []
+    by_label_maps: dict[str, list[float]] = {}
     coords: set[str] = set()
     examples: list[dict[str, Any]] = []
     order = sorted(per_image)
-    for s in range(0, len(order), cfg.batch_size):
+    starts = range(0, len(order), cfg.batch_size)
+    for s in tqdm(starts, desc=f"Grad-CAM on {part} boxes", unit="batch", disable=not cfg.progress, leave=False):
         idx = order[s : s + cfg.batch_size]
         # Decoded per batch: a folder of full-size DICOM radiographs does not fit in memory.
         images = {i: load_image_file(table.paths[i]) for i in idx}
@@ -209,9 +244,9 @@ def _localisation(
                 hits.append(hit)
                 ious.append(iou)
                 iobbs.append(iobb)
-                by_label.setdefault(r.label, []).append(hit)
                 # Baselines: random maps with the same 7x7 smoothness and the same mapping
-                # back to the image, and a fixed map peaking at the image centre.
+                # back to the image (simulated), a uniformly random peak (exact: the box's
+                # area fraction), and a fixed map peaking at the image centre.
                 rh, ri, rb = [], [], []
                 for _ in range(cfg.random_maps):
                     rm = map_to_source(torch.from_numpy(rng.random((fh, fw)).astype(np.float32)), geoms[b])
@@ -222,37 +257,44 @@ def _localisation(
                 r_hits.append(float(np.mean(rh)))
                 r_ious.append(float(np.mean(ri)))
                 r_iobbs.append(float(np.mean(rb)))
-                c_hits.append(pointing_hit(_centre_map(shape), box))
-                thumb, tbox = _thumbnail(images[i], box)
-                small_hm, _ = _thumbnail(hm, box)
-                examples.append(
-                    {"i": i, "label": r.label, "prob": float(probs[b, k]), "hit": hit, "iou": iou, "box": tbox, "heatmap": small_hm, "image": thumb}
-                )
+                by_label_maps.setdefault(r.label, []).append(float(np.mean(rh)))
+                ch = centre_hit(box, shape)
+                c_hits.append(ch)
+                outcomes.append(BoxOutcome(r.label, table.files[i], table.patients[i], hit, random_hit_rate(box, shape), ch))
+                if keep_examples:
+                    thumb, tbox = _thumbnail(images[i], box)
+                    small_hm, _ = _thumbnail(hm, box)
+                    examples.append(
+                        {"i": i, "label": r.label, "prob": float(probs[b, k]), "hit": hit, "iou": iou, "box": tbox, "heatmap": small_hm, "image": thumb}
+                    )
     summary = localisation_summary(hits, ious, iobbs)
     rand = localisation_summary([bool(h) for h in r_hits], r_ious, r_iobbs)
     rand["pointing_game"] = float(np.mean(r_hits))  # expected hit rate, not rounded to 0/1
+    per_label: dict[str, Any] = {}
+    for lab in sorted(by_label_maps):
+        fig = summarise([o for o in outcomes if o.label == lab]).model_dump(mode="json")
+        per_label[lab] = {**fig, "random_maps": float(np.mean(by_label_maps[lab]))}
     summary.update(
+        part=part,
+        n_patients=len({o.patient for o in outcomes}),
         random_pointing_game=rand["pointing_game"],
+        random_area_pointing_game=float(np.mean([o.random for o in outcomes])),
         centre_pointing_game=float(np.mean(c_hits)),
         random={k: v for k, v in rand.items() if k != "n_boxes"},
-        per_label={lab: {"n_boxes": len(v), "pointing_game": float(np.mean(v))} for lab, v in sorted(by_label.items())},
+        per_label=per_label,
         box_coordinates=sorted(coords),
         method=(
             "Grad-CAM of the box's label (whatever its probability) on layer4, mapped to the image; "
             "pointing game = peak inside the expert box; predicted box = bounding box of the connected "
             "region >= 0.5 x peak that holds the peak; IoU and IoBB (intersection / predicted box area, "
-            "Wang et al. 2017) accuracies at T = 0.1/0.25/0.5. Random baseline: "
-            f"{cfg.random_maps} uniform-noise 7x7 maps per box through the same mapping (expected values); "
-            "centre baseline: a map peaking at the image centre."
+            "Wang et al. 2017) accuracies at T = 0.1/0.25/0.5. Random baselines: "
+            f"{cfg.random_maps} uniform-noise 7x7 maps per box through the same mapping (expected values, "
+            "'random'), and a uniformly random peak (the box's area fraction, 'random_area'); "
+            "centre baseline: a map peaking at the image centre. Per-label 95% CIs: Wilson on the Kish "
+            "effective number of boxes (patients as clusters)."
         ),
     )
-    return summary, examples
-
-
-def _centre_map(shape: tuple[int, int]) -> np.ndarray:
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    return (1.0 - np.hypot((yy - (h - 1) / 2) / h, (xx - (w - 1) / 2) / w)).astype(np.float32)
+    return summary, examples, outcomes
 
 
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
@@ -263,11 +305,17 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     head = cfg.head or next(iter(art.heads))
     info = art.head(head)
     labels = info.label_names
-    table = read_label_csv(cfg.images, cfg.labels)
-    table, selection = _select(table, cfg)
+    if cfg.maps_decide_on not in ("val", "evaluated"):
+        raise EvaluationError("--maps-decide-on must be 'val' or 'evaluated'")
+    try:
+        rule = EvidenceRule(kind=cfg.maps_rule, min_boxes=cfg.maps_min_boxes, decide_on=cfg.maps_decide_on)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise EvaluationError(str(e)) from e
+    given = read_label_csv(cfg.images, cfg.labels)
+    table, selection = _select(given, cfg)
     y = _aligned_targets(table, labels)
     predictor = Predictor(art, device=cfg.device, batch_size=cfg.batch_size)
-    p = _predict(predictor, table, head, labels, cfg.batch_size)
+    p = _predict(predictor, table, head, labels, cfg.batch_size, cfg.progress)
     thresholds = [spec.threshold for spec in info.labels]
     boot = BootstrapSpec(cfg.n_boot, cfg.seed)
     report = classification_report(y, p, labels, thresholds, table.patients, boot)
@@ -280,10 +328,25 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         n_abnormal=int(abnormal.sum()),
         normal_means="'No Finding' (NIH)" if table.layout == "nih" else "the normal class / no positive label",
     )
+    command = cfg.command or " ".join(["ddn-node", *(shlex.quote(a) for a in sys.argv[1:])])
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     loc: dict[str, Any] = {"pointing_game": None, "random_pointing_game": None, "n_boxes": 0, "note": "no --bboxes given"}
     examples: list[dict[str, Any]] = []
     if cfg.bboxes is not None:
-        loc, examples = _localisation(predictor, head, labels, table, read_bboxes(cfg.bboxes), cfg)
+        rows = read_bboxes(cfg.bboxes)
+        # The evaluated images are the held-out test patients when the artifact records its
+        # split; otherwise (or with --split all) they are whatever was given.
+        part = "test" if "excluded_train_val" in selection else "all"
+        loc, examples, outcomes = _localisation(predictor, head, labels, table, rows, cfg, part)
+        parts = {part: outcomes}
+        val = _validation_part(given, cfg)
+        if val is not None:
+            # The validation patients decide which labels get heat maps (the test split
+            # only reports); their classification metrics are not part of this report.
+            val_loc, _, parts["val"] = _localisation(predictor, head, labels, val, rows, cfg, "val", keep_examples=False)
+            loc["val"] = {k: val_loc.get(k) for k in ("n_boxes", "n_patients", "pointing_game", "random_pointing_game", "random_area_pointing_game", "centre_pointing_game")}
+        record = build_record(labels, parts, rule, art.weights_sha256, part, command, created)
+        loc["evidence"] = record.model_dump(mode="json")
     metrics: dict[str, Any] = {
         "model": {"name": art.name, "version": art.version, "weights_sha256": art.weights_sha256, "head": head},
         "data": {"images": str(cfg.images), "labels": str(cfg.labels), "bboxes": str(cfg.bboxes) if cfg.bboxes else None, "selection": selection},
@@ -294,8 +357,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "abnormality": abn,
         "localization": loc,
         "bootstrap": report["bootstrap"],
-        "command": cfg.command or " ".join(["ddn-node", *(shlex.quote(a) for a in sys.argv[1:])]),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "created": created,
         "seconds": 0.0,
     }
     metrics = json.loads(json.dumps(metrics, default=_json_default).replace("NaN", "null"))
@@ -313,6 +376,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         macro_auc=metrics["macro"]["auc"],
         abnormality_auc=abn["auc"],
         pointing_game=loc.get("pointing_game"),
+        heat_map_labels=[lab for lab, v in loc.get("evidence", {}).get("labels", {}).items() if v["maps_shown"]],
         seconds=metrics["seconds"],
     )
     return metrics
@@ -346,12 +410,17 @@ def _record(art: ModelArtifact, metrics: dict[str, Any], cfg: EvalConfig) -> Non
         "abnormality": {k: metrics["abnormality"][k] for k in ("auc", "auc_ci95", "n_normal", "n_abnormal")},
         "localization": {
             k: metrics["localization"].get(k)
-            for k in ("n_boxes", "pointing_game", "random_pointing_game", "centre_pointing_game", "iou_acc@0.1", "iou_acc@0.25", "iou_acc@0.5", "iobb_acc@0.1", "iobb_acc@0.25", "iobb_acc@0.5")
+            for k in ("n_boxes", "pointing_game", "random_pointing_game", "random_area_pointing_game", "centre_pointing_game", "iou_acc@0.1", "iou_acc@0.25", "iou_acc@0.5", "iobb_acc@0.1", "iobb_acc@0.25", "iobb_acc@0.5")
         },
         "command": metrics["command"],
         "created": metrics["created"],
     }
     heads = dict(m.heads)
     h = heads[head]
-    heads[head] = h.model_copy(update={"metrics": {**h.metrics, "test": summary}})
+    update: dict[str, Any] = {"metrics": {**h.metrics, "test": summary}}
+    evidence = metrics["localization"].get("evidence")
+    if evidence is not None:
+        # Without --bboxes the earlier record (if any) stays: it is tied to the weights' hash.
+        update["localisation"] = LocalisationRecord.model_validate(evidence)
+    heads[head] = h.model_copy(update=update)
     write_manifest(art.path, m.model_copy(update={"heads": heads}))

@@ -35,6 +35,13 @@ from ddn_node.training.data import (
     load_images,
     read_label_csv,
 )
+from ddn_node.training.manifest_parts import (
+    abnormality_def,
+    choose_thresholds,
+    command_line,
+    json_clean,
+    label_specs,
+)
 from ddn_node.training.metrics import BootstrapSpec, classification_report
 from ddn_node.training.splits import kfold_groups
 
@@ -90,14 +97,6 @@ def _probs(lin: nn.Linear, feats: torch.Tensor, activation: str) -> np.ndarray:
 
 def add_head(cfg: Any) -> Manifest:
     """Train ``cfg.head`` on the frozen backbone of ``cfg.add_head_to``; write to ``cfg.out``."""
-    from ddn_node.training.train import (
-        _abnormality,
-        _clean,
-        _label_specs,
-        _thresholds,
-        command_line,
-    )
-
     t0 = time.monotonic()
     art = ModelArtifact.load(cfg.add_head_to)
     model, spec = art.model, art.preprocess
@@ -114,7 +113,7 @@ def add_head(cfg: Any) -> Manifest:
         train_idx = [j for j in range(len(table)) if j not in held]
         lin = fit_probe(feats[train_idx], y[train_idx], table.activation, model.config.dropout, cfg.seed + i)
         oof[fold] = _probs(lin, feats[fold], table.activation)
-    thresholds, methods = _thresholds(y, oof, table.labels, "pooled out-of-fold predictions")
+    thresholds, methods = choose_thresholds(y, oof, table.labels, "pooled out-of-fold predictions")
     rep = classification_report(y, oof, table.labels, thresholds, table.patients, BootstrapSpec(1000, cfg.seed))
     cv: dict[str, Any] = {
         "folds": k,
@@ -143,8 +142,8 @@ def add_head(cfg: Any) -> Manifest:
     commands = {"command": cfg.command or command_line()}
     head = HeadInfo(
         activation=table.activation,  # type: ignore[arg-type]
-        labels=_label_specs(table.labels, thresholds, methods),
-        abnormality=_abnormality(table),
+        labels=label_specs(table.labels, thresholds, methods),
+        abnormality=abnormality_def(table),
         training={
             **commands,
             "method": "linear probe on the artifact's frozen backbone + attention (pooled features); "
@@ -155,7 +154,7 @@ def add_head(cfg: Any) -> Manifest:
             "final_model": "fitted on all images after cross-validation",
             "seconds": round(time.monotonic() - t0, 1),
         },
-        metrics=_clean({"cross_validation": cv}),
+        metrics=json_clean({"cross_validation": cv}),
     )
     heads = {n: h for n, h in art.manifest.heads.items() if n != cfg.head}
     heads[cfg.head] = head

@@ -115,6 +115,90 @@ def _example_pngs(out: Path, table: LabelTable, examples: list[dict[str, Any]], 
     return written
 
 
+PART_TITLES = {"val": "validation", "test": "test", "all": "evaluated"}
+
+
+def localisation_png(path: Path, evidence: dict[str, Any]) -> None:
+    """Per label: pointing game with its 95% CI on each part, beside the random and centre
+    baselines of that part; labels whose maps are shown in bold green."""
+    labels = list(evidence["labels"])
+    parts = [p for p in ("val", "test", "all") if any(p in v["parts"] for v in evidence["labels"].values())]
+    decided = evidence["rule"]["decided_on"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(labels) + 1.6))
+    colours = {"val": "tab:blue", "test": "tab:orange", "all": "tab:purple"}
+    # The deciding part on top of each label's band.
+    parts.sort(key=lambda p: p != decided)
+    offsets = np.linspace(0.18, -0.18, len(parts)) if len(parts) > 1 else np.zeros(1)
+    for row, lab in enumerate(labels):
+        entry = evidence["labels"][lab]
+        y0 = len(labels) - 1 - row
+        if row % 2 == 0:
+            ax.axhspan(y0 - 0.5, y0 + 0.5, color="0.96", zorder=0)
+        drawn = False
+        for off, part in zip(offsets, parts, strict=True):
+            f = entry["parts"].get(part) or {}
+            if not f.get("n_boxes"):
+                continue
+            drawn = True
+            yy = y0 + off
+            lo, hi = f["ci95"]
+            pg = f["pointing_game"]
+            ax.errorbar([pg], [yy], xerr=[[max(pg - lo, 0.0)], [max(hi - pg, 0.0)]], fmt="o", ms=5, color=colours[part], capsize=2, lw=1.2, zorder=3)
+            ax.plot([f["random"]], [yy], marker="x", color="0.35", ms=6, zorder=2)
+            ax.plot([f["centre"]], [yy], marker="|", color="crimson", ms=11, mew=2, zorder=2)
+            ax.text(1.01, yy, f"n={f['n_boxes']}", va="center", fontsize=6, transform=ax.get_yaxis_transform())
+        if not drawn:
+            ax.text(0.5, y0, "no boxes", va="center", ha="center", fontsize=7, color="0.5")
+    ax.set_yticks(range(len(labels)))
+    ticks = ax.set_yticklabels(list(reversed(labels)), fontsize=8)
+    for t in ticks:
+        if evidence["labels"][t.get_text()]["maps_shown"]:
+            t.set_color("darkgreen")
+            t.set_fontweight("bold")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlabel("pointing game (share of expert boxes holding the heat map's peak)")
+    handles = [plt.Line2D([], [], color=colours[p], marker="o", ls="", label=f"Grad-CAM, {PART_TITLES[p]} (95% CI)") for p in parts]
+    handles += [
+        plt.Line2D([], [], color="0.35", marker="x", ls="", label="random peak (box area fraction)"),
+        plt.Line2D([], [], color="crimson", marker="|", ms=10, mew=2, ls="", label="centre prior"),
+    ]
+    ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.9)
+    shown = sum(v["maps_shown"] for v in evidence["labels"].values())
+    ax.set_title(
+        f"Localisation evidence: decided on {PART_TITLES.get(decided, decided)} ({evidence['rule']['kind']}); "
+        f"heat maps shown for {shown} of {len(labels)} labels (green)",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evidence_table(evidence: dict[str, Any]) -> list[str]:
+    """Markdown table of the per-label localisation evidence (decision + every part)."""
+    parts = [p for p in ("val", "test", "all") if any(p in v["parts"] for v in evidence["labels"].values())]
+    head = ["label", "heat maps"]
+    for p in parts:
+        t = PART_TITLES[p]
+        head += [f"{t} boxes", f"{t} pointing game [95% CI]", f"{t} random / centre"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for lab, v in evidence["labels"].items():
+        cells = [lab, "**shown**" if v["maps_shown"] else "not shown"]
+        for p in parts:
+            f = v["parts"].get(p) or {}
+            if not f.get("n_boxes"):
+                cells += ["0", "n/a", "n/a"]
+                continue
+            cells += [
+                f"{f['n_boxes']} ({f['n_patients']} pat.)",
+                f"{f['hits']}/{f['n_boxes']} = {_fmt(f['pointing_game'], 2)} [{_fmt(f['ci95'][0], 2)}-{_fmt(f['ci95'][1], 2)}]",
+                f"{_fmt(f['random'], 2)} / {_fmt(f['centre'], 2)}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(
     out: Path,
     metrics: dict[str, Any],
@@ -192,8 +276,26 @@ def write_report(
             lines.append(f"| IoU >= {t} | {_fmt(loc['iou_acc@' + t])} | {_fmt(loc['random']['iou_acc@' + t])} |")
         for t in ("0.1", "0.25", "0.5"):
             lines.append(f"| IoBB >= {t} | {_fmt(loc['iobb_acc@' + t])} | {_fmt(loc['random']['iobb_acc@' + t])} |")
-        lines += ["", "| label | boxes | pointing game |", "| --- | --- | --- |"]
-        lines += [f"| {lab} | {v['n_boxes']} | {_fmt(v['pointing_game'])} |" for lab, v in loc["per_label"].items()]
+        ev = loc.get("evidence")
+        if ev is not None:
+            localisation_png(out / "localisation.png", ev)
+            lines += [
+                "",
+                "### Which labels get heat maps",
+                "",
+                f"Rule: {ev['rule']['description']}.",
+                "",
+                *evidence_table(ev),
+                "",
+                "Reasons:",
+                "",
+                *[f"- {lab}: {v['reason']}" for lab, v in ev["labels"].items()],
+                "",
+                "![localisation evidence](localisation.png)",
+            ]
+        else:
+            lines += ["", "| label | boxes | pointing game |", "| --- | --- | --- |"]
+            lines += [f"| {lab} | {v['n_boxes']} | {_fmt(v['pointing_game'])} |" for lab, v in loc["per_label"].items()]
         lines += ["", "Examples (green: expert box; white dashed: box from the heat map; +: peak):", ""]
         lines += [f"![{cap}]({src})" for src, cap in ex]
     else:

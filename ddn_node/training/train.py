@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +32,6 @@ from torch import nn
 from tqdm import tqdm
 
 from ddn_node.model.artifact import (
-    AbnormalityDef,
     HeadInfo,
     Manifest,
     WeightsModel,
@@ -42,10 +39,9 @@ from ddn_node.model.artifact import (
     save_artifact,
     software_version,
 )
-from ddn_node.model.codes import CODES_SOURCE, code_for
+from ddn_node.model.codes import CODES_SOURCE
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.preprocess import PreprocessSpec, normalise
-from ddn_node.model.types import LabelSpec
 from ddn_node.training.augment import AugmentSpec, augment
 from ddn_node.training.checkpoint import (
     TrainState,
@@ -61,7 +57,15 @@ from ddn_node.training.data import (
     load_images,
     read_label_csv,
 )
-from ddn_node.training.metrics import BootstrapSpec, auc, choose_threshold, classification_report
+from ddn_node.training.heads import add_head
+from ddn_node.training.manifest_parts import (
+    abnormality_def,
+    choose_thresholds,
+    command_line,
+    json_clean,
+    label_specs,
+)
+from ddn_node.training.metrics import BootstrapSpec, auc, classification_report
 from ddn_node.training.splits import (
     Split,
     kfold_groups,
@@ -123,11 +127,6 @@ class FitResult:
     history: list[dict[str, Any]]
     val_probs: np.ndarray | None
     seconds: float
-
-
-def command_line() -> str:
-    """The command as typed, with the console script's name (for the manifest)."""
-    return " ".join(["ddn-node", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 # --- batches ---------------------------------------------------------------------------
@@ -364,45 +363,6 @@ def _run_key(cfg: TrainConfig, fingerprint: str, split_files: Sequence[str], par
     return h.hexdigest()
 
 
-def _label_specs(labels: Sequence[str], thresholds: Sequence[float], methods: Sequence[str]) -> list[LabelSpec]:
-    return [LabelSpec(lab, code_for(lab), float(t), m) for lab, t, m in zip(labels, thresholds, methods, strict=True)]
-
-
-def _abnormality(table: LabelTable) -> AbnormalityDef:
-    if table.activation == "softmax":
-        normal = [lab for lab in table.labels if table.normal[table.targets[:, table.labels.index(lab)] > 0].all()]
-        normal = [n for n in normal if table.targets[:, table.labels.index(n)].sum() > 0]
-        if normal:
-            return AbnormalityDef(
-                kind="complement",
-                labels=[normal[0]],
-                description=f"1 - P({normal[0]}): the probability that the image is not in the normal class",
-            )
-    return AbnormalityDef(
-        kind="max_probability",
-        labels=list(table.labels),
-        description="highest finding probability over the head's labels (study level: max over images)",
-    )
-
-
-def _thresholds(y: np.ndarray, p: np.ndarray | None, labels: Sequence[str], where: str) -> tuple[list[float], list[str]]:
-    thr, meth = [], []
-    for j in range(len(labels)):
-        if p is None:
-            thr.append(0.5)
-            meth.append("default 0.5 (no validation data)")
-            continue
-        t, m = choose_threshold(y[:, j], p[:, j])
-        thr.append(t)
-        meth.append(m.replace("the validation split", where))
-    return thr, meth
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy (NaN -> None)."""
-    return json.loads(json.dumps(obj, default=float).replace("NaN", "null"))
-
-
 def run_training(cfg: TrainConfig) -> Manifest:
     """``ddn-node train``: returns the manifest of the artifact written to ``cfg.out``."""
     if cfg.threads > 0:
@@ -410,8 +370,6 @@ def run_training(cfg: TrainConfig) -> Manifest:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError("--device cuda asked for, but no CUDA device is available")
     if cfg.add_head_to is not None:
-        from ddn_node.training.heads import add_head
-
         return add_head(cfg)
     t_start = time.monotonic()
     spec = PreprocessSpec(size=cfg.image_size)
@@ -466,7 +424,7 @@ def run_training(cfg: TrainConfig) -> Manifest:
         cv_report = classification_report(
             y[dev], oof[dev], table.labels, [0.5] * len(table.labels), [groups[i] for i in dev], BootstrapSpec(500, cfg.seed)
         )
-        thresholds, methods = _thresholds(y[dev], oof[dev], table.labels, "pooled out-of-fold predictions")
+        thresholds, methods = choose_thresholds(y[dev], oof[dev], table.labels, "pooled out-of-fold predictions")
         final_epochs = max(1, int(np.median(best_epochs)))
         key = _run_key(cfg, fp["sha256"], [table.files[i] for i in dev], f"final{final_epochs}")
         final = fit(cfg, model_config, cache, table, dev, [], final_epochs, ckpt / "final", key, spec, "final ")
@@ -484,7 +442,7 @@ def run_training(cfg: TrainConfig) -> Manifest:
         res = fit(cfg, model_config, cache, table, split.train, split.val, cfg.epochs, ckpt, key, spec)
         model = res.model
         yv = y[split.val]
-        thresholds, methods = _thresholds(yv, res.val_probs, table.labels, "the validation split")
+        thresholds, methods = choose_thresholds(yv, res.val_probs, table.labels, "the validation split")
         if res.val_probs is not None and len(split.val):
             rep = classification_report(yv, res.val_probs, table.labels, thresholds, [groups[i] for i in split.val], BootstrapSpec(500, cfg.seed))
             metrics["validation"] = {
@@ -527,10 +485,10 @@ def run_training(cfg: TrainConfig) -> Manifest:
     )
     head = HeadInfo(
         activation=table.activation,  # type: ignore[arg-type]
-        labels=_label_specs(table.labels, thresholds, methods),
-        abnormality=_abnormality(table),
+        labels=label_specs(table.labels, thresholds, methods),
+        abnormality=abnormality_def(table),
         training={"data": training["data"], "split": training["split"]},
-        metrics=_clean(metrics),
+        metrics=json_clean(metrics),
     )
     name = cfg.name or cfg.out.name
     manifest = Manifest(
@@ -542,7 +500,7 @@ def run_training(cfg: TrainConfig) -> Manifest:
         preprocess=spec,
         weights=WeightsModel(sha256="", dtype="float16", n_parameters=0),
         codes_source=CODES_SOURCE,
-        training=_clean(training),
+        training=json_clean(training),
         metrics={},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         software_version=software_version(),

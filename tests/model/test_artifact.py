@@ -14,6 +14,7 @@ from ddn_node.model.artifact import (
     AbnormalityDef,
     ArtifactError,
     HeadInfo,
+    LocalisationRecord,
     Manifest,
     ModelArtifact,
     WeightsModel,
@@ -189,3 +190,94 @@ def test_every_bundled_label_has_a_code_and_a_source() -> None:
         assert CODE_SOURCES[lab]
     assert code_for("Something New").scheme == "99DDN"
     assert KNOWN_CODES["Effusion"].value == "60046008"
+
+
+# --- localisation evidence (which labels get heat maps) ----------------------------------
+
+
+def _record_for(sha: str) -> LocalisationRecord:
+    from ddn_node.model.artifact import (
+        LabelLocalisation,
+        LocalisationRule,
+        PartLocalisation,
+    )
+
+    good = PartLocalisation(n_boxes=20, n_images=20, n_patients=18, hits=15, pointing_game=0.75, ci95=(0.53, 0.89), n_effective=17.5, random=0.05, centre=0.2)
+    poor = PartLocalisation(n_boxes=12, n_images=12, n_patients=12, hits=1, pointing_game=1 / 12, ci95=(0.01, 0.35), n_effective=12, random=0.04, centre=0.5)
+    return LocalisationRecord(
+        rule=LocalisationRule(kind="ci_lower_bound", min_boxes=5, decided_on="val"),
+        weights_sha256=sha,
+        labels={
+            "Effusion": LabelLocalisation(maps_shown=True, reason="beats random 0.05 and centre 0.20 ...", parts={"val": good, "test": poor}),
+            "Mass": LabelLocalisation(maps_shown=False, reason="below the centre prior ...", parts={"val": poor}),
+        },
+    )
+
+
+def _with_record(path: Path, sha: str) -> None:
+    from ddn_node.model.artifact import read_manifest, write_manifest
+
+    m = read_manifest(path)
+    heads = dict(m.heads)
+    heads["cxr"] = heads["cxr"].model_copy(update={"localisation": _record_for(sha)})
+    write_manifest(path, m.model_copy(update={"heads": heads}))
+
+
+def test_localisation_evidence_round_trips_through_the_manifest(saved: tuple[Path, DDN]) -> None:
+    from ddn_node.model.artifact import LocalisationEvidence
+
+    path, _ = saved
+    sha = ModelArtifact.load(path).weights_sha256
+    _with_record(path, sha)
+    raw = json.loads((path / "manifest.json").read_text())
+    rec = raw["heads"]["cxr"]["localisation"]
+    assert rec["rule"]["decided_on"] == "val" and rec["labels"]["Effusion"]["parts"]["val"]["ci95"] == [0.53, 0.89]
+    art = ModelArtifact.load(path)
+    ev = art.localisation("cxr")
+    assert set(ev) == {"Effusion", "Mass"} and all(isinstance(e, LocalisationEvidence) for e in ev.values())
+    eff = ev["Effusion"]
+    assert eff.shown and eff.recorded and eff.split == "val"
+    assert eff.pointing_game == 0.75 and eff.ci == (0.53, 0.89) and eff.n_boxes == 20
+    assert eff.random == 0.05 and eff.centre == 0.2 and eff.parts["test"].n_boxes == 12
+    assert not ev["Mass"].shown and "centre prior" in ev["Mass"].reason
+    with pytest.raises(AttributeError):
+        eff.shown = False  # type: ignore[misc]
+    assert art.heatmap_labels("cxr") == {"Effusion"}
+    assert art.heatmap_labels("cxr", "all") == {"Effusion", "Mass"}
+    assert art.heatmap_labels("cxr", "none") == frozenset()
+    with pytest.raises(ValueError, match="policy"):
+        art.heatmap_labels("cxr", "some")
+    # The other head has no record: evidence unknown, no maps.
+    assert art.heatmap_labels("mri") == frozenset()
+    # Writing the manifest back keeps the record (what `evaluate --record-in-manifest` relies on).
+    from ddn_node.model.artifact import write_manifest
+
+    write_manifest(path, art.manifest)
+    assert ModelArtifact.load(path).localisation("cxr") == ev
+
+
+def test_a_manifest_without_the_record_loads_and_withholds_maps(saved: tuple[Path, DDN]) -> None:
+    path, _ = saved
+    raw = json.loads((path / "manifest.json").read_text())
+    for h in raw["heads"].values():
+        h.pop("localisation", None)  # a manifest written before the record existed
+    (path / "manifest.json").write_text(json.dumps(raw))
+    art = ModelArtifact.load(path)
+    for head in ("cxr", "mri"):
+        ev = art.localisation(head)
+        assert set(ev) == set(art.head(head).label_names)
+        for e in ev.values():
+            assert not e.shown and not e.recorded and e.pointing_game is None and e.n_boxes == 0
+            assert "no localisation evidence" in e.reason
+        assert art.heatmap_labels(head) == frozenset()
+        assert art.heatmap_labels(head, "all") == set(art.head(head).label_names)
+
+
+def test_evidence_recorded_for_other_weights_is_not_used(saved: tuple[Path, DDN]) -> None:
+    path, _ = saved
+    _with_record(path, "0" * 64)
+    art = ModelArtifact.load(path)
+    ev = art.localisation("cxr")
+    assert not any(e.shown for e in ev.values())
+    assert all("other weights" in e.reason for e in ev.values())
+    assert art.heatmap_labels("cxr") == frozenset()

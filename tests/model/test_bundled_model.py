@@ -71,3 +71,35 @@ def test_bf16_precision_keeps_the_bundled_models_calls_and_heat_maps(bundled: Mo
         assert all(hm.shape == (320, 280) and np.isfinite(hm).all() for hm in b.heatmaps.values())
     with pytest.raises(ValueError, match="precision"):
         Predictor(bundled, precision="int4")
+
+
+def test_bundled_manifest_records_localisation_evidence_for_every_label(bundled: ModelArtifact) -> None:
+    """`ddn-node evaluate --bboxes ... --record-in-manifest` was run for the shipped weights:
+    every CXR label has a decision, made on validation patients, with a reason."""
+    rec = bundled.heads["cxr"].localisation
+    assert rec is not None, "re-run ddn-node evaluate with --bboxes --record-in-manifest"
+    assert rec.weights_sha256 == bundled.weights_sha256
+    assert rec.rule.decided_on == "val" and rec.rule.kind == "ci_lower_bound"
+    assert set(rec.labels) == set(NIH_LABELS)
+    ev = bundled.localisation("cxr")
+    assert set(ev) == set(NIH_LABELS)
+    boxed = {lab for lab, e in rec.labels.items() if e.parts.get("val") and e.parts["val"].n_boxes}
+    assert boxed, "the validation patients have expert boxes"
+    for lab, e in ev.items():
+        assert e.recorded and e.split == "val" and e.reason
+        assert "test" in e.parts  # the held-out figures are reported beside the decision
+        if lab not in boxed:
+            assert not e.shown and e.reason.startswith("no boxes for this label")
+            continue
+        assert e.ci is not None and e.ci[0] <= e.pointing_game <= e.ci[1]
+        assert e.random is not None and e.centre is not None
+        assert e.shown == (e.n_boxes >= rec.rule.min_boxes and e.ci[0] > max(e.random, e.centre))
+    assert bundled.heatmap_labels("cxr") == {lab for lab, e in ev.items() if e.shown}
+    # The brain MRI head has no boxes, so no evidence and no maps.
+    assert bundled.heatmap_labels("brain_mri") == frozenset()
+    metrics = json.loads((bundled.path / "evaluation" / "metrics.json").read_text())
+    assert metrics["localization"]["evidence"]["labels"] == json.loads(rec.model_dump_json())["labels"]
+    assert (bundled.path / "evaluation" / "localisation.png").is_file()
+    card = (bundled.path / "README.md").read_text()
+    for lab in boxed:
+        assert lab in card.split("Which labels get heat maps", 1)[1]

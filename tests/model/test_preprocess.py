@@ -13,11 +13,11 @@ from ddn_node.model.preprocess import (
     PreprocessSpec,
     fit_geometry,
     fit_to_square,
-    load_image_file,
     map_to_source,
     normalise,
     prepare_batch,
 )
+from ddn_node.training.images import load_image_file
 
 
 @pytest.mark.parametrize("h,w", [(300, 480), (480, 300), (224, 224), (1, 5), (3000, 2500)])

@@ -109,12 +109,57 @@ def test_evaluate_writes_stable_keys_and_a_report(trained: tuple[Path, Path], ni
     assert set(m["per_label"]) == set(LABELS) and "auc" in m["per_label"]["Effusion"]
     assert "auc" in m["abnormality"]
     assert "pointing_game" in m["localization"] and "random_pointing_game" in m["localization"]
+    assert set(m["localization"]["evidence"]["labels"]) == set(LABELS)
+    assert not (out / "manifest.json").read_text().count('"localisation": {')  # not written without the flag
     for f in ("report.md", "report.html", "roc_curves.png", "calibration.png"):
         assert (rep / f).is_file(), f
     everything = tmp_path / "all"
     _run("evaluate", "--model", out, "--images", nih_like / "png", "--labels", nih_like / "labels.csv",
          "--out", everything, "--split", "all", "--n-boot", "100")
     assert json.loads((everything / "metrics.json").read_text())["n_images"] == 60
+
+
+def test_evaluate_records_localisation_evidence_in_the_manifest(trained: tuple[Path, Path], nih_like: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out, _ = trained
+    model = tmp_path / "model"
+    shutil.copytree(out, model)  # the module's artifact stays as trained
+    before = ModelArtifact.load(model)
+    assert before.heatmap_labels("cxr") == frozenset()  # nothing recorded yet: no maps
+    text = _run("evaluate", "--model", model, "--images", nih_like / "png", "--labels", nih_like / "labels.csv",
+                "--bboxes", nih_like / "bboxes.csv", "--out", tmp_path / "rep", "--n-boot", "100",
+                "--write-manifest", "--no-progress")
+    assert "heat maps" in text and "written to the manifest" in text
+    art = ModelArtifact.load(model)
+    assert art.weights_sha256 == before.weights_sha256  # only the manifest changes
+    rec = art.head("cxr").localisation
+    assert rec is not None and rec.rule.decided_on == "val" and rec.weights_sha256 == art.weights_sha256
+    assert set(rec.labels) == set(LABELS)
+    recorded = {r["file"]: r["split"] for r in csv.DictReader((model / "split.csv").open())}
+    boxed = {r["Image Index"]: r["Finding Label"] for r in csv.DictReader((nih_like / "bboxes.csv").open())}
+    n_val_effusion = sum(1 for f, lab in boxed.items() if lab == "Effusion" and recorded[f] == "val")
+    assert rec.labels["Effusion"].parts["val"].n_boxes == n_val_effusion
+    assert rec.labels["Effusion"].parts["test"].n_boxes == sum(1 for f, lab in boxed.items() if lab == "Effusion" and recorded[f] == "test")
+    ev = art.localisation("cxr")
+    for lab in LABELS:
+        e, entry = ev[lab], rec.labels[lab]
+        assert e.recorded and e.shown == entry.maps_shown and e.reason == entry.reason and e.split == "val"
+        if entry.parts["val"].n_boxes == 0:
+            assert not e.shown and e.reason.startswith("no boxes for this label")
+        if e.shown:
+            assert e.ci is not None and e.ci[0] > max(e.random, e.centre) and e.n_boxes >= rec.rule.min_boxes
+    assert not ev["Hernia"].shown  # never boxed
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert m["localization"]["evidence"]["labels"]["Effusion"]["maps_shown"] == ev["Effusion"].shown
+    assert (tmp_path / "rep" / "localisation.png").is_file()
+    assert "Which labels get heat maps" in (tmp_path / "rep" / "report.md").read_text()
+    # An operator's looser rule, decided on the evaluated images, is recorded as such.
+    _run("evaluate", "--model", model, "--images", nih_like / "png", "--labels", nih_like / "labels.csv",
+         "--bboxes", nih_like / "bboxes.csv", "--out", tmp_path / "rep2", "--n-boot", "100", "--record-in-manifest",
+         "--maps-rule", "point_estimate", "--maps-decide-on", "evaluated", "--maps-min-boxes", "1", "--no-progress")
+    rule = ModelArtifact.load(model).head("cxr").localisation.rule  # type: ignore[union-attr]
+    assert rule.kind == "point_estimate" and rule.decided_on == "test" and rule.min_boxes == 1
 
 
 def test_add_a_softmax_head_on_the_same_backbone(trained: tuple[Path, Path], tmp_path: Path) -> None:
