@@ -2,7 +2,7 @@
 
 Read from a TOML file and ``DDN_*`` environment overrides, validated once at start-up.
 Every other part of the node reads a :class:`Settings`; none writes it, and this module
-imports no other part of ``ddn_node`` (it sits below everything).
+imports no other part of ``ddn_node`` (it sits at the bottom, beside ``vocabulary``).
 
 Environment overrides use ``__`` between levels, for example ``DDN_NODE__PORT=11113`` or
 ``DDN_DATABASE__URL=postgresql+psycopg://...``. Values are parsed as TOML scalars where
@@ -19,7 +19,6 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -136,7 +135,6 @@ class QueueSettings(_Section):
 class WorkerSettings(_Section):
     enabled: bool = True
     device: str = "cpu"
-    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
     torch_threads: Annotated[int, Field(ge=0)] = 0
     poll_interval_s: Seconds = 1.0
     # The backbone's arithmetic. "bf16" (autocast) was within 0.005 validation AUC of fp32
@@ -176,23 +174,6 @@ class DeliverySettings(_Section):
     backoff_max_s: Seconds = 900
     sweep_interval_s: Seconds = 2
     timeout_s: Seconds = 30
-
-
-class Priority(StrEnum):
-    STAT = "STAT"
-    HIGH = "HIGH"
-    ROUTINE = "ROUTINE"
-    NOT_ANALYSED = "NOT_ANALYSED"
-
-
-# Reading order of the priority classes (0 is read first). Not analysed studies sit in
-# the routine band, by arrival: listed, never hidden below it.
-PRIORITY_RANK: dict[Priority, int] = {
-    Priority.STAT: 0,
-    Priority.HIGH: 1,
-    Priority.ROUTINE: 2,
-    Priority.NOT_ANALYSED: 2,
-}
 
 
 class TriageSettings(_Section):

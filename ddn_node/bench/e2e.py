@@ -31,6 +31,7 @@ from ddn_node.bench.common import (
 from ddn_node.demo.orthanc import LocalOrthanc, orthanc_available
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Delivery, Result, Study
+from ddn_node.vocabulary import DeliveryState, ResultKind, StudyState
 
 QUIET_S = 1.0
 
@@ -68,7 +69,7 @@ def _latencies(db_url: str, study_uids: set[str]) -> list[float] | None:
             rows = s.execute(
                 select(Study.study_uid, Study.last_received_at, Delivery.sent_at)
                 .join(Delivery, Delivery.study_id == Study.id)
-                .where(Delivery.kind == "sr", Study.study_uid.in_(study_uids))
+                .where(Delivery.kind == ResultKind.SR, Study.study_uid.in_(study_uids))
             ).all()
     finally:
         db.dispose()
@@ -88,7 +89,7 @@ def _all_sent(db_url: str, study_uid: str) -> bool:
             ).all()
     finally:
         db.dispose()
-    return bool(states) and all(study == "analysed" and sent == "sent" for study, sent in states)
+    return bool(states) and all(study == StudyState.ANALYSED and sent == DeliveryState.SENT for study, sent in states)
 
 
 def run(n_studies: int = 20, model: Path = Path("models/ddn-cxr"), size: int = 2048) -> Latencies | None:
@@ -158,7 +159,7 @@ def _stages(db_url: str, study_uids: set[str]) -> dict[str, float]:
                 )
                 .join(Study, Result.study_id == Study.id)
                 .join(Delivery, Delivery.result_id == Result.id)
-                .where(Delivery.kind == "sr", Study.study_uid.in_(study_uids))
+                .where(Delivery.kind == ResultKind.SR, Study.study_uid.in_(study_uids))
             ).all()
     finally:
         db.dispose()

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from sqlalchemy import func, select
 
 from ddn_node.bench.common import (
@@ -28,6 +28,7 @@ from ddn_node.bench.common import (
     wait_until,
     write_instances,
 )
+from ddn_node.dicom.hardening import send_datasets_from_files
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Result, Study
 
@@ -50,7 +51,7 @@ def _send(port: int, files: list[Path]) -> None:
     ae = AE(ae_title="BENCH")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", port, ae_title="DDN_NODE")
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    send_datasets_from_files()
     try:
         for path in files:
             assoc.send_c_store(path)

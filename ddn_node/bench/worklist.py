@@ -36,12 +36,17 @@ from typing import Any
 import httpx
 from sqlalchemy import insert, text
 
-from ddn_node.bench.common import PG_ADMIN_DSN, cpu_seconds, free_port, postgres_reachable, throwaway_database
-from ddn_node.config import Priority
-from ddn_node.pipeline.triage import RANK
+from ddn_node.bench.common import (
+    PG_ADMIN_DSN,
+    cpu_seconds,
+    free_port,
+    postgres_reachable,
+    throwaway_database,
+)
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import Study
+from ddn_node.vocabulary import RANK, TRIAGE_PRIORITIES, Priority, ReadStatus, StudyState
 
 TOKEN = "bench-token"
 USER, PASSWORD = "bench", "bench-password"
@@ -80,15 +85,15 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
     for i, age_s in enumerate(offsets):
         received = now - dt.timedelta(seconds=age_s)
         recent = age_s < 2 * 86400
-        read = rng.choices(["unread", "opened", "read"], weights=[60, 10, 30] if recent else [1, 1, 98])[0]
+        read = rng.choices(list(ReadStatus), weights=[60, 10, 30] if recent else [1, 1, 98])[0]
         roll = rng.random()
-        state = "analysed"
+        state = StudyState.ANALYSED
         if age_s < 600 and roll < 0.3:
-            state = rng.choice(["receiving", "queued", "analysing"])
+            state = rng.choice([StudyState.RECEIVING, StudyState.QUEUED, StudyState.ANALYSING])
         elif roll < 0.04:
-            state = "not_routed"
+            state = StudyState.NOT_ROUTED
         elif roll < 0.06:
-            state = "failed"
+            state = StudyState.FAILED
         modality = _pick(rng, MODALITIES)
         row: dict[str, Any] = {
             "study_uid": f"1.2.826.0.1.3680043.10.1044.{i + 1}.{rng.randrange(10**9)}",
@@ -105,7 +110,7 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
             "calling_ae": "ORTHANC",
             "num_instances": rng.randint(1, 3),
             "state": state,
-            "state_reason": "no routing rule matches" if state == "not_routed" else ("decode error" if state == "failed" else ""),
+            "state_reason": "no routing rule matches" if state == StudyState.NOT_ROUTED else ("decode error" if state == StudyState.FAILED else ""),
             "generation": 1,
             "first_received_at": received,
             "last_received_at": received,
@@ -119,10 +124,11 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
             "top_findings": None,
             "model_version": "",
             "analysed_at": None,
+            "ageing_steps": 0,
         }
         if i % 1000 == 0:  # hostile headers exist in real archives
             row["patient_name"] = "<script>alert(1)</script>^X"
-        if state == "analysed":
+        if state == StudyState.ANALYSED:
             score = rng.betavariate(2, 5)
             probs = sorted(((lab, rng.betavariate(1.2, 8)) for lab in LABELS), key=lambda kv: -kv[1])
             probs[0] = (probs[0][0], max(probs[0][1], score))
@@ -141,11 +147,11 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
                 model_version="DDN chest X-ray 2026.11.27-r1",
                 analysed_at=received + dt.timedelta(seconds=rng.uniform(2, 60)),
             )
-        if read != "read" and row["priority_rank"] >= RANK[Priority.ROUTINE] and age_s > 4 * 3600:
-            row["priority_rank"] = RANK[Priority.HIGH]  # ageing, as triage.apply_ageing does
-            row["priority_reason"] += " (raised by ageing after 240 min waiting)"
+        if read != ReadStatus.READ and row["priority_rank"] >= RANK[Priority.ROUTINE] and age_s > 4 * 3600:
+            row["priority_rank"] = RANK[Priority.HIGH]  # ageing, as store/lifecycle.py does
+            row["ageing_steps"] = RANK[Priority.ROUTINE] - RANK[Priority.HIGH]
         if rng.random() < 0.005:
-            row["priority_override"] = rng.choice(["STAT", "HIGH", "ROUTINE"])
+            row["priority_override"] = rng.choice(TRIAGE_PRIORITIES).value
         yield row
 
 

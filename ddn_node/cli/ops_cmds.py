@@ -2,7 +2,7 @@
 
 The same rows, in the same order, as the web page and ``/api/worklist``
 (:mod:`ddn_node.pipeline.worklist`). :func:`worklist_bench` is a plain function for
-``cli/main.py`` to mount as ``bench worklist``.
+``cli/bench_cmds.py`` to mount as ``bench worklist``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ddn_node.config import Priority
+from ddn_node.cli.common import load_or_exit
+from ddn_node.vocabulary import Priority
 
 # Patient names come from DICOM headers: a terminal escape sequence in one would be
 # interpreted by the administrator's terminal. C0/C1 controls are shown as '?'.
@@ -51,7 +52,6 @@ def worklist(
     """Print the triage worklist: the same rows and order as the web page."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from ddn_node.cli.main import load_or_exit
     from ddn_node.pipeline.worklist import WorklistQuery, format_duration, get_worklist, page_json
     from ddn_node.store.engine import make_database
 

@@ -21,7 +21,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import func, select
 
-from ddn_node.cli.serve import Node, start_node
 from ddn_node.config import (
     CompletionSettings,
     DatabaseSettings,
@@ -33,7 +32,9 @@ from ddn_node.config import (
 )
 from ddn_node.demo.orthanc import LocalOrthanc, OrthancError, orthanc_available
 from ddn_node.dicom.scu import Peer, StoreSCU, dicom_files
-from ddn_node.store.models import Delivery, DeliveryState, Study, StudyState
+from ddn_node.node import Node, start_node
+from ddn_node.store.models import Delivery, Study
+from ddn_node.vocabulary import DeliveryState, StudyState
 
 DEMO_USER = ("radiologist", "radiologist")
 

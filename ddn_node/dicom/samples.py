@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    JPEG2000Lossless,
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     generate_uid,
 )
 

@@ -16,27 +16,26 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import socket
 import ssl
-import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
-from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from ddn_node.config import PeerSettings, Settings
+from ddn_node.dicom.hardening import (
+    GuardedRequestHandler,
+    HardenedServer,
+    register_server,
+    stream_received_datasets,
+)
 from ddn_node.dicom.headers import HeaderError, dataset_offset, read_header
 from ddn_node.dicom.spool import Spool
 from ddn_node.dicom.syntaxes import (
@@ -92,139 +91,6 @@ def server_tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext
     return context
 
 
-# The largest PDU accepted before an association is established. An A-ASSOCIATE-RQ with
-# 128 presentation contexts of ten transfer syntaxes each is ~100 kB; user identity
-# tokens add a few kB more.
-MAX_REQUEST_PDU_BYTES = 1 << 20
-
-
-class _RequestGuard(AssociationSocket):
-    """The DUL socket of an acceptor, stricter while the peer is still anonymous.
-
-    pynetdicom reads a whole PDU into memory, whatever length its header declares, and
-    only then decodes it; the allow-list is checked after that. Until the association is
-    established this socket therefore refuses (i) a PDU declaring more than
-    ``MAX_REQUEST_PDU_BYTES`` (an anonymous peer could otherwise make the node buffer up
-    to 4 GiB), and (ii) taking longer than the ACSE timeout in all to arrive (the ARTIM
-    rule of PS3.8 9.1.2; the network timeout alone bounds each read, so a peer trickling
-    one byte a second held a thread and an association slot indefinitely). Either ends
-    in an OSError, which pynetdicom treats as the connection closing.
-
-    (iii) When the connection ends before an A-ASSOCIATE-RQ arrived (a port probe, a
-    health check, junk), pynetdicom's association thread would go on waiting for the
-    request until the ACSE timeout, holding one of ``max_associations`` slots all that
-    time: a TCP health check every 2 s filled 16 slots with the default 30 s. The guard
-    wakes it with the same "no request" it gets on a timeout.
-    """
-
-    _deadline: float
-    _host: str
-
-    def guard(self, acse_timeout: float | None, host: str) -> None:
-        self._deadline = time.monotonic() + (acse_timeout or 30.0)
-        self._host = host
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        if self.assoc.is_established or self.socket is None:
-            return super().recv(nr_bytes)
-        try:
-            out = self._recv_before_association(nr_bytes)
-        except OSError:  # TimeoutError included
-            self._no_request()
-            raise
-        if len(out) < nr_bytes:  # closed by the peer
-            self._no_request()
-        return out
-
-    def _recv_before_association(self, nr_bytes: int) -> bytearray:
-        assert self.socket is not None
-        if nr_bytes > MAX_REQUEST_PDU_BYTES:
-            log.warning("scp.request_too_large", host=self._host, declared=nr_bytes)
-            raise OSError(f"a PDU of {nr_bytes} bytes before association")
-        out = bytearray()
-        network_timeout = self.socket.gettimeout()
-        try:
-            while len(out) < nr_bytes:
-                left = self._deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes)
-                    raise TimeoutError("the association request did not arrive within the ACSE timeout")
-                self.socket.settimeout(min(left, network_timeout) if network_timeout else left)
-                try:
-                    chunk = self.socket.recv(min(4096, nr_bytes - len(out)))
-                except TimeoutError:
-                    if time.monotonic() >= self._deadline:
-                        log.warning("scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes)
-                    raise
-                if not chunk:  # closed by the peer: return what there is, as pynetdicom does
-                    break
-                out += chunk
-        finally:
-            if self.socket is not None:
-                self.socket.settimeout(network_timeout)
-        return out
-
-    def close(self) -> None:
-        # The DUL closes the transport itself after aborting a bad first PDU (A-ABORT,
-        # then close): no A-ASSOCIATE-RQ will come on this connection either.
-        super().close()
-        self._no_request()
-
-    def _no_request(self) -> None:
-        """Wake the association thread if it is still waiting for an A-ASSOCIATE-RQ that
-        can no longer come. None is what its wait returns on the ACSE timeout; it then
-        stops the DUL once that has seen the close (Sta1) and shuts the socket down."""
-        if self.assoc.requestor.primitive is not None:
-            return  # the request arrived: the association thread is past that wait
-        queued = list(self.assoc.dul.to_user_queue.queue)
-        if any(isinstance(p, A_ASSOCIATE) or p is None for p in queued):
-            return  # a request, or the wake-up, is already on its way
-        self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
-
-
-class _GuardedRequestHandler(RequestHandler):
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        # pynetdicom builds the AssociationSocket itself (and queues the transport event
-        # in its constructor, so it cannot be built twice); give it the guard's recv.
-        assert type(sock) is AssociationSocket
-        sock.__class__ = _RequestGuard
-        sock.guard(self.ae.acse_timeout, str(self.client_address[0]))
-        return assoc
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server with Nagle off and the TLS handshake off the accept loop."""
-
-    handshake_timeout_s: float = 30.0
-    tls: ssl.SSLContext | None = None
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        # Small DIMSE responses must not wait ~40 ms for a delayed ACK (Nagle's algorithm).
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # An accepted socket is blocking without a timeout (the listening socket's does not
-        # carry over), and pynetdicom's reactor, once part of a PDU has arrived, blocks in
-        # recv() for the rest: a peer that sends half a PDU and stalls would hold the
-        # thread and its association slot forever. Bound every read by the network timeout.
-        client.settimeout(self.ae.network_timeout)
-        return client, address
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.tls is not None:
-            request.settimeout(self.handshake_timeout_s)
-            try:
-                request = self.tls.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                log.warning("scp.tls_handshake_failed", host=client_address[0], error=str(exc))
-                request.close()
-                return
-            request.settimeout(self.ae.network_timeout)
-        super().finish_request(request, client_address)
-
-
 @dataclass
 class _AssocStats:
     calling_ae: str
@@ -248,7 +114,7 @@ class StorageSCP:
         self.database = database
         self.spool = spool
         self.on_stored = on_stored
-        self._servers: list[_Server] = []
+        self._servers: list[HardenedServer] = []
         self._threads: list[threading.Thread] = []
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
@@ -286,12 +152,8 @@ class StorageSCP:
 
     def start(self) -> list[int]:
         """Start listening (non-blocking); returns the bound ports (plain first)."""
-        # pynetdicom streams datasets to tempfile's directory: make it the spool's
-        # incoming/ so that the final rename is atomic (same filesystem). Process-wide,
-        # like _config below, because pynetdicom offers no per-AE setting.
         self.spool.prepare()
-        tempfile.tempdir = str(self.spool.incoming)
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        stream_received_datasets(self.spool.incoming)
         node = self.settings.node
         ports = [self._serve(node.host, node.port, None)]
         if node.tls.enabled:
@@ -305,13 +167,13 @@ class StorageSCP:
         server = self.ae.make_server(
             (host, port),
             evt_handlers=self._handlers(),
-            server_class=_Server,
-            request_handler=_GuardedRequestHandler,
+            server_class=HardenedServer,
+            request_handler=GuardedRequestHandler,
         )
-        assert isinstance(server, _Server)
+        assert isinstance(server, HardenedServer)
         server.tls = tls
         server.handshake_timeout_s = self.settings.node.acse_timeout_s
-        self.ae._servers.append(server)  # as start_server does: server_close() removes it
+        register_server(self.ae, server)
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
         thread.start()
         self._servers.append(server)
@@ -540,7 +402,3 @@ class StorageSCP:
         if self.on_stored is not None:
             self.on_stored(outcome)
         return SUCCESS
-
-
-def transfer_syntax_name(uid: str) -> str:
-    return UID(uid).name

@@ -7,7 +7,6 @@ a peer that does not accept e.g. big endian can still take it after pydicom re-e
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     UncompressedTransferSyntaxes,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+from ddn_node.dicom.hardening import nodelay, send_datasets_from_files
 from ddn_node.dicom.headers import PARSE_ERRORS, ClampedReader
 from ddn_node.dicom.syntaxes import IMPLEMENTATION_CLASS_UID, implementation_version_name
 
@@ -71,12 +71,6 @@ def client_tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> 
     if cert is not None and key is not None:
         context.load_cert_chain(cert, key)
     return context
-
-
-def _nodelay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -176,7 +170,7 @@ class StoreSCU:
             ae_title=self.peer.ae_title,
             max_pdu=self.max_pdu,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)],
         )
 
     def echo(self) -> int | None:
@@ -251,7 +245,7 @@ class StoreSCU:
         try:
             if item.syntax in accepted and item.raw_ok and _has_file_meta(item.path):
                 # Raw bytes, streamed from disk: what was stored is what is sent.
-                _config.STORE_SEND_CHUNKED_DATASET = True
+                send_datasets_from_files()
                 status = assoc.send_c_store(item.path)
             else:
                 status = assoc.send_c_store(_reencodable(item, accepted))

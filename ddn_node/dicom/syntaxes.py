@@ -16,7 +16,6 @@ from pynetdicom import AllStoragePresentationContexts, register_uid
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-
 # PS3.7 D.3.3.2: identifies this implementation in every association. A UUID-derived UID
 # (PS3.5 B.2), as the project has no registered root of its own.
 IMPLEMENTATION_CLASS_UID = "2.25.220343552415676384100532528164694577535"

@@ -30,16 +30,17 @@ from urllib.parse import urlsplit
 import structlog
 
 from ddn_node.config import AdaptersSettings, HttpAdapterSettings
-from ddn_node.pipeline.notify import fhir, hl7, webhook
-from ddn_node.pipeline.notify.httppost import PostOutcome, post
-from ddn_node.pipeline.notify.mllp import MLLPError, exchange
-from ddn_node.pipeline.notify.summary import (
+from ddn_node.notify import fhir, hl7, webhook
+from ddn_node.notify.httppost import PostOutcome, post
+from ddn_node.notify.mllp import MLLPError, exchange
+from ddn_node.notify.summary import (
     FHIR_PRIORITY,
     HL7_PRIORITY,
     NotifyResult,
     OutgoingMessage,
     StudySummary,
 )
+from ddn_node.vocabulary import MessageKind
 
 __all__ = [
     "FHIR_PRIORITY",
@@ -64,13 +65,13 @@ def messages_for(settings: AdaptersSettings, summary: StudySummary) -> list[Outg
     messages: list[OutgoingMessage] = []
     if settings.hl7.enabled:
         messages.append(
-            OutgoingMessage("hl7", hl7.build_oru_r01(settings.hl7, summary), HL7_CONTENT_TYPE)
+            OutgoingMessage(MessageKind.HL7, hl7.build_oru_r01(settings.hl7, summary), HL7_CONTENT_TYPE)
         )
     if settings.fhir.enabled:
-        messages.append(OutgoingMessage("fhir", fhir.task_bytes(summary), fhir.CONTENT_TYPE))
+        messages.append(OutgoingMessage(MessageKind.FHIR, fhir.task_bytes(summary), fhir.CONTENT_TYPE))
     if settings.webhook.enabled:
         messages.append(
-            OutgoingMessage("webhook", webhook.document_bytes(summary), webhook.CONTENT_TYPE)
+            OutgoingMessage(MessageKind.WEBHOOK, webhook.document_bytes(summary), webhook.CONTENT_TYPE)
         )
     if messages:
         log.info(
@@ -90,12 +91,12 @@ def send(settings: AdaptersSettings, message: OutgoingMessage) -> NotifyResult:
     """
     started = time.monotonic()
     failure = ""
-    if message.kind == "hl7":
+    if message.kind == MessageKind.HL7:
         if not settings.hl7.enabled:
             result, failure = _disabled("hl7")
         else:
             result, failure = _send_hl7(settings, message)
-    elif message.kind in ("fhir", "webhook"):
+    elif message.kind in (MessageKind.FHIR, MessageKind.WEBHOOK):
         adapter: HttpAdapterSettings = getattr(settings, message.kind)
         if not adapter.enabled:
             result, failure = _disabled(message.kind)
@@ -183,7 +184,7 @@ def _plain_http_off_host(url: str) -> bool:
 
 def _message_id(message: OutgoingMessage) -> str:
     """MSH-10 of an HL7 message, the identifier of a JSON one; '' if it cannot be read."""
-    if message.kind == "hl7":
+    if message.kind == MessageKind.HL7:
         header = message.payload.split(b"\r", 1)[0].decode("utf-8", errors="replace")
         fields = header.split("|")
         return fields[9] if header.startswith("MSH|") and len(fields) > 9 else ""

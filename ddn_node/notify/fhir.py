@@ -12,7 +12,7 @@ with ``POST [base]/Task`` (R4 http.html#create); ``[adapters.fhir].url`` is that
   TaskStatus / TaskIntent): the read is being asked for; nothing has been done yet.
 * ``priority`` (RequestPriority, required binding): STAT -> ``stat``, HIGH -> ``asap``,
   ROUTINE -> ``routine``; why ``asap`` and not ``urgent`` is explained in
-  :mod:`ddn_node.pipeline.notify.summary`.
+  :mod:`ddn_node.notify.summary`.
 * ``focus``: a logical reference to the ImagingStudy by its Study Instance UID, identifier
   system ``urn:dicom:uid`` and value ``urn:oid:<uid>`` (the convention of R4
   imagingstudy.html for ``ImagingStudy.identifier``).
@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from ddn_node.pipeline.notify.summary import (
+from ddn_node.notify.summary import (
     DEMO_NOTICE,
     FHIR_PRIORITY,
     StudySummary,

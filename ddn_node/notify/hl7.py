@@ -19,7 +19,7 @@ Where each piece of the study goes:
   CID 7 code, the concept IHE uses for the same UID).
 * Priority: OBR-27 (TQ data type, component 6, table 0027; kept in v2.5.1 for backward
   compatibility, what older RIS read) and TQ1-9 (CWE, table 0485, the v2.5 replacement);
-  codes from :data:`~ddn_node.pipeline.notify.summary.HL7_PRIORITY`.
+  codes from :data:`~ddn_node.notify.summary.HL7_PRIORITY`.
 * OBX: abnormality score (``NM``, reference range 0-1), triage priority (``CE``: the
   table 0485 code plus the node's own STAT/HIGH/ROUTINE as the alternate code), the Study
   Instance UID, then the text summary as ``TX`` lines (one OBX per line, all with the same
@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ddn_node.config import HL7Settings
-from ddn_node.pipeline.notify.summary import (
+from ddn_node.notify.summary import (
     DEMO_NOTICE,
     HL7_PRIORITY,
     NotifyResult,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 
 from ddn_node import __version__
-from ddn_node.pipeline.notify.summary import NotifyResult
+from ddn_node.notify.summary import NotifyResult
 
 MAX_ERROR_TEXT = 300
 

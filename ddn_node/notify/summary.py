@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ddn_node.config import Priority
+from ddn_node.vocabulary import Priority
 
 # Fixed namespace for the notification identifiers (uuid5). Never change it: retries and
 # re-sends across versions must keep producing the same identifiers.

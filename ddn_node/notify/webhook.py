@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ddn_node.pipeline.notify.summary import StudySummary, iso_utc, json_bytes
+from ddn_node.notify.summary import StudySummary, iso_utc, json_bytes
 
 CONTENT_TYPE = "application/json"
 SCHEMA = "ddn-node.study-triaged/1"

@@ -11,33 +11,20 @@ generation), so several sweepers in several processes complete a study once.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select
 
 from ddn_node.config import Settings
 from ddn_node.pipeline.routing import route_study, study_instances
+from ddn_node.store import lifecycle
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Job, Study, StudyState, utcnow
+from ddn_node.store.lifecycle import Completed, Route
+from ddn_node.store.models import Study, utcnow
 
 log = structlog.get_logger("ddn_node.completion")
 
-
-@dataclass(frozen=True)
-class Completed:
-    study_id: int
-    study_uid: str
-    generation: int
-    routed_to: str | None
-    forced: bool
-
-
-def _due(now: dt.datetime):  # type: ignore[no-untyped-def]
-    return and_(
-        Study.state == StudyState.RECEIVING,
-        or_(Study.complete_after <= now, Study.force_complete_at <= now),
-    )
+__all__ = ["Completed", "CompletionTracker"]
 
 
 class CompletionTracker:
@@ -48,66 +35,39 @@ class CompletionTracker:
     def due_study_ids(self, now: dt.datetime | None = None) -> list[int]:
         now = now or utcnow()
         with self.database.read() as session:
-            return list(session.scalars(select(Study.id).where(_due(now)).order_by(Study.complete_after)))
-
-    def next_deadline(self) -> dt.datetime | None:
-        """The earliest moment a receiving study may complete (for precise timers)."""
-        with self.database.read() as session:
-            row = session.execute(
-                select(Study.complete_after, Study.force_complete_at)
-                .where(Study.state == StudyState.RECEIVING)
-                .order_by(Study.complete_after)
-                .limit(1)
-            ).first()
-        if row is None:
-            return None
-        return min(t for t in row if t is not None)
+            return list(
+                session.scalars(
+                    select(Study.id).where(lifecycle.completion_due(now)).order_by(Study.complete_after)
+                )
+            )
 
     def complete(self, study_id: int, now: dt.datetime | None = None) -> Completed | None:
         """Complete one study if it is still due; None if someone else did, or it re-opened."""
         now = now or utcnow()
         with self.database.session() as session:
             facts = [stored.facts for stored in study_instances(session, study_id)]
-            route = route_study(self.settings.routing, facts)
-            forced = bool(
-                session.scalar(
-                    select(Study.id).where(
-                        Study.id == study_id,
-                        Study.complete_after > now,
-                        Study.force_complete_at <= now,
-                    )
-                )
+            routed = route_study(self.settings.routing, facts)
+            route = (
+                Route(routed.rule.name, tuple(f.instance_id for f in routed.instances))
+                if routed is not None
+                else None
             )
-            values: dict[str, object] = {
-                "generation": Study.generation + 1,
-                "completed_at": now,
-            }
-            if route is not None:
-                values.update(state=StudyState.QUEUED, state_reason="")
-            else:
-                modalities = sorted({f.modality for f in facts})
-                values.update(
-                    state=StudyState.NOT_ROUTED,
-                    state_reason=f"no routing rule matches this study (modalities {modalities})",
-                )
-            row = session.execute(
-                update(Study)
-                .where(Study.id == study_id, _due(now))
-                .values(**values)
-                .returning(Study.generation, Study.study_uid)
-            ).first()
-            if row is None:
-                return None
-            generation, study_uid = row
-            if route is not None:
-                session.add(Job(study_id=study_id, generation=generation, not_before=now))
-        done = Completed(study_id, study_uid, generation, route.rule.name if route else None, forced)
+            modalities = sorted({f.modality for f in facts})
+            done = lifecycle.complete(
+                session,
+                study_id,
+                route,
+                now,
+                not_routed_reason=f"no routing rule matches this study (modalities {modalities})",
+            )
+        if done is None:
+            return None
         log.info(
             "completion.study_complete",
-            study_uid=study_uid,
-            generation=generation,
+            study_uid=done.study_uid,
+            generation=done.generation,
             routed_to=done.routed_to,
-            forced=forced,
+            forced=done.forced,
             instances=len(facts),
         )
         return done

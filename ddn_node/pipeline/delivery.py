@@ -27,22 +27,23 @@ from sqlalchemy import select, update
 from ddn_node.config import DestinationSettings, Settings
 from ddn_node.dicom.scu import Peer, SendOutcome, StoreSCU, client_tls_context
 from ddn_node.dicom.spool import Spool
-from ddn_node.pipeline.notify import HL7_CONTENT_TYPE, OutgoingMessage, send
-from ddn_node.pipeline.notify import fhir as fhir_adapter
-from ddn_node.pipeline.notify import webhook as webhook_adapter
+from ddn_node.notify import HL7_CONTENT_TYPE, OutgoingMessage, send
+from ddn_node.notify import fhir as fhir_adapter
+from ddn_node.notify import webhook as webhook_adapter
+from ddn_node.pipeline.notices import ADAPTER_PREFIX
 from ddn_node.store.audit import AuditEventName, add_audit
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Delivery, DeliveryState, Study, utcnow
+from ddn_node.store.models import Delivery, Study, utcnow
 from ddn_node.store.queue import DELIVERIES
+from ddn_node.vocabulary import DeliveryState, MessageKind, ResultKind
 
 log = structlog.get_logger("ddn_node.delivery")
 
 BATCH = 32
-ADAPTER_PREFIX = "adapter:"
 CONTENT_TYPES = {
-    "hl7": HL7_CONTENT_TYPE,
-    "fhir": fhir_adapter.CONTENT_TYPE,
-    "webhook": webhook_adapter.CONTENT_TYPE,
+    MessageKind.HL7: HL7_CONTENT_TYPE,
+    MessageKind.FHIR: fhir_adapter.CONTENT_TYPE,
+    MessageKind.WEBHOOK: webhook_adapter.CONTENT_TYPE,
 }
 
 
@@ -144,7 +145,7 @@ class Deliverer:
         scu = StoreSCU(self.settings.node.ae_title, self._peer(dest), timeout_s=self.settings.delivery.timeout_s)
         # The reports first, recorded as soon as the PACS has them: the findings reach the
         # radiologist while the (larger) heat-map objects are still on their way.
-        for group in ([r for r in rows if r.kind == "sr"], [r for r in rows if r.kind != "sr"]):
+        for group in ([r for r in rows if r.kind == ResultKind.SR], [r for r in rows if r.kind != ResultKind.SR]):
             if not group:
                 continue
             by_path = {str(self.spool.path(row.path)): row.id for row in group}

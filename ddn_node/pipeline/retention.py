@@ -19,7 +19,8 @@ from ddn_node.config import RetentionSettings
 from ddn_node.dicom.spool import Spool, safe_component
 from ddn_node.store.audit import AuditEventName, add_audit
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Delivery, DeliveryState, Instance, Study, StudyState, utcnow
+from ddn_node.store.models import Delivery, Instance, Study, utcnow
+from ddn_node.vocabulary import DeliveryState, StudyState
 
 log = structlog.get_logger("ddn_node.retention")
 

@@ -17,10 +17,11 @@ from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline.audit_export import SyslogSink, export_new
 from ddn_node.pipeline.delivery import Deliverer
+from ddn_node.pipeline.registry import ModelRegistry
 from ddn_node.pipeline.retention import purge_expired
 from ddn_node.pipeline.scheduler import NodeScheduler
 from ddn_node.pipeline.triage import apply_ageing
-from ddn_node.pipeline.worker import ModelRegistry, Worker
+from ddn_node.pipeline.worker import Worker
 from ddn_node.store.engine import Database
 
 log = structlog.get_logger("ddn_node.runtime")

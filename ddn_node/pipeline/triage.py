@@ -17,18 +17,14 @@ radiologist's manual override wins over all of this.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
-
-from ddn_node.config import PRIORITY_RANK, Priority, TriageSettings
+from ddn_node.config import TriageSettings
 from ddn_node.model.types import LabelSpec
+from ddn_node.store import lifecycle
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Study, utcnow
-
-RANK = PRIORITY_RANK
+from ddn_node.vocabulary import RANK, Priority
 
 
 @dataclass(frozen=True)
@@ -67,41 +63,9 @@ def decide(
     )
 
 
-def aged_rank(base_rank: int, waiting: dt.timedelta, minutes_per_step: float) -> int:
-    """Rank after ageing: one step up per ``minutes_per_step`` of waiting, never above HIGH."""
-    if minutes_per_step <= 0 or base_rank <= RANK[Priority.HIGH]:
-        return base_rank
-    steps = math.floor(waiting.total_seconds() / 60 / minutes_per_step)
-    return max(RANK[Priority.HIGH], base_rank - steps)
-
-
 def apply_ageing(database: Database, policy: TriageSettings, now: dt.datetime | None = None) -> int:
     """Raise the rank of unread routine studies that have waited long enough; returns how many."""
     if policy.ageing_minutes_per_step <= 0:
         return 0
-    now = now or utcnow()
-    threshold = now - dt.timedelta(minutes=policy.ageing_minutes_per_step)
-    changed = 0
     with database.session() as session:
-        rows = session.execute(
-            select(Study.id, Study.first_received_at, Study.priority_rank).where(
-                Study.read_status != "read",
-                Study.priority_override.is_(None),
-                Study.priority_rank >= RANK[Priority.ROUTINE],
-                Study.first_received_at <= threshold,
-            )
-        ).all()
-        for study_id, received, rank in rows:
-            new_rank = aged_rank(RANK[Priority.ROUTINE], now - received, policy.ageing_minutes_per_step)
-            if new_rank < rank:
-                session.execute(
-                    update(Study)
-                    .where(Study.id == study_id)
-                    .values(
-                        priority_rank=new_rank,
-                        priority_reason=Study.priority_reason
-                        + f" (raised by ageing after {policy.ageing_minutes_per_step:g} min waiting)",
-                    )
-                )
-                changed += 1
-    return changed
+        return lifecycle.raise_by_ageing(session, policy.ageing_minutes_per_step, now)

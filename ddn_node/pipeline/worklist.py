@@ -26,19 +26,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy import ColumnElement, Select, func, literal_column, select
 from sqlalchemy.orm import Session
 
-from ddn_node.config import Priority
-from ddn_node.pipeline.triage import RANK
 from ddn_node.store.audit import AuditEventName, add_audit
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Study, StudyState, WorklistEvent, utcnow
+from ddn_node.store.models import Study, WorklistEvent, utcnow
 from ddn_node.store.ordering import effective_priority, effective_rank, lit, not_read, score_key
+from ddn_node.vocabulary import RANK, TRIAGE_PRIORITIES, Priority, ReadStatus, StudyState, band_of
 
 DEFAULT_LIMIT = 200
 MAX_LIMIT = 1000
@@ -47,16 +45,6 @@ MAX_LIMIT = 1000
 COUNT_CAP = 10_000
 
 Order = Literal["priority", "arrival"]
-
-
-class ReadStatus(StrEnum):
-    UNREAD = "unread"
-    OPENED = "opened"
-    READ = "read"
-
-
-# Priorities a radiologist may set by hand; "not analysed" is a fact, not a choice.
-OVERRIDABLE = (Priority.STAT, Priority.HIGH, Priority.ROUTINE)
 
 
 # -- the SQL expressions (shared with the indexes, see store/ordering.py) ----------------
@@ -185,6 +173,7 @@ _COLUMNS = (
     STUDIES.c.read_status,
     STUDIES.c.first_received_at,
     STUDIES.c.analysed_at,
+    STUDIES.c.ageing_steps,
     EFFECTIVE_RANK.label("effective_rank"),
 )
 
@@ -259,7 +248,7 @@ _STATE_TEXT: dict[str, str] = {
 
 def _status_text(state: str, reason: str, analysed: bool) -> str:
     if state == StudyState.ANALYSED:
-        return "analysed"
+        return StudyState.ANALYSED.value
     text = _STATE_TEXT.get(state, f"not analysed: {state}")
     if analysed:
         # An earlier generation was analysed; new images re-opened the study.
@@ -267,38 +256,39 @@ def _status_text(state: str, reason: str, analysed: bool) -> str:
     return f"{text} ({reason})" if reason else text
 
 
-# What triage.apply_ageing appends to priority_reason when it raises a study's rank.
-AGEING_MARK = "raised by ageing"
-_RANK_NAMES = {0: "STAT", 1: "HIGH", 2: "ROUTINE"}
 
 
-def _why(priority: Priority, model_priority: Priority, override: Priority | None, reason: str, rank: int) -> str:
+def _why(
+    priority: Priority, model_priority: Priority, override: Priority | None, reason: str, rank: int, aged: bool
+) -> str:
     if override is not None:
         base = f"{override.value}: set by hand (manual override)"
         return base + (f"; triage said {model_priority.value}: {reason}" if reason else "")
     if model_priority == Priority.NOT_ANALYSED and not reason:
         reason = "no result yet: listed in the ROUTINE band by arrival"
     text = f"{priority.value}: {reason}" if reason else priority.value
-    if rank < RANK[model_priority] and AGEING_MARK not in reason:
+    if aged:
+        text += f" (raised by ageing to the {band_of(rank).value} band: unread for long)"
+    elif rank < RANK[model_priority]:
         # Not ageing: a rank kept from an earlier decision (say, a re-analysis that failed).
-        text += f" (ranked {_RANK_NAMES.get(rank, rank)} by an earlier decision)"
+        text += f" (ranked {band_of(rank).value} by an earlier decision)"
     return text
 
 
 def _row(r: Any, now: dt.datetime) -> WorklistRow:
     # Unpacked by position (the order of _COLUMNS): on the list's hot path, named access to
-    # 22 columns of 200 rows costs more than the SQL query.
+    # 23 columns of 200 rows costs more than the SQL query.
     (
         study_uid, patient_name, patient_id, accession_number, modalities, study_date, study_time,
         study_description, num_instances, state, state_reason, score, priority_value, _rank,
         override_value, priority_reason, top_findings, model_version, read_value, first_received_at,
-        analysed_at, effective_rank,
+        analysed_at, ageing_steps, effective_rank,
     ) = r
     override = _priority(override_value)
     model_priority = _priority(priority_value) or Priority.NOT_ANALYSED
     priority = override or model_priority
     rank = int(effective_rank)
-    aged = override is None and rank < RANK[model_priority] and AGEING_MARK in priority_reason
+    aged = override is None and bool(ageing_steps) and rank < RANK[model_priority]
     analysed = analysed_at is not None
     read_status = _READ_STATUSES.get(read_value, ReadStatus.UNREAD)
     return WorklistRow(
@@ -324,7 +314,7 @@ def _row(r: Any, now: dt.datetime) -> WorklistRow:
         rank=rank,
         aged=aged,
         priority_reason=priority_reason,
-        why=_why(priority, model_priority, override, priority_reason, rank),
+        why=_why(priority, model_priority, override, priority_reason, rank, aged),
         top_findings=_findings(top_findings),
         model_version=model_version,
         read_status=read_status,
@@ -448,8 +438,9 @@ def set_priority_override(
     database: Database, study_uid: str, priority: Priority | None, *, user: str, host: str = ""
 ) -> bool:
     """Set (or with None, clear) the manual priority. Returns False when nothing changed."""
-    if priority is not None and priority not in OVERRIDABLE:
-        raise ValueError(f"priority override must be one of {[p.value for p in OVERRIDABLE]}")
+    # "Not analysed" is a fact, not a choice a radiologist can make.
+    if priority is not None and priority not in TRIAGE_PRIORITIES:
+        raise ValueError(f"priority override must be one of {[p.value for p in TRIAGE_PRIORITIES]}")
     value = priority.value if priority is not None else None
     with database.session() as session:
         study = _lock_study(session, study_uid)

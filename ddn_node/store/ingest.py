@@ -18,8 +18,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ddn_node.store import lifecycle
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Instance, Job, JobState, Series, Study, StudyState, UTCDateTime, utcnow
+from ddn_node.store.models import Instance, Series, Study, UTCDateTime, utcnow
+from ddn_node.vocabulary import StudyState
 
 
 @dataclass(frozen=True)
@@ -309,28 +311,7 @@ def _full_path(
 
         reopened = study.state != StudyState.RECEIVING
         if reopened:
-            study.state = StudyState.RECEIVING
-            study.state_reason = "re-opened by a late instance"
-            study.force_complete_at = now + dt.timedelta(seconds=force_complete_s)
-            # A job that has not started would analyse an incomplete study: the next
-            # completion enqueues the full one instead.
-            session.execute(
-                update(Job)
-                .where(Job.study_id == study.id, Job.state == JobState.QUEUED)
-                .values(state=JobState.SUPERSEDED, finished_at=now)
-            )
+            lifecycle.reopen(session, study, now, force_complete_s)
         study.last_received_at = now
         study.complete_after = complete_after
         return _Full(IngestOutcome(study.id, new_instance, changed, reopened, complete_after), study.id, series.id)
-
-
-def study_is_known(database: Database, study_uid: str) -> bool:
-    with database.read() as session:
-        return session.scalar(select(Study.id).where(Study.study_uid == study_uid)) is not None
-
-
-def mark_state(database: Database, study_id: int, state: StudyState, reason: str = "") -> None:
-    with database.session() as session:
-        session.execute(
-            update(Study).where(Study.id == study_id).values(state=state, state_reason=reason)
-        )

@@ -10,13 +10,12 @@ Changing a table here means writing an Alembic migration in ``store/migrations/v
 from __future__ import annotations
 
 import datetime as dt
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
     JSON,
-    CheckConstraint,
     BigInteger,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -31,7 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.elements import Grouping
 from sqlalchemy.types import TypeDecorator
 
-from ddn_node.store.ordering import READ_STATUSES, effective_priority, effective_rank, not_read, score_key
+from ddn_node.store.ordering import effective_priority, effective_rank, not_read, score_key
+from ddn_node.vocabulary import DeliveryState, JobState, Priority, ReadStatus, StudyState
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -79,30 +79,6 @@ class Base(DeclarativeBase):
     __table_args__ = _SQLITE_ARGS
 
 
-class StudyState(StrEnum):
-    RECEIVING = "receiving"  # instances arriving; quiet period running
-    QUEUED = "queued"  # complete, analysis job waiting
-    ANALYSING = "analysing"
-    ANALYSED = "analysed"
-    NOT_ROUTED = "not_routed"  # complete, no routing rule matches: stored and listed only
-    FAILED = "failed"
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    SUPERSEDED = "superseded"  # the study re-opened before this job ran
-
-
-class DeliveryState(StrEnum):
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    FAILED = "failed"
-
-
 class Study(Base):
     __tablename__ = "studies"
 
@@ -136,13 +112,16 @@ class Study(Base):
 
     # Triage, denormalised for the one-query worklist.
     abnormality_score: Mapped[float | None] = mapped_column(Float, nullable=True)
-    priority: Mapped[str] = mapped_column(String(16), default="NOT_ANALYSED")
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.NOT_ANALYSED)
     priority_rank: Mapped[int] = mapped_column(Integer, default=2)  # 0 = STAT ... 3 = not analysed
     priority_reason: Mapped[str] = mapped_column(Text, default="")
     priority_override: Mapped[str | None] = mapped_column(String(16), nullable=True)
     top_findings: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     model_version: Mapped[str] = mapped_column(String(128), default="")
-    read_status: Mapped[str] = mapped_column(String(16), default="unread")  # unread/opened/read
+    read_status: Mapped[str] = mapped_column(String(16), default=ReadStatus.UNREAD)
+    # Ranks that ageing raised the study above its triage band (0: none); set by
+    # store/lifecycle.py, reset by every new triage decision.
+    ageing_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete")
 
@@ -153,7 +132,7 @@ class Study(Base):
         Index("ix_studies_first_received_at", "first_received_at"),
         # The worklist's page query and its count use two equivalent predicates on it.
         CheckConstraint(
-            "read_status IN (" + ", ".join(f"'{v}'" for v in READ_STATUSES) + ")", name="ck_studies_read_status"
+            "read_status IN (" + ", ".join(f"'{v.value}'" for v in ReadStatus) + ")", name="ck_studies_read_status"
         ),
         _SQLITE_ARGS,
     )
@@ -253,6 +232,10 @@ class Job(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The route decided at completion: the routing rule's name and the instances it
+    # selected, so the worker analyses exactly what completion routed.
+    rule: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    instance_ids: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("study_id", "generation", name="uq_jobs_study_generation"),
@@ -262,7 +245,12 @@ class Job(Base):
 
 
 class Result(Base):
-    """What the model said about one study generation."""
+    """What the model said about one study generation.
+
+    Written when the report (SR) is queued, before the heat maps are drawn: the SR's
+    identity and the thresholds it applied are facts from then on. ``completed_at`` is set
+    once the heat-map objects are recorded too.
+    """
 
     __tablename__ = "results"
 
@@ -279,7 +267,12 @@ class Result(Base):
     priority: Mapped[str] = mapped_column(String(16))
     timings_ms: Mapped[dict[str, float]] = mapped_column(JSON)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
+    sr_series_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
+    sr_sop_class_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
+    sr_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # relative to the spool
+    thresholds: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # label -> operating point
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     images: Mapped[list[ImageResult]] = relationship(back_populates="result", cascade="all, delete")
 
@@ -307,7 +300,7 @@ class Delivery(Base):
         ForeignKey("results.id", ondelete="CASCADE"), nullable=True
     )
     destination: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # sr / pm / sc
+    kind: Mapped[str] = mapped_column(String(16))  # a ResultKind or a MessageKind
     sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN))
     sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN))
     path: Mapped[str] = mapped_column(Text)  # relative to the spool directory

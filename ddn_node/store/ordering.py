@@ -11,10 +11,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, case, func, literal_column
 
-from ddn_node.config import PRIORITY_RANK, Priority
-
-READ = "read"
-READ_STATUSES = ("unread", "opened", READ)
+from ddn_node.vocabulary import RANK, Priority, ReadStatus
 
 
 def lit(value: int | float | str) -> ColumnElement[Any]:
@@ -29,9 +26,9 @@ def effective_rank(table: Any) -> ColumnElement[int]:
     c = table.c
     return case(
         (c.priority_override.is_(None), c.priority_rank),
-        (c.priority_override == lit(Priority.STAT.value), lit(PRIORITY_RANK[Priority.STAT])),
-        (c.priority_override == lit(Priority.HIGH.value), lit(PRIORITY_RANK[Priority.HIGH])),
-        else_=lit(PRIORITY_RANK[Priority.ROUTINE]),
+        (c.priority_override == lit(Priority.STAT.value), lit(RANK[Priority.STAT])),
+        (c.priority_override == lit(Priority.HIGH.value), lit(RANK[Priority.HIGH])),
+        else_=lit(RANK[Priority.ROUTINE]),
     )
 
 
@@ -43,7 +40,7 @@ def score_key(table: Any) -> ColumnElement[float]:
 
 
 def not_read(table: Any) -> ColumnElement[bool]:
-    return table.c.read_status != lit(READ)
+    return table.c.read_status != lit(ReadStatus.READ.value)
 
 
 def effective_priority(table: Any) -> ColumnElement[str]:

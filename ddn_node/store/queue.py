@@ -17,7 +17,8 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from ddn_node.store.models import Delivery, DeliveryState, Job, JobState, utcnow
+from ddn_node.store.models import Delivery, Job, utcnow
+from ddn_node.vocabulary import DeliveryState, JobState
 
 Row = TypeVar("Row", Job, Delivery)
 

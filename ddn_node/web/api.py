@@ -16,13 +16,10 @@ from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from ddn_node.config import Priority
 from ddn_node.pipeline.worklist import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
-    OVERRIDABLE,
     Order,
-    ReadStatus,
     StudyNotFound,
     WorklistPage,
     WorklistQuery,
@@ -33,6 +30,7 @@ from ddn_node.pipeline.worklist import (
     set_priority_override,
     set_read_status,
 )
+from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus
 from ddn_node.web.auth import Principal
 from ddn_node.web.study import StudyDetail, fetch_detail
 
@@ -104,7 +102,7 @@ def api_worklist(
 @router.get("/studies/{study_uid}", response_model=StudyDetail, summary="One study: findings, images, deliveries, history")
 def api_study(request: Request, study_uid: str) -> Response:
     with request.app.state.database.read() as session:
-        detail = fetch_detail(session, study_uid, request.app.state.thresholds)
+        detail = fetch_detail(session, study_uid)
     if detail is None:
         raise HTTPException(status_code=404, detail="no such study")
     return Response(detail.model_dump_json(), media_type="application/json")
@@ -133,11 +131,11 @@ def api_status(request: Request, study_uid: str, body: StatusChange) -> ChangeOu
     "/studies/{study_uid}/priority",
     response_model=ChangeOutcome,
     summary="Override the triage priority, or clear the override",
-    responses={422: {"description": f"priority not one of {[p.value for p in OVERRIDABLE]} or null"}},
+    responses={422: {"description": f"priority not one of {[p.value for p in TRIAGE_PRIORITIES]} or null"}},
 )
 def api_priority(request: Request, study_uid: str, body: PriorityChange) -> ChangeOutcome:
-    if body.priority is not None and body.priority not in OVERRIDABLE:
-        raise HTTPException(status_code=422, detail=f"priority must be one of {[p.value for p in OVERRIDABLE]} or null")
+    if body.priority is not None and body.priority not in TRIAGE_PRIORITIES:
+        raise HTTPException(status_code=422, detail=f"priority must be one of {[p.value for p in TRIAGE_PRIORITIES]} or null")
     principal = _principal(request)
     changed = set_priority_override(
         request.app.state.database, study_uid, body.priority, user=principal.actor, host=_client(request)

@@ -37,7 +37,6 @@ from ddn_node.store.engine import Database
 from ddn_node.web.auth import SESSION_COOKIE, Auth, Principal
 from ddn_node.web.images import ImageCache
 from ddn_node.web.metrics import WebMetrics
-from ddn_node.web.study import ManifestThresholds
 from ddn_node.web.views import RowRenderer, make_templates
 
 log = structlog.get_logger("ddn_node.web")
@@ -204,7 +203,6 @@ def create_app(settings: Settings, database: Database, spool: Spool) -> FastAPI:
     app.state.auth = auth
     app.state.metrics = metrics
     app.state.images = ImageCache()
-    app.state.thresholds = ManifestThresholds(settings.routing)
     app.state.templates = make_templates(asset_version=_asset_version(), demo=settings.demo)
     app.state.rows = RowRenderer(app.state.templates)
 

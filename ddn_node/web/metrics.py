@@ -28,7 +28,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ddn_node.pipeline.worklist import EFFECTIVE_PRIORITY, NOT_READ
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Delivery, DeliveryState, Instance, Job, JobState, Result, Study, utcnow
+from ddn_node.store.models import Delivery, Instance, Job, Result, Study, utcnow
+from ddn_node.vocabulary import DeliveryState, JobState
 
 log = structlog.get_logger("ddn_node.web")
 

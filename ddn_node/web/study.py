@@ -1,16 +1,13 @@
 """One study in detail: the API's ``/api/studies/{uid}`` and the study page share this.
 
 A handful of indexed queries (study, latest result, its image results, instances,
-deliveries, history); the thresholds come from the model manifests named by the routing
-table, read as JSON (the web part never imports torch) and cached per file version.
+deliveries, history); the thresholds are the ones the analysis applied, recorded with its
+result.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import threading
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -19,7 +16,6 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ddn_node.config import RoutingRule
 from ddn_node.pipeline.worklist import HistoryEntry, WorklistRow, fetch_history, fetch_row
 from ddn_node.store.models import Delivery, ImageResult, Instance, Result, Series, Study
 
@@ -31,7 +27,7 @@ MAX_IMAGES = 60  # a CT study may hold thousands of slices; the page is for the 
 class FindingView(BaseModel):
     label: str
     probability: float
-    threshold: float | None = Field(description="operating threshold from the model manifest, if known")
+    threshold: float | None = Field(description="operating threshold the analysis applied (unknown for results from before 0.2)")
     present: bool
 
 
@@ -93,45 +89,6 @@ class StudyDetail(BaseModel):
     history: list[HistoryEntry]
 
 
-class ManifestThresholds:
-    """label thresholds per (model version, head), from the routing table's manifests."""
-
-    def __init__(self, routing: list[RoutingRule]):
-        self._paths = sorted({rule.model / "manifest.json" for rule in routing})
-        self._cache: dict[Path, tuple[float, dict[tuple[str, str], dict[str, float]]]] = {}
-        self._lock = threading.Lock()
-
-    def _read(self, path: Path) -> dict[tuple[str, str], dict[str, float]]:
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            return {}
-        with self._lock:
-            cached = self._cache.get(path)
-            if cached is not None and cached[0] == mtime:
-                return cached[1]
-        table: dict[tuple[str, str], dict[str, float]] = {}
-        try:
-            manifest: Any = json.loads(path.read_text(encoding="utf-8"))
-            for head, info in manifest["heads"].items():
-                table[(str(manifest["version"]), head)] = {
-                    str(lab["name"]): float(lab["threshold"]) for lab in info["labels"]
-                }
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("web.manifest_unreadable", path=str(path), error=str(exc))
-            return {}
-        with self._lock:
-            self._cache[path] = (mtime, table)
-        return table
-
-    def get(self, version: str, head: str) -> dict[str, float]:
-        for path in self._paths:
-            found = self._read(path).get((version, head))
-            if found is not None:
-                return found
-        return {}
-
-
 def study_path(study_uid: str) -> str:
     return "/studies/" + quote(study_uid, safe="")
 
@@ -160,7 +117,7 @@ def _floats(raw: Any) -> dict[str, float]:
     return {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))}
 
 
-def fetch_detail(session: Session, study_uid: str, thresholds: ManifestThresholds) -> StudyDetail | None:
+def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
     row = fetch_row(session, study_uid)
     if row is None:
         return None
@@ -178,7 +135,7 @@ def fetch_detail(session: Session, study_uid: str, thresholds: ManifestThreshold
     result_view: ResultView | None = None
     per_image: dict[int, tuple[dict[str, float], dict[str, str]]] = {}
     if result is not None:
-        limits = thresholds.get(result.model_version, result.head)
+        limits = _floats(result.thresholds)
         probs = _floats(result.probabilities)
         positive = set(result.positive or [])
         findings = [

@@ -23,13 +23,10 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from markupsafe import Markup
 
-from ddn_node.config import Priority
 from ddn_node.pipeline.worklist import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
-    OVERRIDABLE,
     ROW_JSON,
-    ReadStatus,
     WorklistQuery,
     WorklistRow,
     fetch_row,
@@ -41,6 +38,7 @@ from ddn_node.pipeline.worklist import (
     set_read_status,
 )
 from ddn_node.store.audit import AuditEventName, audit
+from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus
 from ddn_node.web.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -338,7 +336,7 @@ def worklist_feed(request: Request) -> Response:
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, study_uid: str) -> HTMLResponse:
     with request.app.state.database.read() as session:
-        detail = fetch_detail(session, study_uid, request.app.state.thresholds)
+        detail = fetch_detail(session, study_uid)
     if detail is None:
         return _render(request, "not_found.html", status_code=404)
     return _render(
@@ -347,7 +345,7 @@ def study_page(request: Request, study_uid: str) -> HTMLResponse:
         d=detail,
         s=detail.study,
         here=study_path(study_uid),
-        overridable=[p.value for p in OVERRIDABLE],
+        overridable=[p.value for p in TRIAGE_PRIORITIES],
     )
 
 
@@ -385,8 +383,8 @@ def change_priority(
 ) -> Response:
     wanted: Priority | None = None
     if priority and priority != "clear":
-        if priority not in [p.value for p in OVERRIDABLE]:
-            raise HTTPException(status_code=422, detail=f"priority must be one of {[p.value for p in OVERRIDABLE]}")
+        if priority not in [p.value for p in TRIAGE_PRIORITIES]:
+            raise HTTPException(status_code=422, detail=f"priority must be one of {[p.value for p in TRIAGE_PRIORITIES]}")
         wanted = Priority(priority)
     changed = set_priority_override(
         request.app.state.database, study_uid, wanted, user=principal.actor, host=_client(request)

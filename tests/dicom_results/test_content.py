@@ -10,8 +10,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from results_factories import display_for, prediction_for, synthetic_source
+from support.sr_reader import read_sr
 
-from ddn_node.dicom.results import build_results, read_sr
+from ddn_node.dicom.results import build_results
 from ddn_node.dicom.results.content import (
     TYPE2_PATIENT_STUDY,
     check_sources,

@@ -132,10 +132,10 @@ def test_the_study_page_renders_an_overlay_secondary_capture(tmp_path) -> None:
     from io import BytesIO
 
     from PIL import Image
+    from results_factories import display_for, prediction_for, synthetic_source
 
     from ddn_node.dicom.results import build_results
     from ddn_node.web.images import ImageCache, png_scaled
-    from results_factories import display_for, prediction_for, synthetic_source
 
     source = synthetic_source(rows=600, columns=500)
     objects = build_results(

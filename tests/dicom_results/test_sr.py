@@ -12,15 +12,12 @@ from results_factories import (
     roundtrip,
     synthetic_source,
 )
+from support.sr_reader import read_sr
 
-from ddn_node.dicom.results import (
-    SRReference,
-    TriagePriority,
-    build_results,
-    read_sr,
-)
+from ddn_node.dicom.results import SRReference, build_results
 from ddn_node.dicom.results.codes import PRESENT, PRIORITY_CODES
 from ddn_node.model.types import Code, LabelSpec
+from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority
 
 PROBS = {"Pneumothorax": 0.87, "Effusion": 0.4, "Nodule": 0.05}  # Effusion == threshold
 
@@ -63,7 +60,7 @@ def test_sr_content_reads_back_equal_to_the_inputs(tmp_path) -> None:
     assert content.findings["Effusion"].present is True
     assert content.positive == ["Pneumothorax", "Effusion"]
     assert content.abnormality_score == pytest.approx(prediction.abnormality_score)
-    assert content.priority is TriagePriority.HIGH
+    assert content.priority is Priority.HIGH
     assert content.algorithm_name == prediction.algorithm.name
     assert content.algorithm_version == prediction.algorithm.version
     assert content.device_observer_uid == prediction.algorithm.device_uid
@@ -72,8 +69,8 @@ def test_sr_content_reads_back_equal_to_the_inputs(tmp_path) -> None:
     assert content.predecessors == ()
 
 
-@pytest.mark.parametrize("priority", list(TriagePriority))
-def test_every_priority_is_coded(priority: TriagePriority) -> None:
+@pytest.mark.parametrize("priority", TRIAGE_PRIORITIES)
+def test_every_priority_is_coded(priority: Priority) -> None:
     source = synthetic_source()
     _, results = _build([source], [PROBS], priority=priority.value.lower())
     assert read_sr(results.sr).priority is priority

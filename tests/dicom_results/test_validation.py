@@ -21,8 +21,9 @@ from results_factories import (
     roundtrip,
     synthetic_source,
 )
+from support.sr_reader import read_sr
 
-from ddn_node.dicom.results import SRReference, build_results, read_sr
+from ddn_node.dicom.results import SRReference, build_results
 
 REAL = [
     "chest_xray_real/nhsx__1.3.6.1.4.1.11129.5.5.110503645592756492463169821050252582267888.dcm",

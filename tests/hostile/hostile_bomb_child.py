@@ -22,9 +22,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from ddn_node.dicom.pixels import PixelLimits
 from hostile_gen import bomb, seed, seeds
 from hostile_oracle import check_header, check_pixels
+
+from ddn_node.dicom.pixels import PixelLimits
 
 # A bomb may cost what a legitimate image of the seed's size costs plus this: far less
 # than the hundreds of MB to GB that the declared sizes would need.
@@ -68,7 +69,6 @@ def _jpeg_sof_far_away(rows: int, cols: int) -> bytes:
     """A baseline JPEG whose SOF sits after 70 kB of APP segments (past any short scan)."""
     from pydicom import dcmread
     from pydicom.encaps import encapsulate, generate_frames
-
     from support.dicomgen import to_file_bytes
 
     ds = dcmread(io.BytesIO(seed("jpeg_baseline").file))

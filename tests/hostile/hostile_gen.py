@@ -35,7 +35,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-
 from support.dicomgen import make_cr, to_file_bytes
 
 # VRs whose explicit-VR length field is 4 bytes (after 2 reserved bytes), PS3.5 7.1.2.

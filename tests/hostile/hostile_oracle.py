@@ -25,13 +25,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
-
-from ddn_node.dicom.headers import ClampedReader
+from support.sr_reader import read_sr
 
 from ddn_node.dicom import scu
-from ddn_node.dicom.headers import Header, HeaderError, read_header
+from ddn_node.dicom.headers import ClampedReader, Header, HeaderError, read_header
 from ddn_node.dicom.pixels import PixelDataError, PixelLimits, load_display_image
-from ddn_node.dicom.results.sr import read_sr
 
 T = TypeVar("T")
 

@@ -13,12 +13,11 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from hostile_gen import seed
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-from hostile_gen import seed
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"

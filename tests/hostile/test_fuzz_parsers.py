@@ -21,11 +21,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hostile_gen import bombs, mutated_files, seed, unclosed_sequences
+from hostile_oracle import check_header, check_node_parsers, check_pixels, check_scan, check_sr
 from hypothesis import HealthCheck, Phase, given, settings
 
 from ddn_node.dicom.pixels import PixelLimits
-from hostile_gen import bombs, mutated_files, seed, unclosed_sequences
-from hostile_oracle import check_header, check_node_parsers, check_pixels, check_scan, check_sr
 
 HERE = Path(__file__).resolve().parent
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
 from support.net import wait_for
 

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from hostile_oracle import check_header, check_pixels, check_scan, check_sr
 
 _DATA = Path(os.environ.get("DDN_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))

@@ -19,14 +19,15 @@ from typing import Any
 
 import pydicom
 import pytest
+from hostile_gen import bomb, seed
 from pydicom.encaps import encapsulate, generate_frames
 from sqlalchemy import select
-
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Study, StudyState
-from hostile_gen import bomb, seed
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
 from support.net import wait_for
+
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Study
+from ddn_node.vocabulary import StudyState
 
 pytestmark = pytest.mark.slow
 

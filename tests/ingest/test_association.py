@@ -9,11 +9,11 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
+from support.net import free_port, wait_for
 
 from ddn_node.dicom.scu import client_tls_context
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import AuditEvent
-from support.net import free_port, wait_for
 
 
 def echoscu(port: int, calling: str, called: str = "DDN_NODE") -> subprocess.CompletedProcess[str]:

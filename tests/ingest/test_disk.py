@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
 
 

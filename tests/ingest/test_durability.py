@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 
 from sqlalchemy import func, select
+from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
+from support.net import wait_for
 
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance, Job, Study
-from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
-from support.net import wait_for
 
 N_INSTANCES = 30
 

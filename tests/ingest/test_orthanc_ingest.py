@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from support.net import wait_for
+from support.orthanc import Orthanc, orthanc_available
 
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance, Study
-from support.net import wait_for
-from support.orthanc import Orthanc, orthanc_available
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc (Debian package) not installed")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pydicom
 from sqlalchemy import func, select
+from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
+from support.net import wait_for
 
 from ddn_node.dicom.scu import Peer, StoreSCU
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance, Study
-from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
-from support.net import wait_for
 
 
 def _real_files(shared_data: Path) -> list[Path]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from support.notify import BASE, HTTPReceiver, MLLPListener, Responder, SummaryFactory
 
-from ddn_node.pipeline.notify import StudySummary
+from ddn_node.notify import StudySummary
 
 
 @pytest.fixture

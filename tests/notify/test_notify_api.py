@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import structlog
-from support.notify import HOSTILE_NAME, SummaryFactory, adapters
 from support.net import free_port
+from support.notify import HOSTILE_NAME, SummaryFactory, adapters
 
-from ddn_node.config import AdaptersSettings, Priority
-from ddn_node.pipeline.notify import (
+from ddn_node.config import AdaptersSettings
+from ddn_node.notify import (
     FHIR_PRIORITY,
     HL7_PRIORITY,
     NotifyResult,
@@ -20,6 +20,7 @@ from ddn_node.pipeline.notify import (
     messages_for,
     send,
 )
+from ddn_node.vocabulary import Priority
 
 ALL_ON = {
     "hl7": {"enabled": True},
@@ -136,6 +137,6 @@ def test_logs_carry_no_patient_data(make_summary: SummaryFactory) -> None:
     ],
 )
 def test_bearer_token_over_plain_http_is_flagged(url: str, warn: bool) -> None:
-    from ddn_node.pipeline.notify import _plain_http_off_host
+    from ddn_node.notify import _plain_http_off_host
 
     assert _plain_http_off_host(url) is warn

@@ -8,12 +8,12 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from support.notify import HTTPReceiver, SummaryFactory, adapters, task_problems
 from support.net import free_port
+from support.notify import HTTPReceiver, SummaryFactory, adapters, task_problems
 
 from ddn_node.config import AdaptersSettings
-from ddn_node.pipeline.notify import OutgoingMessage, messages_for, send
-from ddn_node.pipeline.notify.fhir import build_task
+from ddn_node.notify import OutgoingMessage, messages_for, send
+from ddn_node.notify.fhir import build_task
 
 ReceiverFactory = Callable[..., HTTPReceiver]
 UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"

@@ -18,7 +18,7 @@ from support.notify import (
 )
 
 from ddn_node.config import HL7Settings
-from ddn_node.pipeline.notify import StudySummary, hl7
+from ddn_node.notify import StudySummary, hl7
 
 HL7 = HL7Settings(
     enabled=True,

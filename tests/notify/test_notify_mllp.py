@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from support.net import free_port, wait_for
 from support.notify import (
     FS,
     VT,
@@ -16,11 +17,10 @@ from support.notify import (
     one_segment,
     parse_message,
 )
-from support.net import free_port, wait_for
 
 from ddn_node.config import AdaptersSettings
-from ddn_node.pipeline.notify import OutgoingMessage, messages_for, send
-from ddn_node.pipeline.notify.hl7 import parse_ack
+from ddn_node.notify import OutgoingMessage, messages_for, send
+from ddn_node.notify.hl7 import parse_ack
 
 ListenerFactory = Callable[[Responder], MLLPListener]
 

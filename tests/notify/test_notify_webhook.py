@@ -6,11 +6,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from support.notify import HOSTILE_NAME, HTTPReceiver, SummaryFactory, adapters
 from support.net import free_port
+from support.notify import HOSTILE_NAME, HTTPReceiver, SummaryFactory, adapters
 
 from ddn_node.config import AdaptersSettings
-from ddn_node.pipeline.notify import OutgoingMessage, messages_for, send
+from ddn_node.notify import OutgoingMessage, messages_for, send
 
 ReceiverFactory = Callable[..., HTTPReceiver]
 

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support.net import free_port
 from support.orthanc import Orthanc, orthanc_available
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from sqlalchemy import select
-
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery, Study
 from support.artifacts import make_test_artifact
 from support.dicomgen import raw_association, store_file
 from support.net import wait_for
 from support.notify import HTTPReceiver, MLLPListener, ack_for, one_segment, parse_message
+
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Delivery, Study
 
 pytestmark = pytest.mark.slow
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
-
-from ddn_node.dicom.results import read_sr
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery, Result, Study
 from results.conftest import worker_config
+from sqlalchemy import select
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
 from support.net import wait_for
 from support.orthanc import Orthanc
+from support.sr_reader import read_sr
+
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Delivery, Result, Study
 
 pytestmark = pytest.mark.slow
 
@@ -179,7 +179,8 @@ def test_late_instance_supersedes_the_sr(make_node, sqlite_url: str, pacs: Ortha
 
 
 def _mark_read(db_url: str, study_uid: str) -> None:
-    from ddn_node.pipeline.worklist import ReadStatus, set_read_status
+    from ddn_node.pipeline.worklist import set_read_status
+    from ddn_node.vocabulary import ReadStatus
 
     db = make_database(db_url)
     try:

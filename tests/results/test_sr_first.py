@@ -1,6 +1,6 @@
-"""The SR leaves before the heat maps: the worker queues it (fenced by the job's lease)
-before it draws any map, and a failure while drawing them neither holds the SR back nor
-sends it twice; the retry finishes the maps and links everything to one result.
+"""The SR leaves before the heat maps: the worker queues it with its result (fenced by the
+job's lease) before it draws any map, and a failure while drawing them neither holds the SR
+back nor sends it twice; the retry finishes the maps on the same result.
 
 In process, on both databases: the worker's own code against a real spool and schema.
 """
@@ -21,10 +21,11 @@ from support.dicomgen import make_cr
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
-from ddn_node.pipeline import worker as worker_module
+from ddn_node.pipeline import analysis as analysis_module
 from ddn_node.pipeline.completion import CompletionTracker
 from ddn_node.pipeline.delivery import Deliverer
-from ddn_node.pipeline.worker import ModelRegistry, Worker
+from ddn_node.pipeline.registry import ModelRegistry
+from ddn_node.pipeline.worker import Worker
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.ingest import InstanceRecord, record_instance
 from ddn_node.store.migrate import upgrade
@@ -41,6 +42,9 @@ def _settings(tmp_path: Path, db_url: str, model: Path) -> Settings:
             "completion": {"quiet_period_s": 0.01},
             "queue": {"retry_delay_s": 0.001, "max_attempts": 3},
             "worker": {"torch_threads": 1},
+            # A failed send waits an hour: no retry in these tests comes due by itself,
+            # however slow the machine.
+            "delivery": {"backoff_initial_s": 3600},
             "routing": [{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}],
             # Two destinations: the SR is queued once for each.
             "destinations": [
@@ -114,7 +118,7 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     )
 
     seen_when_drawing: list[list[tuple[str, str, int | None, int]]] = []
-    draw = worker_module.add_heat_map_objects
+    draw = analysis_module.add_heat_map_objects
 
     def failing_draw(*args: Any, **kwargs: Any) -> None:
         with database.read() as s:
@@ -123,22 +127,27 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
             )
         raise RuntimeError("the overlay renderer fell over")
 
-    monkeypatch.setattr(worker_module, "add_heat_map_objects", failing_draw)
+    monkeypatch.setattr(analysis_module, "add_heat_map_objects", failing_draw)
     assert worker.run_once()  # claim, SR
     assert worker.run_once()  # heat maps: fail
 
-    # When the maps were about to be drawn, the SR was already queued, once per
-    # destination, and nothing else was; the worker had already tried to send it.
-    assert sorted(seen_when_drawing[0]) == [("sr", "archive", None, 1), ("sr", "pacs", None, 1)]
+    # When the maps were about to be drawn, the SR was already queued with its result,
+    # once per destination, and nothing else was; the worker had already tried to send it.
+    with database.read() as s:
+        (reported,) = s.scalars(select(Result)).all()
+    assert sorted(seen_when_drawing[0]) == [("sr", "archive", reported.id, 1), ("sr", "pacs", reported.id, 1)]
     with database.read() as s:
         job = s.scalars(select(Job)).one()
         assert job.state == "queued" and "overlay renderer" in job.last_error
-        assert s.scalars(select(Result)).all() == []
+        # The result says what the SR says; its heat maps are still to come.
+        (result,) = s.scalars(select(Result)).all()
+        assert result.completed_at is None and result.sr_sop_instance_uid
+        assert result.thresholds == {"Pneumothorax": 0.0, "Effusion": 0.0, "Nodule": 0.0}
         sr_rows = s.scalars(select(Delivery)).all()
         sr_path = spool.path(sr_rows[0].path)
     first_sr = sr_path.read_bytes()
 
-    monkeypatch.setattr(worker_module, "add_heat_map_objects", draw)
+    monkeypatch.setattr(analysis_module, "add_heat_map_objects", draw)
     assert worker.run_once() and worker.run_once()
     assert not worker.run_once()
     # The retry did not send the SR again itself (its rows wait for their back-off).
@@ -148,6 +157,7 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     with database.read() as s:
         job = s.scalars(select(Job)).one()
         result = s.scalars(select(Result)).one()
+        assert result.id == reported.id and result.completed_at is not None
         deliveries = s.scalars(select(Delivery)).all()
         study = s.get(Study, study_id)
         assert study is not None and study.state == "analysed"

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ddn_node.config import AdaptersSettings
-from ddn_node.pipeline.notify import StudySummary
+from ddn_node.notify import StudySummary
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 

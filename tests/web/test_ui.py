@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 from web_helpers import PASSWORD, USER, ClientFactory, api_headers, csrf_of, login
-from worklist_factory import LABELS, add_image, add_study, analyse, write_manifest, write_overlay_png
+from worklist_factory import (
+    LABELS,
+    add_image,
+    add_study,
+    analyse,
+    write_manifest,
+    write_overlay_png,
+)
 
 from ddn_node.dicom.spool import Spool
 from ddn_node.store.audit import AuditEventName

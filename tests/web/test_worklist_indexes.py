@@ -11,9 +11,9 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from ddn_node.bench.worklist import fill
-from ddn_node.config import Priority
 from ddn_node.pipeline.worklist import WorklistQuery, count_statement, rows_statement
 from ddn_node.store.engine import Database
+from ddn_node.vocabulary import Priority
 
 VIEWS = {
     "unread by priority": (WorklistQuery(), "ix_studies_worklist_priority_unread"),

@@ -27,13 +27,12 @@ from ddn_node.store.models import (
     ImageResult,
     Instance,
     Job,
-    JobState,
     Result,
     Series,
     Study,
-    StudyState,
     utcnow,
 )
+from ddn_node.vocabulary import JobState, StudyState
 
 MODEL_NAME = "DDN test model"
 MODEL_VERSION = "2026.11.27-test"
@@ -175,6 +174,7 @@ def analyse(
             head=HEAD,
             probabilities=probs,
             positive=[s.name for s in LABELS if probs[s.name] >= s.threshold],
+            thresholds={s.name: s.threshold for s in LABELS},
             abnormality_score=score,
             priority=decision.priority.value,
             timings_ms=timings_ms or {"model_ms": 40.0, "total_ms": 120.0},
@@ -231,7 +231,7 @@ def analyse(
 
 
 def write_manifest(directory: Path) -> Path:
-    """The JSON part of a model artifact, enough for the study page's thresholds."""
+    """The JSON part of a model artifact, enough for a routing rule to name it."""
     import json
 
     directory.mkdir(parents=True, exist_ok=True)

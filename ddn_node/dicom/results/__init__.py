@@ -1,7 +1,7 @@
 """The DICOM objects the node sends back into the source study.
 
 - :mod:`.sr`: Comprehensive 3D SR, TID 1500 Measurement Report (findings, probabilities,
-  present/absent, abnormality score, triage priority), and :func:`read_sr` to parse one;
+  present/absent, abnormality score, triage priority);
 - :mod:`.pmap`: Grad-CAM heat maps as Parametric Maps (float, real-world value mapping);
 - :mod:`.overlay`: heat maps blended on the image as RGB Secondary Captures, and
   :func:`render_png`;
@@ -18,22 +18,16 @@ from ddn_node.dicom.results.build import (
     build_results,
     build_sr_result,
 )
-from ddn_node.dicom.results.enum import ResultKind, TriagePriority
 from ddn_node.dicom.results.overlay import blend, render_png
-from ddn_node.dicom.results.sr import SRContent, SRFinding, SRReference, read_sr
+from ddn_node.dicom.results.sr import SRReference
 
 __all__ = [
-    "ResultKind",
     "ResultObjects",
-    "SRContent",
-    "SRFinding",
     "SRReference",
     "SeriesNumbers",
-    "TriagePriority",
     "add_heat_map_objects",
     "blend",
     "build_results",
     "build_sr_result",
-    "read_sr",
     "render_png",
 ]

@@ -24,11 +24,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ddn_node.dicom.results.content import check_sources, make_uid, reference_header
-from ddn_node.dicom.results.enum import ResultKind, TriagePriority
 from ddn_node.dicom.results.overlay import MAX_SIDE, build_overlay, fit_display
 from ddn_node.dicom.results.pmap import build_parametric_map
 from ddn_node.dicom.results.sr import SRReference, build_sr
 from ddn_node.model.types import StudyPrediction
+from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ResultKind
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ResultObjects:
 def build_results(
     sources: Sequence[Dataset],
     prediction: StudyPrediction,
-    priority: str,
+    priority: Priority | str,
     display_images: Mapping[str, np.ndarray],
     predecessor: SRReference | None = None,
     series_numbers: SeriesNumbers = SeriesNumbers(),
@@ -127,7 +127,7 @@ def build_results(
 def build_sr_result(
     sources: Sequence[Dataset],
     prediction: StudyPrediction,
-    priority: str,
+    priority: Priority | str,
     predecessor: SRReference | None = None,
     series_numbers: SeriesNumbers = SeriesNumbers(),
     *,
@@ -140,12 +140,12 @@ def build_sr_result(
     from ``uid_seed`` like theirs. Raises ``ValueError`` as :func:`build_results` does.
     """
     check_sources(sources)
-    try:
-        triage = TriagePriority(str(priority).upper())
-    except ValueError:
+    triage = next((p for p in TRIAGE_PRIORITIES if p.value == str(priority).upper()), None)
+    if triage is None:
+        # A study without a decision has no SR: "not analysed" is never reported.
         raise ValueError(
-            f"priority must be one of {[p.value for p in TriagePriority]}, got {priority!r}"
-        ) from None
+            f"priority must be one of {[p.value for p in TRIAGE_PRIORITIES]}, got {priority!r}"
+        )
     study_uid = str(sources[0].StudyInstanceUID)
     if predecessor is not None and predecessor.study_instance_uid != study_uid:
         raise ValueError("the predecessor SR belongs to another study")

@@ -60,8 +60,8 @@ from __future__ import annotations
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 
-from ddn_node.dicom.results.enum import TriagePriority
 from ddn_node.model.types import Code
+from ddn_node.vocabulary import Priority
 
 DDN_SCHEME = "99DDN"
 
@@ -82,10 +82,10 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 # --- Private codes (99DDN) -------------------------------------------------------------
 ABNORMALITY_SCORE = Code("ABN-SCORE", DDN_SCHEME, "Abnormality score")
-PRIORITY_CODES: dict[TriagePriority, Code] = {
-    TriagePriority.STAT: Code("PRIO-STAT", DDN_SCHEME, "STAT priority"),
-    TriagePriority.HIGH: Code("PRIO-HIGH", DDN_SCHEME, "High priority"),
-    TriagePriority.ROUTINE: Code("PRIO-ROUTINE", DDN_SCHEME, "Routine priority"),
+PRIORITY_CODES: dict[Priority, Code] = {
+    Priority.STAT: Code("PRIO-STAT", DDN_SCHEME, "STAT priority"),
+    Priority.HIGH: Code("PRIO-HIGH", DDN_SCHEME, "High priority"),
+    Priority.ROUTINE: Code("PRIO-ROUTINE", DDN_SCHEME, "Routine priority"),
 }
 
 

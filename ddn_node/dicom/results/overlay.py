@@ -39,7 +39,6 @@ from ddn_node.dicom.results.content import (
 from ddn_node.dicom.results.equipment import algorithm_equipment, general_equipment
 from ddn_node.model.types import AlgorithmInfo, Code
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MAX_SIDE = 1024
 COLORMAP = "inferno"
 # Below this heat nothing is drawn; above it opacity rises to MAX_ALPHA at 1.0.

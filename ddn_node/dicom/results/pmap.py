@@ -50,7 +50,6 @@ from ddn_node.dicom.results.content import (
 from ddn_node.dicom.results.equipment import algorithm_equipment, general_equipment
 from ddn_node.model.types import AlgorithmInfo
 
-PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 LUT_LABEL = "GRADCAM"
 
 # PS3.3 C.7.6.2.1.1: unit vectors of the patient axes (LPS) for the letters of Patient

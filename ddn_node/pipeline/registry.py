@@ -1,0 +1,59 @@
+"""The model artifacts the routing table names, loaded once per process."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import structlog
+
+from ddn_node.config import RoutingRule, Settings
+from ddn_node.model.artifact import ModelArtifact
+from ddn_node.model.inference import Predictor
+
+log = structlog.get_logger("ddn_node.worker")
+
+
+class AnalysisError(Exception):
+    """A study cannot be analysed; ``permanent`` means retrying will not help."""
+
+    def __init__(self, message: str, *, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class ModelRegistry:
+    """One :class:`Predictor` per model artifact, shared by the process's worker threads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._predictors: dict[Path, Predictor] = {}
+        self._lock = threading.Lock()
+
+    def rule(self, name: str) -> RoutingRule:
+        """The routing rule a job was routed by; gone from the config is permanent."""
+        for rule in self.settings.routing:
+            if rule.name == name:
+                return rule
+        raise AnalysisError(f"routing rule {name!r} is no longer configured", permanent=True)
+
+    def predictor(self, rule: RoutingRule) -> Predictor:
+        path = rule.model.resolve()
+        with self._lock:
+            if path not in self._predictors:
+                artifact = ModelArtifact.load(path)
+                if rule.head not in artifact.heads:
+                    raise AnalysisError(
+                        f"model {artifact.name} has no head {rule.head!r} (routing rule {rule.name})",
+                        permanent=True,
+                    )
+                worker = self.settings.worker
+                self._predictors[path] = Predictor(
+                    artifact, device=worker.device, threads=worker.torch_threads, precision=worker.precision
+                )
+                log.info("worker.model_loaded", model=artifact.name, version=artifact.version, device=worker.device)
+            return self._predictors[path]
+
+    def preload(self) -> None:
+        for rule in self.settings.routing:
+            self.predictor(rule)

@@ -1,0 +1,216 @@
+"""What an analysis leaves in the database: its result, per-image results, and the
+delivery rows of every object and message it produced.
+
+Two moments, each in the transaction of a lease-fenced lifecycle transition
+(``store/lifecycle.py``):
+
+1. the report: :func:`record_report` writes the result row (findings, score, priority,
+   thresholds, the SR's identity and file) and the SR's delivery rows, as the SR leaves;
+2. the rest: :func:`record_heat_maps` adds the per-image results, the heat-map objects'
+   and the notifications' delivery rows, and marks the result complete.
+
+The database is the single record of what the node said: a later, superseding SR finds
+its predecessor here (:func:`previous_report`), and the web part reads thresholds here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, select, update
+from sqlalchemy.orm import Session
+
+from ddn_node.store.models import Delivery, ImageResult, Result, Study
+
+
+@dataclass(frozen=True)
+class OutgoingObject:
+    """One file to send to one destination: a DICOM object or an adapter message."""
+
+    destination: str
+    kind: str  # a ResultKind or a MessageKind
+    sop_class_uid: str  # "" for messages
+    sop_instance_uid: str  # for messages: the message id
+    path: str  # relative to the spool
+
+
+@dataclass(frozen=True)
+class ReportIdentity:
+    """How a later SR refers to this one (PS3.3 C.17.2.1), and where its file is."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the SR of one analysis says, as the result row keeps it."""
+
+    model_name: str
+    model_version: str
+    head: str
+    probabilities: Mapping[str, float]
+    positive: Sequence[str]
+    thresholds: Mapping[str, float]
+    abnormality_score: float
+    priority: str
+    sr: ReportIdentity
+    timings_ms: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    instance_id: int
+    probabilities: Mapping[str, float]
+    overlay_paths: Mapping[str, str]  # label -> spool path of its Secondary Capture
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    result_id: int
+    sr: ReportIdentity
+
+
+def record_report(
+    session: Session,
+    *,
+    study_id: int,
+    job_id: int,
+    generation: int,
+    report: Report,
+    deliveries: Sequence[OutgoingObject],
+    now: dt.datetime,
+) -> int:
+    """The result row and the SR's delivery rows; returns the result id."""
+    result = Result(
+        study_id=study_id,
+        job_id=job_id,
+        generation=generation,
+        model_name=report.model_name,
+        model_version=report.model_version,
+        head=report.head,
+        probabilities=dict(report.probabilities),
+        positive=list(report.positive),
+        thresholds=dict(report.thresholds),
+        abnormality_score=report.abnormality_score,
+        priority=report.priority,
+        timings_ms=dict(report.timings_ms),
+        sr_sop_instance_uid=report.sr.sop_instance_uid,
+        sr_series_uid=report.sr.series_instance_uid,
+        sr_sop_class_uid=report.sr.sop_class_uid,
+        sr_path=report.sr.path,
+        created_at=now,
+    )
+    session.add(result)
+    session.flush()
+    add_deliveries(session, study_id, result.id, deliveries, now)
+    return result.id
+
+
+def add_deliveries(
+    session: Session, study_id: int, result_id: int, objects: Sequence[OutgoingObject], now: dt.datetime
+) -> None:
+    for obj in objects:
+        session.add(
+            Delivery(
+                study_id=study_id,
+                result_id=result_id,
+                destination=obj.destination,
+                kind=obj.kind,
+                sop_class_uid=obj.sop_class_uid,
+                sop_instance_uid=obj.sop_instance_uid,
+                path=obj.path,
+                not_before=now,
+            )
+        )
+
+
+def queued_destinations(session: Session, study_id: int, sop_instance_uid: str) -> set[str]:
+    """The destinations that already have a delivery row for one object."""
+    return set(
+        session.scalars(
+            select(Delivery.destination).where(
+                Delivery.study_id == study_id, Delivery.sop_instance_uid == sop_instance_uid
+            )
+        )
+    )
+
+
+_IDENTITY = (
+    Result.id,
+    Result.sr_sop_class_uid,
+    Result.sr_sop_instance_uid,
+    Result.sr_series_uid,
+    Study.study_uid,
+    Result.sr_path,
+)
+
+
+def _identity(row: Row[Any] | None) -> tuple[int, ReportIdentity] | None:
+    if row is None:
+        return None
+    result_id, sop_class, sop_uid, series_uid, study_uid, path = row
+    if not (sop_class and sop_uid and series_uid and path):
+        return None  # a result from before the SR's identity was recorded
+    return int(result_id), ReportIdentity(sop_class, sop_uid, series_uid, study_uid, path)
+
+
+def report_of_job(session: Session, job_id: int) -> StoredReport | None:
+    """The report an earlier attempt of this job already queued (its SR may be in a PACS)."""
+    found = _identity(
+        session.execute(
+            select(*_IDENTITY).join(Study, Result.study_id == Study.id).where(Result.job_id == job_id)
+        ).first()
+    )
+    return None if found is None else StoredReport(*found)
+
+
+def previous_report(session: Session, study_id: int, *, before_job: int) -> ReportIdentity | None:
+    """The study's latest SR from an analysis other than ``before_job``: what a new SR
+    supersedes."""
+    found = _identity(
+        session.execute(
+            select(*_IDENTITY)
+            .join(Study, Result.study_id == Study.id)
+            .where(
+                Result.study_id == study_id,
+                Result.job_id != before_job,
+                Result.sr_sop_instance_uid.is_not(None),
+            )
+            .order_by(Result.generation.desc(), Result.id.desc())
+            .limit(1)
+        ).first()
+    )
+    return None if found is None else found[1]
+
+
+def record_heat_maps(
+    session: Session,
+    *,
+    study_id: int,
+    result_id: int,
+    images: Sequence[ImageRecord],
+    deliveries: Sequence[OutgoingObject],
+    timings_ms: Mapping[str, float],
+    now: dt.datetime,
+) -> None:
+    """Per-image results and the remaining delivery rows; the result is complete."""
+    for image in images:
+        session.add(
+            ImageResult(
+                result_id=result_id,
+                instance_id=image.instance_id,
+                probabilities=dict(image.probabilities),
+                overlay_paths=dict(image.overlay_paths),
+            )
+        )
+    add_deliveries(session, study_id, result_id, deliveries, now)
+    session.execute(
+        update(Result).where(Result.id == result_id).values(timings_ms=dict(timings_ms), completed_at=now)
+    )

@@ -1,0 +1,95 @@
+"""The node's shared words, each defined once: priorities and their reading order, read
+status, the kinds of result the node sends, and the states of studies, jobs and deliveries.
+
+Every layer speaks these words (the worklist, the SR builder, the HL7 adapter, the
+database), so they live below all of them: this module imports nothing of ``ddn_node``.
+Values are the strings stored in the database and shown in the API; changing one means a
+migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from types import MappingProxyType
+
+
+class Priority(StrEnum):
+    """A study's reading priority. Triage decides one of the first three from the
+    findings; ``NOT_ANALYSED`` is the fact that it has none yet (waiting, failed or not
+    routed to a model)."""
+
+    STAT = "STAT"
+    HIGH = "HIGH"
+    ROUTINE = "ROUTINE"
+    NOT_ANALYSED = "NOT_ANALYSED"
+
+
+# What triage decides, what an SR reports and what a radiologist may set by hand: "not
+# analysed" is a fact, never a decision.
+TRIAGE_PRIORITIES: tuple[Priority, ...] = (Priority.STAT, Priority.HIGH, Priority.ROUTINE)
+
+# Reading order of the priority classes (0 is read first). Not analysed studies sit in
+# the routine band, by arrival: listed, never hidden below it.
+RANK: Mapping[Priority, int] = MappingProxyType(
+    {Priority.STAT: 0, Priority.HIGH: 1, Priority.ROUTINE: 2, Priority.NOT_ANALYSED: 2}
+)
+
+
+def band_of(rank: int) -> Priority:
+    """The priority band a rank sorts in (rank 2 is the routine band)."""
+    for priority in TRIAGE_PRIORITIES:
+        if RANK[priority] == rank:
+            return priority
+    return Priority.ROUTINE
+
+
+class ReadStatus(StrEnum):
+    """Where a radiologist is with a study; only ``READ`` takes it off the default list."""
+
+    UNREAD = "unread"
+    OPENED = "opened"
+    READ = "read"
+
+
+class ResultKind(StrEnum):
+    """The DICOM objects the node sends into a study (``Delivery.kind``), in the order a
+    destination receives them: the report first."""
+
+    SR = "sr"  # the findings: Comprehensive 3D SR, TID 1500
+    PM = "pm"  # the heat maps, machine-readable: Parametric Map
+    SC = "sc"  # the heat maps as any viewer shows them: Secondary Capture
+
+
+class MessageKind(StrEnum):
+    """The notifications sent to other systems (``Delivery.kind`` of adapter rows)."""
+
+    HL7 = "hl7"
+    FHIR = "fhir"
+    WEBHOOK = "webhook"
+
+
+class StudyState(StrEnum):
+    """A study's place in the lifecycle (see ``store/lifecycle.py`` for the transitions)."""
+
+    RECEIVING = "receiving"  # instances arriving; quiet period running
+    QUEUED = "queued"  # complete, analysis job waiting
+    ANALYSING = "analysing"
+    ANALYSED = "analysed"
+    NOT_ROUTED = "not_routed"  # complete, no routing rule matches: stored and listed only
+    FAILED = "failed"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # the study re-opened before this job ran
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
