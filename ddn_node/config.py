@@ -113,7 +113,7 @@ class DatabaseSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not (value.startswith("sqlite") or value.startswith("postgresql")):
+        if not (value.startswith(("sqlite", "postgresql"))):
             raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
         return value
 
@@ -404,7 +404,7 @@ def load_settings(
         raise ConfigError(_problems_from_validation(exc, source, origin)) from None
 
 
-def check_paths(settings: Settings, source: str = "(config)") -> list[ConfigProblem]:
+def check_paths(settings: Settings, source: str = "(config)") -> list[ConfigProblem]:  # noqa: C901 - one flat check per configured path
     """Problems that only the filesystem can reveal (unreadable certificates, missing models).
 
     Separate from :func:`load_settings` so that unit tests and tools can build settings
@@ -440,7 +440,9 @@ def check_paths(settings: Settings, source: str = "(config)") -> list[ConfigProb
     for i, rule in enumerate(settings.routing):
         if not (rule.model / "manifest.json").is_file():
             problems.append(
-                ConfigProblem(source, f"routing[{i}].model", f"no model artifact at {str(rule.model)!r}")
+                ConfigProblem(
+                    source, f"routing[{i}].model", f"no model artifact at {str(rule.model)!r}"
+                )
             )
     if settings.database.url.startswith("sqlite:///"):
         db_path = Path(settings.database.url.removeprefix("sqlite:///"))

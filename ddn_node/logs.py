@@ -35,14 +35,19 @@ PHI_KEYS = frozenset(
 )
 
 
-def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def drop_phi(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key in PHI_KEYS.intersection(event_dict):
         event_dict[key] = "[redacted]"
     return event_dict
 
 
 def configure_logging(
-    level: str = "INFO", json_output: bool = True, file: Path | None = None, stream: TextIO | None = None
+    level: str = "INFO",
+    json_output: bool = True,
+    file: Path | None = None,
+    stream: TextIO | None = None,
 ) -> None:
     """Configure structlog and the standard library once, at process start."""
     out: TextIO
@@ -58,7 +63,9 @@ def configure_logging(
         drop_phi,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],

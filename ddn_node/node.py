@@ -38,7 +38,9 @@ class StartupError(RuntimeError):
 
 def open_database(settings: Settings) -> Database:
     """Open the database; migrate SQLite automatically, require PostgreSQL to be migrated."""
-    db = make_database(settings.database.url, pool_size=settings.database.pool_size, echo=settings.database.echo)
+    db = make_database(
+        settings.database.url, pool_size=settings.database.pool_size, echo=settings.database.echo
+    )
     if db.is_postgres:
         current, head = current_revision(db), head_revision()
         if current != head:
@@ -87,7 +89,9 @@ class Node:
 
 
 def start_node(
-    settings: Settings, roles: frozenset[str] = frozenset(ROLES), shutdown: threading.Event | None = None
+    settings: Settings,
+    roles: frozenset[str] = frozenset(ROLES),
+    shutdown: threading.Event | None = None,
 ) -> Node:
     # Real headers break VR rules all the time; the node stores them as they came.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -112,7 +116,9 @@ def start_node(
         if "worker" in roles:
             # torch and the model take seconds to load: the SCP already accepts meanwhile
             # (after a restart, the PACS is not kept waiting), and the queue holds the work.
-            threading.Thread(target=_start_worker, args=(node,), name="worker-start", daemon=True).start()
+            threading.Thread(
+                target=_start_worker, args=(node,), name="worker-start", daemon=True
+            ).start()
         scheduler.start()
         node.stoppers.append(scheduler.stop)
         if "web" in roles:
@@ -130,7 +136,9 @@ def _start_worker(node: Node) -> None:
     try:
         from ddn_node.pipeline.runtime import start_worker_parts
 
-        stoppers = start_worker_parts(node.settings, node.database, node.spool, node.scheduler, worker_id())
+        stoppers = start_worker_parts(
+            node.settings, node.database, node.spool, node.scheduler, worker_id()
+        )
         if node._stopped:  # stopped while the model was loading
             for stop in stoppers:
                 stop()

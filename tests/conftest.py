@@ -64,7 +64,9 @@ def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
     """Build (not start) node subprocesses; every one is stopped at the end of the test."""
     made: list[NodeProcess] = []
 
-    def factory(db_url: str, roles: tuple[str, ...] = ("scp",), name: str = "node", **overrides: Any) -> NodeProcess:
+    def factory(
+        db_url: str, roles: tuple[str, ...] = ("scp",), name: str = "node", **overrides: Any
+    ) -> NodeProcess:
         home = tmp_path / name
         home.mkdir(parents=True, exist_ok=True)
         config = deep_merge(base_config(home, db_url), overrides)

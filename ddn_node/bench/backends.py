@@ -69,13 +69,17 @@ def _tensor(paths: list[Path], art: ModelArtifact) -> torch.Tensor:
     return torch.cat(batches)
 
 
-def _variants(art: ModelArtifact, head: str, calibration: torch.Tensor) -> dict[str, Callable[[torch.Tensor], Any]]:
+def _variants(
+    art: ModelArtifact, head: str, calibration: torch.Tensor
+) -> dict[str, Callable[[torch.Tensor], Any]]:
     model = art.model.eval()
     eager = _Logits(model, head).eval()
     # A copy: converting a module to channels_last converts its parameters in place.
     cl = _Logits(copy.deepcopy(model), head).eval().to(memory_format=torch.channels_last)
 
-    def torch_run(m: torch.nn.Module, channels_last: bool, bf16: bool) -> Callable[[torch.Tensor], Any]:
+    def torch_run(
+        m: torch.nn.Module, channels_last: bool, bf16: bool
+    ) -> Callable[[torch.Tensor], Any]:
         def run(x: torch.Tensor) -> Any:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -166,10 +170,14 @@ def run(
     y = table.targets[val_idx][:, cols]
     x_val = _tensor([table.paths[i] for i in val_idx], art)
     x_cal = _tensor([table.paths[i] for i in calib_idx], art)
-    print(f"model: {art.name} {art.version}, head {head}; validation images: {len(val_idx)}, "
-          f"int8 calibration: {len(calib_idx)} training images; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {art.name} {art.version}, head {head}; validation images: {len(val_idx)}, "
+        f"int8 calibration: {len(calib_idx)} training images; torch threads {torch.get_num_threads()}"
+    )
     variants = _variants(art, head, x_cal)
-    probs = {n: _probabilities(v, x_val) for n, v in tqdm(variants.items(), desc="score", leave=False)}
+    probs = {
+        n: _probabilities(v, x_val) for n, v in tqdm(variants.items(), desc="score", leave=False)
+    }
     times = _timings(variants, x_val, rounds)
     ref_name = next(iter(variants))
     ref_auc, ref_p = _macro_auc(y, probs[ref_name]), probs[ref_name]
@@ -183,7 +191,9 @@ def run(
                 macro_auc=a,
                 delta_auc=a - ref_auc,
                 max_abs_dprob=float(np.abs(probs[name] - ref_p).max()),
-                decisions_changed=float(((probs[name] >= thresholds) != (ref_p >= thresholds)).mean()),
+                decisions_changed=float(
+                    ((probs[name] >= thresholds) != (ref_p >= thresholds)).mean()
+                ),
                 ms_b1=times[name][1],
                 ms_b16=times[name][16],
                 ratio_b1=times[ref_name][1] / times[name][1],
@@ -206,11 +216,17 @@ def _print(results: list[BackendResult]) -> None:
             f"{r.ms_b1:7.1f} {r.ratio_b1:5.2f}x {r.ms_b16:7.1f} {r.ratio_b16:5.2f}x"
             + ("" if r.acceptable else "   (AUC moved more than 0.005: not acceptable)")
         )
-    print("flips: share of (image, finding) present/absent calls at the model's thresholds that differ from fp32")
+    print(
+        "flips: share of (image, finding) present/absent calls at the model's thresholds that differ from fp32"
+    )
     ok = [r for r in results if r.acceptable]
     best = max(ok, key=lambda r: r.ratio_b1)
-    print(f"fastest within {AUC_TOLERANCE} validation AUC (issue 7's rule), batch 1: {best.name} ({best.ratio_b1:.2f}x)")
+    print(
+        f"fastest within {AUC_TOLERANCE} validation AUC (issue 7's rule), batch 1: {best.name} ({best.ratio_b1:.2f}x)"
+    )
     steady = [r for r in ok if r.decisions_changed <= MAX_FLIPS]
     if steady:
         calm = max(steady, key=lambda r: r.ratio_b1)
-        print(f"fastest that also flips <= {MAX_FLIPS:.0%} of the calls: {calm.name} ({calm.ratio_b1:.2f}x)")
+        print(
+            f"fastest that also flips <= {MAX_FLIPS:.0%} of the calls: {calm.name} ({calm.ratio_b1:.2f}x)"
+        )

@@ -27,7 +27,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-PG_ADMIN_DSN = os.environ.get("DDN_BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+PG_ADMIN_DSN = os.environ.get(
+    "DDN_BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test"
+)
 
 
 def postgres_reachable(dsn: str = PG_ADMIN_DSN) -> bool:
@@ -41,7 +43,9 @@ def postgres_reachable(dsn: str = PG_ADMIN_DSN) -> bool:
 
 
 @contextmanager
-def throwaway_database(kind: str, tmp: Path, dsn: str = PG_ADMIN_DSN, prefix: str = "ddn_tmp") -> Iterator[str]:
+def throwaway_database(
+    kind: str, tmp: Path, dsn: str = PG_ADMIN_DSN, prefix: str = "ddn_tmp"
+) -> Iterator[str]:
     """A URL to an empty database: a SQLite file in ``tmp``, or a new PostgreSQL database
     (dropped afterwards) on the server ``dsn`` names."""
     if kind == "sqlite":
@@ -60,7 +64,9 @@ def throwaway_database(kind: str, tmp: Path, dsn: str = PG_ADMIN_DSN, prefix: st
         )
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
@@ -185,7 +191,11 @@ class Proc:
     def start(self) -> Proc:
         handle = open(self.log, "ab")  # noqa: SIM115 - given to the child
         self.popen = subprocess.Popen(
-            self.args, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})}, cwd=self.cwd
+            self.args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(self.env or {})},
+            cwd=self.cwd,
         )
         handle.close()
         return self

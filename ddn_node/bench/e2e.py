@@ -75,7 +75,11 @@ def _latencies(db_url: str, study_uids: set[str]) -> list[float] | None:
         db.dispose()
     if len({r[0] for r in rows if r[2] is not None}) < len(study_uids):
         return None
-    return [(sent - received).total_seconds() - QUIET_S for _uid, received, sent in rows if sent is not None]
+    return [
+        (sent - received).total_seconds() - QUIET_S
+        for _uid, received, sent in rows
+        if sent is not None
+    ]
 
 
 def _all_sent(db_url: str, study_uid: str) -> bool:
@@ -89,10 +93,14 @@ def _all_sent(db_url: str, study_uid: str) -> bool:
             ).all()
     finally:
         db.dispose()
-    return bool(states) and all(study == StudyState.ANALYSED and sent == DeliveryState.SENT for study, sent in states)
+    return bool(states) and all(
+        study == StudyState.ANALYSED and sent == DeliveryState.SENT for study, sent in states
+    )
 
 
-def run(n_studies: int = 20, model: Path = Path("models/ddn-cxr"), size: int = 2048) -> Latencies | None:
+def run(
+    n_studies: int = 20, model: Path = Path("models/ddn-cxr"), size: int = 2048
+) -> Latencies | None:
     header("end to end: last instance in -> SR stored in the PACS", "ddn-node bench e2e")
     if not orthanc_available():
         print("  (skipped: Orthanc not installed)")
@@ -112,7 +120,9 @@ def run(n_studies: int = 20, model: Path = Path("models/ddn-cxr"), size: int = 2
             wait_until(lambda: port_open(node_port), 120, "the node")
             files = write_instances(work / "data", 2 * n_studies, size, studies=2 * n_studies)
             ids = [pacs.upload(p)["ParentStudy"] for p in files]
-            uids = [str(pacs.get(f"/studies/{i}")["MainDicomTags"]["StudyInstanceUID"]) for i in ids]
+            uids = [
+                str(pacs.get(f"/studies/{i}")["MainDicomTags"]["StudyInstanceUID"]) for i in ids
+            ]
             db_url = f"sqlite:///{work / 'node.db'}"
             # Warm-up study (model load, first allocations), not counted.
             pacs.send_to_node([ids[0]])
@@ -172,7 +182,9 @@ def _stages(db_url: str, study_uids: set[str]) -> dict[str, float]:
             ((completed - received).total_seconds() - QUIET_S) * 1000
         )
         to_sr = sum(float(timings.get(k, 0.0)) for k in ("decode_ms", "model_ms", "sr_ms"))
-        stages.setdefault("queue_and_claim_ms", []).append((queued - completed).total_seconds() * 1000 - to_sr)
+        stages.setdefault("queue_and_claim_ms", []).append(
+            (queued - completed).total_seconds() * 1000 - to_sr
+        )
         if sent is not None:
             stages.setdefault("sr_delivery_ms", []).append((sent - queued).total_seconds() * 1000)
     return {key: percentile(values, 50) for key, values in stages.items()}
@@ -186,12 +198,23 @@ def _scp_only_rss(work: Path) -> float:
         '[[peers]]\nae_title = "STORESCU"\nhosts = ["127.0.0.1"]\n'
         f'[database]\nurl = "sqlite:///{work / "scp.db"}"\n[web]\nenabled = false\n[logging]\nlevel = "WARNING"\n'
     )
-    proc = Proc([*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"], work / "scp.log").start()
+    proc = Proc(
+        [*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"], work / "scp.log"
+    ).start()
     try:
         wait_until(lambda: port_open(port), 60, "SCP")
         files = sorted((work / "data").glob("*.dcm"))[:20]
         subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", "DDN_NODE", "127.0.0.1", str(port), *map(str, files)],
+            [
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "DDN_NODE",
+                "127.0.0.1",
+                str(port),
+                *map(str, files),
+            ],
             capture_output=True,
             timeout=300,
             check=False,
@@ -202,21 +225,37 @@ def _scp_only_rss(work: Path) -> float:
 
 
 def _print(r: Latencies, size: int) -> None:
-    print(f"single-image uncompressed {size}x{size} DX studies, quiet period {QUIET_S:g} s subtracted")
+    print(
+        f"single-image uncompressed {size}x{size} DX studies, quiet period {QUIET_S:g} s subtracted"
+    )
     for name, values in (("steady", r.steady), ("burst", r.burst)):
         print(
             f"{name:7} n={len(values):3}  p50 {percentile(values, 50):6.3f} s  p95 {percentile(values, 95):6.3f} s"
             f"  max {max(values) if values else float('nan'):6.3f} s"
         )
-    order = ["completion_lag_ms", "queue_and_claim_ms", "decode_ms", "model_ms", "forward_ms",
-             "sr_ms", "sr_delivery_ms", "gradcam_ms", "results_ms", "total_ms"]
+    order = [
+        "completion_lag_ms",
+        "queue_and_claim_ms",
+        "decode_ms",
+        "model_ms",
+        "forward_ms",
+        "sr_ms",
+        "sr_delivery_ms",
+        "gradcam_ms",
+        "results_ms",
+        "total_ms",
+    ]
     keys = [k for k in order if k in r.stages_ms] + sorted(set(r.stages_ms) - set(order))
-    print("steady, median per stage (SR path, then the whole analysis with heat maps): "
-          + ", ".join(f"{k} {r.stages_ms[k]:.0f}" for k in keys))
+    print(
+        "steady, median per stage (SR path, then the whole analysis with heat maps): "
+        + ", ".join(f"{k} {r.stages_ms[k]:.0f}" for k in keys)
+    )
     p95 = percentile(r.steady, 95)
     print(f"goal steady p95 < 1 s on CPU: {'met' if p95 < 1 else 'NOT met'} ({p95:.3f} s)")
     for name, mib in r.memory.items():
         print(f"memory {name}: {mib:.0f} MiB")
     scp = r.memory.get("SCP role alone, after 20 instances")
     if scp is not None:
-        print(f"goal SCP alone < 150 MB: {'met' if scp * 1.048576 < 150 else 'NOT met'} ({scp * 1.048576:.0f} MB)")
+        print(
+            f"goal SCP alone < 150 MB: {'met' if scp * 1.048576 < 150 else 'NOT met'} ({scp * 1.048576:.0f} MB)"
+        )

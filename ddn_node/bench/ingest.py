@@ -38,7 +38,9 @@ NODELAY = {"TCP_NODELAY": "1"}
 @dataclass
 class Receiver:
     name: str
-    start: Callable[[Path], tuple[Proc | LocalOrthanc, int, str]]  # workdir -> (process, port, called AE)
+    start: Callable[
+        [Path], tuple[Proc | LocalOrthanc, int, str]
+    ]  # workdir -> (process, port, called AE)
 
 
 def _node(work: Path) -> tuple[Proc, int, str]:
@@ -52,7 +54,9 @@ def _node(work: Path) -> tuple[Proc, int, str]:
         f'[database]\nurl = "sqlite:///{work / "node.db"}"\n'
         '[web]\nenabled = false\n[logging]\nlevel = "WARNING"\n'
     )
-    proc = Proc([*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"], work / "node.log").start()
+    proc = Proc(
+        [*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"], work / "node.log"
+    ).start()
     wait_until(lambda: port_open(port), 60, "the node's SCP")
     return proc, port, "DDN_NODE"
 
@@ -61,7 +65,9 @@ def _storescp(work: Path) -> tuple[Proc, int, str]:
     port = free_port()
     (work / "out").mkdir()
     proc = Proc(
-        ["storescp", "--fork", "-od", str(work / "out"), "-aet", "STORESCP", str(port)], work / "storescp.log", env=NODELAY
+        ["storescp", "--fork", "-od", str(work / "out"), "-aet", "STORESCP", str(port)],
+        work / "storescp.log",
+        env=NODELAY,
     ).start()
     wait_until(lambda: port_open(port), 30, "storescp")
     return proc, port, "STORESCP"
@@ -81,7 +87,16 @@ def _send(port: int, called: str, batches: list[list[Path]]) -> float:
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), *map(str, batch)],
+            [
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                called,
+                "127.0.0.1",
+                str(port),
+                *map(str, batch),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -133,7 +148,9 @@ def run(rounds: int = 3, quick: bool = False) -> dict[str, Figure]:
                         finally:
                             proc.stop()
                             shutil.rmtree(work, ignore_errors=True)
-                        fig = figures.setdefault(f"{rec.name}/{size}/{assocs}", Figure(rec.name, size, assocs))
+                        fig = figures.setdefault(
+                            f"{rec.name}/{size}/{assocs}", Figure(rec.name, size, assocs)
+                        )
                         fig.rates.append(len(files) / wall)
                         fig.cpu_ms.append(1000 * (cpu1 - cpu0) / len(files))
     _print(figures)
@@ -141,8 +158,12 @@ def run(rounds: int = 3, quick: bool = False) -> dict[str, Figure]:
 
 
 def _print(figures: dict[str, Figure]) -> None:
-    print(f"{'receiver':10} {'size':>6} {'assoc':>5} {'inst/s':>8} {'CPU ms/inst':>12} {'vs storescp':>12} {'vs orthanc':>11}")
-    for key, fig in sorted(figures.items(), key=lambda kv: (kv[1].size, kv[1].associations, kv[1].receiver)):
+    print(
+        f"{'receiver':10} {'size':>6} {'assoc':>5} {'inst/s':>8} {'CPU ms/inst':>12} {'vs storescp':>12} {'vs orthanc':>11}"
+    )
+    for _key, fig in sorted(
+        figures.items(), key=lambda kv: (kv[1].size, kv[1].associations, kv[1].receiver)
+    ):
         rate = median(fig.rates)
         ratios = []
         for peer in ("storescp", "orthanc"):
@@ -155,15 +176,23 @@ def _print(figures: dict[str, Figure]) -> None:
     for size in (2048, 512):
         one, four = figures.get(f"ddn-node/{size}/1"), figures.get(f"ddn-node/{size}/4")
         if one and four:
-            print(f"ddn-node scaling {size}: 4 associations / 1 = {median(four.rates) / median(one.rates):.2f}x")
+            print(
+                f"ddn-node scaling {size}: 4 associations / 1 = {median(four.rates) / median(one.rates):.2f}x"
+            )
     goals = []
     for size, want in ((2048, 1.0), (512, 0.4)):
-        node, scp, orth = (figures.get(f"{n}/{size}/1") for n in ("ddn-node", "storescp", "orthanc"))
+        node, scp, orth = (
+            figures.get(f"{n}/{size}/1") for n in ("ddn-node", "storescp", "orthanc")
+        )
         if node and scp:
             ratio = median(node.rates) / median(scp.rates)
-            goals.append(f"{size}: {ratio:.2f}x storescp (goal >= {want}x) {'met' if ratio >= want else 'NOT met'}")
+            goals.append(
+                f"{size}: {ratio:.2f}x storescp (goal >= {want}x) {'met' if ratio >= want else 'NOT met'}"
+            )
         if node and orth:
             ratio = median(node.rates) / median(orth.rates)
-            goals.append(f"{size}: {ratio:.2f}x Orthanc (goal >= 2x) {'met' if ratio >= 2 else 'NOT met'}")
+            goals.append(
+                f"{size}: {ratio:.2f}x Orthanc (goal >= 2x) {'met' if ratio >= 2 else 'NOT met'}"
+            )
     for line in goals:
         print("goal " + line)

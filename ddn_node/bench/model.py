@@ -93,14 +93,20 @@ def _load_ddn(cfg: BenchConfig) -> tuple[DDN, str, str]:
         head = next(iter(art.heads))
         return art.model.eval(), head, f"{art.name} {art.version}"
     torch.manual_seed(0)
-    model = DDN(DDNConfig(heads=(HeadConfig("cxr", tuple(f"l{i}" for i in range(N_LABELS))),))).eval()
+    model = DDN(
+        DDNConfig(heads=(HeadConfig("cxr", tuple(f"l{i}" for i in range(N_LABELS))),))
+    ).eval()
     return model, "cxr", "random DDN weights (no artifact)"
 
 
 def _variants(model: DDN, head: str, quick: bool) -> tuple[list[Variant], dict[str, str]]:
     skipped: dict[str, str] = {}
     base = torchvision.models.resnet50(weights=None, num_classes=N_LABELS).eval()
-    base_cl = torchvision.models.resnet50(weights=None, num_classes=N_LABELS).eval().to(memory_format=torch.channels_last)
+    base_cl = (
+        torchvision.models.resnet50(weights=None, num_classes=N_LABELS)
+        .eval()
+        .to(memory_format=torch.channels_last)
+    )
     ddn = _Logits(model, head).eval()
     ddn_cl = _Logits(DDN(model.config).eval(), head)
     ddn_cl.model.load_state_dict(model.state_dict())
@@ -133,11 +139,24 @@ def _variants(model: DDN, head: str, quick: bool) -> tuple[list[Variant], dict[s
             compiled = torch.compile(ddn_cl, dynamic=False)
             with torch.inference_mode():
                 for b in (1, 16):
-                    compiled(torch.randn(b, 3, 224, 224).contiguous(memory_format=torch.channels_last))
-            out.append(Variant("DDN channels_last torch.compile", infer(compiled, cl=True), note=f"compile {time.perf_counter() - t0:.0f} s"))
+                    compiled(
+                        torch.randn(b, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+                    )
+            out.append(
+                Variant(
+                    "DDN channels_last torch.compile",
+                    infer(compiled, cl=True),
+                    note=f"compile {time.perf_counter() - t0:.0f} s",
+                )
+            )
         except Exception as e:  # noqa: BLE001 - inductor needs a C++ toolchain; report, don't fail
-            skipped["DDN torch.compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    for name, make in (("DDN ONNX Runtime fp32", False), ("DDN ONNX Runtime int8 (static QDQ)", True)):
+            skipped["DDN torch.compile"] = (
+                f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            )
+    for name, make in (
+        ("DDN ONNX Runtime fp32", False),
+        ("DDN ONNX Runtime int8 (static QDQ)", True),
+    ):
         try:
             out.append(Variant(name, _onnx_runner(ddn, int8=make)))
         except Exception as e:  # noqa: BLE001 - optional dependency chain (onnx, onnxruntime)
@@ -177,10 +196,17 @@ def _onnx_runner(
         class _Calib(CalibrationDataReader):
             def __init__(self) -> None:
                 if calibration is not None:
-                    self.batches = iter([{"x": calibration[i : i + 4].numpy()} for i in range(0, len(calibration), 4)])
+                    self.batches = iter(
+                        [
+                            {"x": calibration[i : i + 4].numpy()}
+                            for i in range(0, len(calibration), 4)
+                        ]
+                    )
                     return
                 g = torch.Generator().manual_seed(0)
-                self.batches = iter([{"x": torch.randn(4, 3, size, size, generator=g).numpy()} for _ in range(4)])
+                self.batches = iter(
+                    [{"x": torch.randn(4, 3, size, size, generator=g).numpy()} for _ in range(4)]
+                )
 
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.batches, None)
@@ -188,7 +214,14 @@ def _onnx_runner(
         with tempfile.TemporaryDirectory() as d:
             src, dst = Path(d) / "fp32.onnx", Path(d) / "int8.onnx"
             src.write_bytes(data)
-            quantize_static(str(src), str(dst), _Calib(), quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+            quantize_static(
+                str(src),
+                str(dst),
+                _Calib(),
+                quant_format=QuantFormat.QDQ,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+            )
             data = dst.read_bytes()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
@@ -210,7 +243,9 @@ def _measure(variants: list[Variant], batches: tuple[int, ...], rounds: int) -> 
         for b in batches:
             reps = 4 if b == 1 else 1
             for v in variants:
-                v.times.setdefault(b, []).append(_time_call(lambda v=v, b=b: v.run(inputs[b]), reps))
+                v.times.setdefault(b, []).append(
+                    _time_call(lambda v=v, b=b: v.run(inputs[b]), reps)
+                )
 
 
 def _gradcam_cost(model: DDN, head: str, rounds: int) -> dict[str, Any]:
@@ -288,8 +323,22 @@ def _end_to_end_one(path: Path, dicom: Path, rounds: int) -> dict[str, Any]:
     # heat maps, so runs on different images stay comparable.
     top3 = sorted(probs, key=lambda k: -probs[k])[:3]
     h = art.head(head)
-    forced = h.model_copy(update={"labels": [lab if lab.name not in top3 else type(lab)(lab.name, lab.code, 0.0, lab.threshold_method) for lab in h.labels]})
-    art3 = ModelArtifact(art.path, art.manifest.model_copy(update={"heads": {**art.manifest.heads, head: forced}}), art.model, art.weights_sha256)
+    forced = h.model_copy(
+        update={
+            "labels": [
+                lab
+                if lab.name not in top3
+                else type(lab)(lab.name, lab.code, 0.0, lab.threshold_method)
+                for lab in h.labels
+            ]
+        }
+    )
+    art3 = ModelArtifact(
+        art.path,
+        art.manifest.model_copy(update={"heads": {**art.manifest.heads, head: forced}}),
+        art.model,
+        art.weights_sha256,
+    )
     predictor3 = Predictor(art3, device="cpu")
 
     def run(p: Predictor) -> tuple[float, float, int]:
@@ -337,7 +386,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             }
         rows.append(row)
     result: dict[str, Any] = {
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": __import__("os").cpu_count()},
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": __import__("os").cpu_count(),
+        },
         "model": source,
         "rounds": rounds,
         "throughput": rows,
@@ -357,8 +410,19 @@ def _print(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = Console(width=150)  # a pipe or CI log would otherwise wrap the table at 80 columns
-    con.print(f"[bold]ddn-node bench model[/]  {r['model']}; torch {r['machine']['torch']}, {r['machine']['threads']} threads, medians of {r['rounds']} alternating rounds")
-    t = Table("variant", "b1 ms/img", "b1 img/s", "b1 x base", "b16 ms/img", "b16 img/s", "b16 x base", "note")
+    con.print(
+        f"[bold]ddn-node bench model[/]  {r['model']}; torch {r['machine']['torch']}, {r['machine']['threads']} threads, medians of {r['rounds']} alternating rounds"
+    )
+    t = Table(
+        "variant",
+        "b1 ms/img",
+        "b1 img/s",
+        "b1 x base",
+        "b16 ms/img",
+        "b16 img/s",
+        "b16 x base",
+        "note",
+    )
     for row in r["throughput"]:
         b1, b16 = row.get("batch1", {}), row.get("batch16", {})
         t.add_row(
@@ -379,9 +443,13 @@ def _print(r: dict[str, Any]) -> None:
         g.add_row(
             k,
             f"{r['gradcam']['batch1']['ms_per_image'][k]:.1f}",
-            "" if k == "forward" else f"{100 * r['gradcam']['batch1']['gradcam_overhead'][k]:+.1f}%",
+            ""
+            if k == "forward"
+            else f"{100 * r['gradcam']['batch1']['gradcam_overhead'][k]:+.1f}%",
             f"{r['gradcam']['batch16']['ms_per_image'][k]:.1f}",
-            "" if k == "forward" else f"{100 * r['gradcam']['batch16']['gradcam_overhead'][k]:+.1f}%",
+            ""
+            if k == "forward"
+            else f"{100 * r['gradcam']['batch16']['gradcam_overhead'][k]:+.1f}%",
         )
     con.print(g)
     for e in r["end_to_end"]:

@@ -29,7 +29,7 @@ from ddn_node.bench.common import (
     write_instances,
 )
 from ddn_node.dicom.hardening import send_datasets_from_files
-from ddn_node.store.engine import make_database
+from ddn_node.store.engine import Database, make_database
 from ddn_node.store.models import Result, Study
 
 
@@ -59,8 +59,13 @@ def _send(port: int, files: list[Path]) -> None:
         assoc.release()
 
 
-def run(workers: tuple[int, ...] = (1, 2, 4), studies: int = 16, model: Path = Path("models/ddn-cxr")) -> dict[int, float]:
-    header("scale out: studies analysed per minute vs worker processes (PostgreSQL)", "ddn-node bench scale")
+def run(
+    workers: tuple[int, ...] = (1, 2, 4), studies: int = 16, model: Path = Path("models/ddn-cxr")
+) -> dict[int, float]:
+    header(
+        "scale out: studies analysed per minute vs worker processes (PostgreSQL)",
+        "ddn-node bench scale",
+    )
     if not postgres_reachable():
         print("  (skipped: PostgreSQL not reachable)")
         return {}
@@ -76,23 +81,37 @@ def run(workers: tuple[int, ...] = (1, 2, 4), studies: int = 16, model: Path = P
             with throwaway_database("postgres", work, prefix="ddn_bench") as url:
                 port = free_port()
                 config = _write_config(work, url, port, model.resolve())
-                subprocess.run([*ddn_node_cmd(), "db", "upgrade", "--config", str(config)], check=True, capture_output=True)
-                procs = [Proc([*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"], work / "scp.log").start()]
+                subprocess.run(
+                    [*ddn_node_cmd(), "db", "upgrade", "--config", str(config)],
+                    check=True,
+                    capture_output=True,
+                )
+                procs = [
+                    Proc(
+                        [*ddn_node_cmd(), "serve", "--config", str(config), "--role", "scp"],
+                        work / "scp.log",
+                    ).start()
+                ]
                 procs += [
-                    Proc([*ddn_node_cmd(), "serve", "--config", str(config), "--role", "worker"], work / f"w{i}.log").start()
+                    Proc(
+                        [*ddn_node_cmd(), "serve", "--config", str(config), "--role", "worker"],
+                        work / f"w{i}.log",
+                    ).start()
                     for i in range(n)
                 ]
                 db = make_database(url)
                 try:
-                    wait_until(lambda: port_open(port), 120, "SCP")
+                    wait_until(lambda p=port: port_open(p), 120, "SCP")
                     wait_until(
-                        lambda: all("serve.worker_ready" in (work / f"w{i}.log").read_text() for i in range(n)),
+                        lambda w=work, k=n: all(
+                            "serve.worker_ready" in (w / f"w{i}.log").read_text() for i in range(k)
+                        ),
                         300,
                         "workers ready",
                     )
                     _send(port, files)
 
-                    def analysed() -> int:
+                    def analysed(db: Database = db) -> int:
                         with db.read() as s:
                             return int(s.scalar(select(func.count()).select_from(Result)) or 0)
 
@@ -106,5 +125,8 @@ def run(workers: tuple[int, ...] = (1, 2, 4), studies: int = 16, model: Path = P
                     db.dispose()
                     for p in procs:
                         p.stop()
-            print(f"{n} worker(s): {rates[n]:6.1f} studies/min ({rates[n] / rates[workers[0]]:.2f}x one worker)", flush=True)
+            print(
+                f"{n} worker(s): {rates[n]:6.1f} studies/min ({rates[n] / rates[workers[0]]:.2f}x one worker)",
+                flush=True,
+            )
     return rates

@@ -63,11 +63,55 @@ VIEWS: list[tuple[str, str]] = [
     ("page all by priority", "/?unread=false"),
 ]
 
-FAMILY = ["SMITH", "GARCIA", "MÜLLER", "NGUYEN", "KOWALSKI", "ROSSI", "DUBOIS", "SILVA", "KIM", "OKAFOR",
-          "JOHANSSON", "HOSSEINI", "TANAKA", "O'BRIEN", "VAN DER BERG", "LEFEBVRE", "PETROV", "SINGH"]
-GIVEN = ["ANNA", "JOHN", "MARIA", "WEI", "FATIMA", "LUCA", "SOPHIE", "ARJUN", "YUKI", "OLUWASEUN", "ERIK"]
-LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-          "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+FAMILY = [
+    "SMITH",
+    "GARCIA",
+    "MÜLLER",
+    "NGUYEN",
+    "KOWALSKI",
+    "ROSSI",
+    "DUBOIS",
+    "SILVA",
+    "KIM",
+    "OKAFOR",
+    "JOHANSSON",
+    "HOSSEINI",
+    "TANAKA",
+    "O'BRIEN",
+    "VAN DER BERG",
+    "LEFEBVRE",
+    "PETROV",
+    "SINGH",
+]
+GIVEN = [
+    "ANNA",
+    "JOHN",
+    "MARIA",
+    "WEI",
+    "FATIMA",
+    "LUCA",
+    "SOPHIE",
+    "ARJUN",
+    "YUKI",
+    "OLUWASEUN",
+    "ERIK",
+]
+LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+]
 MODALITIES = [("CR", 45), ("DX", 40), ("CT", 7), ("MR", 4), ("US", 2), ("CR\\DX", 1), ("CT\\SR", 1)]
 
 
@@ -110,7 +154,9 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
             "calling_ae": "ORTHANC",
             "num_instances": rng.randint(1, 3),
             "state": state,
-            "state_reason": "no routing rule matches" if state == StudyState.NOT_ROUTED else ("decode error" if state == StudyState.FAILED else ""),
+            "state_reason": "no routing rule matches"
+            if state == StudyState.NOT_ROUTED
+            else ("decode error" if state == StudyState.FAILED else ""),
             "generation": 1,
             "first_received_at": received,
             "last_received_at": received,
@@ -130,14 +176,22 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
             row["patient_name"] = "<script>alert(1)</script>^X"
         if state == StudyState.ANALYSED:
             score = rng.betavariate(2, 5)
-            probs = sorted(((lab, rng.betavariate(1.2, 8)) for lab in LABELS), key=lambda kv: -kv[1])
+            probs = sorted(
+                ((lab, rng.betavariate(1.2, 8)) for lab in LABELS), key=lambda kv: -kv[1]
+            )
             probs[0] = (probs[0][0], max(probs[0][1], score))
             if rng.random() < 0.03:
-                priority, reason = Priority.STAT, f"critical finding: Pneumothorax {max(score, 0.6):.2f} >= 0.40"
+                priority, reason = (
+                    Priority.STAT,
+                    f"critical finding: Pneumothorax {max(score, 0.6):.2f} >= 0.40",
+                )
             elif score >= 0.5:
                 priority, reason = Priority.HIGH, f"abnormality score {score:.2f} >= 0.50"
             else:
-                priority, reason = Priority.ROUTINE, f"abnormality score {score:.2f} < 0.50, no critical finding"
+                priority, reason = (
+                    Priority.ROUTINE,
+                    f"abnormality score {score:.2f} < 0.50, no critical finding",
+                )
             row.update(
                 abnormality_score=score,
                 priority=priority.value,
@@ -147,7 +201,11 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
                 model_version="DDN chest X-ray 2026.11.27-r1",
                 analysed_at=received + dt.timedelta(seconds=rng.uniform(2, 60)),
             )
-        if read != ReadStatus.READ and row["priority_rank"] >= RANK[Priority.ROUTINE] and age_s > 4 * 3600:
+        if (
+            read != ReadStatus.READ
+            and row["priority_rank"] >= RANK[Priority.ROUTINE]
+            and age_s > 4 * 3600
+        ):
             row["priority_rank"] = RANK[Priority.HIGH]  # ageing, as store/lifecycle.py does
             row["ageing_steps"] = RANK[Priority.ROUTINE] - RANK[Priority.HIGH]
         if rng.random() < 0.005:
@@ -196,7 +254,7 @@ def web_server(db_url: str, tmp: Path) -> Iterator[Server]:
     config.write_text(
         f"""
 [node]
-spool_dir = "{tmp / 'spool'}"
+spool_dir = "{tmp / "spool"}"
 [database]
 url = "{db_url}"
 [worker]
@@ -251,7 +309,10 @@ def login(client: httpx.Client) -> None:
     token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
     if token is None:
         raise RuntimeError("login form without CSRF token")
-    done = client.post("/login", data={"username": USER, "password": PASSWORD, "csrf_token": token.group(1), "next": "/"})
+    done = client.post(
+        "/login",
+        data={"username": USER, "password": PASSWORD, "csrf_token": token.group(1), "next": "/"},
+    )
     if done.status_code != 303:
         raise RuntimeError(f"login failed: {done.status_code}")
 
@@ -292,11 +353,13 @@ class Figure:
 
 def measure(server: Server, backend: str, n: int, rounds: int, requests: int) -> list[Figure]:
     figures = {name: Figure(backend, n, name) for name, _ in VIEWS}
-    api = httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    api = httpx.Client(
+        base_url=server.base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
     browser = httpx.Client(base_url=server.base, timeout=30, follow_redirects=False)
     try:
         login(browser)
-        for name, path in VIEWS:  # warm caches and connections, not timed
+        for _name, path in VIEWS:  # warm caches and connections, not timed
             (browser if path.startswith("/?") or path == "/" else api).get(path)
         for _ in range(rounds):
             for name, path in VIEWS:
@@ -310,7 +373,9 @@ def measure(server: Server, backend: str, n: int, rounds: int, requests: int) ->
                     if response.status_code != 200:
                         raise RuntimeError(f"{path}: HTTP {response.status_code}")
                 fig = figures[name]
-                fig.cpu_ms.append((cpu_seconds(server.pid, children=False) - cpu0) * 1000 / requests)
+                fig.cpu_ms.append(
+                    (cpu_seconds(server.pid, children=False) - cpu0) * 1000 / requests
+                )
                 fig.p50_ms.append(_percentile(times, 0.5))
                 fig.p95_ms.append(_percentile(times, 0.95))
                 fig.bytes = len(response.content)
@@ -366,7 +431,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--studies", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=40, help="requests per view per round")

@@ -10,7 +10,8 @@ import typer
 from ddn_node.cli import model_cmds, ops_cmds
 
 bench_app = typer.Typer(
-    help="Benchmarks: each figure with its ratio against a peer run in the same process.", no_args_is_help=True
+    help="Benchmarks: each figure with its ratio against a peer run in the same process.",
+    no_args_is_help=True,
 )
 bench_app.command("model")(model_cmds.model_bench)
 bench_app.command("worklist")(ops_cmds.worklist_bench)
@@ -52,9 +53,15 @@ def bench_scale(
 
 @bench_app.command("backends")
 def bench_backends(
-    model: Annotated[Path, typer.Option(help="Model artifact (with its split.csv).")] = Path("models/ddn-cxr"),
-    images: Annotated[Path | None, typer.Option(help="Training images (default: from the manifest).")] = None,
-    labels: Annotated[Path | None, typer.Option(help="Label CSV (default: from the manifest).")] = None,
+    model: Annotated[Path, typer.Option(help="Model artifact (with its split.csv).")] = Path(
+        "models/ddn-cxr"
+    ),
+    images: Annotated[
+        Path | None, typer.Option(help="Training images (default: from the manifest).")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Label CSV (default: from the manifest).")
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Alternating timing rounds.")] = 7,
 ) -> None:
     """Validation AUC and speed of each inference backend vs eager fp32 (pick within 0.005)."""
@@ -72,7 +79,14 @@ def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False
     from ddn_node.bench.worklist import main as worklist_main
 
     ingest(rounds=2 if quick else 3, quick=quick)
-    run_bench(BenchConfig(model=Path("models/ddn-cxr") if Path("models/ddn-cxr/manifest.json").is_file() else None, quick=quick))
+    run_bench(
+        BenchConfig(
+            model=Path("models/ddn-cxr")
+            if Path("models/ddn-cxr/manifest.json").is_file()
+            else None,
+            quick=quick,
+        )
+    )
     from ddn_node.bench.backends import run as backends
 
     backends(rounds=3 if quick else 7)

@@ -64,33 +64,65 @@ class BackboneChoice(StrEnum):
 
 def train(
     ctx: typer.Context,
-    images: Annotated[Path, typer.Option(help="Folder of images (PNG/JPEG/DICOM)", exists=True, file_okay=False)],
-    labels: Annotated[Path, typer.Option(help="Label CSV (NIH ChestX-ray14 layout or file,label)", exists=True, dir_okay=False)],
+    images: Annotated[
+        Path, typer.Option(help="Folder of images (PNG/JPEG/DICOM)", exists=True, file_okay=False)
+    ],
+    labels: Annotated[
+        Path,
+        typer.Option(
+            help="Label CSV (NIH ChestX-ray14 layout or file,label)", exists=True, dir_okay=False
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Artifact directory to write, e.g. models/NAME")],
     init_weights: Annotated[
         str | None,
-        typer.Option(help="torchvision ResNet state dict (.pth/.safetensors) for the backbone, or 'imagenet' (online)"),
+        typer.Option(
+            help="torchvision ResNet state dict (.pth/.safetensors) for the backbone, or 'imagenet' (online)"
+        ),
     ] = None,
-    folds: Annotated[int, typer.Option(min=1, help="k > 1: k-fold CV grouped by patient, then a refit on all development data")] = 1,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of this run")] = False,
+    folds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="k > 1: k-fold CV grouped by patient, then a refit on all development data"
+        ),
+    ] = 1,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint of this run")
+    ] = False,
     device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping on validation macro AUC)")] = 20,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Maximum epochs (early stopping on validation macro AUC)")
+    ] = 20,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     lr: Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4)")] = 1e-4,
     patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience in epochs")] = 5,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of images (whole patients) for validation")] = 0.15,
-    test_fraction: Annotated[float, typer.Option(help="Fraction held out for `evaluate` (never used in training)")] = 0.15,
+    val_fraction: Annotated[
+        float, typer.Option(help="Fraction of images (whole patients) for validation")
+    ] = 0.15,
+    test_fraction: Annotated[
+        float, typer.Option(help="Fraction held out for `evaluate` (never used in training)")
+    ] = 0.15,
     seed: Annotated[int, typer.Option()] = 0,
-    backbone: Annotated[BackboneChoice, typer.Option(help="resnet50 (the DDN); smaller ones for tests")] = BackboneChoice.resnet50,
+    backbone: Annotated[
+        BackboneChoice, typer.Option(help="resnet50 (the DDN); smaller ones for tests")
+    ] = BackboneChoice.resnet50,
     image_size: Annotated[int, typer.Option(min=32)] = 224,
     head: Annotated[str, typer.Option(help="Name of the task head")] = "cxr",
     add_head_to: Annotated[
         Path | None,
-        typer.Option(help="Train only a new head on the frozen backbone of this artifact (multi-task); --out may be the same"),
+        typer.Option(
+            help="Train only a new head on the frozen backbone of this artifact (multi-task); --out may be the same"
+        ),
     ] = None,
-    label_columns: Annotated[str | None, typer.Option(help="Comma-separated 0/1 label columns (folder layout)")] = None,
-    checkpoints: Annotated[Path | None, typer.Option(help="Checkpoint directory (default runs/<out name>)")] = None,
-    threads: Annotated[int, typer.Option(min=0, help="CPU threads for torch (0: torch default)")] = 0,
+    label_columns: Annotated[
+        str | None, typer.Option(help="Comma-separated 0/1 label columns (folder layout)")
+    ] = None,
+    checkpoints: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory (default runs/<out name>)")
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(min=0, help="CPU threads for torch (0: torch default)")
+    ] = 0,
     progress: Annotated[bool, typer.Option(help="Progress bars")] = True,
 ) -> None:
     """Train the DDN (Adam, weighted BCE, augmentation; patient-disjoint splits) and write an artifact."""
@@ -127,23 +159,40 @@ def train(
     except (TrainingError, DatasetError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
-    typer.echo(f"wrote {out} (weights sha256 {manifest.weights.sha256[:16]}..., heads {', '.join(manifest.heads)})")
+    typer.echo(
+        f"wrote {out} (weights sha256 {manifest.weights.sha256[:16]}..., heads {', '.join(manifest.heads)})"
+    )
 
 
 def evaluate(
     ctx: typer.Context,
-    model: Annotated[Path, typer.Option(help="Artifact directory (models/NAME)", exists=True, file_okay=False)],
+    model: Annotated[
+        Path, typer.Option(help="Artifact directory (models/NAME)", exists=True, file_okay=False)
+    ],
     images: Annotated[Path, typer.Option(help="Folder of images", exists=True, file_okay=False)],
-    labels: Annotated[Path, typer.Option(help="Label CSV (NIH layout or file,label)", exists=True, dir_okay=False)],
-    out: Annotated[Path, typer.Option(help="Report directory (metrics.json, report.md, report.html, PNGs)")],
-    bboxes: Annotated[Path | None, typer.Option(help="NIH bboxes.csv for Grad-CAM localisation", exists=True, dir_okay=False)] = None,
-    head: Annotated[str | None, typer.Option(help="Head to evaluate (default: the artifact's first)")] = None,
+    labels: Annotated[
+        Path, typer.Option(help="Label CSV (NIH layout or file,label)", exists=True, dir_okay=False)
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Report directory (metrics.json, report.md, report.html, PNGs)")
+    ],
+    bboxes: Annotated[
+        Path | None,
+        typer.Option(help="NIH bboxes.csv for Grad-CAM localisation", exists=True, dir_okay=False),
+    ] = None,
+    head: Annotated[
+        str | None, typer.Option(help="Head to evaluate (default: the artifact's first)")
+    ] = None,
     split: Annotated[
         str,
-        typer.Option(help="'held-out': skip images the model trained/validated on (from its split.csv); 'all'"),
+        typer.Option(
+            help="'held-out': skip images the model trained/validated on (from its split.csv); 'all'"
+        ),
     ] = "held-out",
     device: Annotated[Device, typer.Option()] = Device.cpu,
-    n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the 95% CIs")] = 1000,
+    n_boot: Annotated[
+        int, typer.Option(min=100, help="Bootstrap resamples for the 95% CIs")
+    ] = 1000,
     threads: Annotated[int, typer.Option(min=0)] = 0,
     record_in_manifest: Annotated[
         bool,
@@ -161,7 +210,10 @@ def evaluate(
             "pointing game beats the random and centre baselines) or 'point_estimate' (weaker evidence)"
         ),
     ] = MapsRule.ci_lower_bound,
-    maps_min_boxes: Annotated[int, typer.Option(min=1, help="Fewest expert boxes a label needs before its maps can be shown")] = 5,
+    maps_min_boxes: Annotated[
+        int,
+        typer.Option(min=1, help="Fewest expert boxes a label needs before its maps can be shown"),
+    ] = 5,
     maps_decide_on: Annotated[
         MapsDecideOn,
         typer.Option(
@@ -213,22 +265,46 @@ def evaluate(
         typer.echo(
             f"heat maps ({evidence['rule']['kind']}, decided on {where}): "
             + (", ".join(shown) if shown else "none of the labels beats both baselines")
-            + ("; written to the manifest" if record_in_manifest else "; not written (add --record-in-manifest)")
+            + (
+                "; written to the manifest"
+                if record_in_manifest
+                else "; not written (add --record-in-manifest)"
+            )
         )
 
 
 def model_bench(
-    model: Annotated[Path | None, typer.Option(help="Artifact to benchmark (default: random DDN weights)")] = None,
-    dicom: Annotated[list[Path] | None, typer.Option(help="DICOM file(s) for the end-to-end timing (repeat the option)")] = None,
-    rounds: Annotated[int, typer.Option(min=1, help="Alternating measurement rounds (medians reported)")] = 5,
+    model: Annotated[
+        Path | None, typer.Option(help="Artifact to benchmark (default: random DDN weights)")
+    ] = None,
+    dicom: Annotated[
+        list[Path] | None,
+        typer.Option(help="DICOM file(s) for the end-to-end timing (repeat the option)"),
+    ] = None,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Alternating measurement rounds (medians reported)")
+    ] = 5,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch default)")] = 0,
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer variants and iterations (smoke test)")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer variants and iterations (smoke test)")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results as JSON")
+    ] = None,
 ) -> None:
     """Speed of ResNet-50 vs DDN, Grad-CAM overhead, end-to-end DICOM -> result (CPU)."""
     from ddn_node.bench.model import BenchConfig, run_bench
 
-    run_bench(BenchConfig(model=model, dicom=tuple(dicom or ()), rounds=rounds, threads=threads, quick=quick, json_out=json_out))
+    run_bench(
+        BenchConfig(
+            model=model,
+            dicom=tuple(dicom or ()),
+            rounds=rounds,
+            threads=threads,
+            quick=quick,
+            json_out=json_out,
+        )
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,9 @@ from ddn_node.logs import configure_logging
 app = typer.Typer()
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
-deliveries_app = typer.Typer(help="Result deliveries to the PACS and other systems.", no_args_is_help=True)
+deliveries_app = typer.Typer(
+    help="Result deliveries to the PACS and other systems.", no_args_is_help=True
+)
 
 
 @app.command()
@@ -132,12 +134,27 @@ def deliveries_list(
             rows = list(session.scalars(stmt))
     finally:
         db.dispose()
-    table = Table("id", "destination", "kind", "state", "attempts", "last status", "error", "SOP Instance UID")
+    table = Table(
+        "id", "destination", "kind", "state", "attempts", "last status", "error", "SOP Instance UID"
+    )
     for d in rows:
         # DIMSE statuses read in hex; HTTP and HL7 statuses as they are.
         dicom = d.kind in {k.value for k in ResultKind}
-        status = f"0x{d.last_status:04X}" if d.last_status is not None and dicom else str(d.last_status or "")
-        table.add_row(str(d.id), d.destination, d.kind, d.state, str(d.attempts), status, d.last_error[:40], d.sop_instance_uid)
+        status = (
+            f"0x{d.last_status:04X}"
+            if d.last_status is not None and dicom
+            else str(d.last_status or "")
+        )
+        table.add_row(
+            str(d.id),
+            d.destination,
+            d.kind,
+            d.state,
+            str(d.attempts),
+            status,
+            d.last_error[:40],
+            d.sop_instance_uid,
+        )
     Console(soft_wrap=True).print(table)
 
 
@@ -152,10 +169,18 @@ def _parse_target(target: str) -> tuple[str, int]:
 def send(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to send.", exists=True)],
     to: Annotated[str, typer.Option("--to", help="HOST:PORT of the receiving SCP.")],
-    called_aet: Annotated[str, typer.Option("--called-aet", "--aec", help="Called AE title.")] = "DDN_NODE",
-    calling_aet: Annotated[str, typer.Option("--calling-aet", "--aet", help="Our AE title.")] = "DDN_SEND",
-    tls_ca: Annotated[Path | None, typer.Option(help="CA to verify a TLS peer (enables TLS).")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate for mutual TLS.")] = None,
+    called_aet: Annotated[
+        str, typer.Option("--called-aet", "--aec", help="Called AE title.")
+    ] = "DDN_NODE",
+    calling_aet: Annotated[
+        str, typer.Option("--calling-aet", "--aet", help="Our AE title.")
+    ] = "DDN_SEND",
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA to verify a TLS peer (enables TLS).")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Client certificate for mutual TLS.")
+    ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Client key for mutual TLS.")] = None,
 ) -> None:
     """Send DICOM files with C-STORE (progress bar; exit 1 if any was not stored)."""
@@ -172,7 +197,9 @@ def send(
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         console.print(f"[red]not stored[/red] {outcome.path}: {outcome.error}", highlight=False)
-    console.print(f"{len(outcomes) - len(failed)} stored, {len(failed)} not stored", highlight=False)
+    console.print(
+        f"{len(outcomes) - len(failed)} stored, {len(failed)} not stored", highlight=False
+    )
     if failed:
         raise typer.Exit(1)
 
@@ -208,12 +235,22 @@ def sample_studies(
 
 @app.command()
 def demo(
-    config: Annotated[Path, typer.Option(help="Base configuration.")] = Path("deploy/ddn-node.example.toml"),
+    config: Annotated[Path, typer.Option(help="Base configuration.")] = Path(
+        "deploy/ddn-node.example.toml"
+    ),
     studies: Annotated[Path, typer.Option(help="Studies to send.")] = Path("sample_studies"),
-    home: Annotated[Path, typer.Option(help="Where the demo keeps its database, spool and Orthanc.")] = Path("var/demo"),
-    orthanc: Annotated[bool, typer.Option(help="Use a local Orthanc as the PACS when installed.")] = True,
-    exit_when_done: Annotated[bool, typer.Option(help="Stop after the summary (for scripts and tests).")] = False,
-    timeout: Annotated[float, typer.Option(help="Give up waiting for results after this many seconds.")] = 600,
+    home: Annotated[
+        Path, typer.Option(help="Where the demo keeps its database, spool and Orthanc.")
+    ] = Path("var/demo"),
+    orthanc: Annotated[
+        bool, typer.Option(help="Use a local Orthanc as the PACS when installed.")
+    ] = True,
+    exit_when_done: Annotated[
+        bool, typer.Option(help="Stop after the summary (for scripts and tests).")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Give up waiting for results after this many seconds.")
+    ] = 600,
 ) -> None:
     """The whole node on this machine: node + local Orthanc + the sample studies."""
     from ddn_node.demo.run import run_demo
@@ -221,7 +258,14 @@ def demo(
     settings = load_or_exit(config, check_files=True)
     configure_logging(settings.logging.level, settings.logging.json_output, home / "ddn-node.log")
     raise typer.Exit(
-        run_demo(config, studies, home, use_orthanc=orthanc, exit_when_done=exit_when_done, timeout_s=timeout)
+        run_demo(
+            config,
+            studies,
+            home,
+            use_orthanc=orthanc,
+            exit_when_done=exit_when_done,
+            timeout_s=timeout,
+        )
     )
 
 
@@ -243,7 +287,8 @@ def conformance(
 @app.command("hash-password")
 def hash_password(
     password: Annotated[
-        str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True, help="The password.")
+        str,
+        typer.Option(prompt=True, hide_input=True, confirmation_prompt=True, help="The password."),
     ],
 ) -> None:
     """Print an argon2 hash for a web user's password_hash."""

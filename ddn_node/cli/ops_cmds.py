@@ -39,15 +39,30 @@ def _plain(value: str) -> Text:
 def worklist(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="TOML configuration file (default: $DDN_CONFIG).", envvar="DDN_CONFIG"),
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML configuration file (default: $DDN_CONFIG).",
+            envvar="DDN_CONFIG",
+        ),
     ] = None,
-    unread: Annotated[bool, typer.Option("--unread/--all", help="Only unread studies (default), or all.")] = True,
-    modality: Annotated[str | None, typer.Option(help="Only studies with this modality (CR, DX, CT...).")] = None,
-    priority: Annotated[Priority | None, typer.Option(case_sensitive=False, help="Only this effective priority.")] = None,
-    order: Annotated[str, typer.Option(help="priority (triage order) or arrival (oldest first).")] = "priority",
+    unread: Annotated[
+        bool, typer.Option("--unread/--all", help="Only unread studies (default), or all.")
+    ] = True,
+    modality: Annotated[
+        str | None, typer.Option(help="Only studies with this modality (CR, DX, CT...).")
+    ] = None,
+    priority: Annotated[
+        Priority | None, typer.Option(case_sensitive=False, help="Only this effective priority.")
+    ] = None,
+    order: Annotated[
+        str, typer.Option(help="priority (triage order) or arrival (oldest first).")
+    ] = "priority",
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Rows to show.")] = 50,
     offset: Annotated[int, typer.Option(min=0, help="Rows to skip.")] = 0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the page as JSON (as /api/worklist).")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the page as JSON (as /api/worklist).")
+    ] = False,
 ) -> None:
     """Print the triage worklist: the same rows and order as the web page."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -91,9 +106,17 @@ def worklist(
         pad_edge=False,
     )
     for column, justify in (
-        ("#", "right"), ("Priority", "left"), ("Score", "right"), ("Findings", "left"), ("Patient", "left"),
-        ("Patient ID", "left"), ("Accession", "left"), ("Mod.", "left"), ("Study time", "left"),
-        ("Waiting", "right"), ("Status", "left"),
+        ("#", "right"),
+        ("Priority", "left"),
+        ("Score", "right"),
+        ("Findings", "left"),
+        ("Patient", "left"),
+        ("Patient ID", "left"),
+        ("Accession", "left"),
+        ("Mod.", "left"),
+        ("Study time", "left"),
+        ("Waiting", "right"),
+        ("Status", "left"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for n, row in enumerate(page.rows, start=offset + 1):
@@ -122,10 +145,14 @@ def worklist(
 
 
 def worklist_bench(
-    studies: Annotated[list[int] | None, typer.Option("--studies", help="Study counts (repeatable).")] = None,
+    studies: Annotated[
+        list[int] | None, typer.Option("--studies", help="Study counts (repeatable).")
+    ] = None,
     rounds: Annotated[int, typer.Option(min=1)] = 5,
     requests: Annotated[int, typer.Option(min=1, help="Requests per view per round.")] = 40,
-    postgres: Annotated[bool, typer.Option("--postgres/--no-postgres", help="Also PostgreSQL when reachable.")] = True,
+    postgres: Annotated[
+        bool, typer.Option("--postgres/--no-postgres", help="Also PostgreSQL when reachable.")
+    ] = True,
 ) -> None:
     """Worklist latency (p50/p95 of /api/worklist and the page) at 10,000 and 100,000 studies."""
     from ddn_node.bench.worklist import main as bench_main

@@ -73,9 +73,16 @@ def demo_settings(plan: DemoPlan) -> Settings:
     """The example configuration, pointed at the demo's folder and ports."""
     base = load_settings(plan.config)
     home = plan.home
-    peers = [PeerSettings(ae_title=ae, hosts=["127.0.0.1"], quiet_period_s=3) for ae in ("ORTHANC", "DDN_SEND")]
+    peers = [
+        PeerSettings(ae_title=ae, hosts=["127.0.0.1"], quiet_period_s=3)
+        for ae in ("ORTHANC", "DDN_SEND")
+    ]
     destinations = (
-        [DestinationSettings(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=plan.orthanc_dicom)]
+        [
+            DestinationSettings(
+                name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=plan.orthanc_dicom
+            )
+        ]
         if plan.use_orthanc
         else []
     )
@@ -92,7 +99,9 @@ def demo_settings(plan: DemoPlan) -> Settings:
             ),
             "peers": peers,
             "database": DatabaseSettings(url=f"sqlite:///{home / 'ddn-node.db'}"),
-            "completion": CompletionSettings(quiet_period_s=3, force_complete_s=120, sweep_interval_s=0.5),
+            "completion": CompletionSettings(
+                quiet_period_s=3, force_complete_s=120, sweep_interval_s=0.5
+            ),
             "destinations": destinations,
             "web": base.web.model_copy(update={"port": plan.web_port, "host": "127.0.0.1"}),
             "demo": True,
@@ -121,9 +130,19 @@ def _counts(node: Node) -> Counts:
             )
             or 0
         )
-        c.failed = int(s.scalar(select(func.count()).select_from(Study).where(Study.state == StudyState.FAILED)) or 0)
+        c.failed = int(
+            s.scalar(
+                select(func.count()).select_from(Study).where(Study.state == StudyState.FAILED)
+            )
+            or 0
+        )
         c.delivered = int(
-            s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state == DeliveryState.SENT)) or 0
+            s.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.state == DeliveryState.SENT)
+            )
+            or 0
         )
         c.pending_deliveries = int(
             s.scalar(
@@ -136,14 +155,18 @@ def _counts(node: Node) -> Counts:
         return c
 
 
-def _send(plan: DemoPlan, orthanc: LocalOrthanc | None, files: list[Path], console: Console) -> None:
+def _send(
+    plan: DemoPlan, orthanc: LocalOrthanc | None, files: list[Path], console: Console
+) -> None:
     if orthanc is not None:
         uploaded = [orthanc.upload(p) for p in files]
         studies = sorted({u["ParentStudy"] for u in uploaded})
         job = orthanc.send_to_node(studies)
         failed = job.get("FailedInstancesCount", 0)
         if failed:
-            console.print(f"[yellow]Orthanc reported {failed} instance(s) not accepted by the node[/yellow]")
+            console.print(
+                f"[yellow]Orthanc reported {failed} instance(s) not accepted by the node[/yellow]"
+            )
         return
     outcomes = StoreSCU("DDN_SEND", Peer("DDN_NODE", "127.0.0.1", plan.dicom_port)).send(files)
     bad = [o for o in outcomes if not o.ok]
@@ -151,7 +174,7 @@ def _send(plan: DemoPlan, orthanc: LocalOrthanc | None, files: list[Path], conso
         console.print(f"[yellow]not stored[/yellow] {o.path.name}: {o.error}")
 
 
-def run_demo(
+def run_demo(  # noqa: PLR0915 - the demo's steps in the order a newcomer sees them
     config: Path,
     studies: Path,
     home: Path,
@@ -164,9 +187,13 @@ def run_demo(
     """Run the demo; returns a process exit code."""
     console = console or Console()
     home.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan(home=home, config=config, studies=studies, use_orthanc=use_orthanc and orthanc_available())
+    plan = DemoPlan(
+        home=home, config=config, studies=studies, use_orthanc=use_orthanc and orthanc_available()
+    )
     if use_orthanc and not plan.use_orthanc:
-        plan.notes.append("Orthanc is not installed: results are shown in the node's own web page only.")
+        plan.notes.append(
+            "Orthanc is not installed: results are shown in the node's own web page only."
+        )
     plan.dicom_port = _pick_port(plan.dicom_port)
     plan.web_port = _pick_port(plan.web_port)
     plan.orthanc_http = _pick_port(plan.orthanc_http)
@@ -179,7 +206,9 @@ def run_demo(
     node: Node | None = None
     try:
         if plan.use_orthanc:
-            orthanc = LocalOrthanc(home / "orthanc", plan.orthanc_http, plan.orthanc_dicom, plan.dicom_port)
+            orthanc = LocalOrthanc(
+                home / "orthanc", plan.orthanc_http, plan.orthanc_dicom, plan.dicom_port
+            )
             try:
                 orthanc.start()
             except OrthancError as exc:
@@ -193,7 +222,11 @@ def run_demo(
         deadline = time.monotonic() + timeout_s
         total = len(study_uids)
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
         ) as progress:
             t_recv = progress.add_task("studies received", total=total)
             t_done = progress.add_task("studies analysed", total=total)
@@ -201,7 +234,11 @@ def run_demo(
                 c = _counts(node)
                 progress.update(t_recv, completed=min(c.received, total))
                 progress.update(t_done, completed=min(c.analysed + c.failed, total))
-                if c.analysed + c.failed >= total and c.pending_deliveries == 0 and not sender.is_alive():
+                if (
+                    c.analysed + c.failed >= total
+                    and c.pending_deliveries == 0
+                    and not sender.is_alive()
+                ):
                     break
                 time.sleep(0.25)
         _summary(console, node, plan, orthanc, study_uids)
@@ -220,11 +257,17 @@ def run_demo(
             orthanc.stop()
 
 
-def _summary(console: Console, node: Node, plan: DemoPlan, orthanc: LocalOrthanc | None, study_uids: set[str]) -> None:
+def _summary(
+    console: Console, node: Node, plan: DemoPlan, orthanc: LocalOrthanc | None, study_uids: set[str]
+) -> None:
     c = _counts(node)
-    table = Table("study", "patient", "priority", "score", "top findings", "status", title="Triage worklist")
+    table = Table(
+        "study", "patient", "priority", "score", "top findings", "status", title="Triage worklist"
+    )
     with node.database.read() as s:
-        rows = list(s.scalars(select(Study).order_by(Study.priority_rank, Study.abnormality_score.desc())))
+        rows = list(
+            s.scalars(select(Study).order_by(Study.priority_rank, Study.abnormality_score.desc()))
+        )
     for st in rows:
         findings = ", ".join(f"{name} {p:.2f}" for name, p in (st.top_findings or [])[:3])
         score = f"{st.abnormality_score:.2f}" if st.abnormality_score is not None else "-"
@@ -246,7 +289,10 @@ def _summary(console: Console, node: Node, plan: DemoPlan, orthanc: LocalOrthanc
             f"Orthanc:   {orthanc.explorer_url}   (the SR and heat-map series are in each study)",
             highlight=False,
         )
-    console.print(f"DICOM:     AE DDN_NODE on 127.0.0.1:{plan.dicom_port}; data in {plan.home}", highlight=False)
+    console.print(
+        f"DICOM:     AE DDN_NODE on 127.0.0.1:{plan.dicom_port}; data in {plan.home}",
+        highlight=False,
+    )
     for note in plan.notes:
         console.print(f"[yellow]note[/yellow] {note}")
     console.print("[bold red]Demonstration model: NOT FOR DIAGNOSTIC USE.[/bold red]")

@@ -21,17 +21,41 @@ from ddn_node.dicom.syntaxes import (
 
 VERIFICATION = "1.2.840.10008.1.1"
 SCU_CLASSES = (
-    ("1.2.840.10008.5.1.4.1.1.88.34", "Comprehensive 3D SR Storage", "findings, probabilities, abnormality score, triage priority (TID 1500)"),
-    ("1.2.840.10008.5.1.4.1.1.30", "Parametric Map Storage", "Grad-CAM heat map per positive finding, float values"),
-    ("1.2.840.10008.5.1.4.1.1.7", "Secondary Capture Image Storage", "heat map blended on the image, RGB, burned-in label"),
+    (
+        "1.2.840.10008.5.1.4.1.1.88.34",
+        "Comprehensive 3D SR Storage",
+        "findings, probabilities, abnormality score, triage priority (TID 1500)",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.30",
+        "Parametric Map Storage",
+        "Grad-CAM heat map per positive finding, float values",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.7",
+        "Secondary Capture Image Storage",
+        "heat map blended on the image, RGB, burned-in label",
+    ),
 )
 
 STORE_STATUSES = (
-    ("Success", "0000", "the instance is on disk (fsync) and its row committed; also for an identical re-send"),
-    ("Refused: Out of Resources", "A700", "free disk below the reserve, the spool or the database cannot take it"),
+    (
+        "Success",
+        "0000",
+        "the instance is on disk (fsync) and its row committed; also for an identical re-send",
+    ),
+    (
+        "Refused: Out of Resources",
+        "A700",
+        "free disk below the reserve, the spool or the database cannot take it",
+    ),
     ("Error: Cannot understand", "C000", "the data set cannot be parsed"),
     ("Error: Cannot understand", "C001", "Study, Series or SOP Instance UID missing"),
-    ("Error: Cannot understand", "C002", "the data set's SOP Instance UID differs from the command's"),
+    (
+        "Error: Cannot understand",
+        "C002",
+        "the data set's SOP Instance UID differs from the command's",
+    ),
     ("Error: Cannot understand", "C211", "unexpected failure in the handler (pynetdicom default)"),
 )
 
@@ -78,7 +102,7 @@ def render(settings: Settings | None = None) -> str:
             ],
         ),
         "",
-        "No media services. The results carry \"NOT FOR DIAGNOSTIC USE\" while the model is a "
+        'No media services. The results carry "NOT FOR DIAGNOSTIC USE" while the model is a '
         "demonstration.",
         "",
         "## 2 Networking",
@@ -121,8 +145,7 @@ def render(settings: Settings | None = None) -> str:
         "As SCP: Verification and every Storage SOP class below (current and retired). As SCU: "
         "Verification and the three result classes.",
         "",
-        "<details><summary>Storage SOP classes accepted as SCP "
-        f"({len(storage_rows)})</summary>",
+        f"<details><summary>Storage SOP classes accepted as SCP ({len(storage_rows)})</summary>",
         "",
         _table(("SOP Class", "UID"), storage_rows),
         "",
@@ -139,11 +162,17 @@ def render(settings: Settings | None = None) -> str:
             [
                 ("Application context", "1.2.840.10008.3.1.1.1"),
                 ("Maximum PDU size received", f"{s.node.max_pdu_size} bytes (configurable)"),
-                ("Maximum number of simultaneous associations", f"{s.node.max_associations} (configurable); more are rejected transiently (local limit exceeded)"),
+                (
+                    "Maximum number of simultaneous associations",
+                    f"{s.node.max_associations} (configurable); more are rejected transiently (local limit exceeded)",
+                ),
                 ("Asynchronous operations window", "not supported (one operation at a time)"),
                 ("Implementation Class UID", IMPLEMENTATION_CLASS_UID),
                 ("Implementation Version Name", implementation_version_name()),
-                ("Timeouts (ACSE / DIMSE / network)", f"{s.node.acse_timeout_s:g} s / {s.node.dimse_timeout_s:g} s / {s.node.network_timeout_s:g} s"),
+                (
+                    "Timeouts (ACSE / DIMSE / network)",
+                    f"{s.node.acse_timeout_s:g} s / {s.node.dimse_timeout_s:g} s / {s.node.network_timeout_s:g} s",
+                ),
             ],
         ),
         "",
@@ -221,7 +250,7 @@ def render(settings: Settings | None = None) -> str:
         "- Comprehensive 3D SR: TID 1500 Measurement Report; procedure reported; observer "
         "context with algorithm identification (TID 4019); one measurement group per label: "
         "finding code, qualitative evaluation Present (SCT 52101004) / Absent (SCT 272519000), "
-        "probability (DCM 122157, UCUM \"1\") per image and study maximum; a study group with the "
+        'probability (DCM 122157, UCUM "1") per image and study maximum; a study group with the '
         "abnormality score and the triage priority; Current Requested Procedure Evidence "
         "Sequence referencing the source images; Predecessor Documents Sequence when "
         "superseding.",
@@ -229,7 +258,7 @@ def render(settings: Settings | None = None) -> str:
         "class activation) at the source resolution with a Real World Value Mapping, "
         "referencing the source image.",
         "- Secondary Capture: RGB, the heat map blended on the source image, label, probability "
-        "and \"NOT FOR DIAGNOSTIC USE\" burned in (Burned In Annotation YES).",
+        'and "NOT FOR DIAGNOSTIC USE" burned in (Burned In Annotation YES).',
         "- All: same Study Instance UID and patient / study attributes as the source, new "
         "series, Contributing Equipment Sequence (IHE AI Results style: manufacturer, model "
         "name, software versions, Device UID that changes with the model weights).",
@@ -238,7 +267,10 @@ def render(settings: Settings | None = None) -> str:
         "",
         _table(
             ("Code value", "Meaning"),
-            [(c.value, c.meaning) for c in (codes.ABNORMALITY_SCORE, *codes.PRIORITY_CODES.values())],
+            [
+                (c.value, c.meaning)
+                for c in (codes.ABNORMALITY_SCORE, *codes.PRIORITY_CODES.values())
+            ],
         ),
         "",
     ]

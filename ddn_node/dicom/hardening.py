@@ -84,14 +84,23 @@ class RequestGuard(AssociationSocket):
             while len(out) < nr_bytes:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
-                    log.warning("scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes)
-                    raise TimeoutError("the association request did not arrive within the ACSE timeout")
+                    log.warning(
+                        "scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes
+                    )
+                    raise TimeoutError(
+                        "the association request did not arrive within the ACSE timeout"
+                    )
                 self.socket.settimeout(min(left, network_timeout) if network_timeout else left)
                 try:
                     chunk = self.socket.recv(min(4096, nr_bytes - len(out)))
                 except TimeoutError:
                     if time.monotonic() >= self._deadline:
-                        log.warning("scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes)
+                        log.warning(
+                            "scp.request_too_slow",
+                            host=self._host,
+                            received=len(out),
+                            wanted=nr_bytes,
+                        )
                     raise
                 if not chunk:  # closed by the peer: return what there is, as pynetdicom does
                     break
@@ -160,8 +169,6 @@ class HardenedServer(ThreadedAssociationServer):
                 return
             request.settimeout(self.ae.network_timeout)
         super().finish_request(request, client_address)
-
-
 
 
 def stream_received_datasets(incoming: Path) -> None:

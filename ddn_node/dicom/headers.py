@@ -133,7 +133,9 @@ def header_from_dataset(ds: Dataset) -> Header:
                 # most a few hundred bytes), and reading it would load whatever length
                 # the sender declared.
                 values[keyword] = ""
-                values.setdefault("_warnings", []).append(f"{keyword}: {raw.length} bytes, not indexed")
+                values.setdefault("_warnings", []).append(
+                    f"{keyword}: {raw.length} bytes, not indexed"
+                )
                 continue
             # pydicom converts a raw value on first access (ds.get), so a value whose
             # length or bytes do not fit its VR raises here, not in dcmread.
@@ -223,7 +225,11 @@ def read_header(path: Path) -> Header:
         else:
             with ClampedReader(path) as handle:
                 ds = pydicom.dcmread(
-                    handle, stop_before_pixels=True, specific_tags=INDEXED_TAGS, force=True, defer_size=4096
+                    handle,
+                    stop_before_pixels=True,
+                    specific_tags=INDEXED_TAGS,
+                    force=True,
+                    defer_size=4096,
                 )
     except PARSE_ERRORS as exc:
         raise HeaderError(f"unparseable dataset: {type(exc).__name__}: {exc}") from exc

@@ -110,7 +110,16 @@ class PixelLimits:
 # a sequence that runs off the end of the data (also lazily: a defined-length sequence is
 # parsed on first access); NotImplementedError from an unknown VR.
 _VALUE_ERRORS = (BytesLengthException, RecursionError, struct.error, NotImplementedError, OSError)
-_PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, zlib.error, OSError, *_VALUE_ERRORS)
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    zlib.error,
+    OSError,
+    *_VALUE_ERRORS,
+)
 
 
 def _is_decoder_panic(exc: BaseException) -> bool:
@@ -120,7 +129,12 @@ def _is_decoder_panic(exc: BaseException) -> bool:
     return type(exc).__name__ == "PanicException"
 
 
-NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+NATIVE_SYNTAXES = {
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+}
 
 # Decoder preference per transfer syntax, fastest first. Measured on this 2-core CPU with
 # the WG04 RG2 CR image (2140x1760, 10-bit), best of 3 (ms):
@@ -238,7 +252,13 @@ def _transfer_syntax(ds: Dataset) -> UID:
     implicit, little = ds.original_encoding if hasattr(ds, "original_encoding") else (True, True)
     if implicit is None:
         implicit, little = True, True
-    uid = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    uid = (
+        ImplicitVRLittleEndian
+        if implicit
+        else ExplicitVRLittleEndian
+        if little
+        else ExplicitVRBigEndian
+    )
     if ds.file_meta is None or not isinstance(ds.file_meta, FileMetaDataset):
         ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = uid
@@ -282,8 +302,21 @@ def _geometry(ds: Dataset) -> _Geometry:
         raise CorruptPixelData(f"SamplesPerPixel {samples} is not 1 or 3")
     if ba not in (1, 8, 16, 32, 64) or not 1 <= bs <= ba:
         raise CorruptPixelData(f"BitsAllocated {ba} / BitsStored {bs} are not valid")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2" if samples == 1 else "RGB")).strip().upper()
-    return _Geometry(rows, cols, frames, samples, ba, bs, int(ds.get("PixelRepresentation", 0) or 0) == 1, photometric)
+    photometric = (
+        str(ds.get("PhotometricInterpretation", "MONOCHROME2" if samples == 1 else "RGB"))
+        .strip()
+        .upper()
+    )
+    return _Geometry(
+        rows,
+        cols,
+        frames,
+        samples,
+        ba,
+        bs,
+        int(ds.get("PixelRepresentation", 0) or 0) == 1,
+        photometric,
+    )
 
 
 def _check_limits(g: _Geometry, limits: PixelLimits) -> None:
@@ -294,11 +327,19 @@ def _check_limits(g: _Geometry, limits: PixelLimits) -> None:
         )
     decoded = samples * g.bits_allocated / 8
     if decoded > limits.max_decoded_mb * 2**20:
-        raise ImageTooLarge(f"declared decoded size {decoded / 2**20:.0f} MiB exceeds {limits.max_decoded_mb:.0f} MiB")
+        raise ImageTooLarge(
+            f"declared decoded size {decoded / 2**20:.0f} MiB exceeds {limits.max_decoded_mb:.0f} MiB"
+        )
 
 
 def _check_native_length(ds: Dataset, g: _Geometry, frame: int) -> None:
-    elem = ds["PixelData"] if "PixelData" in ds else ds["FloatPixelData"] if "FloatPixelData" in ds else ds["DoubleFloatPixelData"]
+    elem = (
+        ds["PixelData"]
+        if "PixelData" in ds
+        else ds["FloatPixelData"]
+        if "FloatPixelData" in ds
+        else ds["DoubleFloatPixelData"]
+    )
     actual = len(elem.value) if elem.value is not None else 0
     per_frame_bits = g.rows * g.cols * g.samples * g.bits_allocated
     needed = -(-per_frame_bits * (frame + 1) // 8)
@@ -360,7 +401,9 @@ def _frame_header(frame: bytes) -> _FrameHeader | None:
                 return None
             rows, cols = struct.unpack(">HH", frame[i + 5 : i + 9])
             comps = frame[i + 10 : i + 10 + 3 * frame[i + 9]]
-            sampling = tuple((comps[k + 1] >> 4, comps[k + 1] & 0x0F) for k in range(0, len(comps) - 2, 3))
+            sampling = tuple(
+                (comps[k + 1] >> 4, comps[k + 1] & 0x0F) for k in range(0, len(comps) - 2, 3)
+            )
             return _FrameHeader(marker, rows, cols, sampling)
         (length,) = struct.unpack(">H", frame[i + 2 : i + 4])
         i += 2 + length
@@ -397,11 +440,15 @@ def _encapsulated_frame(ds: Dataset, g: _Geometry, frame: int) -> bytes:
     from pydicom.encaps import get_frame
 
     if not isinstance(ds.PixelData, bytes):  # empty (None) or read with a wrong VR
-        raise CorruptPixelData(f"encapsulated Pixel Data is {type(ds.PixelData).__name__}, not bytes")
+        raise CorruptPixelData(
+            f"encapsulated Pixel Data is {type(ds.PixelData).__name__}, not bytes"
+        )
     try:
         return get_frame(ds.PixelData, frame, number_of_frames=g.frames)
     except (ValueError, IndexError, KeyError, struct.error) as e:
-        raise CorruptPixelData(f"cannot find frame {frame} in the encapsulated pixel data: {e}") from e
+        raise CorruptPixelData(
+            f"cannot find frame {frame} in the encapsulated pixel data: {e}"
+        ) from e
 
 
 def _check_rle(data: bytes, g: _Geometry) -> None:
@@ -411,7 +458,9 @@ def _check_rle(data: bytes, g: _Geometry) -> None:
     needed = g.rows * g.cols * g.samples * -(-g.bits_allocated // 8)
     most = 64 * max(len(data) - 64, 0)  # after the 64-byte RLE header
     if needed > most:
-        raise CorruptPixelData(f"RLE frame of {len(data)} bytes cannot hold {g.rows}x{g.cols}x{g.samples} ({needed} bytes)")
+        raise CorruptPixelData(
+            f"RLE frame of {len(data)} bytes cannot hold {g.rows}x{g.cols}x{g.samples} ({needed} bytes)"
+        )
 
 
 def _check_codestream(data: bytes, g: _Geometry) -> None:
@@ -420,7 +469,9 @@ def _check_codestream(data: bytes, g: _Geometry) -> None:
         return
     # JPEG allows height 0 in the SOF (defined later by DNL); only a larger size is a threat.
     if header.rows > g.rows or header.cols > g.cols:
-        raise CorruptPixelData(f"codestream declares {header.rows}x{header.cols}, the header {g.rows}x{g.cols}")
+        raise CorruptPixelData(
+            f"codestream declares {header.rows}x{header.cols}, the header {g.rows}x{g.cols}"
+        )
     # Decoders allocate the declared size and then fill what the data does not cover
     # (libjpeg: 'premature end of data'), so a few hundred bytes could become gigabytes.
     needed = _min_codestream_bits(header, g.rows)
@@ -452,7 +503,9 @@ def _decode(ds: Dataset, ts: UID, frame: int) -> np.ndarray:
         # Decoders raise anything from RuntimeError to OSError on bad codestreams; each is
         # recorded and the next decoder tried, and all of them end as one typed error.
         except Exception as e:  # noqa: BLE001
-            errors.append(f"{plugin or 'pydicom'}: {str(e).splitlines()[-1][:200] if str(e) else type(e).__name__}")
+            errors.append(
+                f"{plugin or 'pydicom'}: {str(e).splitlines()[-1][:200] if str(e) else type(e).__name__}"
+            )
         except BaseException as e:
             if not _is_decoder_panic(e):
                 raise
@@ -536,7 +589,9 @@ def _voi(arr: np.ndarray, ds: Dataset, g: _Geometry) -> tuple[np.ndarray, str]:
                 out = _window(arr.astype(np.float64), c, w, fn)
                 # A header window that puts every pixel on one side shows nothing: a
                 # mislabelled window (seen after rescaling by gateways); use the data instead.
-                if float(out.max()) - float(out.min()) > 1e-6 or float(arr.max()) == float(arr.min()):
+                if float(out.max()) - float(out.min()) > 1e-6 or float(arr.max()) == float(
+                    arr.min()
+                ):
                     return out, f"window {fn.lower()}"
                 log.info("pixels.window_outside_data", center=c, width=w)
         except (ValueError, TypeError, IndexError) as e:
@@ -576,10 +631,12 @@ def load_display_image(
     except _VALUE_ERRORS as e:
         # An attribute whose raw value breaks its VR fails when first used (Rows with 3
         # bytes, a LUT descriptor of the wrong length, an unknown VR...), anywhere below.
-        raise CorruptPixelData(f"malformed attribute value: {type(e).__name__}: {str(e)[:200]}") from e
+        raise CorruptPixelData(
+            f"malformed attribute value: {type(e).__name__}: {str(e)[:200]}"
+        ) from e
 
 
-def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits) -> np.ndarray:
+def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits) -> np.ndarray:  # noqa: C901 - the pixel pipeline of PS3.3 C.11, step by step
     ds = _read(Path(source), limits) if isinstance(source, (str, Path)) else source
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NoPixelData("the dataset has no Pixel Data")
@@ -623,7 +680,9 @@ def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits
     elif g.samples >= 3 or photometric == "PALETTE COLOR":
         # pydicom returns RGB for YBR JPEG by default (as_rgb); the dataset's tag still says YBR.
         decoded_is_rgb = not (ts in NATIVE_SYNTAXES and photometric.startswith("YBR"))
-        out = _to_gray(arr, ds, g, "RGB" if decoded_is_rgb and photometric != "PALETTE COLOR" else photometric)
+        out = _to_gray(
+            arr, ds, g, "RGB" if decoded_is_rgb and photometric != "PALETTE COLOR" else photometric
+        )
         how = "colour -> BT.601 luma"
     else:  # pragma: no cover - _geometry limits samples to 1, 3, 4
         raise CorruptPixelData(f"unsupported photometric interpretation {photometric}")

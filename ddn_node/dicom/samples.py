@@ -48,14 +48,54 @@ class SampleStudy:
 
 
 SAMPLE_STUDIES: tuple[SampleStudy, ...] = (
-    SampleStudy("demo01", "DEMO^ALPHA", "DEMO0001", "F", "19580312", "CR", "MONOCHROME1", False,
-                (SampleImage("PA", nodule=True),), "CHEST PA"),
-    SampleStudy("demo02", "DEMO^BRAVO", "DEMO0002", "M", "19711105", "DX", "MONOCHROME2", False,
-                (SampleImage("PA"), SampleImage("LL")), "CHEST PA AND LATERAL"),
-    SampleStudy("demo03", "DEMO^CHARLIE", "DEMO0003", "M", "19490122", "DX", "MONOCHROME2", True,
-                (SampleImage("AP", nodule=True),), "CHEST AP PORTABLE"),
-    SampleStudy("demo04", "DEMO^DELTA", "DEMO0004", "F", "19890630", "CR", "MONOCHROME2", False,
-                (SampleImage("PA"),), "CHEST PA"),
+    SampleStudy(
+        "demo01",
+        "DEMO^ALPHA",
+        "DEMO0001",
+        "F",
+        "19580312",
+        "CR",
+        "MONOCHROME1",
+        False,
+        (SampleImage("PA", nodule=True),),
+        "CHEST PA",
+    ),
+    SampleStudy(
+        "demo02",
+        "DEMO^BRAVO",
+        "DEMO0002",
+        "M",
+        "19711105",
+        "DX",
+        "MONOCHROME2",
+        False,
+        (SampleImage("PA"), SampleImage("LL")),
+        "CHEST PA AND LATERAL",
+    ),
+    SampleStudy(
+        "demo03",
+        "DEMO^CHARLIE",
+        "DEMO0003",
+        "M",
+        "19490122",
+        "DX",
+        "MONOCHROME2",
+        True,
+        (SampleImage("AP", nodule=True),),
+        "CHEST AP PORTABLE",
+    ),
+    SampleStudy(
+        "demo04",
+        "DEMO^DELTA",
+        "DEMO0004",
+        "F",
+        "19890630",
+        "CR",
+        "MONOCHROME2",
+        False,
+        (SampleImage("PA"),),
+        "CHEST PA",
+    ),
 )
 
 
@@ -109,7 +149,7 @@ def phantom(size: int, seed: int, view: str, nodule: bool) -> np.ndarray:
     return np.clip(blurred, 0, 1)
 
 
-def build_sample(study: SampleStudy, index: int, size: int = 512) -> list[Dataset]:
+def build_sample(study: SampleStudy, index: int, size: int = 512) -> list[Dataset]:  # noqa: PLR0915 - a template of attribute assignments
     """The datasets of one sample study (not yet written)."""
     study_uid = _uid(study.key, "study")
     when = dt.datetime(2026, 11, 2, 8, 30) + dt.timedelta(minutes=17 * index)
@@ -181,7 +221,9 @@ def build_sample(study: SampleStudy, index: int, size: int = 512) -> list[Datase
                 _code(
                     {"PA": "399348003", "AP": "399182000", "LL": "399173006"}[image.view],
                     "SCT",
-                    {"PA": "postero-anterior", "AP": "antero-posterior", "LL": "left lateral"}[image.view],
+                    {"PA": "postero-anterior", "AP": "antero-posterior", "LL": "left lateral"}[
+                        image.view
+                    ],
                 )
             ]
             ds.ViewCodeSequence[0].ViewModifierCodeSequence = []

@@ -216,7 +216,13 @@ class StorageSCP:
         # As pynetdicom's own rejection does: wait until the DUL has sent the A-ASSOCIATE-RJ
         # and the peer closed (or ARTIM expired) before the socket is shut down.
         assoc.kill()
-        log.warning("scp.association_rejected", calling_ae=calling, called_ae=called, host=host, reason=reason)
+        log.warning(
+            "scp.association_rejected",
+            calling_ae=calling,
+            called_ae=called,
+            host=host,
+            reason=reason,
+        )
         try:
             audit(
                 self.database,
@@ -289,7 +295,7 @@ class StorageSCP:
                     stats.refused += 1
         return status
 
-    def _store(self, event: evt.Event) -> int:
+    def _store(self, event: evt.Event) -> int:  # noqa: C901 - each early return is one C-STORE status (PS3.4 B.2.3), in the order decided
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title.strip()
@@ -304,20 +310,32 @@ class StorageSCP:
         if size > self.settings.node.max_instance_mb * 1024 * 1024:
             # pynetdicom has already streamed it to disk (never to memory); refusing it
             # keeps it out of the spool, and the PACS sees why.
-            log.warning("scp.store_refused", sop_instance_uid=sop_uid, reason="instance above max_instance_mb", size=size)
+            log.warning(
+                "scp.store_refused",
+                sop_instance_uid=sop_uid,
+                reason="instance above max_instance_mb",
+                size=size,
+            )
             return OUT_OF_RESOURCES
         try:
             header = read_header(tmp)
             offset = dataset_offset(tmp)
         except HeaderError as exc:
-            log.warning("scp.store_unparseable", sop_instance_uid=sop_uid, calling_ae=calling, error=str(exc))
+            log.warning(
+                "scp.store_unparseable",
+                sop_instance_uid=sop_uid,
+                calling_ae=calling,
+                error=str(exc),
+            )
             return exc.status
         study_uid, series_uid = header.text("StudyInstanceUID"), header.text("SeriesInstanceUID")
         if not (study_uid and series_uid and sop_uid):
             log.warning("scp.store_missing_uid", sop_instance_uid=sop_uid, calling_ae=calling)
             return MISSING_UID
         if max(len(study_uid), len(series_uid), len(sop_uid)) > UID_LEN:
-            log.warning("scp.store_uid_too_long", sop_instance_uid=sop_uid[:UID_LEN], calling_ae=calling)
+            log.warning(
+                "scp.store_uid_too_long", sop_instance_uid=sop_uid[:UID_LEN], calling_ae=calling
+            )
             return CANNOT_UNDERSTAND
         ds_sop = header.text("SOPInstanceUID")
         if ds_sop and ds_sop != sop_uid:

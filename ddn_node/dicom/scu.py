@@ -55,7 +55,9 @@ class SendOutcome:
     @property
     def ok(self) -> bool:
         """Success or a warning status the peer stored the object with (PS3.4 B.2.3)."""
-        return self.status is not None and (self.status == 0x0000 or self.status in WARNING_STATUSES)
+        return self.status is not None and (
+            self.status == 0x0000 or self.status in WARNING_STATUSES
+        )
 
 
 # Warnings under which Storage SCPs still keep the object: coercion of data elements,
@@ -112,7 +114,9 @@ def _scan(paths: Iterable[Path]) -> tuple[list[_Item], list[SendOutcome]]:
                 and meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID
                 and meta.get("MediaStorageSOPClassUID") == ds.SOPClassUID
             )
-            items.append(_Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax), raw_ok))
+            items.append(
+                _Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax), raw_ok)
+            )
         except (*PARSE_ERRORS, AttributeError) as exc:
             bad.append(SendOutcome(path, "", None, f"not a DICOM file: {exc}"))
     return items, bad
@@ -207,7 +211,9 @@ class StoreSCU:
         assoc = self._associate(contexts)
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "association failed"
-            log.warning("scu.association_failed", peer=self.peer.ae_title, host=self.peer.host, reason=why)
+            log.warning(
+                "scu.association_failed", peer=self.peer.ae_title, host=self.peer.host, reason=why
+            )
             for item in items:
                 outcome = SendOutcome(item.path, item.sop_instance, None, why)
                 outcomes.append(outcome)
@@ -255,7 +261,9 @@ class StoreSCU:
         if "Status" not in status:
             return SendOutcome(item.path, item.sop_instance, None, "no response (timeout or abort)")
         code = int(status.Status)
-        return SendOutcome(item.path, item.sop_instance, code, "" if code == 0 else f"status 0x{code:04X}")
+        return SendOutcome(
+            item.path, item.sop_instance, code, "" if code == 0 else f"status 0x{code:04X}"
+        )
 
 
 def _has_file_meta(path: Path) -> bool:

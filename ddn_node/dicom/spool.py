@@ -102,7 +102,13 @@ class Spool:
         return f"results/{safe_component(study_uid)}/{safe_component(sop_instance_uid)}{suffix}"
 
     def commit(
-        self, tmp: Path, relpath: str, sha256: str | None = None, hash_from: int = 0, *, overlap: bool = False
+        self,
+        tmp: Path,
+        relpath: str,
+        sha256: str | None = None,
+        hash_from: int = 0,
+        *,
+        overlap: bool = False,
     ) -> StoredFile:
         """Make ``tmp`` durable and move it to ``relpath`` atomically.
 

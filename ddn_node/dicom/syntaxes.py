@@ -67,5 +67,9 @@ def storage_sop_classes() -> tuple[str, ...]:
     for uid in ordered:
         # pynetdicom only dispatches C-STORE for classes it knows: teach it the rest.
         if uid_to_service_class(uid) is not StorageServiceClass:
-            register_uid(uid, UID_dictionary[uid][4] or f"Storage_{uid.replace('.', '_')}", StorageServiceClass)
+            register_uid(
+                uid,
+                UID_dictionary[uid][4] or f"Storage_{uid.replace('.', '_')}",
+                StorageServiceClass,
+            )
     return ordered

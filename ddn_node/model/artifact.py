@@ -78,7 +78,11 @@ class AbnormalityDef(_M):
 # labels whose maps beat both get heat maps by default. A manifest without this record
 # (older artifacts) loads as before; its labels then have no evidence and get no maps.
 
-PART_NAMES = {"val": "validation patients", "test": "held-out test patients", "all": "all evaluated images"}
+PART_NAMES = {
+    "val": "validation patients",
+    "test": "held-out test patients",
+    "all": "all evaluated images",
+}
 
 
 class PartLocalisation(_M):
@@ -187,7 +191,9 @@ class Manifest(_M):
         a = self.architecture
         return DDNConfig(
             backbone=a.backbone,
-            heads=tuple(HeadConfig(n, tuple(h.label_names), h.activation) for n, h in self.heads.items()),
+            heads=tuple(
+                HeadConfig(n, tuple(h.label_names), h.activation) for n, h in self.heads.items()
+            ),
             attention_stages=tuple(a.attention_stages),
             attention_reduction=a.attention_reduction,
             dropout=a.dropout,
@@ -236,14 +242,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def save_artifact(directory: Path, model: DDN, manifest: Manifest, dtype: torch.dtype = torch.float16) -> Manifest:
+def save_artifact(
+    directory: Path, model: DDN, manifest: Manifest, dtype: torch.dtype = torch.float16
+) -> Manifest:
     """Write weights + manifest (the weights entry is filled in here). Returns the final manifest."""
     directory.mkdir(parents=True, exist_ok=True)
     data = serialise_weights(model, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     final = manifest.model_copy(
         update={
-            "weights": WeightsModel(sha256=_sha256(data), dtype=str(dtype).removeprefix("torch."), n_parameters=n_params),
+            "weights": WeightsModel(
+                sha256=_sha256(data), dtype=str(dtype).removeprefix("torch."), n_parameters=n_params
+            ),
             "architecture": architecture_of(model.config),
             "software_version": manifest.software_version or software_version(),
         }
@@ -268,7 +278,9 @@ def read_manifest(directory: Path) -> Manifest:
     except ValidationError as e:
         raise ArtifactError(f"{path} is not a valid model manifest: {e}") from e
     if m.schema_version != SCHEMA_VERSION:
-        raise ArtifactError(f"{path}: schema_version {m.schema_version}, this node reads {SCHEMA_VERSION}")
+        raise ArtifactError(
+            f"{path}: schema_version {m.schema_version}, this node reads {SCHEMA_VERSION}"
+        )
     return m
 
 
@@ -287,7 +299,9 @@ class ModelArtifact:
         manifest = read_manifest(directory)
         wpath = directory / manifest.weights.file
         if Path(manifest.weights.file).name != manifest.weights.file:
-            raise ArtifactError("manifest weights.file must be a plain file name inside the artifact")
+            raise ArtifactError(
+                "manifest weights.file must be a plain file name inside the artifact"
+            )
         try:
             data = wpath.read_bytes()
         except OSError as e:
@@ -306,10 +320,14 @@ class ModelArtifact:
         own = model.state_dict()
         if set(state) != set(own):
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-            raise ArtifactError(f"{wpath} does not fit the manifest's architecture: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise ArtifactError(
+                f"{wpath} does not fit the manifest's architecture: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
         for k, v in state.items():
             if v.shape != own[k].shape:
-                raise ArtifactError(f"{wpath}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+                raise ArtifactError(
+                    f"{wpath}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+                )
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         model.eval()
         return cls(directory, manifest, model, digest)
@@ -377,7 +395,9 @@ class ModelArtifact:
         try:
             return self.manifest.heads[head]
         except KeyError:
-            raise KeyError(f"artifact {self.name} has no head {head!r}; heads: {sorted(self.manifest.heads)}") from None
+            raise KeyError(
+                f"artifact {self.name} has no head {head!r}; heads: {sorted(self.manifest.heads)}"
+            ) from None
 
 
 HeatmapPolicy = Literal["evidence", "all", "none"]
@@ -429,7 +449,9 @@ def localisation_evidence(head: HeadInfo, weights_sha256: str) -> dict[str, Loca
     for n in names:
         entry = rec.labels.get(n)
         if entry is None:
-            out[n] = LocalisationEvidence(n, False, f"{n} is not in the manifest's localisation record: heat maps withheld")
+            out[n] = LocalisationEvidence(
+                n, False, f"{n} is not in the manifest's localisation record: heat maps withheld"
+            )
             continue
         part = entry.parts.get(rec.rule.decided_on) or PartLocalisation()
         out[n] = LocalisationEvidence(

@@ -123,14 +123,24 @@ class DDN(nn.Module):
             raise ValueError(f"unknown backbone {config.backbone!r}")
         # Keep only the convolutional trunk; torchvision's fc/avgpool are replaced by our heads.
         self.conv1, self.bn1, self.relu, self.maxpool = bb.conv1, bb.bn1, bb.relu, bb.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = bb.layer1, bb.layer2, bb.layer3, bb.layer4
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            bb.layer1,
+            bb.layer2,
+            bb.layer3,
+            bb.layer4,
+        )
         channels = _stage_channels(self)
         self.attention = nn.ModuleDict(
-            {s: SpatialChannelAttention(channels[s], config.attention_reduction) for s in config.attention_stages}
+            {
+                s: SpatialChannelAttention(channels[s], config.attention_reduction)
+                for s in config.attention_stages
+            }
         )
         self.num_features = channels["layer4"]
         self.dropout = nn.Dropout(config.dropout)
-        self.heads = nn.ModuleDict({h.name: nn.Linear(self.num_features, len(h.labels)) for h in config.heads})
+        self.heads = nn.ModuleDict(
+            {h.name: nn.Linear(self.num_features, len(h.labels)) for h in config.heads}
+        )
 
     # --- the two halves -------------------------------------------------------------
 
@@ -157,7 +167,9 @@ class DDN(nn.Module):
         names = list(self.heads.keys()) if heads is None else list(heads)
         return {n: self.heads[n](z) for n in names}
 
-    def forward(self, x: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, heads: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         return self.forward_from_features(self.features(x), heads)
 
     # --- helpers --------------------------------------------------------------------
@@ -186,12 +198,18 @@ class DDN(nn.Module):
         """
         trunk = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = self.state_dict()
-        missing = [k for k in own if k.split(".")[0] in ("conv1", "bn1", *STAGES) and k not in trunk]
+        missing = [
+            k for k in own if k.split(".")[0] in ("conv1", "bn1", *STAGES) and k not in trunk
+        ]
         unexpected = [k for k in trunk if k not in own]
         if unexpected:
-            raise ValueError(f"init weights do not match the {self.config.backbone} trunk: {unexpected[:5]}")
+            raise ValueError(
+                f"init weights do not match the {self.config.backbone} trunk: {unexpected[:5]}"
+            )
         for k, v in trunk.items():
             if own[k].shape != v.shape:
-                raise ValueError(f"init weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+                raise ValueError(
+                    f"init weight {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+                )
         self.load_state_dict(trunk, strict=False)
         return missing

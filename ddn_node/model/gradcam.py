@@ -52,12 +52,17 @@ def logits_and_cams(
     return logits.detach(), cams
 
 
-def gradcam(model: DDN, x: torch.Tensor, head: str, labels: Mapping[int, Sequence[int]] | None = None) -> dict[tuple[int, int], torch.Tensor]:
+def gradcam(
+    model: DDN, x: torch.Tensor, head: str, labels: Mapping[int, Sequence[int]] | None = None
+) -> dict[tuple[int, int], torch.Tensor]:
     """Convenience: Grad-CAM maps (h, w) for a normalised batch ``x``; all labels by default."""
     model.eval()
     with torch.inference_mode():
         feats = model.features(x)
     n_labels = len(model.config.head(head).labels)
-    wanted = [list(labels.get(b, [])) if labels is not None else list(range(n_labels)) for b in range(x.shape[0])]
+    wanted = [
+        list(labels.get(b, [])) if labels is not None else list(range(n_labels))
+        for b in range(x.shape[0])
+    ]
     _, cams = logits_and_cams(model, feats, head, wanted)
     return cams

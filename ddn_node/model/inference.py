@@ -102,7 +102,11 @@ class Predictor:
         The worker reports the findings before it spends time on heat maps.
         """
         labels = self.artifact.head(head).labels
-        uids = list(sop_instance_uids) if sop_instance_uids is not None else [str(i) for i in range(len(images))]
+        uids = (
+            list(sop_instance_uids)
+            if sop_instance_uids is not None
+            else [str(i) for i in range(len(images))]
+        )
         if len(uids) != len(images):
             raise ValueError("one SOP Instance UID per image")
         out: list[ImagePrediction] = []
@@ -140,7 +144,10 @@ class Predictor:
             n = batch.probs.shape[0]
             # Which labels pass their threshold is known only after the forward pass; the
             # cheap tail then runs once more, with gradients, inside logits_and_cams.
-            wanted = [[k for k, spec in enumerate(labels) if batch.probs[b, k] >= spec.threshold] for b in range(n)]
+            wanted = [
+                [k for k, spec in enumerate(labels) if batch.probs[b, k] >= spec.threshold]
+                for b in range(n)
+            ]
             if not any(wanted):
                 continue
             _, cams = logits_and_cams(self.model, batch.features, forward.head, wanted)
@@ -148,7 +155,9 @@ class Predictor:
                 ks = [k for k in range(len(labels)) if (b, k) in cams]
                 if ks:
                     # All of one image's maps are resized in one call: one pass at full size.
-                    maps = map_to_source(torch.stack([cams[(b, k)] for k in ks]).float().cpu(), batch.geoms[b])
+                    maps = map_to_source(
+                        torch.stack([cams[(b, k)] for k in ks]).float().cpu(), batch.geoms[b]
+                    )
                     for i, k in enumerate(ks):
                         predictions[batch.start + b].heatmaps[labels[k].name] = maps[i]
         self.timings_ms["gradcam"] = 1000 * (time.perf_counter() - t1)
@@ -167,7 +176,9 @@ class Predictor:
         return abnormality_score(self.artifact, head, probabilities)
 
 
-def abnormality_score(artifact: ModelArtifact, head: str, probabilities: Mapping[str, float]) -> float:
+def abnormality_score(
+    artifact: ModelArtifact, head: str, probabilities: Mapping[str, float]
+) -> float:
     definition = artifact.head(head).abnormality
     names = definition.labels or artifact.head(head).label_names
     if definition.kind == "complement":

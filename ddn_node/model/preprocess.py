@@ -63,13 +63,19 @@ def fit_geometry(h: int, w: int, size: int) -> Geometry:
 
 def fit_to_square(image: np.ndarray | torch.Tensor, size: int) -> tuple[torch.Tensor, Geometry]:
     """Resize (aspect kept) and pad one HxW image to (1, size, size), values unchanged in [0, 1]."""
-    t = torch.as_tensor(np.asarray(image, dtype=np.float32)) if isinstance(image, np.ndarray) else image.float()
+    t = (
+        torch.as_tensor(np.asarray(image, dtype=np.float32))
+        if isinstance(image, np.ndarray)
+        else image.float()
+    )
     if t.ndim != 2:
         raise ValueError(f"expected a 2-D display image, got shape {tuple(t.shape)}")
     g = fit_geometry(int(t.shape[0]), int(t.shape[1]), size)
     # Anti-aliasing matters when a 3000 px radiograph shrinks to 224: without it thin
     # structures alias into moire that the network has never seen in training.
-    r = F.interpolate(t[None, None], size=(g.new_h, g.new_w), mode="bilinear", align_corners=False, antialias=True)
+    r = F.interpolate(
+        t[None, None], size=(g.new_h, g.new_w), mode="bilinear", align_corners=False, antialias=True
+    )
     out = torch.zeros(1, size, size, dtype=torch.float32)
     out[:, g.top : g.top + g.new_h, g.left : g.left + g.new_w] = r[0].clamp_(0.0, 1.0)
     return out, g
@@ -78,7 +84,9 @@ def fit_to_square(image: np.ndarray | torch.Tensor, size: int) -> tuple[torch.Te
 def normalise(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """(B, 1, S, S) in [0, 1] -> (B, channels, S, S) normalised."""
     x = batch.expand(-1, spec.channels, -1, -1)
-    mean = torch.tensor(spec.mean[: spec.channels], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean[: spec.channels], dtype=x.dtype, device=x.device).view(
+        1, -1, 1, 1
+    )
     std = torch.tensor(spec.std[: spec.channels], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
@@ -106,11 +114,17 @@ def map_to_source(cam: torch.Tensor, geom: Geometry) -> np.ndarray:
     """
     single = cam.ndim == 2
     maps = cam[None].float() if single else cam.float()
-    sq = F.interpolate(maps[None], size=(geom.size, geom.size), mode="bilinear", align_corners=False)
-    crop = sq[:, :, geom.top : geom.top + geom.new_h, geom.left : geom.left + geom.new_w].clamp(min=0.0)
+    sq = F.interpolate(
+        maps[None], size=(geom.size, geom.size), mode="bilinear", align_corners=False
+    )
+    crop = sq[:, :, geom.top : geom.top + geom.new_h, geom.left : geom.left + geom.new_w].clamp(
+        min=0.0
+    )
     peak = crop.amax(dim=(2, 3), keepdim=True)
     crop = torch.where(peak > 0, crop / peak.clamp(min=1e-12), torch.zeros_like(crop))
     if (geom.src_h, geom.src_w) != (geom.new_h, geom.new_w):
-        crop = F.interpolate(crop, size=(geom.src_h, geom.src_w), mode="bilinear", align_corners=False)
+        crop = F.interpolate(
+            crop, size=(geom.src_h, geom.src_w), mode="bilinear", align_corners=False
+        )
     out = crop[0].cpu().numpy().astype(np.float32, copy=False)
     return out[0] if single else out

@@ -69,5 +69,7 @@ class StudyPrediction:
     @property
     def positive(self) -> list[str]:
         return [
-            spec.name for spec in self.labels if self.probabilities.get(spec.name, 0.0) >= spec.threshold
+            spec.name
+            for spec in self.labels
+            if self.probabilities.get(spec.name, 0.0) >= spec.threshold
         ]

@@ -65,13 +65,19 @@ def messages_for(settings: AdaptersSettings, summary: StudySummary) -> list[Outg
     messages: list[OutgoingMessage] = []
     if settings.hl7.enabled:
         messages.append(
-            OutgoingMessage(MessageKind.HL7, hl7.build_oru_r01(settings.hl7, summary), HL7_CONTENT_TYPE)
+            OutgoingMessage(
+                MessageKind.HL7, hl7.build_oru_r01(settings.hl7, summary), HL7_CONTENT_TYPE
+            )
         )
     if settings.fhir.enabled:
-        messages.append(OutgoingMessage(MessageKind.FHIR, fhir.task_bytes(summary), fhir.CONTENT_TYPE))
+        messages.append(
+            OutgoingMessage(MessageKind.FHIR, fhir.task_bytes(summary), fhir.CONTENT_TYPE)
+        )
     if settings.webhook.enabled:
         messages.append(
-            OutgoingMessage(MessageKind.WEBHOOK, webhook.document_bytes(summary), webhook.CONTENT_TYPE)
+            OutgoingMessage(
+                MessageKind.WEBHOOK, webhook.document_bytes(summary), webhook.CONTENT_TYPE
+            )
         )
     if messages:
         log.info(

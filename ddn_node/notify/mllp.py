@@ -45,7 +45,7 @@ def unframe(buffer: bytes | bytearray) -> bytes | None:
     return bytes(buffer[start + 1 : end])
 
 
-def exchange(host: str, port: int, message: bytes, timeout_s: float) -> bytes:
+def exchange(host: str, port: int, message: bytes, timeout_s: float) -> bytes:  # noqa: C901 - the MLLP framing states of one exchange
     """Send one message and return the framed reply's content (the ACK, unframed).
 
     Raises :class:`MLLPError` on refusal, timeout, a closed connection or an oversized reply.

@@ -91,7 +91,9 @@ class Analysis:
         return f"ddn-node:{self.study_uid}:generation:{self.lease.generation}"
 
     def predicted(self) -> tuple[StudyPrediction, TriageDecision, ForwardPass]:
-        assert self.prediction is not None and self.decision is not None and self.forward is not None
+        assert (
+            self.prediction is not None and self.decision is not None and self.forward is not None
+        )
         return self.prediction, self.decision, self.forward
 
     def timed(self, **ms: float) -> Mapping[str, float]:
@@ -140,7 +142,9 @@ class AnalysisSteps:
         routed = tuple(s for s in stored if s.facts.instance_id in wanted)
         if not routed:
             raise AnalysisError("the routed instances are no longer stored", permanent=True)
-        return Analysis(lease=lease, rule=rule, predictor=self.models.predictor(rule), routed=routed)
+        return Analysis(
+            lease=lease, rule=rule, predictor=self.models.predictor(rule), routed=routed
+        )
 
     def decode(self, a: Analysis) -> Analysis:
         t0 = time.perf_counter()
@@ -156,14 +160,22 @@ class AnalysisSteps:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
             except (PixelDataError, OSError, ValueError, AttributeError) as exc:
                 problems.append(f"{facts.sop_instance_uid}: {exc}")
-                log.warning("worker.image_unreadable", sop_instance_uid=facts.sop_instance_uid, error=str(exc))
+                log.warning(
+                    "worker.image_unreadable",
+                    sop_instance_uid=facts.sop_instance_uid,
+                    error=str(exc),
+                )
                 continue
             images.append(image)
             sources.append(Source(facts.instance_id, facts.sop_instance_uid, header))
         if not sources:
             raise AnalysisError("no image could be decoded: " + "; ".join(problems), permanent=True)
         return replace(
-            a, sources=tuple(sources), images=tuple(images), unreadable=tuple(problems), timings_ms=a.timed(decode_ms=_ms(t0))
+            a,
+            sources=tuple(sources),
+            images=tuple(images),
+            unreadable=tuple(problems),
+            timings_ms=a.timed(decode_ms=_ms(t0)),
         )
 
     def predict(self, a: Analysis) -> Analysis:
@@ -172,9 +184,13 @@ class AnalysisSteps:
         t0 = time.perf_counter()
         predictor, head = a.predictor, a.rule.head
         uids = [s.sop_instance_uid for s in a.sources]
-        predictions, forward = predictor.predict_deferred(list(a.images), head=head, sop_instance_uids=uids)
+        predictions, forward = predictor.predict_deferred(
+            list(a.images), head=head, sop_instance_uids=uids
+        )
         labels = predictor.artifact.labels(head)
-        study_probs = {spec.name: max(p.probabilities[spec.name] for p in predictions) for spec in labels}
+        study_probs = {
+            spec.name: max(p.probabilities[spec.name] for p in predictions) for spec in labels
+        }
         score = predictor.abnormality_score(head, study_probs)
         algorithm = predictor.artifact.algorithm
         if self.settings.demo and not algorithm.is_demo:
@@ -212,7 +228,10 @@ class AnalysisSteps:
             None
             if previous is None
             else SRReference(
-                previous.sop_class_uid, previous.sop_instance_uid, previous.series_instance_uid, previous.study_instance_uid
+                previous.sop_class_uid,
+                previous.sop_instance_uid,
+                previous.series_instance_uid,
+                previous.study_instance_uid,
             )
         )
         objects = build_sr_result(
@@ -233,7 +252,11 @@ class AnalysisSteps:
         return replace(a, objects=objects, result_id=result_id, timings_ms=a.timed(sr_ms=_ms(t0)))
 
     def _record_report(
-        self, a: Analysis, objects: ResultObjects, relpath: str, earlier: records.StoredReport | None
+        self,
+        a: Analysis,
+        objects: ResultObjects,
+        relpath: str,
+        earlier: records.StoredReport | None,
     ) -> int | None:
         prediction, decision, _ = a.predicted()
         lease, sr = a.lease, objects.sr
@@ -365,18 +388,26 @@ class AnalysisSteps:
         lease = a.lease
         prediction.timings_ms = dict(a.timings_ms)
         now = utcnow()
-        messages = queue_messages(self.settings, self.database, self.spool, lease.study_id, prediction, decision, now)
+        messages = queue_messages(
+            self.settings, self.database, self.spool, lease.study_id, prediction, decision, now
+        )
         overlays = _overlay_paths(a.objects, a.files)
         images = [
             records.ImageRecord(
                 instance_id=source.instance_id,
                 probabilities=image.probabilities,
-                overlay_paths={label: path for (uid, label), path in overlays.items() if uid == source.sop_instance_uid},
+                overlay_paths={
+                    label: path
+                    for (uid, label), path in overlays.items()
+                    if uid == source.sop_instance_uid
+                },
             )
             for source, image in zip(a.sources, prediction.images, strict=True)
         ]
         objects = [
-            records.OutgoingObject(dest.name, kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), relpath)
+            records.OutgoingObject(
+                dest.name, kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), relpath
+            )
             for dest in self.settings.destinations
             for kind, ds, relpath in a.files
         ]
@@ -433,8 +464,9 @@ def _overlay_paths(
     study page renders when someone looks."""
     path_of = {str(ds.SOPInstanceUID): relpath for _kind, ds, relpath in files}
     return {
-        (str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID), objects.overlay_labels[str(ds.SOPInstanceUID)]): path_of[
-            str(ds.SOPInstanceUID)
-        ]
+        (
+            str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID),
+            objects.overlay_labels[str(ds.SOPInstanceUID)],
+        ): path_of[str(ds.SOPInstanceUID)]
         for ds in objects.overlays
     }

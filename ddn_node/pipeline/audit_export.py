@@ -24,8 +24,18 @@ log = structlog.get_logger("ddn_node.audit")
 
 # (EventID code, meaning, EventActionCode, EventTypeCode or None) per PS3.15 A.5.3 / PS3.16 CID 400-403
 _EVENTS: dict[str, tuple[str, str, str, tuple[str, str] | None]] = {
-    AuditEventName.ASSOCIATION_ACCEPTED: ("110114", "User Authentication", "E", ("110122", "Login")),
-    AuditEventName.ASSOCIATION_REJECTED: ("110113", "Security Alert", "E", ("110126", "Node Authentication")),
+    AuditEventName.ASSOCIATION_ACCEPTED: (
+        "110114",
+        "User Authentication",
+        "E",
+        ("110122", "Login"),
+    ),
+    AuditEventName.ASSOCIATION_REJECTED: (
+        "110113",
+        "Security Alert",
+        "E",
+        ("110126", "Node Authentication"),
+    ),
     AuditEventName.INSTANCES_RECEIVED: ("110104", "DICOM Instances Transferred", "C", None),
     AuditEventName.RESULTS_SENT: ("110104", "DICOM Instances Transferred", "R", None),
     AuditEventName.USER_LOGIN: ("110114", "User Authentication", "E", ("110122", "Login")),
@@ -38,7 +48,9 @@ SYSLOG_PRI = 10 * 8 + 5  # facility authpriv (10), severity notice (5)
 
 
 def _code(parent: ET.Element, tag: str, code: str, meaning: str, system: str = "DCM") -> None:
-    ET.SubElement(parent, tag, {"csd-code": code, "codeSystemName": system, "originalText": meaning})
+    ET.SubElement(
+        parent, tag, {"csd-code": code, "codeSystemName": system, "originalText": meaning}
+    )
 
 
 def audit_message(row: AuditEvent, node_ae: str) -> bytes:
@@ -68,21 +80,35 @@ def audit_message(row: AuditEvent, node_ae: str) -> bytes:
             {
                 "UserID": row.actor,
                 "UserIsRequestor": "true" if requestor_is_peer else "false",
-                **({"NetworkAccessPointID": row.host, "NetworkAccessPointTypeCode": "2"} if row.host else {}),
+                **(
+                    {"NetworkAccessPointID": row.host, "NetworkAccessPointTypeCode": "2"}
+                    if row.host
+                    else {}
+                ),
             },
         )
         if row.event in (AuditEventName.INSTANCES_RECEIVED, AuditEventName.RESULTS_SENT):
-            role = ("110153", "Source Role ID") if requestor_is_peer else ("110152", "Destination Role ID")
+            role = (
+                ("110153", "Source Role ID")
+                if requestor_is_peer
+                else ("110152", "Destination Role ID")
+            )
             _code(peer, "RoleIDCode", *role)
     ET.SubElement(
-        root, "ActiveParticipant", {"UserID": node_ae, "UserIsRequestor": "false" if requestor_is_peer else "true"}
+        root,
+        "ActiveParticipant",
+        {"UserID": node_ae, "UserIsRequestor": "false" if requestor_is_peer else "true"},
     )
     ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": node_ae})
     if row.study_uid:
         obj = ET.SubElement(
             root,
             "ParticipantObjectIdentification",
-            {"ParticipantObjectID": row.study_uid, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3"},
+            {
+                "ParticipantObjectID": row.study_uid,
+                "ParticipantObjectTypeCode": "2",
+                "ParticipantObjectTypeCodeRole": "3",
+            },
         )
         _code(obj, "ParticipantObjectIDTypeCode", "110180", "Study Instance UID")
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
@@ -96,7 +122,9 @@ class SyslogSink:
 
     def send(self, msg_id: str, payload: bytes) -> None:
         stamp = utcnow().isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        header = f"<{SYSLOG_PRI}>1 {stamp} {socket.gethostname()} {self.app_name} - {msg_id} - ".encode()
+        header = (
+            f"<{SYSLOG_PRI}>1 {stamp} {socket.gethostname()} {self.app_name} - {msg_id} - ".encode()
+        )
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(header + payload, (self.host, self.port))
 
@@ -117,7 +145,9 @@ def export_new(database: Database, sink: SyslogSink, node_ae: str, batch: int = 
             sink.send("DICOM+RFC3881", audit_message(row, node_ae))
         if rows:
             session.execute(
-                update(AuditEvent).where(AuditEvent.id.in_([r.id for r in rows])).values(exported_at=utcnow())
+                update(AuditEvent)
+                .where(AuditEvent.id.in_([r.id for r in rows]))
+                .values(exported_at=utcnow())
             )
     if rows:
         log.info("audit.exported", events=len(rows))

@@ -37,7 +37,9 @@ class CompletionTracker:
         with self.database.read() as session:
             return list(
                 session.scalars(
-                    select(Study.id).where(lifecycle.completion_due(now)).order_by(Study.complete_after)
+                    select(Study.id)
+                    .where(lifecycle.completion_due(now))
+                    .order_by(Study.complete_after)
                 )
             )
 

@@ -95,7 +95,9 @@ class Deliverer:
                 row = DELIVERIES.claim(session, self.owner, lease_s)
                 if row is None:
                     break
-                claimed[row.destination].append(Claimed(row.id, row.path, row.sop_instance_uid, row.attempts, row.kind))
+                claimed[row.destination].append(
+                    Claimed(row.id, row.path, row.sop_instance_uid, row.attempts, row.kind)
+                )
         return claimed
 
     def deliver_object(self, study_id: int, sop_instance_uid: str) -> int:
@@ -116,7 +118,9 @@ class Deliverer:
             claimed: dict[str, list[Claimed]] = defaultdict(list)
             for row in rows:
                 assert row is not None
-                claimed[row.destination].append(Claimed(row.id, row.path, row.sop_instance_uid, row.attempts, row.kind))
+                claimed[row.destination].append(
+                    Claimed(row.id, row.path, row.sop_instance_uid, row.attempts, row.kind)
+                )
         for name, group in claimed.items():
             self._send(name, group)
         return len(ids)
@@ -140,12 +144,23 @@ class Deliverer:
             return
         dest = self.destinations.get(name)
         if dest is None:
-            self._record(name, rows, {row.id: Attempt(False, None, "destination no longer configured") for row in rows})
+            self._record(
+                name,
+                rows,
+                {row.id: Attempt(False, None, "destination no longer configured") for row in rows},
+            )
             return
-        scu = StoreSCU(self.settings.node.ae_title, self._peer(dest), timeout_s=self.settings.delivery.timeout_s)
+        scu = StoreSCU(
+            self.settings.node.ae_title,
+            self._peer(dest),
+            timeout_s=self.settings.delivery.timeout_s,
+        )
         # The reports first, recorded as soon as the PACS has them: the findings reach the
         # radiologist while the (larger) heat-map objects are still on their way.
-        for group in ([r for r in rows if r.kind == ResultKind.SR], [r for r in rows if r.kind != ResultKind.SR]):
+        for group in (
+            [r for r in rows if r.kind == ResultKind.SR],
+            [r for r in rows if r.kind != ResultKind.SR],
+        ):
             if not group:
                 continue
             by_path = {str(self.spool.path(row.path)): row.id for row in group}
@@ -164,18 +179,22 @@ class Deliverer:
             except OSError as exc:
                 outcomes[row_id] = Attempt(False, None, f"message file unreadable: {exc}")
                 continue
-            result = send(self.settings.adapters, OutgoingMessage(kind, payload, CONTENT_TYPES.get(kind, "")))
+            result = send(
+                self.settings.adapters, OutgoingMessage(kind, payload, CONTENT_TYPES.get(kind, ""))
+            )
             outcomes[row_id] = Attempt(result.ok, result.status, result.error)
         self._record(name, rows, outcomes)
 
-    def _record(
-        self, name: str, rows: list[Claimed], outcomes: dict[int, Attempt]
-    ) -> None:
+    def _record(self, name: str, rows: list[Claimed], outcomes: dict[int, Attempt]) -> None:
         cfg = self.settings.delivery
         now = utcnow()
         sent_studies: set[int] = set()
         # A RIS may echo patient data in its error text: that stays in the table, not the log.
-        loggable = (lambda e: "(see 'ddn-node deliveries list')") if name.startswith(ADAPTER_PREFIX) else (lambda e: e)
+        loggable = (
+            (lambda e: "(see 'ddn-node deliveries list')")
+            if name.startswith(ADAPTER_PREFIX)
+            else (lambda e: e)
+        )
         with self.database.session() as session:
             for row_id, _path, sop_uid, attempts, _kind in rows:
                 outcome = outcomes.get(row_id)
@@ -183,15 +202,30 @@ class Deliverer:
                 error = outcome.error if outcome else "not attempted"
                 if outcome is not None and outcome.ok:
                     DELIVERIES.finish(
-                        session, row_id, self.owner, DeliveryState.SENT, sent_at=now, last_status=status, last_error=""
+                        session,
+                        row_id,
+                        self.owner,
+                        DeliveryState.SENT,
+                        sent_at=now,
+                        last_status=status,
+                        last_error="",
                     )
-                    study_id = session.scalar(select(Delivery.study_id).where(Delivery.id == row_id))
+                    study_id = session.scalar(
+                        select(Delivery.study_id).where(Delivery.id == row_id)
+                    )
                     if study_id is not None:
                         sent_studies.add(study_id)
-                    log.info("delivery.sent", destination=name, sop_instance_uid=sop_uid, status=status)
+                    log.info(
+                        "delivery.sent", destination=name, sop_instance_uid=sop_uid, status=status
+                    )
                 elif attempts >= cfg.max_attempts:
                     DELIVERIES.finish(
-                        session, row_id, self.owner, DeliveryState.FAILED, last_status=status, last_error=error
+                        session,
+                        row_id,
+                        self.owner,
+                        DeliveryState.FAILED,
+                        last_status=status,
+                        last_error=error,
                     )
                     log.error(
                         "delivery.failed",
@@ -216,7 +250,9 @@ class Deliverer:
                         retry_in_s=delay,
                     )
             for study_id in sent_studies:
-                study_uid = session.scalar(select(Study.study_uid).where(Study.id == study_id)) or ""
+                study_uid = (
+                    session.scalar(select(Study.study_uid).where(Study.id == study_id)) or ""
+                )
                 add_audit(session, AuditEventName.RESULTS_SENT, actor=name, study_uid=study_uid)
 
 
@@ -227,6 +263,10 @@ def retry_failed(database: Database, destination: str | None = None) -> int:
         if destination:
             stmt = stmt.where(Delivery.destination == destination)
         result = session.execute(
-            stmt.values(state=DeliveryState.PENDING, attempts=0, not_before=utcnow() - dt.timedelta(seconds=1))
+            stmt.values(
+                state=DeliveryState.PENDING,
+                attempts=0,
+                not_before=utcnow() - dt.timedelta(seconds=1),
+            )
         )
         return int(result.rowcount)  # type: ignore[attr-defined]

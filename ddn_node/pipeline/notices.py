@@ -50,7 +50,9 @@ def queue_messages(
             abnormality_score=prediction.abnormality_score,
             findings=[
                 (name, p, name in prediction.positive)
-                for name, p in sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)
+                for name, p in sorted(
+                    prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True
+                )
             ],
             model_name=prediction.algorithm.name,
             model_version=prediction.algorithm.version,
@@ -59,7 +61,17 @@ def queue_messages(
         )
     out = []
     for message in messages_for(adapters, summary):
-        relpath = spool.result_relpath(summary.study_uid, f"{message.kind}-{summary.notification_id}", suffix=".msg")
+        relpath = spool.result_relpath(
+            summary.study_uid, f"{message.kind}-{summary.notification_id}", suffix=".msg"
+        )
         spool.write_bytes(relpath, message.payload)
-        out.append(OutgoingObject(f"{ADAPTER_PREFIX}{message.kind}", message.kind, "", summary.notification_id, relpath))
+        out.append(
+            OutgoingObject(
+                f"{ADAPTER_PREFIX}{message.kind}",
+                message.kind,
+                "",
+                summary.notification_id,
+                relpath,
+            )
+        )
     return out

@@ -49,9 +49,17 @@ class ModelRegistry:
                     )
                 worker = self.settings.worker
                 self._predictors[path] = Predictor(
-                    artifact, device=worker.device, threads=worker.torch_threads, precision=worker.precision
+                    artifact,
+                    device=worker.device,
+                    threads=worker.torch_threads,
+                    precision=worker.precision,
                 )
-                log.info("worker.model_loaded", model=artifact.name, version=artifact.version, device=worker.device)
+                log.info(
+                    "worker.model_loaded",
+                    model=artifact.name,
+                    version=artifact.version,
+                    device=worker.device,
+                )
             return self._predictors[path]
 
     def preload(self) -> None:

@@ -34,7 +34,11 @@ class Purged:
 
 
 def purge_expired(
-    database: Database, spool: Spool, policy: RetentionSettings, now: dt.datetime | None = None, batch: int = 100
+    database: Database,
+    spool: Spool,
+    policy: RetentionSettings,
+    now: dt.datetime | None = None,
+    batch: int = 100,
 ) -> list[Purged]:
     """Purge up to ``batch`` expired studies; returns what was purged."""
     now = now or utcnow()
@@ -46,7 +50,9 @@ def purge_expired(
     with database.read() as session:
         candidates = session.execute(
             select(Study.id, Study.study_uid)
-            .where(Study.last_received_at < cutoff, Study.state.in_(FINAL_STATES), ~pending_delivery)
+            .where(
+                Study.last_received_at < cutoff, Study.state.in_(FINAL_STATES), ~pending_delivery
+            )
             .order_by(Study.last_received_at)
             .limit(batch)
         ).all()
@@ -64,8 +70,12 @@ def purge_expired(
             )
             if still is None:
                 continue
-            n_instances = len(session.scalars(select(Instance.id).where(Instance.study_id == study_id)).all())
-            session.execute(delete(Study).where(Study.id == study_id))  # cascades to every child row
+            n_instances = len(
+                session.scalars(select(Instance.id).where(Instance.study_id == study_id)).all()
+            )
+            session.execute(
+                delete(Study).where(Study.id == study_id)
+            )  # cascades to every child row
             add_audit(
                 session,
                 AuditEventName.PURGED,

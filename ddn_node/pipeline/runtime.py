@@ -27,7 +27,9 @@ from ddn_node.store.engine import Database
 log = structlog.get_logger("ddn_node.runtime")
 
 
-def _loop(name: str, stop: threading.Event, wake: threading.Event, step: Callable[[], int], idle_s: float) -> None:
+def _loop(
+    name: str, stop: threading.Event, wake: threading.Event, step: Callable[[], int], idle_s: float
+) -> None:
     while not stop.is_set():
         try:
             busy = step()
@@ -51,17 +53,31 @@ def start_worker_parts(
         models.preload()
     deliverer = Deliverer(settings, database, spool, owner)
     worker = Worker(
-        settings, database, spool, models, owner, on_results=deliver_wake.set, send_now=deliverer.deliver_object
+        settings,
+        database,
+        spool,
+        models,
+        owner,
+        on_results=deliver_wake.set,
+        send_now=deliverer.deliver_object,
     )
     threads = []
     if settings.worker.enabled:
         threads.append(
-            threading.Thread(target=worker.run, args=(stop, scheduler.wakeup), name="worker", daemon=True)
+            threading.Thread(
+                target=worker.run, args=(stop, scheduler.wakeup), name="worker", daemon=True
+            )
         )
     threads.append(
         threading.Thread(
             target=_loop,
-            args=("delivery", stop, deliver_wake, deliverer.deliver_due, settings.delivery.sweep_interval_s),
+            args=(
+                "delivery",
+                stop,
+                deliver_wake,
+                deliverer.deliver_due,
+                settings.delivery.sweep_interval_s,
+            ),
             name="delivery",
             daemon=True,
         )
@@ -71,11 +87,15 @@ def start_worker_parts(
     scheduler.add_interval("triage-ageing", lambda: apply_ageing(database, settings.triage), 60)
     if settings.retention.enabled:
         scheduler.add_interval(
-            "retention", lambda: purge_expired(database, spool, settings.retention), settings.retention.interval_s
+            "retention",
+            lambda: purge_expired(database, spool, settings.retention),
+            settings.retention.interval_s,
         )
     if settings.audit.syslog_host:
         sink = SyslogSink(settings.audit.syslog_host, settings.audit.syslog_port)
-        scheduler.add_interval("audit-export", lambda: export_new(database, sink, settings.node.ae_title), 5)
+        scheduler.add_interval(
+            "audit-export", lambda: export_new(database, sink, settings.node.ae_title), 5
+        )
 
     def stop_all() -> None:
         stop.set()

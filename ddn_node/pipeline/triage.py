@@ -49,7 +49,9 @@ def decide(
         and probabilities[spec.name] >= spec.threshold
     ]
     if hits:
-        return TriageDecision(Priority.STAT, RANK[Priority.STAT], "critical finding: " + "; ".join(hits))
+        return TriageDecision(
+            Priority.STAT, RANK[Priority.STAT], "critical finding: " + "; ".join(hits)
+        )
     if score >= policy.high_score:
         return TriageDecision(
             Priority.HIGH,

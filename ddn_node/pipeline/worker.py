@@ -60,7 +60,9 @@ class Worker:
         self.settings = settings
         self.database = database
         self.owner = owner
-        self.steps = AnalysisSteps(settings, database, spool, models, send_now=send_now, on_results=on_results)
+        self.steps = AnalysisSteps(
+            settings, database, spool, models, send_now=send_now, on_results=on_results
+        )
         # Studies whose SR is out and whose heat maps wait (their leases kept renewed).
         self._deferred: deque[tuple[_Held, Analysis]] = deque()
 
@@ -99,10 +101,14 @@ class Worker:
         if lease is None:
             return False
         if lease.attempts > self.settings.queue.max_attempts:
-            self._give_up(lease, f"gave up after {lease.attempts - 1} attempts (worker lost each time)")
+            self._give_up(
+                lease, f"gave up after {lease.attempts - 1} attempts (worker lost each time)"
+            )
             return True
         held = _Held(lease, threading.Event())
-        threading.Thread(target=self._renew_lease, args=(held,), name=f"lease-{lease.job_id}", daemon=True).start()
+        threading.Thread(
+            target=self._renew_lease, args=(held,), name=f"lease-{lease.job_id}", daemon=True
+        ).start()
         analysis = self._guarded(held, lambda: self._phase1(lease))
         if analysis is None:
             held.stop_renewing.set()
@@ -178,7 +184,9 @@ class Worker:
         with self.database.session() as session:
             retried = lifecycle.retry(session, lease, self.settings.queue.retry_delay_s, reason)
         if retried:
-            log.warning("worker.study_retry", study_id=lease.study_id, attempt=lease.attempts, error=reason)
+            log.warning(
+                "worker.study_retry", study_id=lease.study_id, attempt=lease.attempts, error=reason
+            )
         else:
             log.warning("worker.lease_lost", job_id=lease.job_id, study_id=lease.study_id)
 
@@ -186,6 +194,11 @@ class Worker:
         with self.database.session() as session:
             gave_up = lifecycle.failed(session, lease, reason, utcnow())
         if gave_up:
-            log.error("worker.study_failed", study_id=lease.study_id, generation=lease.generation, error=reason)
+            log.error(
+                "worker.study_failed",
+                study_id=lease.study_id,
+                generation=lease.generation,
+                error=reason,
+            )
         else:
             log.warning("worker.lease_lost", job_id=lease.job_id, study_id=lease.study_id)

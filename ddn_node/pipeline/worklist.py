@@ -74,7 +74,9 @@ class WorklistQuery(BaseModel):
 
     unread: bool = Field(default=True, description="only studies not yet marked read")
     modality: str | None = Field(default=None, max_length=16, description="e.g. CR, DX, CT")
-    priority: Priority | None = Field(default=None, description="effective priority (override wins)")
+    priority: Priority | None = Field(
+        default=None, description="effective priority (override wins)"
+    )
     order: Order = "priority"
     limit: int = Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
     offset: int = Field(default=0, ge=0)
@@ -103,18 +105,28 @@ class WorklistRow:
     modalities: list[str]
     study_date: str
     study_time: str
-    study_datetime: Annotated[str | None, Field(description="'YYYY-MM-DD HH:MM' from StudyDate/StudyTime")]
+    study_datetime: Annotated[
+        str | None, Field(description="'YYYY-MM-DD HH:MM' from StudyDate/StudyTime")
+    ]
     study_description: str
     num_instances: int
     state: str
     state_reason: str
-    analysed: Annotated[bool, Field(description="a result exists (perhaps of an earlier generation)")]
-    status_text: Annotated[str, Field(description="the Status column, e.g. 'not analysed: queued for analysis'")]
+    analysed: Annotated[
+        bool, Field(description="a result exists (perhaps of an earlier generation)")
+    ]
+    status_text: Annotated[
+        str, Field(description="the Status column, e.g. 'not analysed: queued for analysis'")
+    ]
     abnormality_score: float | None
-    priority: Annotated[Priority, Field(description="effective priority: the override if any, else triage's")]
+    priority: Annotated[
+        Priority, Field(description="effective priority: the override if any, else triage's")
+    ]
     model_priority: Annotated[Priority, Field(description="what triage decided from the findings")]
     priority_override: Priority | None
-    rank: Annotated[int, Field(description="effective rank used for ordering (0 = STAT), after ageing")]
+    rank: Annotated[
+        int, Field(description="effective rank used for ordering (0 = STAT), after ageing")
+    ]
     aged: Annotated[bool, Field(description="ageing raised the rank above what triage decided")]
     priority_reason: str
     why: Annotated[str, Field(description="why the study is where it is in the list, for people")]
@@ -130,9 +142,15 @@ class WorklistRow:
 class WorklistPage:
     rows: list[WorklistRow]
     total: Annotated[
-        int, Field(description=f"rows matching the filters, all pages; counted up to {COUNT_CAP} (see total_exact)")
+        int,
+        Field(
+            description=f"rows matching the filters, all pages; counted up to {COUNT_CAP} (see total_exact)"
+        ),
     ]
-    total_exact: Annotated[bool, Field(description=f"false when more than {COUNT_CAP} match and total says {COUNT_CAP}")]
+    total_exact: Annotated[
+        bool,
+        Field(description=f"false when more than {COUNT_CAP} match and total says {COUNT_CAP}"),
+    ]
     query: WorklistQuery
     generated_at: dt.datetime
 
@@ -147,7 +165,9 @@ def page_json(page: WorklistPage) -> bytes:
 
 def page_etag(page: WorklistPage) -> str:
     """Changes when the list does; waiting times and the generation time tick every second."""
-    stable = PAGE_JSON.dump_json(page, exclude={"generated_at": True, "rows": {"__all__": {"waiting_s"}}})
+    stable = PAGE_JSON.dump_json(
+        page, exclude={"generated_at": True, "rows": {"__all__": {"waiting_s"}}}
+    )
     return '"' + hashlib.sha256(stable).hexdigest()[:32] + '"'
 
 
@@ -182,12 +202,14 @@ def format_person_name(pn: str) -> str:
     """DICOM PN (family^given^middle^prefix^suffix, '=' between representations) for people."""
     first = pn.split("=", 1)[0].strip() or pn.strip()
     parts = [p.strip() for p in first.split("^")]
-    family, given = (parts + ["", ""])[:2]
+    family, given = ([*parts, "", ""])[:2]
     rest = " ".join(p for p in parts[2:] if p)
     name = family
     if given or rest:
-        name = f"{family}, {' '.join(p for p in (given, rest) if p)}" if family else " ".join(
-            p for p in (given, rest) if p
+        name = (
+            f"{family}, {' '.join(p for p in (given, rest) if p)}"
+            if family
+            else " ".join(p for p in (given, rest) if p)
         )
     return name or pn
 
@@ -256,10 +278,13 @@ def _status_text(state: str, reason: str, analysed: bool) -> str:
     return f"{text} ({reason})" if reason else text
 
 
-
-
 def _why(
-    priority: Priority, model_priority: Priority, override: Priority | None, reason: str, rank: int, aged: bool
+    priority: Priority,
+    model_priority: Priority,
+    override: Priority | None,
+    reason: str,
+    rank: int,
+    aged: bool,
 ) -> str:
     if override is not None:
         base = f"{override.value}: set by hand (manual override)"
@@ -279,10 +304,29 @@ def _row(r: Any, now: dt.datetime) -> WorklistRow:
     # Unpacked by position (the order of _COLUMNS): on the list's hot path, named access to
     # 23 columns of 200 rows costs more than the SQL query.
     (
-        study_uid, patient_name, patient_id, accession_number, modalities, study_date, study_time,
-        study_description, num_instances, state, state_reason, score, priority_value, _rank,
-        override_value, priority_reason, top_findings, model_version, read_value, first_received_at,
-        analysed_at, ageing_steps, effective_rank,
+        study_uid,
+        patient_name,
+        patient_id,
+        accession_number,
+        modalities,
+        study_date,
+        study_time,
+        study_description,
+        num_instances,
+        state,
+        state_reason,
+        score,
+        priority_value,
+        _rank,
+        override_value,
+        priority_reason,
+        top_findings,
+        model_version,
+        read_value,
+        first_received_at,
+        analysed_at,
+        ageing_steps,
+        effective_rank,
     ) = r
     override = _priority(override_value)
     model_priority = _priority(priority_value) or Priority.NOT_ANALYSED
@@ -320,7 +364,9 @@ def _row(r: Any, now: dt.datetime) -> WorklistRow:
         read_status=read_status,
         first_received_at=first_received_at,
         analysed_at=analysed_at,
-        waiting_s=None if read_status is ReadStatus.READ else max(0.0, (now - first_received_at).total_seconds()),
+        waiting_s=None
+        if read_status is ReadStatus.READ
+        else max(0.0, (now - first_received_at).total_seconds()),
     )
 
 
@@ -337,11 +383,9 @@ def _where(query: WorklistQuery, *, for_count: bool = False) -> list[ColumnEleme
         # ``modalities`` is backslash-joined ("CR\DX"): match a whole element. autoescape
         # escapes LIKE wildcards with '/', which also stops PostgreSQL reading '\' as escape.
         wanted = "\\" + query.modality.strip().upper() + "\\"
-        conditions.append(
-            (lit("\\") + c.modalities + lit("\\")).contains(wanted, autoescape=True)
-        )
+        conditions.append((lit("\\") + c.modalities + lit("\\")).contains(wanted, autoescape=True))
     if query.priority is not None:
-        conditions.append(EFFECTIVE_PRIORITY == query.priority.value)
+        conditions.append(query.priority.value == EFFECTIVE_PRIORITY)
     return conditions
 
 
@@ -357,11 +401,15 @@ def rows_statement(query: WorklistQuery) -> Select[Any]:
 
 def count_statement(query: WorklistQuery, cap: int = COUNT_CAP) -> Select[Any]:
     """How many match, counting at most ``cap + 1`` (the scan stops there)."""
-    matching = select(literal_column("1")).select_from(STUDIES).where(*_where(query, for_count=True))
+    matching = (
+        select(literal_column("1")).select_from(STUDIES).where(*_where(query, for_count=True))
+    )
     return select(func.count()).select_from(matching.limit(cap + 1).subquery())
 
 
-def fetch_worklist(session: Session, query: WorklistQuery, now: dt.datetime | None = None) -> WorklistPage:
+def fetch_worklist(
+    session: Session, query: WorklistQuery, now: dt.datetime | None = None
+) -> WorklistPage:
     """One page of the worklist: the rows in order, and how many match in all."""
     now = now or utcnow()
     rows = session.execute(rows_statement(query)).all()
@@ -379,12 +427,16 @@ def fetch_worklist(session: Session, query: WorklistQuery, now: dt.datetime | No
     )
 
 
-def get_worklist(database: Database, query: WorklistQuery, now: dt.datetime | None = None) -> WorklistPage:
+def get_worklist(
+    database: Database, query: WorklistQuery, now: dt.datetime | None = None
+) -> WorklistPage:
     with database.read() as session:
         return fetch_worklist(session, query, now)
 
 
-def fetch_row(session: Session, study_uid: str, now: dt.datetime | None = None) -> WorklistRow | None:
+def fetch_row(
+    session: Session, study_uid: str, now: dt.datetime | None = None
+) -> WorklistRow | None:
     r = session.execute(select(*_COLUMNS).where(STUDIES.c.study_uid == study_uid)).first()
     return None if r is None else _row(r, now or utcnow())
 
@@ -406,7 +458,9 @@ def _lock_study(session: Session, study_uid: str) -> Study:
     return study
 
 
-def _record(session: Session, study: Study, user: str, host: str, action: str, value: str, before: str) -> None:
+def _record(
+    session: Session, study: Study, user: str, host: str, action: str, value: str, before: str
+) -> None:
     session.add(WorklistEvent(study_id=study.id, user=user[:128], action=action, value=value))
     add_audit(
         session,

@@ -38,7 +38,12 @@ def add_audit(
 ) -> None:
     session.add(
         AuditEvent(
-            event=event, actor=actor[:128], host=host[:64], outcome=outcome, study_uid=study_uid, detail=detail
+            event=event,
+            actor=actor[:128],
+            host=host[:64],
+            outcome=outcome,
+            study_uid=study_uid,
+            detail=detail,
         )
     )
 

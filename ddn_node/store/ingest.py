@@ -80,7 +80,12 @@ def _fit(model: type, values: dict[str, object]) -> dict[str, object]:
         length = getattr(column.type, "length", None)
         # Identifiers are never shortened (a cut UID names another object); the SCP has
         # already refused UIDs longer than their columns.
-        if isinstance(value, str) and length is not None and len(value) > length and not key.endswith("uid"):
+        if (
+            isinstance(value, str)
+            and length is not None
+            and len(value) > length
+            and not key.endswith("uid")
+        ):
             value = value[:length]
         out[key] = value
     return out
@@ -89,8 +94,10 @@ def _fit(model: type, values: dict[str, object]) -> dict[str, object]:
 def _insert_ignore(session: Session, model: type, values: dict[str, object], key: str) -> None:
     dialect = session.get_bind().dialect.name
     stmt_mod = postgresql if dialect == "postgresql" else sqlite
-    stmt = stmt_mod.insert(model).values(**_fit(model, values)).on_conflict_do_nothing(
-        index_elements=[key]
+    stmt = (
+        stmt_mod.insert(model)
+        .values(**_fit(model, values))
+        .on_conflict_do_nothing(index_elements=[key])
     )
     session.execute(stmt)
 
@@ -142,7 +149,9 @@ class KnownSeries:
             self._ids.pop(series_uid, None)
 
 
-def _instance_values(rec: InstanceRecord, study_id: int, series_id: int, now: dt.datetime) -> dict[str, object]:
+def _instance_values(
+    rec: InstanceRecord, study_id: int, series_id: int, now: dt.datetime
+) -> dict[str, object]:
     values = {f.name: getattr(rec, f.name) for f in fields(rec)}
     values.update(series_id=series_id, study_id=study_id, received_at=now)
     return _fit(Instance, values)
@@ -185,7 +194,11 @@ def _fast_statements(dialect_name: str) -> tuple[Any, Any]:
 
 
 def _fast_path(
-    session: Session, rec: InstanceRecord, ids: tuple[int, int], now: dt.datetime, complete_after: dt.datetime
+    session: Session,
+    rec: InstanceRecord,
+    ids: tuple[int, int],
+    now: dt.datetime,
+    complete_after: dt.datetime,
 ) -> IngestOutcome | None:
     """A new instance of a known series in a study still receiving; None if not that case."""
     study_id, series_id = ids
@@ -247,7 +260,11 @@ class _Full:
 
 
 def _full_path(
-    database: Database, rec: InstanceRecord, now: dt.datetime, complete_after: dt.datetime, force_complete_s: float
+    database: Database,
+    rec: InstanceRecord,
+    now: dt.datetime,
+    complete_after: dt.datetime,
+    force_complete_s: float,
 ) -> _Full:
     with database.session() as session:
         _insert_ignore(
@@ -298,7 +315,11 @@ def _full_path(
             existing.received_at = now
         if not (new_instance or changed):
             # An idempotent re-send: nothing about the study changes.
-            return _Full(IngestOutcome(study.id, False, False, False, study.complete_after or now), study.id, series.id)
+            return _Full(
+                IngestOutcome(study.id, False, False, False, study.complete_after or now),
+                study.id,
+                series.id,
+            )
 
         # Fill attributes an earlier instance left empty (the first one may be a KO or PR).
         for attr in _STUDY_ATTRS:
@@ -314,4 +335,8 @@ def _full_path(
             lifecycle.reopen(session, study, now, force_complete_s)
         study.last_received_at = now
         study.complete_after = complete_after
-        return _Full(IngestOutcome(study.id, new_instance, changed, reopened, complete_after), study.id, series.id)
+        return _Full(
+            IngestOutcome(study.id, new_instance, changed, reopened, complete_after),
+            study.id,
+            series.id,
+        )

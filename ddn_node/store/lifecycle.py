@@ -88,7 +88,12 @@ def completion_due(now: dt.datetime) -> ColumnElement[bool]:
 
 
 def complete(
-    session: Session, study_id: int, route: Route | None, now: dt.datetime, *, not_routed_reason: str = ""
+    session: Session,
+    study_id: int,
+    route: Route | None,
+    now: dt.datetime,
+    *,
+    not_routed_reason: str = "",
 ) -> Completed | None:
     """receiving -> queued (with its job) or not_routed; None if the study is not due any
     more (another sweeper completed it, or an instance arrived meanwhile)."""
@@ -167,7 +172,9 @@ def triage(session: Session, lease: Lease, decision: Triage, now: dt.datetime) -
             read_status=ReadStatus.UNREAD,
         )
     )
-    was_read = session.scalar(select(WorklistEvent.id).where(WorklistEvent.study_id == lease.study_id).limit(1))
+    was_read = session.scalar(
+        select(WorklistEvent.id).where(WorklistEvent.study_id == lease.study_id).limit(1)
+    )
     if lease.generation > 1 or was_read:
         session.add(
             WorklistEvent(
@@ -183,7 +190,9 @@ def triage(session: Session, lease: Lease, decision: Triage, now: dt.datetime) -
 
 def analysed(session: Session, lease: Lease, now: dt.datetime) -> bool:
     """analysing -> analysed, and the job done."""
-    if not JOBS.finish(session, lease.job_id, lease.owner, JobState.DONE, finished_at=now, last_error=""):
+    if not JOBS.finish(
+        session, lease.job_id, lease.owner, JobState.DONE, finished_at=now, last_error=""
+    ):
         return False
     # Only the generation that is still current moves the study to 'analysed'; if a late
     # instance re-opened it meanwhile, it stays 'receiving'.

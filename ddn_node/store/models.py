@@ -132,7 +132,8 @@ class Study(Base):
         Index("ix_studies_first_received_at", "first_received_at"),
         # The worklist's page query and its count use two equivalent predicates on it.
         CheckConstraint(
-            "read_status IN (" + ", ".join(f"'{v.value}'" for v in ReadStatus) + ")", name="ck_studies_read_status"
+            "read_status IN (" + ", ".join(f"'{v.value}'" for v in ReadStatus) + ")",
+            name="ck_studies_read_status",
         ),
         _SQLITE_ARGS,
     )
@@ -146,7 +147,12 @@ def _worklist_indexes(table: Any) -> None:
     CASE of an expression index in its own parentheses; both databases compare parsed
     expressions, so the query's unparenthesised CASE still matches.
     """
-    rank, score, unread, c = Grouping(effective_rank(table)), score_key(table), not_read(table), table.c
+    rank, score, unread, c = (
+        Grouping(effective_rank(table)),
+        score_key(table),
+        not_read(table),
+        table.c,
+    )
     Index("ix_studies_worklist_priority", rank, score.desc(), c.first_received_at, c.id)
     Index(
         "ix_studies_worklist_priority_unread",
@@ -270,7 +276,9 @@ class Result(Base):
     sr_series_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
     sr_sop_class_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
     sr_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # relative to the spool
-    thresholds: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # label -> operating point
+    thresholds: Mapped[dict[str, float] | None] = mapped_column(
+        JSON, nullable=True
+    )  # label -> operating point
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 

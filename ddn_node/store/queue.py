@@ -77,7 +77,12 @@ class LeaseQueue(Generic[Row]):
         return session.get(m, row_id)
 
     def claim_where(
-        self, session: Session, owner: str, lease_s: float, *criteria: Any, now: dt.datetime | None = None
+        self,
+        session: Session,
+        owner: str,
+        lease_s: float,
+        *criteria: Any,
+        now: dt.datetime | None = None,
     ) -> list[int]:
         """Take every claimable row that also meets ``criteria`` (for example one object's
         deliveries); returns their ids. Rows another owner holds are skipped, as in
@@ -87,7 +92,11 @@ class LeaseQueue(Generic[Row]):
         values = self._claim_values(owner, lease_s, now)
         wanted = and_(self._claimable(now), *criteria)
         if session.get_bind().dialect.name == "postgresql":
-            ids = list(session.scalars(select(m.id).where(wanted).order_by(m.id).with_for_update(skip_locked=True)))
+            ids = list(
+                session.scalars(
+                    select(m.id).where(wanted).order_by(m.id).with_for_update(skip_locked=True)
+                )
+            )
             if ids:
                 session.execute(update(m).where(m.id.in_(ids)).values(**values))
         else:
@@ -130,7 +139,12 @@ class LeaseQueue(Generic[Row]):
         """Give a claimed row back, claimable at once, without counting the attempt (a
         worker shutting down cleanly did not fail at it)."""
         return self.finish(
-            session, row_id, owner, self.ready, not_before=utcnow(), attempts=self.model.attempts - 1
+            session,
+            row_id,
+            owner,
+            self.ready,
+            not_before=utcnow(),
+            attempts=self.model.attempts - 1,
         )
 
     def depth(self, session: Session) -> int:
@@ -146,4 +160,6 @@ class LeaseQueue(Generic[Row]):
 
 
 JOBS: LeaseQueue[Job] = LeaseQueue(Job, JobState.QUEUED, JobState.RUNNING)
-DELIVERIES: LeaseQueue[Delivery] = LeaseQueue(Delivery, DeliveryState.PENDING, DeliveryState.SENDING)
+DELIVERIES: LeaseQueue[Delivery] = LeaseQueue(
+    Delivery, DeliveryState.PENDING, DeliveryState.SENDING
+)

@@ -114,7 +114,11 @@ def record_report(
 
 
 def add_deliveries(
-    session: Session, study_id: int, result_id: int, objects: Sequence[OutgoingObject], now: dt.datetime
+    session: Session,
+    study_id: int,
+    result_id: int,
+    objects: Sequence[OutgoingObject],
+    now: dt.datetime,
 ) -> None:
     for obj in objects:
         session.add(
@@ -165,7 +169,9 @@ def report_of_job(session: Session, job_id: int) -> StoredReport | None:
     """The report an earlier attempt of this job already queued (its SR may be in a PACS)."""
     found = _identity(
         session.execute(
-            select(*_IDENTITY).join(Study, Result.study_id == Study.id).where(Result.job_id == job_id)
+            select(*_IDENTITY)
+            .join(Study, Result.study_id == Study.id)
+            .where(Result.job_id == job_id)
         ).first()
     )
     return None if found is None else StoredReport(*found)
@@ -212,5 +218,7 @@ def record_heat_maps(
         )
     add_deliveries(session, study_id, result_id, deliveries, now)
     session.execute(
-        update(Result).where(Result.id == result_id).values(timings_ms=dict(timings_ms), completed_at=now)
+        update(Result)
+        .where(Result.id == result_id)
+        .values(timings_ms=dict(timings_ms), completed_at=now)
     )

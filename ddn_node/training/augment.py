@@ -37,17 +37,26 @@ def augment(x: torch.Tensor, g: torch.Generator, spec: AugmentSpec = AugmentSpec
     ang = _uniform(b, -spec.rotate_deg, spec.rotate_deg, g) * (math.pi / 180)
     s = _uniform(b, *spec.scale, g)
     flip = torch.where(torch.rand(b, generator=g) < spec.hflip, -1.0, 1.0)
-    tx, ty = _uniform(b, -spec.shift, spec.shift, g) * 2, _uniform(b, -spec.shift, spec.shift, g) * 2
+    tx, ty = (
+        _uniform(b, -spec.shift, spec.shift, g) * 2,
+        _uniform(b, -spec.shift, spec.shift, g) * 2,
+    )
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
     # theta maps output to input coordinates; the flip multiplies the x column.
     theta = torch.stack(
         [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
     ).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(
+        x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     c = _uniform(b, *spec.contrast, g).view(b, 1, 1, 1).to(x.device)
     br = _uniform(b, -spec.brightness, spec.brightness, g).view(b, 1, 1, 1).to(x.device)
-    gm = torch.exp(_uniform(b, math.log(spec.gamma[0]), math.log(spec.gamma[1]), g)).view(b, 1, 1, 1).to(x.device)
+    gm = (
+        torch.exp(_uniform(b, math.log(spec.gamma[0]), math.log(spec.gamma[1]), g))
+        .view(b, 1, 1, 1)
+        .to(x.device)
+    )
     mean = y.mean(dim=(2, 3), keepdim=True)
     y = ((y - mean) * c + mean + br).clamp(0.0, 1.0)
     return y.pow(gm)

@@ -47,7 +47,9 @@ def save_checkpoint(
     state: TrainState,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    }
     groups: list[dict[str, Any]] = []
     if optimizer is not None:
         sd = optimizer.state_dict()
@@ -55,7 +57,7 @@ def save_checkpoint(
             for k, v in st.items():
                 t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
                 tensors[f"optim.{idx}.{k}"] = t.detach().cpu().contiguous()
-        groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+        groups = [dict(g.items()) for g in sd["param_groups"]]
     tensors["rng.torch"] = torch.get_rng_state()
     if generator is not None:
         tensors["rng.generator"] = generator.get_state()
@@ -78,7 +80,9 @@ def load_checkpoint(
     meta = json.loads((directory / f"{name}.json").read_text())
     tensors = load_file(str(directory / f"{name}.safetensors"))
     state = TrainState(**meta["state"])
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict(
+        {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    )
     if optimizer is not None and meta["param_groups"]:
         per: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():

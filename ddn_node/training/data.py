@@ -113,7 +113,7 @@ def _resolve(images: Path, csv_path: Path, name: str) -> Path:
     return p
 
 
-def read_label_csv(
+def read_label_csv(  # noqa: C901, PLR0915 - one pass over the CSV, each column's checks beside it
     images: Path,
     labels_csv: Path,
     label_columns: Sequence[str] | None = None,
@@ -132,7 +132,9 @@ def read_label_csv(
         raise DatasetError(f"{labels_csv} has no rows")
     file_col = next((c for c in FILE_COLUMNS if c in header), None)
     if file_col is None:
-        raise DatasetError(f"{labels_csv}: no file column (one of {FILE_COLUMNS}); columns are {header}")
+        raise DatasetError(
+            f"{labels_csv}: no file column (one of {FILE_COLUMNS}); columns are {header}"
+        )
     patient_col = next((c for c in PATIENT_COLUMNS if c in header), None)
 
     if "Finding Labels" in header and not label_columns:
@@ -144,12 +146,16 @@ def read_label_csv(
             found = {s.strip() for s in r["Finding Labels"].split("|") if s.strip()}
             unknown = found - set(labels) - {NO_FINDING}
             if unknown:
-                raise DatasetError(f"{labels_csv} row {i + 2}: unknown finding(s) {sorted(unknown)}")
+                raise DatasetError(
+                    f"{labels_csv} row {i + 2}: unknown finding(s) {sorted(unknown)}"
+                )
             for j, lab in enumerate(labels):
                 # The text column is the source of truth; 0/1 columns, where present, must agree.
                 targets[i, j] = 1.0 if lab in found else 0.0
                 if lab in r and r[lab] not in ("", None) and float(r[lab]) != targets[i, j]:
-                    raise DatasetError(f"{labels_csv} row {i + 2}: column {lab} disagrees with Finding Labels")
+                    raise DatasetError(
+                        f"{labels_csv} row {i + 2}: column {lab} disagrees with Finding Labels"
+                    )
             normal[i] = found == {NO_FINDING}
     elif label_columns:
         layout, activation = "folder", "sigmoid"
@@ -172,10 +178,19 @@ def read_label_csv(
         for i, r in enumerate(rows):
             targets[i, labels.index(r["label"].strip())] = 1.0
         normal_name = normal_label or next(
-            (c for c in labels if c.lower().replace("_", "").replace(" ", "") in ("notumor", "notumour", "normal", "nofinding")),
+            (
+                c
+                for c in labels
+                if c.lower().replace("_", "").replace(" ", "")
+                in ("notumor", "notumour", "normal", "nofinding")
+            ),
             None,
         )
-        normal = np.array([r["label"].strip() == normal_name for r in rows]) if normal_name else np.zeros(len(rows), bool)
+        normal = (
+            np.array([r["label"].strip() == normal_name for r in rows])
+            if normal_name
+            else np.zeros(len(rows), bool)
+        )
     else:
         raise DatasetError(
             f"{labels_csv}: cannot tell the labels: need 'Finding Labels' (NIH), a 'label' column, or --label-columns"
@@ -185,7 +200,9 @@ def read_label_csv(
     paths = [_resolve(images, labels_csv, f) for f in files]
     absent = [f for f, p in zip(files, paths, strict=True) if not p.is_file()]
     if absent:
-        raise DatasetError(f"{len(absent)} image(s) listed in {labels_csv.name} are not in {images}, e.g. {absent[:3]}")
+        raise DatasetError(
+            f"{len(absent)} image(s) listed in {labels_csv.name} are not in {images}, e.g. {absent[:3]}"
+        )
     patients = [r[patient_col].strip() for r in rows] if patient_col else list(files)
     extra = {c: [r.get(c, "") for r in rows] for c in ("View Position",) if c in header}
     return LabelTable(
@@ -232,7 +249,9 @@ def load_images(
 ) -> ImageCache:
     out = torch.empty((len(table), size, size), dtype=torch.uint8)
     hashes: list[str] = []
-    for i, p in enumerate(tqdm(table.paths, desc="load images", unit="img", disable=not progress, leave=False)):
+    for i, p in enumerate(
+        tqdm(table.paths, desc="load images", unit="img", disable=not progress, leave=False)
+    ):
         raw = p.read_bytes()
         hashes.append(hashlib.sha256(raw).hexdigest())
         img = loader(p)

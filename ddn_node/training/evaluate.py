@@ -110,15 +110,35 @@ def read_bboxes(path: Path) -> list[BoxRow]:
         if missing and "Bbox [x" in header:
             for r in reader:
                 b = Box(float(r["Bbox [x"]), float(r["y"]), float(r["w"]), float(r["h]"]))
-                rows.append(BoxRow(r["Image Index"], NIH_BBOX_TO_LABEL.get(r["Finding Label"], r["Finding Label"]), b, None))
+                rows.append(
+                    BoxRow(
+                        r["Image Index"],
+                        NIH_BBOX_TO_LABEL.get(r["Finding Label"], r["Finding Label"]),
+                        b,
+                        None,
+                    )
+                )
             return rows
         if missing:
             raise EvaluationError(f"{path}: bbox columns {missing} not found")
         has256 = all(c in header for c in ("x_256", "y_256", "w_256", "h_256"))
         for r in reader:
-            b1024 = Box(float(r["x_1024"]), float(r["y_1024"]), float(r["w_1024"]), float(r["h_1024"]))
-            b256 = Box(float(r["x_256"]), float(r["y_256"]), float(r["w_256"]), float(r["h_256"])) if has256 else None
-            rows.append(BoxRow(r["Image Index"], NIH_BBOX_TO_LABEL.get(r["Finding Label"], r["Finding Label"]), b1024, b256))
+            b1024 = Box(
+                float(r["x_1024"]), float(r["y_1024"]), float(r["w_1024"]), float(r["h_1024"])
+            )
+            b256 = (
+                Box(float(r["x_256"]), float(r["y_256"]), float(r["w_256"]), float(r["h_256"]))
+                if has256
+                else None
+            )
+            rows.append(
+                BoxRow(
+                    r["Image Index"],
+                    NIH_BBOX_TO_LABEL.get(r["Finding Label"], r["Finding Label"]),
+                    b1024,
+                    b256,
+                )
+            )
     return rows
 
 
@@ -151,11 +171,20 @@ def _select(table: LabelTable, cfg: EvalConfig) -> tuple[LabelTable, dict[str, A
         note="images the model trained or validated on (its split.csv) are excluded",
     )
     if not keep:
-        raise EvaluationError("every image given was used in training/validation; nothing is held out (use --split all to override)")
+        raise EvaluationError(
+            "every image given was used in training/validation; nothing is held out (use --split all to override)"
+        )
     return table.subset(keep), info
 
 
-def _predict(predictor: Predictor, table: LabelTable, head: str, labels: list[str], batch: int, progress: bool = False) -> np.ndarray:
+def _predict(
+    predictor: Predictor,
+    table: LabelTable,
+    head: str,
+    labels: list[str],
+    batch: int,
+    progress: bool = False,
+) -> np.ndarray:
     """Probabilities (N, L), images decoded one batch at a time."""
     out = []
     starts = range(0, len(table), batch)
@@ -179,7 +208,9 @@ def _thumbnail(a: np.ndarray, box: Box, side: int = 256) -> tuple[np.ndarray, Bo
     f = min(1.0, side / max(h, w))
     if f >= 1.0:
         return a.copy(), box
-    t = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(a))[None, None], scale_factor=f, mode="area")[0, 0].numpy()
+    t = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(a))[None, None], scale_factor=f, mode="area"
+    )[0, 0].numpy()
     return t, Box(box.x * f, box.y * f, box.w * f, box.h * f)
 
 
@@ -192,7 +223,7 @@ def _validation_part(table: LabelTable, cfg: EvalConfig) -> LabelTable | None:
     return table.subset([i for i, f in enumerate(table.files) if recorded.get(f) == "val"])
 
 
-def _localisation(
+def _localisation(  # noqa: PLR0915 - the pointing game and its baselines in one pass over the boxes
     predictor: Predictor,
     head: str,
     labels: list[str],
@@ -209,7 +240,16 @@ def _localisation(
         if r.file in index and r.label in labels:
             per_image.setdefault(index[r.file], []).append(r)
     if not per_image:
-        return {"n_boxes": 0, "pointing_game": None, "random_pointing_game": None, "note": "no boxed image in the evaluated set"}, [], []
+        return (
+            {
+                "n_boxes": 0,
+                "pointing_game": None,
+                "random_pointing_game": None,
+                "note": "no boxed image in the evaluated set",
+            },
+            [],
+            [],
+        )
     rng = np.random.default_rng(cfg.seed)
     model, spec = predictor.model, predictor.spec
     hits, ious, iobbs = [], [], []
@@ -220,7 +260,13 @@ def _localisation(
     examples: list[dict[str, Any]] = []
     order = sorted(per_image)
     starts = range(0, len(order), cfg.batch_size)
-    for s in tqdm(starts, desc=f"Grad-CAM on {part} boxes", unit="batch", disable=not cfg.progress, leave=False):
+    for s in tqdm(
+        starts,
+        desc=f"Grad-CAM on {part} boxes",
+        unit="batch",
+        disable=not cfg.progress,
+        leave=False,
+    ):
         idx = order[s : s + cfg.batch_size]
         # Decoded per batch: a folder of full-size DICOM radiographs does not fit in memory.
         images = {i: load_image_file(table.paths[i]) for i in idx}
@@ -249,7 +295,9 @@ def _localisation(
                 # area fraction), and a fixed map peaking at the image centre.
                 rh, ri, rb = [], [], []
                 for _ in range(cfg.random_maps):
-                    rm = map_to_source(torch.from_numpy(rng.random((fh, fw)).astype(np.float32)), geoms[b])
+                    rm = map_to_source(
+                        torch.from_numpy(rng.random((fh, fw)).astype(np.float32)), geoms[b]
+                    )
                     rh.append(pointing_hit(rm, box))
                     a, c = box_overlaps(predicted_box(rm), box, shape)
                     ri.append(a)
@@ -260,12 +308,30 @@ def _localisation(
                 by_label_maps.setdefault(r.label, []).append(float(np.mean(rh)))
                 ch = centre_hit(box, shape)
                 c_hits.append(ch)
-                outcomes.append(BoxOutcome(r.label, table.files[i], table.patients[i], hit, random_hit_rate(box, shape), ch))
+                outcomes.append(
+                    BoxOutcome(
+                        r.label,
+                        table.files[i],
+                        table.patients[i],
+                        hit,
+                        random_hit_rate(box, shape),
+                        ch,
+                    )
+                )
                 if keep_examples:
                     thumb, tbox = _thumbnail(images[i], box)
                     small_hm, _ = _thumbnail(hm, box)
                     examples.append(
-                        {"i": i, "label": r.label, "prob": float(probs[b, k]), "hit": hit, "iou": iou, "box": tbox, "heatmap": small_hm, "image": thumb}
+                        {
+                            "i": i,
+                            "label": r.label,
+                            "prob": float(probs[b, k]),
+                            "hit": hit,
+                            "iou": iou,
+                            "box": tbox,
+                            "heatmap": small_hm,
+                            "image": thumb,
+                        }
                     )
     summary = localisation_summary(hits, ious, iobbs)
     rand = localisation_summary([bool(h) for h in r_hits], r_ious, r_iobbs)
@@ -308,7 +374,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.maps_decide_on not in ("val", "evaluated"):
         raise EvaluationError("--maps-decide-on must be 'val' or 'evaluated'")
     try:
-        rule = EvidenceRule(kind=cfg.maps_rule, min_boxes=cfg.maps_min_boxes, decide_on=cfg.maps_decide_on)  # type: ignore[arg-type]
+        rule = EvidenceRule(
+            kind=cfg.maps_rule, min_boxes=cfg.maps_min_boxes, decide_on=cfg.maps_decide_on
+        )  # type: ignore[arg-type]
     except ValueError as e:
         raise EvaluationError(str(e)) from e
     given = read_label_csv(cfg.images, cfg.labels)
@@ -319,18 +387,27 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     thresholds = [spec.threshold for spec in info.labels]
     boot = BootstrapSpec(cfg.n_boot, cfg.seed)
     report = classification_report(y, p, labels, thresholds, table.patients, boot)
-    scores = np.array([abnormality_score(art, head, dict(zip(labels, row, strict=True))) for row in p.tolist()])
+    scores = np.array(
+        [abnormality_score(art, head, dict(zip(labels, row, strict=True))) for row in p.tolist()]
+    )
     abnormal = ~table.normal
     abn = binary_auc_with_ci(abnormal.astype(float), scores, table.patients, boot)
     abn.update(
         definition=info.abnormality.model_dump(),
         n_normal=int(table.normal.sum()),
         n_abnormal=int(abnormal.sum()),
-        normal_means="'No Finding' (NIH)" if table.layout == "nih" else "the normal class / no positive label",
+        normal_means="'No Finding' (NIH)"
+        if table.layout == "nih"
+        else "the normal class / no positive label",
     )
     command = cfg.command or " ".join(["ddn-node", *(shlex.quote(a) for a in sys.argv[1:])])
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    loc: dict[str, Any] = {"pointing_game": None, "random_pointing_game": None, "n_boxes": 0, "note": "no --bboxes given"}
+    loc: dict[str, Any] = {
+        "pointing_game": None,
+        "random_pointing_game": None,
+        "n_boxes": 0,
+        "note": "no --bboxes given",
+    }
     examples: list[dict[str, Any]] = []
     if cfg.bboxes is not None:
         rows = read_bboxes(cfg.bboxes)
@@ -343,13 +420,35 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         if val is not None:
             # The validation patients decide which labels get heat maps (the test split
             # only reports); their classification metrics are not part of this report.
-            val_loc, _, parts["val"] = _localisation(predictor, head, labels, val, rows, cfg, "val", keep_examples=False)
-            loc["val"] = {k: val_loc.get(k) for k in ("n_boxes", "n_patients", "pointing_game", "random_pointing_game", "random_area_pointing_game", "centre_pointing_game")}
+            val_loc, _, parts["val"] = _localisation(
+                predictor, head, labels, val, rows, cfg, "val", keep_examples=False
+            )
+            loc["val"] = {
+                k: val_loc.get(k)
+                for k in (
+                    "n_boxes",
+                    "n_patients",
+                    "pointing_game",
+                    "random_pointing_game",
+                    "random_area_pointing_game",
+                    "centre_pointing_game",
+                )
+            }
         record = build_record(labels, parts, rule, art.weights_sha256, part, command, created)
         loc["evidence"] = record.model_dump(mode="json")
     metrics: dict[str, Any] = {
-        "model": {"name": art.name, "version": art.version, "weights_sha256": art.weights_sha256, "head": head},
-        "data": {"images": str(cfg.images), "labels": str(cfg.labels), "bboxes": str(cfg.bboxes) if cfg.bboxes else None, "selection": selection},
+        "model": {
+            "name": art.name,
+            "version": art.version,
+            "weights_sha256": art.weights_sha256,
+            "head": head,
+        },
+        "data": {
+            "images": str(cfg.images),
+            "labels": str(cfg.labels),
+            "bboxes": str(cfg.bboxes) if cfg.bboxes else None,
+            "selection": selection,
+        },
         "n_images": len(table),
         "n_patients": len(set(table.patients)),
         "macro": report["macro"],
@@ -376,7 +475,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         macro_auc=metrics["macro"]["auc"],
         abnormality_auc=abn["auc"],
         pointing_game=loc.get("pointing_game"),
-        heat_map_labels=[lab for lab, v in loc.get("evidence", {}).get("labels", {}).items() if v["maps_shown"]],
+        heat_map_labels=[
+            lab for lab, v in loc.get("evidence", {}).get("labels", {}).items() if v["maps_shown"]
+        ],
         seconds=metrics["seconds"],
     )
     return metrics
@@ -402,15 +503,41 @@ def _record(art: ModelArtifact, metrics: dict[str, Any], cfg: EvalConfig) -> Non
         "n_images": metrics["n_images"],
         "n_patients": metrics["n_patients"],
         "selection": metrics["data"]["selection"],
-        "macro": {k: metrics["macro"][k] for k in ("auc", "auc_ci95", "average_precision", "average_precision_ci95", "f1")},
+        "macro": {
+            k: metrics["macro"][k]
+            for k in ("auc", "auc_ci95", "average_precision", "average_precision_ci95", "f1")
+        },
         "per_label": {
-            lab: {k: v[k] for k in ("auc", "auc_ci95", "average_precision", "average_precision_ci95", "n_positive")}
+            lab: {
+                k: v[k]
+                for k in (
+                    "auc",
+                    "auc_ci95",
+                    "average_precision",
+                    "average_precision_ci95",
+                    "n_positive",
+                )
+            }
             for lab, v in metrics["per_label"].items()
         },
-        "abnormality": {k: metrics["abnormality"][k] for k in ("auc", "auc_ci95", "n_normal", "n_abnormal")},
+        "abnormality": {
+            k: metrics["abnormality"][k] for k in ("auc", "auc_ci95", "n_normal", "n_abnormal")
+        },
         "localization": {
             k: metrics["localization"].get(k)
-            for k in ("n_boxes", "pointing_game", "random_pointing_game", "random_area_pointing_game", "centre_pointing_game", "iou_acc@0.1", "iou_acc@0.25", "iou_acc@0.5", "iobb_acc@0.1", "iobb_acc@0.25", "iobb_acc@0.5")
+            for k in (
+                "n_boxes",
+                "pointing_game",
+                "random_pointing_game",
+                "random_area_pointing_game",
+                "centre_pointing_game",
+                "iou_acc@0.1",
+                "iou_acc@0.25",
+                "iou_acc@0.5",
+                "iobb_acc@0.1",
+                "iobb_acc@0.25",
+                "iobb_acc@0.5",
+            )
         },
         "command": metrics["command"],
         "created": metrics["created"],

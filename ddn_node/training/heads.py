@@ -73,11 +73,17 @@ def fit_probe(
     target = torch.from_numpy(y)
     if activation == "softmax":
         counts = np.maximum(y.sum(0), 1)
-        crit: nn.Module = nn.CrossEntropyLoss(weight=torch.tensor(len(y) / (len(counts) * counts), dtype=torch.float32))
+        crit: nn.Module = nn.CrossEntropyLoss(
+            weight=torch.tensor(len(y) / (len(counts) * counts), dtype=torch.float32)
+        )
         tgt = target.argmax(1)
     else:
         pos = y.sum(0)
-        crit = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(np.clip((len(y) - pos) / np.maximum(pos, 1), 1, 10), dtype=torch.float32))
+        crit = nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor(
+                np.clip((len(y) - pos) / np.maximum(pos, 1), 1, 10), dtype=torch.float32
+            )
+        )
         tgt = target
     lin.train()
     for _ in range(PROBE_STEPS):
@@ -111,13 +117,19 @@ def add_head(cfg: Any) -> Manifest:
     for i, fold in enumerate(folds):
         held = set(fold)
         train_idx = [j for j in range(len(table)) if j not in held]
-        lin = fit_probe(feats[train_idx], y[train_idx], table.activation, model.config.dropout, cfg.seed + i)
+        lin = fit_probe(
+            feats[train_idx], y[train_idx], table.activation, model.config.dropout, cfg.seed + i
+        )
         oof[fold] = _probs(lin, feats[fold], table.activation)
     thresholds, methods = choose_thresholds(y, oof, table.labels, "pooled out-of-fold predictions")
-    rep = classification_report(y, oof, table.labels, thresholds, table.patients, BootstrapSpec(1000, cfg.seed))
+    rep = classification_report(
+        y, oof, table.labels, thresholds, table.patients, BootstrapSpec(1000, cfg.seed)
+    )
     cv: dict[str, Any] = {
         "folds": k,
-        "grouping": "Patient ID" if table.patients != table.files else "image (the CSV has no patient IDs)",
+        "grouping": "Patient ID"
+        if table.patients != table.files
+        else "image (the CSV has no patient IDs)",
         "out_of_fold": {"macro": rep["macro"], "per_label": rep["per_label"]},
     }
     if table.activation == "softmax":
@@ -125,17 +137,33 @@ def add_head(cfg: Any) -> Manifest:
         truth = y.argmax(1)
         acc = float((pred == truth).mean())
         rng = np.random.default_rng(cfg.seed)
-        boots = [float((pred[ix] == truth[ix]).mean()) for ix in (rng.integers(0, len(y), len(y)) for _ in range(1000))]
+        boots = [
+            float((pred[ix] == truth[ix]).mean())
+            for ix in (rng.integers(0, len(y), len(y)) for _ in range(1000))
+        ]
         cv["accuracy_argmax"] = acc
-        cv["accuracy_argmax_ci95"] = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
-        cv["confusion_matrix"] = {"labels": list(table.labels), "rows_truth_cols_pred": np.bincount(truth * len(table.labels) + pred, minlength=len(table.labels) ** 2).reshape(len(table.labels), -1).tolist()}
+        cv["accuracy_argmax_ci95"] = [
+            float(np.quantile(boots, 0.025)),
+            float(np.quantile(boots, 0.975)),
+        ]
+        cv["confusion_matrix"] = {
+            "labels": list(table.labels),
+            "rows_truth_cols_pred": np.bincount(
+                truth * len(table.labels) + pred, minlength=len(table.labels) ** 2
+            )
+            .reshape(len(table.labels), -1)
+            .tolist(),
+        }
     final = fit_probe(feats, y, table.activation, model.config.dropout, cfg.seed)
 
-    heads_cfg = tuple(h for h in model.config.heads if h.name != cfg.head) + (
+    heads_cfg = (
+        *(h for h in model.config.heads if h.name != cfg.head),
         HeadConfig(cfg.head, tuple(table.labels), table.activation),  # type: ignore[arg-type]
     )
     new_model = DDN(replace(model.config, heads=heads_cfg))
-    state = {k2: v for k2, v in model.state_dict().items() if not k2.startswith(f"heads.{cfg.head}.")}
+    state = {
+        k2: v for k2, v in model.state_dict().items() if not k2.startswith(f"heads.{cfg.head}.")
+    }
     state[f"heads.{cfg.head}.weight"] = final.weight.detach().clone()
     state[f"heads.{cfg.head}.bias"] = final.bias.detach().clone()
     new_model.load_state_dict(state)
@@ -150,7 +178,12 @@ def add_head(cfg: Any) -> Manifest:
             f"Adam lr {PROBE_LR}, {PROBE_STEPS} full-batch steps, weight decay {PROBE_WEIGHT_DECAY}, "
             f"dropout {model.config.dropout}, class-weighted loss",
             "backbone_from": f"{art.name} {art.version} (weights sha256 {art.weights_sha256})",
-            "data": {**fp, "images_dir": str(cfg.images), "labels_csv": str(cfg.labels), "layout": table.layout},
+            "data": {
+                **fp,
+                "images_dir": str(cfg.images),
+                "labels_csv": str(cfg.labels),
+                "layout": table.layout,
+            },
             "final_model": "fitted on all images after cross-validation",
             "seconds": round(time.monotonic() - t0, 1),
         },
@@ -165,5 +198,11 @@ def add_head(cfg: Any) -> Manifest:
     final_manifest = save_artifact(cfg.out, new_model, manifest)
     if cfg.out.resolve() != cfg.add_head_to.resolve() and (cfg.add_head_to / "split.csv").is_file():
         shutil.copy2(cfg.add_head_to / "split.csv", cfg.out / "split.csv")
-    log.info("train.head_added", head=cfg.head, out=str(cfg.out), cv_macro_auc=rep["macro"]["auc"], seconds=head.training["seconds"])
+    log.info(
+        "train.head_added",
+        head=cfg.head,
+        out=str(cfg.out),
+        cv_macro_auc=rep["macro"]["auc"],
+        seconds=head.training["seconds"],
+    )
     return final_manifest

@@ -40,7 +40,9 @@ def load_image_file(path: str | Path) -> np.ndarray:
         if im.mode == "F":
             arr = np.asarray(im, dtype=np.float32)
             lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            return np.nan_to_num((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
+            return np.nan_to_num((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(
+                np.float32
+            )
         if im.mode == "L":
             return np.asarray(im, dtype=np.float32) / 255.0
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0

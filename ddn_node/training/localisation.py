@@ -177,8 +177,15 @@ def decide(part: PartLocalisation, rule: EvidenceRule, where: str = "val") -> tu
     rnd = part.random if part.random is not None else 0.0
     ctr = part.centre if part.centre is not None else 0.0
     if part.n_boxes < rule.min_boxes:
-        return False, f"too few boxes on {on}: {_figures(part)}, the rule needs at least {rule.min_boxes}"
-    fail = [(name, b) for name, b in (("the random baseline", rnd), ("the centre prior", ctr)) if pg <= b]
+        return (
+            False,
+            f"too few boxes on {on}: {_figures(part)}, the rule needs at least {rule.min_boxes}",
+        )
+    fail = [
+        (name, b)
+        for name, b in (("the random baseline", rnd), ("the centre prior", ctr))
+        if pg <= b
+    ]
     baselines = f"random {_f(rnd)}, centre {_f(ctr)}"
     if fail:
         which = " and ".join(f"{'below' if pg < b else 'level with'} {name}" for name, b in fail)
@@ -206,7 +213,9 @@ def rule_description(rule: EvidenceRule, decided_on: str, note: str = "") -> str
         if rule.kind == "ci_lower_bound"
         else "the pointing game's point estimate exceeds both the random baseline and the centre prior"
     )
-    text = f"heat maps are drawn for a label when, on {on}, {what}, on at least {rule.min_boxes} boxes"
+    text = (
+        f"heat maps are drawn for a label when, on {on}, {what}, on at least {rule.min_boxes} boxes"
+    )
     if decided_on == "val":
         text += "; the test split is reported beside it and never used to decide"
     return text + (f"; {note}" if note else "")
@@ -233,14 +242,19 @@ def build_record(
         note = f"the artifact records no {PART_NAMES.get(want, want)}, so {PART_NAMES.get(evaluated_part, evaluated_part)} decide"
         want = evaluated_part
     by_part_label: dict[str, dict[str, list[BoxOutcome]]] = {
-        part: {lab: [o for o in outs if o.label == lab] for lab in labels} for part, outs in outcomes.items()
+        part: {lab: [o for o in outs if o.label == lab] for lab in labels}
+        for part, outs in outcomes.items()
     }
     entries: dict[str, LabelLocalisation] = {}
     for lab in labels:
         parts = {part: summarise(by_part_label[part][lab], rule.confidence) for part in outcomes}
         shown, reason = decide(parts.get(want, PartLocalisation()), rule, want)
         if not shown and parts.get(want, PartLocalisation()).n_boxes == 0:
-            others = [f"{p.n_boxes} on {PART_NAMES.get(k, k)}" for k, p in parts.items() if k != want and p.n_boxes]
+            others = [
+                f"{p.n_boxes} on {PART_NAMES.get(k, k)}"
+                for k, p in parts.items()
+                if k != want and p.n_boxes
+            ]
             if others:
                 reason += f" ({', '.join(others)}: reported, not used to decide)"
         entries[lab] = LabelLocalisation(maps_shown=shown, reason=reason, parts=parts)

@@ -30,9 +30,14 @@ def command_line() -> str:
     return " ".join(["ddn-node", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-def label_specs(labels: Sequence[str], thresholds: Sequence[float], methods: Sequence[str]) -> list[LabelSpec]:
+def label_specs(
+    labels: Sequence[str], thresholds: Sequence[float], methods: Sequence[str]
+) -> list[LabelSpec]:
     """One :class:`LabelSpec` per label: its code (``model.codes``), threshold and how it was chosen."""
-    return [LabelSpec(lab, code_for(lab), float(t), m) for lab, t, m in zip(labels, thresholds, methods, strict=True)]
+    return [
+        LabelSpec(lab, code_for(lab), float(t), m)
+        for lab, t, m in zip(labels, thresholds, methods, strict=True)
+    ]
 
 
 def abnormality_def(table: LabelTable) -> AbnormalityDef:
@@ -42,7 +47,11 @@ def abnormality_def(table: LabelTable) -> AbnormalityDef:
     1 - P(normal class); every other head scores its highest finding probability.
     """
     if table.activation == "softmax":
-        normal = [lab for lab in table.labels if table.normal[table.targets[:, table.labels.index(lab)] > 0].all()]
+        normal = [
+            lab
+            for lab in table.labels
+            if table.normal[table.targets[:, table.labels.index(lab)] > 0].all()
+        ]
         normal = [n for n in normal if table.targets[:, table.labels.index(n)].sum() > 0]
         if normal:
             return AbnormalityDef(

@@ -91,7 +91,13 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[st
     rec = tp / (tp + fn) if tp + fn else None
     spec = tn / (tn + fp) if tn + fp else None
     f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else None
-    return {"accuracy": (tp + tn) / n if n else None, "precision": prec, "recall": rec, "specificity": spec, "f1": f1}
+    return {
+        "accuracy": (tp + tn) / n if n else None,
+        "precision": prec,
+        "recall": rec,
+        "specificity": spec,
+        "f1": f1,
+    }
 
 
 def choose_threshold(y: np.ndarray, p: np.ndarray) -> tuple[float, str]:
@@ -114,7 +120,10 @@ def choose_threshold(y: np.ndarray, p: np.ndarray) -> tuple[float, str]:
     f1 = np.where(last, 2 * tp / (tp + fp + n_pos), -1.0)
     best = np.flatnonzero(f1 == f1.max())[0]
     thr = float(ps[best])
-    return thr, f"max F1 on the validation split ({n_pos} positives of {len(y)} images; F1={f1[best]:.3f})"
+    return (
+        thr,
+        f"max F1 on the validation split ({n_pos} positives of {len(y)} images; F1={f1[best]:.3f})",
+    )
 
 
 def _groups(ids: Sequence[str] | None, n: int) -> list[np.ndarray]:
@@ -209,15 +218,29 @@ def classification_report(
         "labels_in_macro": defined,
         "labels_undefined": [lab for lab in labels if lab not in defined],
     }
-    return {"per_label": per, "macro": macro, "bootstrap": {"n": boot.n_boot, "unit": "patient" if groups else "image", "seed": boot.seed}}
+    return {
+        "per_label": per,
+        "macro": macro,
+        "bootstrap": {
+            "n": boot.n_boot,
+            "unit": "patient" if groups else "image",
+            "seed": boot.seed,
+        },
+    }
 
 
 def binary_auc_with_ci(
-    y: np.ndarray, score: np.ndarray, groups: Sequence[str] | None = None, boot: BootstrapSpec = BootstrapSpec()
+    y: np.ndarray,
+    score: np.ndarray,
+    groups: Sequence[str] | None = None,
+    boot: BootstrapSpec = BootstrapSpec(),
 ) -> dict[str, object]:
     y = np.asarray(y, dtype=np.float64)
     score = np.asarray(score, dtype=np.float64)
-    vals = [_fast_auc(y[ix], score[ix]) for ix in bootstrap_indices(len(y), groups, boot.n_boot, boot.seed)]
+    vals = [
+        _fast_auc(y[ix], score[ix])
+        for ix in bootstrap_indices(len(y), groups, boot.n_boot, boot.seed)
+    ]
     return {
         "auc": auc(y, score),
         "auc_ci95": percentile_ci(vals),
@@ -278,7 +301,9 @@ def predicted_box(heatmap: np.ndarray, level: float = 0.5) -> Box | None:
     r, c = peak(heatmap)
     region = lab == lab[r, c]
     rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
-    return Box(float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1))
+    return Box(
+        float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
+    )
 
 
 def box_overlaps(pred: Box | None, truth: Box, shape: tuple[int, int]) -> tuple[float, float]:

@@ -33,7 +33,14 @@ def _fmt(v: object, nd: int = 3) -> str:
     return str(v)
 
 
-def _roc_png(path: Path, labels: Sequence[str], y: np.ndarray, p: np.ndarray, per_label: dict[str, Any], abn: tuple[np.ndarray, np.ndarray, float | None]) -> None:
+def _roc_png(
+    path: Path,
+    labels: Sequence[str],
+    y: np.ndarray,
+    p: np.ndarray,
+    per_label: dict[str, Any],
+    abn: tuple[np.ndarray, np.ndarray, float | None],
+) -> None:
     n = len(labels) + 1
     cols = 5
     rows = int(np.ceil(n / cols))
@@ -59,7 +66,9 @@ def _roc_png(path: Path, labels: Sequence[str], y: np.ndarray, p: np.ndarray, pe
     plt.close(fig)
 
 
-def _calibration_png(path: Path, y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+def _calibration_png(
+    path: Path, y: np.ndarray, p: np.ndarray, bins: int = 10
+) -> list[dict[str, float]]:
     """Reliability diagram pooled over labels (each image-label pair one prediction)."""
     yy, pp = y.ravel(), p.ravel()
     edges = np.linspace(0, 1, bins + 1)
@@ -68,10 +77,23 @@ def _calibration_png(path: Path, y: np.ndarray, p: np.ndarray, bins: int = 10) -
     for b in range(bins):
         m = which == b
         if m.any():
-            table.append({"bin_lo": float(edges[b]), "bin_hi": float(edges[b + 1]), "mean_predicted": float(pp[m].mean()), "observed": float(yy[m].mean()), "n": int(m.sum())})
+            table.append(
+                {
+                    "bin_lo": float(edges[b]),
+                    "bin_hi": float(edges[b + 1]),
+                    "mean_predicted": float(pp[m].mean()),
+                    "observed": float(yy[m].mean()),
+                    "n": int(m.sum()),
+                }
+            )
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8, label="perfect")
-    ax.plot([t["mean_predicted"] for t in table], [t["observed"] for t in table], marker="o", label="model")
+    ax.plot(
+        [t["mean_predicted"] for t in table],
+        [t["observed"] for t in table],
+        marker="o",
+        label="model",
+    )
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed frequency")
     ax.set_title("Calibration (all labels pooled)", fontsize=9)
@@ -82,7 +104,9 @@ def _calibration_png(path: Path, y: np.ndarray, p: np.ndarray, bins: int = 10) -
     return table
 
 
-def _example_pngs(out: Path, table: LabelTable, examples: list[dict[str, Any]], n: int) -> list[tuple[str, str]]:
+def _example_pngs(
+    out: Path, table: LabelTable, examples: list[dict[str, Any]], n: int
+) -> list[tuple[str, str]]:
     """The n boxed findings the model rated most likely, then the n least: heat map + boxes."""
     if not examples:
         return []
@@ -102,16 +126,26 @@ def _example_pngs(out: Path, table: LabelTable, examples: list[dict[str, Any]], 
         ax.add_patch(Rectangle((b.x, b.y), b.w, b.h, fill=False, ec="lime", lw=1.5))
         pb = predicted_box(e["heatmap"])
         if pb is not None:
-            ax.add_patch(Rectangle((pb.x, pb.y), pb.w, pb.h, fill=False, ec="white", lw=1.0, ls="--"))
+            ax.add_patch(
+                Rectangle((pb.x, pb.y), pb.w, pb.h, fill=False, ec="white", lw=1.0, ls="--")
+            )
         r, c = peak(e["heatmap"])
         ax.plot([c], [r], marker="+", color="white", ms=10)
-        ax.set_title(f"{e['label']} p={e['prob']:.2f} {'hit' if e['hit'] else 'miss'} IoU={e['iou']:.2f}", fontsize=8)
+        ax.set_title(
+            f"{e['label']} p={e['prob']:.2f} {'hit' if e['hit'] else 'miss'} IoU={e['iou']:.2f}",
+            fontsize=8,
+        )
         ax.axis("off")
         fig.tight_layout()
         name = f"{Path(table.files[e['i']]).stem}_{e['label']}.png"
         fig.savefig(d / name, dpi=90)
         plt.close(fig)
-        written.append((f"examples/{name}", f"{table.files[e['i']]}: {e['label']} (p={e['prob']:.2f}, {'hit' if e['hit'] else 'miss'})"))
+        written.append(
+            (
+                f"examples/{name}",
+                f"{table.files[e['i']]}: {e['label']} (p={e['prob']:.2f}, {'hit' if e['hit'] else 'miss'})",
+            )
+        )
     return written
 
 
@@ -122,7 +156,11 @@ def localisation_png(path: Path, evidence: dict[str, Any]) -> None:
     """Per label: pointing game with its 95% CI on each part, beside the random and centre
     baselines of that part; labels whose maps are shown in bold green."""
     labels = list(evidence["labels"])
-    parts = [p for p in ("val", "test", "all") if any(p in v["parts"] for v in evidence["labels"].values())]
+    parts = [
+        p
+        for p in ("val", "test", "all")
+        if any(p in v["parts"] for v in evidence["labels"].values())
+    ]
     decided = evidence["rule"]["decided_on"]
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(labels) + 1.6))
     colours = {"val": "tab:blue", "test": "tab:orange", "all": "tab:purple"}
@@ -143,10 +181,27 @@ def localisation_png(path: Path, evidence: dict[str, Any]) -> None:
             yy = y0 + off
             lo, hi = f["ci95"]
             pg = f["pointing_game"]
-            ax.errorbar([pg], [yy], xerr=[[max(pg - lo, 0.0)], [max(hi - pg, 0.0)]], fmt="o", ms=5, color=colours[part], capsize=2, lw=1.2, zorder=3)
+            ax.errorbar(
+                [pg],
+                [yy],
+                xerr=[[max(pg - lo, 0.0)], [max(hi - pg, 0.0)]],
+                fmt="o",
+                ms=5,
+                color=colours[part],
+                capsize=2,
+                lw=1.2,
+                zorder=3,
+            )
             ax.plot([f["random"]], [yy], marker="x", color="0.35", ms=6, zorder=2)
             ax.plot([f["centre"]], [yy], marker="|", color="crimson", ms=11, mew=2, zorder=2)
-            ax.text(1.01, yy, f"n={f['n_boxes']}", va="center", fontsize=6, transform=ax.get_yaxis_transform())
+            ax.text(
+                1.01,
+                yy,
+                f"n={f['n_boxes']}",
+                va="center",
+                fontsize=6,
+                transform=ax.get_yaxis_transform(),
+            )
         if not drawn:
             ax.text(0.5, y0, "no boxes", va="center", ha="center", fontsize=7, color="0.5")
     ax.set_yticks(range(len(labels)))
@@ -158,9 +213,21 @@ def localisation_png(path: Path, evidence: dict[str, Any]) -> None:
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.6, len(labels) - 0.4)
     ax.set_xlabel("pointing game (share of expert boxes holding the heat map's peak)")
-    handles = [plt.Line2D([], [], color=colours[p], marker="o", ls="", label=f"Grad-CAM, {PART_TITLES[p]} (95% CI)") for p in parts]
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            color=colours[p],
+            marker="o",
+            ls="",
+            label=f"Grad-CAM, {PART_TITLES[p]} (95% CI)",
+        )
+        for p in parts
+    ]
     handles += [
-        plt.Line2D([], [], color="0.35", marker="x", ls="", label="random peak (box area fraction)"),
+        plt.Line2D(
+            [], [], color="0.35", marker="x", ls="", label="random peak (box area fraction)"
+        ),
         plt.Line2D([], [], color="crimson", marker="|", ms=10, mew=2, ls="", label="centre prior"),
     ]
     ax.legend(handles=handles, fontsize=7, loc="lower right", framealpha=0.9)
@@ -177,7 +244,11 @@ def localisation_png(path: Path, evidence: dict[str, Any]) -> None:
 
 def evidence_table(evidence: dict[str, Any]) -> list[str]:
     """Markdown table of the per-label localisation evidence (decision + every part)."""
-    parts = [p for p in ("val", "test", "all") if any(p in v["parts"] for v in evidence["labels"].values())]
+    parts = [
+        p
+        for p in ("val", "test", "all")
+        if any(p in v["parts"] for v in evidence["labels"].values())
+    ]
     head = ["label", "heat maps"]
     for p in parts:
         t = PART_TITLES[p]
@@ -212,7 +283,14 @@ def write_report(
     n_examples: int,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _roc_png(out / "roc_curves.png", labels, y, p, metrics["per_label"], (abnormal.astype(float), scores, metrics["abnormality"]["auc"]))
+    _roc_png(
+        out / "roc_curves.png",
+        labels,
+        y,
+        p,
+        metrics["per_label"],
+        (abnormal.astype(float), scores, metrics["abnormality"]["auc"]),
+    )
     calib = _calibration_png(out / "calibration.png", y, p)
     ex = _example_pngs(out, table, examples, n_examples)
     m, a, loc = metrics["macro"], metrics["abnormality"], metrics["localization"]
@@ -261,7 +339,10 @@ def write_report(
         "| predicted bin | mean predicted | observed | n |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {t['bin_lo']:.1f}-{t['bin_hi']:.1f} | {t['mean_predicted']:.3f} | {t['observed']:.3f} | {t['n']} |" for t in calib]
+    lines += [
+        f"| {t['bin_lo']:.1f}-{t['bin_hi']:.1f} | {t['mean_predicted']:.3f} | {t['observed']:.3f} | {t['n']} |"
+        for t in calib
+    ]
     lines += ["", "## Grad-CAM localisation", ""]
     if loc.get("n_boxes"):
         lines += [
@@ -273,9 +354,13 @@ def write_report(
             f"| mean IoU | {_fmt(loc['mean_iou'])} | {_fmt(loc['random']['mean_iou'])} |",
         ]
         for t in ("0.1", "0.25", "0.5"):
-            lines.append(f"| IoU >= {t} | {_fmt(loc['iou_acc@' + t])} | {_fmt(loc['random']['iou_acc@' + t])} |")
+            lines.append(
+                f"| IoU >= {t} | {_fmt(loc['iou_acc@' + t])} | {_fmt(loc['random']['iou_acc@' + t])} |"
+            )
         for t in ("0.1", "0.25", "0.5"):
-            lines.append(f"| IoBB >= {t} | {_fmt(loc['iobb_acc@' + t])} | {_fmt(loc['random']['iobb_acc@' + t])} |")
+            lines.append(
+                f"| IoBB >= {t} | {_fmt(loc['iobb_acc@' + t])} | {_fmt(loc['random']['iobb_acc@' + t])} |"
+            )
         ev = loc.get("evidence")
         if ev is not None:
             localisation_png(out / "localisation.png", ev)
@@ -295,8 +380,15 @@ def write_report(
             ]
         else:
             lines += ["", "| label | boxes | pointing game |", "| --- | --- | --- |"]
-            lines += [f"| {lab} | {v['n_boxes']} | {_fmt(v['pointing_game'])} |" for lab, v in loc["per_label"].items()]
-        lines += ["", "Examples (green: expert box; white dashed: box from the heat map; +: peak):", ""]
+            lines += [
+                f"| {lab} | {v['n_boxes']} | {_fmt(v['pointing_game'])} |"
+                for lab, v in loc["per_label"].items()
+            ]
+        lines += [
+            "",
+            "Examples (green: expert box; white dashed: box from the heat map; +: peak):",
+            "",
+        ]
         lines += [f"![{cap}]({src})" for src, cap in ex]
     else:
         lines.append(loc.get("note", "not measured"))
@@ -326,7 +418,9 @@ def _html(md: str, title: str) -> str:
             in_table = False
         if line.startswith("!["):
             alt, src = line[2:].split("](", 1)
-            body.append(f'<figure><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>')
+            body.append(
+                f'<figure><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+            )
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")

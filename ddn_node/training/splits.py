@@ -56,7 +56,9 @@ def _balanced_groups(
         idx_of.setdefault(p, []).append(i)
     if targets is not None and targets.size:
         freq = targets.sum(0) + 1e-9
-        rarity = {p: float(np.min(np.where(targets[idx_of[p]].max(0) > 0, freq, np.inf))) for p in order}
+        rarity = {
+            p: float(np.min(np.where(targets[idx_of[p]].max(0) > 0, freq, np.inf))) for p in order
+        }
         # Stable sort keeps the seeded shuffle as tie-break.
         order = sorted(order, key=lambda p: rarity[p])
     sizes = [0] * n_groups

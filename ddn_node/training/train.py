@@ -138,7 +138,13 @@ def _batch(cache: ImageCache, idx: Sequence[int], spec: PreprocessSpec) -> torch
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: DDN, cache: ImageCache, idx: Sequence[int], head: str, spec: PreprocessSpec, device: str, batch_size: int = 32
+    model: DDN,
+    cache: ImageCache,
+    idx: Sequence[int],
+    head: str,
+    spec: PreprocessSpec,
+    device: str,
+    batch_size: int = 32,
 ) -> np.ndarray:
     model.eval()
     out = []
@@ -222,7 +228,11 @@ def load_init_weights(model: DDN, source: str) -> str:
         else:
             # weights_only=True: PyTorch's restricted unpickler, tensors and containers only.
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            if (
+                isinstance(state, dict)
+                and "state_dict" in state
+                and isinstance(state["state_dict"], dict)
+            ):
                 state = state["state_dict"]
         if not isinstance(state, dict):
             raise TrainingError(f"--init-weights: {path} does not hold a state dict")
@@ -233,14 +243,16 @@ def load_init_weights(model: DDN, source: str) -> str:
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if missing:
-        raise TrainingError(f"--init-weights lacks {len(missing)} trunk tensors, e.g. {missing[:3]}")
+        raise TrainingError(
+            f"--init-weights lacks {len(missing)} trunk tensors, e.g. {missing[:3]}"
+        )
     return desc
 
 
 # --- one fit ---------------------------------------------------------------------------
 
 
-def fit(
+def fit(  # noqa: C901, PLR0915 - the training loop (stages, epochs, early stopping, checkpoints) read in one place
     cfg: TrainConfig,
     model_config: DDNConfig,
     cache: ImageCache,
@@ -299,7 +311,13 @@ def fit(
         perm = torch.randperm(n_train, generator=gen).tolist()
         order = [train_idx[i] for i in perm]
         total, seen = 0.0, 0
-        bar = tqdm(range(steps), desc=f"{label}epoch {epoch + 1}/{epochs}", unit="batch", disable=not cfg.progress, leave=False)
+        bar = tqdm(
+            range(steps),
+            desc=f"{label}epoch {epoch + 1}/{epochs}",
+            unit="batch",
+            disable=not cfg.progress,
+            leave=False,
+        )
         for s in bar:
             idx = order[s * bs : (s + 1) * bs] if n_train >= bs else order
             x = augment(_batch(cache, idx, spec), gen, cfg.augment)
@@ -314,7 +332,11 @@ def fit(
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         bar.close()
-        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "trainable": trainable}
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(seen, 1),
+            "trainable": trainable,
+        }
         if has_val:
             pv = predict_probabilities(model, cache, val_idx, head, spec, device)
             yv = y_all[list(val_idx)]
@@ -332,7 +354,11 @@ def fit(
         state.history.append(rec)
         state.epoch = epoch + 1
         if score > state.best_score:
-            state.best_score, state.best_epoch, state.epochs_without_improvement = float(score), epoch + 1, 0
+            state.best_score, state.best_epoch, state.epochs_without_improvement = (
+                float(score),
+                epoch + 1,
+                0,
+            )
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             save_weights(ckpt_dir / "best.safetensors", model)
         else:
@@ -340,13 +366,20 @@ def fit(
         if has_val and state.epochs_without_improvement >= cfg.patience:
             state.finished = True  # early stop; a resume with more epochs does not restart it
         save_checkpoint(ckpt_dir, "last", model, opt, gen, state)
-        log.info("train.epoch_done", fold=label or None, **{k: v for k, v in rec.items() if k != "trainable"}, best_epoch=state.best_epoch)
+        log.info(
+            "train.epoch_done",
+            fold=label or None,
+            **{k: v for k, v in rec.items() if k != "trainable"},
+            best_epoch=state.best_epoch,
+        )
         if state.finished:
             break
     if (ckpt_dir / "best.safetensors").is_file():
         load_weights(ckpt_dir / "best.safetensors", model)
     model.eval()
-    val_probs = predict_probabilities(model, cache, val_idx, head, spec, device) if has_val else None
+    val_probs = (
+        predict_probabilities(model, cache, val_idx, head, spec, device) if has_val else None
+    )
     return FitResult(model.cpu(), state.best_epoch, state.history, val_probs, time.monotonic() - t0)
 
 
@@ -357,13 +390,32 @@ def _run_key(cfg: TrainConfig, fingerprint: str, split_files: Sequence[str], par
     keep = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in asdict(cfg).items()
-        if k in ("backbone", "image_size", "lr", "batch_size", "seed", "pos_weight_cap", "dropout", "attention_stages", "head", "init_weights", "freeze_epochs", "frozen_stages", "augment")
+        if k
+        in (
+            "backbone",
+            "image_size",
+            "lr",
+            "batch_size",
+            "seed",
+            "pos_weight_cap",
+            "dropout",
+            "attention_stages",
+            "head",
+            "init_weights",
+            "freeze_epochs",
+            "frozen_stages",
+            "augment",
+        )
     }
-    h = hashlib.sha256(json.dumps([keep, fingerprint, sorted(split_files), part], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            [keep, fingerprint, sorted(split_files), part], sort_keys=True, default=str
+        ).encode()
+    )
     return h.hexdigest()
 
 
-def run_training(cfg: TrainConfig) -> Manifest:
+def run_training(cfg: TrainConfig) -> Manifest:  # noqa: PLR0915 - the command's steps in order: data, split, fit, thresholds, artifact
     """``ddn-node train``: returns the manifest of the artifact written to ``cfg.out``."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -374,7 +426,13 @@ def run_training(cfg: TrainConfig) -> Manifest:
     t_start = time.monotonic()
     spec = PreprocessSpec(size=cfg.image_size)
     table = read_label_csv(cfg.images, cfg.labels, cfg.label_columns or None)
-    log.info("train.data", layout=table.layout, n_images=len(table), n_patients=len(set(table.patients)), labels=len(table.labels))
+    log.info(
+        "train.data",
+        layout=table.layout,
+        n_images=len(table),
+        n_patients=len(set(table.patients)),
+        labels=len(table.labels),
+    )
     cache = load_images(table, spec.size, progress=cfg.progress)
     fp = data_fingerprint(table, cache.file_sha256)
     ckpt = cfg.checkpoint_dir()
@@ -383,7 +441,11 @@ def run_training(cfg: TrainConfig) -> Manifest:
     # first invocation; the resuming ones are listed beside it.
     cmd_path = ckpt / "command.json"
     this_cmd = cfg.command or command_line()
-    commands = json.loads(cmd_path.read_text()) if cfg.resume and cmd_path.is_file() else {"command": this_cmd, "resumed_with": []}
+    commands = (
+        json.loads(cmd_path.read_text())
+        if cfg.resume and cmd_path.is_file()
+        else {"command": this_cmd, "resumed_with": []}
+    )
     if cfg.resume and cmd_path.is_file():
         commands["resumed_with"].append(this_cmd)
     cmd_path.write_text(json.dumps(commands, indent=1))
@@ -393,7 +455,9 @@ def run_training(cfg: TrainConfig) -> Manifest:
     if cfg.resume and split_path.is_file():
         split = split_from_assignment(table.files, read_split_csv(split_path))
     else:
-        split = train_val_test_split(table.patients, cfg.val_fraction, cfg.test_fraction, cfg.seed, table.targets)
+        split = train_val_test_split(
+            table.patients, cfg.val_fraction, cfg.test_fraction, cfg.seed, table.targets
+        )
         write_split_csv(split_path, table.files, split.assignment(len(table)))
     _check_disjoint(table, split)
     model_config = DDNConfig(
@@ -416,18 +480,49 @@ def run_training(cfg: TrainConfig) -> Manifest:
             held = set(val_k)
             tr_k = [i for i in dev if i not in held]
             key = _run_key(cfg, fp["sha256"], [table.files[i] for i in tr_k], f"fold{k}")
-            res = fit(cfg, model_config, cache, table, tr_k, val_k, cfg.epochs, ckpt / f"fold{k + 1}", key, spec, f"fold {k + 1}/{cfg.folds} ")
+            res = fit(
+                cfg,
+                model_config,
+                cache,
+                table,
+                tr_k,
+                val_k,
+                cfg.epochs,
+                ckpt / f"fold{k + 1}",
+                key,
+                spec,
+                f"fold {k + 1}/{cfg.folds} ",
+            )
             assert res.val_probs is not None
             oof[val_k] = res.val_probs
             best_epochs.append(res.best_epoch)
             fold_aucs.append(macro_auc(y[val_k], res.val_probs))
         cv_report = classification_report(
-            y[dev], oof[dev], table.labels, [0.5] * len(table.labels), [groups[i] for i in dev], BootstrapSpec(500, cfg.seed)
+            y[dev],
+            oof[dev],
+            table.labels,
+            [0.5] * len(table.labels),
+            [groups[i] for i in dev],
+            BootstrapSpec(500, cfg.seed),
         )
-        thresholds, methods = choose_thresholds(y[dev], oof[dev], table.labels, "pooled out-of-fold predictions")
+        thresholds, methods = choose_thresholds(
+            y[dev], oof[dev], table.labels, "pooled out-of-fold predictions"
+        )
         final_epochs = max(1, int(np.median(best_epochs)))
         key = _run_key(cfg, fp["sha256"], [table.files[i] for i in dev], f"final{final_epochs}")
-        final = fit(cfg, model_config, cache, table, dev, [], final_epochs, ckpt / "final", key, spec, "final ")
+        final = fit(
+            cfg,
+            model_config,
+            cache,
+            table,
+            dev,
+            [],
+            final_epochs,
+            ckpt / "final",
+            key,
+            spec,
+            "final ",
+        )
         model = final.model
         metrics["cross_validation"] = {
             "folds": cfg.folds,
@@ -436,34 +531,71 @@ def run_training(cfg: TrainConfig) -> Manifest:
             "fold_best_epoch": best_epochs,
             "out_of_fold": {"macro": cv_report["macro"], "per_label": cv_report["per_label"]},
         }
-        training.update(final_model=f"refit on all development patients for {final_epochs} epochs (median best epoch of the folds)", history=final.history)
+        training.update(
+            final_model=f"refit on all development patients for {final_epochs} epochs (median best epoch of the folds)",
+            history=final.history,
+        )
     else:
         key = _run_key(cfg, fp["sha256"], [table.files[i] for i in split.train], "single")
-        res = fit(cfg, model_config, cache, table, split.train, split.val, cfg.epochs, ckpt, key, spec)
+        res = fit(
+            cfg, model_config, cache, table, split.train, split.val, cfg.epochs, ckpt, key, spec
+        )
         model = res.model
         yv = y[split.val]
-        thresholds, methods = choose_thresholds(yv, res.val_probs, table.labels, "the validation split")
+        thresholds, methods = choose_thresholds(
+            yv, res.val_probs, table.labels, "the validation split"
+        )
         if res.val_probs is not None and len(split.val):
-            rep = classification_report(yv, res.val_probs, table.labels, thresholds, [groups[i] for i in split.val], BootstrapSpec(500, cfg.seed))
+            rep = classification_report(
+                yv,
+                res.val_probs,
+                table.labels,
+                thresholds,
+                [groups[i] for i in split.val],
+                BootstrapSpec(500, cfg.seed),
+            )
             metrics["validation"] = {
                 "note": "validation split: used for early stopping and thresholds, so optimistic; see metrics.test for held-out patients",
                 "macro": rep["macro"],
-                "per_label": {k: {kk: v[kk] for kk in ("auc", "auc_ci95", "average_precision", "n_positive")} for k, v in rep["per_label"].items()},  # type: ignore[union-attr]
+                "per_label": {
+                    k: {kk: v[kk] for kk in ("auc", "auc_ci95", "average_precision", "n_positive")}
+                    for k, v in rep["per_label"].items()
+                },  # type: ignore[union-attr]
             }
-        training.update(best_epoch=res.best_epoch, history=res.history, training_seconds=round(sum(h["seconds"] for h in res.history), 1))
+        training.update(
+            best_epoch=res.best_epoch,
+            history=res.history,
+            training_seconds=round(sum(h["seconds"] for h in res.history), 1),
+        )
 
-    init_desc = "random initialisation (no pretrained weights available)" if not cfg.init_weights else str(cfg.init_weights)
-    _, pos_w = make_loss(y[split.train + split.val] if cfg.folds >= 2 else y[split.train], table.activation, cfg.pos_weight_cap)
+    init_desc = (
+        "random initialisation (no pretrained weights available)"
+        if not cfg.init_weights
+        else str(cfg.init_weights)
+    )
+    _, pos_w = make_loss(
+        y[split.train + split.val] if cfg.folds >= 2 else y[split.train],
+        table.activation,
+        cfg.pos_weight_cap,
+    )
     training.update(
         command=commands["command"],
         resumed_with=commands["resumed_with"],
-        data={**fp, "images_dir": str(cfg.images), "labels_csv": str(cfg.labels), "layout": table.layout},
+        data={
+            **fp,
+            "images_dir": str(cfg.images),
+            "labels_csv": str(cfg.labels),
+            "layout": table.layout,
+        },
         split={
             "method": "patient-disjoint (whole patients per part), greedy label-balanced groups, seed "
             + str(cfg.seed),
             "file": "split.csv",
             "n_images": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-            "n_patients": {n: len({table.patients[i] for i in getattr(split, n)}) for n in ("train", "val", "test")},
+            "n_patients": {
+                n: len({table.patients[i] for i in getattr(split, n)})
+                for n in ("train", "val", "test")
+            },
         },
         init=init_desc,
         recipe={
@@ -472,10 +604,14 @@ def run_training(cfg: TrainConfig) -> Manifest:
             "batch_size": cfg.batch_size,
             "epochs_max": cfg.epochs,
             "early_stopping": f"best validation macro AUC, patience {cfg.patience}",
-            "loss": "BCEWithLogits, pos_weight = min(N_neg/N_pos, cap)" if table.activation == "sigmoid" else "class-weighted cross-entropy",
+            "loss": "BCEWithLogits, pos_weight = min(N_neg/N_pos, cap)"
+            if table.activation == "sigmoid"
+            else "class-weighted cross-entropy",
             "pos_weight_cap": cfg.pos_weight_cap,
             "pos_weight": dict(zip(table.labels, [round(w, 3) for w in pos_w], strict=True)),
-            "freezing": "none: random init, every stage trains" if not cfg.init_weights else f"backbone frozen {cfg.freeze_epochs} epoch(s), then {cfg.frozen_stages} frozen",
+            "freezing": "none: random init, every stage trains"
+            if not cfg.init_weights
+            else f"backbone frozen {cfg.freeze_epochs} epoch(s), then {cfg.frozen_stages} frozen",
             "augmentation": asdict(cfg.augment),
             "dropout": cfg.dropout,
         },
@@ -507,7 +643,12 @@ def run_training(cfg: TrainConfig) -> Manifest:
     )
     final_manifest = save_artifact(cfg.out, model, manifest)
     write_split_csv(cfg.out / "split.csv", table.files, split.assignment(len(table)))
-    log.info("train.done", out=str(cfg.out), wall_s=training["wall_seconds"], weights_sha256=final_manifest.weights.sha256[:16])
+    log.info(
+        "train.done",
+        out=str(cfg.out),
+        wall_s=training["wall_seconds"],
+        weights_sha256=final_manifest.weights.sha256[:16],
+    )
     return final_manifest
 
 

@@ -39,7 +39,9 @@ log = structlog.get_logger("ddn_node.web")
 router = APIRouter(
     prefix="/api",
     tags=["worklist"],
-    dependencies=[Security(HTTPBearer(auto_error=False, description="a token from [[web.tokens]]"))],
+    dependencies=[
+        Security(HTTPBearer(auto_error=False, description="a token from [[web.tokens]]"))
+    ],
     responses={401: {"description": "no valid bearer token"}},
 )
 
@@ -59,7 +61,9 @@ class PriorityChange(BaseModel):
 
 
 class ChangeOutcome(BaseModel):
-    changed: bool = Field(description="false when the study already had this value (nothing recorded)")
+    changed: bool = Field(
+        description="false when the study already had this value (nothing recorded)"
+    )
     study: WorklistRow
 
 
@@ -81,8 +85,12 @@ def api_worklist(
     request: Request,
     unread: Annotated[bool, Query(description="only studies not marked read")] = True,
     modality: Annotated[str | None, Query(max_length=16, description="CR, DX, CT, ...")] = None,
-    priority: Annotated[Priority | None, Query(description="effective priority (override wins)")] = None,
-    order: Annotated[Order, Query(description="priority (triage) or arrival (oldest first)")] = "priority",
+    priority: Annotated[
+        Priority | None, Query(description="effective priority (override wins)")
+    ] = None,
+    order: Annotated[
+        Order, Query(description="priority (triage) or arrival (oldest first)")
+    ] = "priority",
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
@@ -99,7 +107,11 @@ def api_worklist(
     return Response(page_json(page), media_type="application/json")
 
 
-@router.get("/studies/{study_uid}", response_model=StudyDetail, summary="One study: findings, images, deliveries, history")
+@router.get(
+    "/studies/{study_uid}",
+    response_model=StudyDetail,
+    summary="One study: findings, images, deliveries, history",
+)
 def api_study(request: Request, study_uid: str) -> Response:
     with request.app.state.database.read() as session:
         detail = fetch_detail(session, study_uid)
@@ -116,14 +128,27 @@ def _outcome(request: Request, study_uid: str, changed: bool) -> ChangeOutcome:
     return ChangeOutcome(changed=changed, study=row)
 
 
-@router.post("/studies/{study_uid}/status", response_model=ChangeOutcome, summary="Mark opened / read / unread")
+@router.post(
+    "/studies/{study_uid}/status",
+    response_model=ChangeOutcome,
+    summary="Mark opened / read / unread",
+)
 def api_status(request: Request, study_uid: str, body: StatusChange) -> ChangeOutcome:
     principal = _principal(request)
     changed = set_read_status(
-        request.app.state.database, study_uid, body.status, user=principal.actor, host=_client(request)
+        request.app.state.database,
+        study_uid,
+        body.status,
+        user=principal.actor,
+        host=_client(request),
     )
     if changed:
-        log.info("web.status_changed", study_uid=study_uid, status=body.status.value, user=principal.actor)
+        log.info(
+            "web.status_changed",
+            study_uid=study_uid,
+            status=body.status.value,
+            user=principal.actor,
+        )
     return _outcome(request, study_uid, changed)
 
 
@@ -131,14 +156,23 @@ def api_status(request: Request, study_uid: str, body: StatusChange) -> ChangeOu
     "/studies/{study_uid}/priority",
     response_model=ChangeOutcome,
     summary="Override the triage priority, or clear the override",
-    responses={422: {"description": f"priority not one of {[p.value for p in TRIAGE_PRIORITIES]} or null"}},
+    responses={
+        422: {"description": f"priority not one of {[p.value for p in TRIAGE_PRIORITIES]} or null"}
+    },
 )
 def api_priority(request: Request, study_uid: str, body: PriorityChange) -> ChangeOutcome:
     if body.priority is not None and body.priority not in TRIAGE_PRIORITIES:
-        raise HTTPException(status_code=422, detail=f"priority must be one of {[p.value for p in TRIAGE_PRIORITIES]} or null")
+        raise HTTPException(
+            status_code=422,
+            detail=f"priority must be one of {[p.value for p in TRIAGE_PRIORITIES]} or null",
+        )
     principal = _principal(request)
     changed = set_priority_override(
-        request.app.state.database, study_uid, body.priority, user=principal.actor, host=_client(request)
+        request.app.state.database,
+        study_uid,
+        body.priority,
+        user=principal.actor,
+        host=_client(request),
     )
     if changed:
         log.info(
@@ -150,7 +184,9 @@ def api_priority(request: Request, study_uid: str, body: PriorityChange) -> Chan
     return _outcome(request, study_uid, changed)
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+@router.api_route(
+    "/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+)
 def api_unknown(rest: str) -> Response:
     """Unknown API paths answer 404 only after authentication (the middleware ran first)."""
     raise HTTPException(status_code=404, detail="not found")

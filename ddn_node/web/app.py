@@ -152,12 +152,18 @@ class EdgeMiddleware:
         )
         response: Response
         if wants_page:
-            target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
-            response = Response(status_code=303, headers={"location": "/login?next=" + quote(target, safe="")})
+            target = path + (
+                "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
+            )
+            response = Response(
+                status_code=303, headers={"location": "/login?next=" + quote(target, safe="")}
+            )
         else:
             log.info("web.unauthorised", path_part=_part(path), method=scope["method"])
             response = JSONResponse(
-                {"detail": "authentication required: a valid bearer token (API) or a login session"},
+                {
+                    "detail": "authentication required: a valid bearer token (API) or a login session"
+                },
                 status_code=401,
                 headers={"www-authenticate": 'Bearer realm="ddn-node"'},
             )

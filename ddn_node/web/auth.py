@@ -7,6 +7,7 @@ Nothing here is module-level mutable state: one :class:`Auth` per app lives on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -125,10 +126,11 @@ class Auth:
             if self._dummy_hash is None:
                 hasher = self.hasher
                 if self.web.users:
-                    try:
-                        hasher = PasswordHasher.from_parameters(extract_parameters(self.web.users[0].password_hash))
-                    except InvalidHashError:
-                        pass  # the default parameters then
+                    # An unreadable hash leaves the default parameters.
+                    with contextlib.suppress(InvalidHashError):
+                        hasher = PasswordHasher.from_parameters(
+                            extract_parameters(self.web.users[0].password_hash)
+                        )
                 self._dummy_hash = hasher.hash(secrets.token_urlsafe(16))
             return self._dummy_hash
 
@@ -147,7 +149,11 @@ class Auth:
     # -- sessions ----------------------------------------------------------------------
 
     def new_session(self, principal: Principal) -> str:
-        payload = {"u": principal.name, "sid": secrets.token_urlsafe(18), "csrf": secrets.token_urlsafe(24)}
+        payload = {
+            "u": principal.name,
+            "sid": secrets.token_urlsafe(18),
+            "csrf": secrets.token_urlsafe(24),
+        }
         return self._sessions.dumps(payload)
 
     def check_session(self, cookie: str | None) -> Principal | None:
@@ -199,4 +205,6 @@ class Auth:
             expected = self._login.loads(cookie, max_age=LOGIN_COOKIE_MAX_AGE_S)
         except BadSignature:
             return False
-        return isinstance(expected, str) and hmac.compare_digest(expected.encode(), presented.encode())
+        return isinstance(expected, str) and hmac.compare_digest(
+            expected.encode(), presented.encode()
+        )

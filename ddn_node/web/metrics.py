@@ -72,7 +72,9 @@ class DatabaseCollector(Collector):
         up = GaugeMetricFamily("ddn_database_up", "1 when the database answered this scrape")
         up.add_metric([], 1)
         yield up
-        took = GaugeMetricFamily("ddn_metrics_scrape_seconds", "time the database queries of this scrape took")
+        took = GaugeMetricFamily(
+            "ddn_metrics_scrape_seconds", "time the database queries of this scrape took"
+        )
         took.add_metric([], time.perf_counter() - started)
         yield took
 
@@ -87,18 +89,26 @@ class DatabaseCollector(Collector):
             yield g
 
             g = GaugeMetricFamily("ddn_studies", "studies by state", labels=["state"])
-            for state, n in session.execute(select(Study.state, func.count()).group_by(Study.state)):
+            for state, n in session.execute(
+                select(Study.state, func.count()).group_by(Study.state)
+            ):
                 g.add_metric([state], n)
             yield g
 
             g = GaugeMetricFamily(
-                "ddn_studies_analysed", "analyses kept (one per study generation), by priority", labels=["priority"]
+                "ddn_studies_analysed",
+                "analyses kept (one per study generation), by priority",
+                labels=["priority"],
             )
-            for priority, n in session.execute(select(Result.priority, func.count()).group_by(Result.priority)):
+            for priority, n in session.execute(
+                select(Result.priority, func.count()).group_by(Result.priority)
+            ):
                 g.add_metric([priority], n)
             yield g
 
-            g = GaugeMetricFamily("ddn_queue_depth", "analysis jobs waiting or running", labels=["state"])
+            g = GaugeMetricFamily(
+                "ddn_queue_depth", "analysis jobs waiting or running", labels=["state"]
+            )
             depth = dict(
                 session.execute(
                     select(Job.state, func.count())
@@ -112,17 +122,27 @@ class DatabaseCollector(Collector):
 
             model_s = Result.timings_ms["model_ms"].as_float() / 1000.0
             total_s = Result.timings_ms["total_ms"].as_float() / 1000.0
-            row = session.execute(select(*_bucket_columns(model_s), *_bucket_columns(total_s))).one()
+            row = session.execute(
+                select(*_bucket_columns(model_s), *_bucket_columns(total_s))
+            ).one()
             n = len(LATENCY_BUCKETS_S) + 2
             yield _histogram(
-                "ddn_inference_seconds", "model time per study (forward + Grad-CAM), results.timings_ms.model_ms", row[:n]
+                "ddn_inference_seconds",
+                "model time per study (forward + Grad-CAM), results.timings_ms.model_ms",
+                row[:n],
             )
             yield _histogram(
-                "ddn_analysis_seconds", "whole analysis per study (decode to results), timings_ms.total_ms", row[n:]
+                "ddn_analysis_seconds",
+                "whole analysis per study (decode to results), timings_ms.total_ms",
+                row[n:],
             )
 
-            g = GaugeMetricFamily("ddn_deliveries", "outgoing result objects by state", labels=["state"])
-            states = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+            g = GaugeMetricFamily(
+                "ddn_deliveries", "outgoing result objects by state", labels=["state"]
+            )
+            states = dict(
+                session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+            )
             for state in DeliveryState:
                 g.add_metric([state.value], states.get(state.value, 0))
             yield g
@@ -143,9 +163,15 @@ class DatabaseCollector(Collector):
             g.add_metric(["retrying"], failing)
             yield g
 
-            unread = GaugeMetricFamily("ddn_worklist_unread", "studies not yet read, by effective priority", labels=["priority"])
+            unread = GaugeMetricFamily(
+                "ddn_worklist_unread",
+                "studies not yet read, by effective priority",
+                labels=["priority"],
+            )
             oldest = GaugeMetricFamily(
-                "ddn_worklist_oldest_unread_seconds", "how long the oldest unread study has waited", labels=["priority"]
+                "ddn_worklist_oldest_unread_seconds",
+                "how long the oldest unread study has waited",
+                labels=["priority"],
             )
             for priority, n, first in session.execute(
                 select(EFFECTIVE_PRIORITY, func.count(), func.min(Study.first_received_at))

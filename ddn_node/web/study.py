@@ -27,7 +27,9 @@ MAX_IMAGES = 60  # a CT study may hold thousands of slices; the page is for the 
 class FindingView(BaseModel):
     label: str
     probability: float
-    threshold: float | None = Field(description="operating threshold the analysis applied (unknown for results from before 0.2)")
+    threshold: float | None = Field(
+        description="operating threshold the analysis applied (unknown for results from before 0.2)"
+    )
     present: bool
 
 
@@ -139,7 +141,9 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
         probs = _floats(result.probabilities)
         positive = set(result.positive or [])
         findings = [
-            FindingView(label=label, probability=p, threshold=limits.get(label), present=label in positive)
+            FindingView(
+                label=label, probability=p, threshold=limits.get(label), present=label in positive
+            )
             for label, p in sorted(probs.items(), key=lambda kv: kv[1], reverse=True)
         ]
         result_view = ResultView(
@@ -154,9 +158,9 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
             timings_ms=_floats(result.timings_ms),
         )
         for image in session.execute(
-            select(ImageResult.instance_id, ImageResult.probabilities, ImageResult.overlay_paths).where(
-                ImageResult.result_id == result.id
-            )
+            select(
+                ImageResult.instance_id, ImageResult.probabilities, ImageResult.overlay_paths
+            ).where(ImageResult.result_id == result.id)
         ):
             overlays = image.overlay_paths if isinstance(image.overlay_paths, dict) else {}
             per_image[image.instance_id] = (_floats(image.probabilities), overlays)
@@ -238,7 +242,9 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
 
 def overlay_relpath(session: Session, study_uid: str, sop_uid: str, label: str) -> str | None:
     """The spool-relative PNG of one overlay of the latest result, or None."""
-    study_id = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one_or_none()
+    study_id = session.execute(
+        select(Study.id).where(Study.study_uid == study_uid)
+    ).scalar_one_or_none()
     if study_id is None:
         return None
     result = latest_result(session, study_id)

@@ -165,7 +165,9 @@ def ui_query(params: Any) -> WorklistQuery:
         limit = min(MAX_LIMIT, max(1, int(params.get("limit") or DEFAULT_LIMIT)))
     except ValueError:
         offset, limit = 0, DEFAULT_LIMIT
-    return WorklistQuery(unread=unread, modality=modality, priority=priority, order=order, offset=offset, limit=limit)
+    return WorklistQuery(
+        unread=unread, modality=modality, priority=priority, order=order, offset=offset, limit=limit
+    )
 
 
 def query_params(query: WorklistQuery, **changes: Any) -> str:
@@ -202,19 +204,30 @@ async def csrf_protect(request: Request) -> Principal:
     origin = request.headers.get("origin")
     same_origin = origin is None or urlparse(origin).netloc == request.headers.get("host", "")
     if not same_origin or not Auth.csrf_ok(principal, presented):
-        log.warning("web.csrf_refused", path_part="ui", method=request.method, same_origin=same_origin)
-        raise HTTPException(status_code=403, detail="CSRF token missing or wrong: reload the page and try again")
+        log.warning(
+            "web.csrf_refused", path_part="ui", method=request.method, same_origin=same_origin
+        )
+        raise HTTPException(
+            status_code=403, detail="CSRF token missing or wrong: reload the page and try again"
+        )
     return principal
 
 
 # -- login ----------------------------------------------------------------------------------
 
 
-def _login_page(request: Request, next_url: str, error: str = "", status_code: int = 200) -> HTMLResponse:
+def _login_page(
+    request: Request, next_url: str, error: str = "", status_code: int = 200
+) -> HTMLResponse:
     auth: Auth = request.app.state.auth
     cookie, token = auth.new_login_token()
     response = _render(
-        request, "login.html", status_code=status_code, login_token=token, next_url=next_url, error=error
+        request,
+        "login.html",
+        status_code=status_code,
+        login_token=token,
+        next_url=next_url,
+        error=error,
     )
     response.set_cookie(
         LOGIN_COOKIE,
@@ -253,19 +266,30 @@ def login(
     if retry_after:
         log.warning("web.login_rate_limited", client=client)
         response = _login_page(
-            request, next_url, "Too many login attempts. Wait a minute and try again.", status_code=429
+            request,
+            next_url,
+            "Too many login attempts. Wait a minute and try again.",
+            status_code=429,
         )
         response.headers["retry-after"] = str(int(retry_after) + 1)
         return response
     if not auth.login_token_ok(request.cookies.get(LOGIN_COOKIE), csrf_token):
         log.warning("web.login_csrf_refused", client=client)
-        return _login_page(request, next_url, "The form expired. Please log in again.", status_code=403)
+        return _login_page(
+            request, next_url, "The form expired. Please log in again.", status_code=403
+        )
     principal = auth.verify_password(username, password)
     if principal is None:
         # Not the name typed: people type passwords into the user field by mistake. The
         # audit table (not the log) keeps the attempted name for security review.
         log.warning("web.login_failed", known_user=username in auth.users, client=client)
-        audit(database, AuditEventName.USER_LOGIN_FAILED, actor=username, host=client, outcome="failure")
+        audit(
+            database,
+            AuditEventName.USER_LOGIN_FAILED,
+            actor=username,
+            host=client,
+            outcome="failure",
+        )
         return _login_page(request, next_url, "Wrong user name or password.", status_code=401)
     log.info("web.login", user=principal.name, client=client)
     audit(database, AuditEventName.USER_LOGIN, actor=principal.name, host=client)
@@ -300,8 +324,12 @@ def worklist_page(request: Request) -> HTMLResponse:
     query = ui_query(request.query_params)
     page = get_worklist(request.app.state.database, query)
     here = _page_url(query_params(query))
-    prev_qs = query_params(query, offset=max(0, query.offset - query.limit)) if query.offset else None
-    more = len(page.rows) == query.limit and (not page.total_exact or query.offset + query.limit < page.total)
+    prev_qs = (
+        query_params(query, offset=max(0, query.offset - query.limit)) if query.offset else None
+    )
+    more = len(page.rows) == query.limit and (
+        not page.total_exact or query.offset + query.limit < page.total
+    )
     next_qs = query_params(query, offset=query.offset + query.limit) if more else None
     return _render(
         request,
@@ -314,7 +342,9 @@ def worklist_page(request: Request) -> HTMLResponse:
         feed="/ui/worklist.json",
         modalities=sorted(set(MODALITIES) | ({query.modality} if query.modality else set())),
         priorities=list(Priority),
-        order_links={o: _page_url(query_params(query, order=o, offset=0)) for o in ("priority", "arrival")},
+        order_links={
+            o: _page_url(query_params(query, order=o, offset=0)) for o in ("priority", "arrival")
+        },
         prev_url=None if prev_qs is None else _page_url(prev_qs),
         next_url=None if next_qs is None else _page_url(next_qs),
     )
@@ -353,7 +383,12 @@ def _after_change(request: Request, study_uid: str, changed: bool, next_url: str
     if request.headers.get("x-requested-with") == "fetch":
         with request.app.state.database.read() as session:
             row = fetch_row(session, study_uid)
-        return JSONResponse({"changed": changed, "study": None if row is None else ROW_JSON.dump_python(row, mode="json")})
+        return JSONResponse(
+            {
+                "changed": changed,
+                "study": None if row is None else ROW_JSON.dump_python(row, mode="json"),
+            }
+        )
     return RedirectResponse(safe_next(next_url, study_path(study_uid)), status_code=303)
 
 
@@ -369,7 +404,9 @@ def change_status(
         request.app.state.database, study_uid, status, user=principal.actor, host=_client(request)
     )
     if changed:
-        log.info("web.status_changed", study_uid=study_uid, status=status.value, user=principal.actor)
+        log.info(
+            "web.status_changed", study_uid=study_uid, status=status.value, user=principal.actor
+        )
     return _after_change(request, study_uid, changed, next)
 
 
@@ -384,13 +421,21 @@ def change_priority(
     wanted: Priority | None = None
     if priority and priority != "clear":
         if priority not in [p.value for p in TRIAGE_PRIORITIES]:
-            raise HTTPException(status_code=422, detail=f"priority must be one of {[p.value for p in TRIAGE_PRIORITIES]}")
+            raise HTTPException(
+                status_code=422,
+                detail=f"priority must be one of {[p.value for p in TRIAGE_PRIORITIES]}",
+            )
         wanted = Priority(priority)
     changed = set_priority_override(
         request.app.state.database, study_uid, wanted, user=principal.actor, host=_client(request)
     )
     if changed:
-        log.info("web.priority_overridden", study_uid=study_uid, priority=priority or "clear", user=principal.actor)
+        log.info(
+            "web.priority_overridden",
+            study_uid=study_uid,
+            priority=priority or "clear",
+            user=principal.actor,
+        )
     return _after_change(request, study_uid, changed, next)
 
 
@@ -410,22 +455,33 @@ def thumbnail(request: Request, study_uid: str, sop_uid: str) -> Response:
     try:
         data = dicom_thumbnail(state.images, _in_spool(state.spool.root, relpath), THUMB_PX)
     except ImageUnavailable as exc:
-        log.warning("web.thumbnail_unavailable", study_uid=study_uid, sop_instance_uid=sop_uid, error=str(exc))
+        log.warning(
+            "web.thumbnail_unavailable",
+            study_uid=study_uid,
+            sop_instance_uid=sop_uid,
+            error=str(exc),
+        )
         raise HTTPException(status_code=404, detail="image cannot be displayed") from None
     return _png(data)
 
 
 @router.get("/studies/{study_uid}/instances/{sop_uid}/overlays/{label}.png")
-def overlay(request: Request, study_uid: str, sop_uid: str, label: str, full: bool = False) -> Response:
+def overlay(
+    request: Request, study_uid: str, sop_uid: str, label: str, full: bool = False
+) -> Response:
     state = request.app.state
     with state.database.read() as session:
         relpath = overlay_relpath(session, study_uid, sop_uid, label)
     if relpath is None:
         raise HTTPException(status_code=404, detail="no such overlay")
     try:
-        data = png_scaled(state.images, _in_spool(state.spool.root, relpath), FULL_PX if full else THUMB_PX)
+        data = png_scaled(
+            state.images, _in_spool(state.spool.root, relpath), FULL_PX if full else THUMB_PX
+        )
     except ImageUnavailable as exc:
-        log.warning("web.overlay_unavailable", study_uid=study_uid, sop_instance_uid=sop_uid, error=str(exc))
+        log.warning(
+            "web.overlay_unavailable", study_uid=study_uid, sop_instance_uid=sop_uid, error=str(exc)
+        )
         raise HTTPException(status_code=404, detail="overlay cannot be displayed") from None
     return _png(data)
 

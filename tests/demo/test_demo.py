@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from support.net import free_port, wait_for
 
 from ddn_node.demo.orthanc import LocalOrthanc, orthanc_available
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Delivery, Study
-from support.net import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,17 @@ def test_demo_end_to_end_and_ctrl_c(repo_root: Path, tmp_path: Path) -> None:
     with open(out, "w") as handle:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ddn_node", "demo", "--home", str(home), "--timeout", "400"],
-            stdout=handle, stderr=subprocess.STDOUT, cwd=repo_root,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=repo_root,
             env={**os.environ, "COLUMNS": "160", "PYTHONUNBUFFERED": "1"},
         )
     try:
-        wait_for(lambda: "Press Ctrl-C" in out.read_text() or proc.poll() is not None, 450, "the demo summary")
+        wait_for(
+            lambda: "Press Ctrl-C" in out.read_text() or proc.poll() is not None,
+            450,
+            "the demo summary",
+        )
         text = out.read_text()
         assert proc.poll() is None, text
         proc.send_signal(signal.SIGINT)
@@ -78,8 +84,23 @@ def test_demo_without_orthanc(repo_root: Path, tmp_path: Path) -> None:
     _bundled(repo_root)
     home = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "ddn_node", "demo", "--home", str(home), "--no-orthanc", "--exit-when-done", "--timeout", "400"],
-        capture_output=True, text=True, cwd=repo_root, timeout=500, env={**os.environ, "COLUMNS": "160"},
+        [
+            sys.executable,
+            "-m",
+            "ddn_node",
+            "demo",
+            "--home",
+            str(home),
+            "--no-orthanc",
+            "--exit-when-done",
+            "--timeout",
+            "400",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo_root,
+        timeout=500,
+        env={**os.environ, "COLUMNS": "160"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "studies received 4, analysed 4, failed 0" in result.stdout

@@ -135,9 +135,7 @@ _VR_ERROR = re.compile(r"^Error - Value invalid for this VR - \((0x[0-9a-f]{4}),
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """(errors, warnings) that dciodvfy reports for ``path``."""
-    out = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, timeout=60, check=False
-    )
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, timeout=60, check=False)
     text = (out.stdout + out.stderr).decode("latin-1")
     lines = [line.strip() for line in text.splitlines()]
     errors = [line for line in lines if line.startswith("Error - ")]
@@ -167,5 +165,3 @@ def own_errors(errors: list[str], inherited: set[tuple[str, str]]) -> list[str]:
             continue
         ours.append(line)
     return ours
-
-

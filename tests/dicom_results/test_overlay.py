@@ -111,6 +111,7 @@ def test_labels_of_maps_and_overlays_are_listed() -> None:
     expected = [
         (img.sop_instance_uid, label) for img in prediction.images for label in img.heatmaps
     ]
+
     def source(ds):
         return str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
 
@@ -139,7 +140,10 @@ def test_the_study_page_renders_an_overlay_secondary_capture(tmp_path) -> None:
 
     source = synthetic_source(rows=600, columns=500)
     objects = build_results(
-        [source], prediction_for([source], [{"Pneumothorax": 0.9, "Effusion": 0.1, "Nodule": 0.1}]), "STAT", display_for([source])
+        [source],
+        prediction_for([source], [{"Pneumothorax": 0.9, "Effusion": 0.1, "Nodule": 0.1}]),
+        "STAT",
+        display_for([source]),
     )
     path = tmp_path / "overlay.dcm"
     objects.overlays[0].save_as(path, enforce_file_format=True)

@@ -183,7 +183,9 @@ def test_large_sources_get_a_coarser_map_covering_the_same_area() -> None:
     assert spacing == pytest.approx([0.8, 0.4])
     first = np.array([float(v) for v in grid.plane_positions[0][0].ImagePositionPatient])
     # Edges: the source's first pixel's outer corner equals the map's first pixel's.
-    assert first - [0.4 / 2, 0.8 / 2, 0] == pytest.approx(np.array([10.0, 20.0, 0.0]) - [0.1 / 2, 0.2 / 2, 0])
+    assert first - [0.4 / 2, 0.8 / 2, 0] == pytest.approx(
+        np.array([10.0, 20.0, 0.0]) - [0.1 / 2, 0.2 / 2, 0]
+    )
     small = Dataset()
     small.Rows, small.Columns = 300, 200
     assert map_grid(small, 512).pixel_measures is None

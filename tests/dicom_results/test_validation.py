@@ -80,7 +80,10 @@ def _check(source, source_path: Path | None, tmp_path: Path, dicom3tools, dsrdum
             assert stored.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
             # The source's grid, or a coarser one of at most 512 pixels with the same extent.
             scale = max(1.0, max(source.Rows, source.Columns) / 512)
-            assert (stored.Rows, stored.Columns) == (round(source.Rows / scale), round(source.Columns / scale))
+            assert (stored.Rows, stored.Columns) == (
+                round(source.Rows / scale),
+                round(source.Columns / scale),
+            )
         else:
             assert stored.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
             assert stored.BurnedInAnnotation == "YES"

@@ -24,7 +24,7 @@ def layers() -> dict[str, int]:
     block = re.search(r"```layers\n(.*?)```", doc, re.S)
     assert block, "docs/architecture.md has no ```layers block"
     out: dict[str, int] = {}
-    for index, line in enumerate(l for l in block.group(1).splitlines() if l.strip()):
+    for index, line in enumerate(row for row in block.group(1).splitlines() if row.strip()):
         for name in line.split("#", 1)[0].split():
             out[name] = index
     return out
@@ -62,7 +62,11 @@ def imports(path: Path) -> Iterator[tuple[int, str]]:
                 continue
             yield node.lineno, target
             for alias in node.names:  # "from ddn_node.store import lifecycle" imports a module
-                if (PACKAGE.parent / (target + "." + alias.name).replace(".", "/")).with_suffix(".py").exists():
+                if (
+                    (PACKAGE.parent / (target + "." + alias.name).replace(".", "/"))
+                    .with_suffix(".py")
+                    .exists()
+                ):
                     yield node.lineno, f"{target}.{alias.name}"
 
 
@@ -97,7 +101,9 @@ def test_no_import_cycles() -> None:
     graph: dict[str, set[str]] = {}
     known = {module_name(p) for p in all_modules()}
     for path in all_modules():
-        graph[module_name(path)] = {t for _line, t in imports(path) if t in known} - {module_name(path)}
+        graph[module_name(path)] = {t for _line, t in imports(path) if t in known} - {
+            module_name(path)
+        }
 
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
@@ -106,7 +112,9 @@ def test_no_import_cycles() -> None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             # A package's __init__ importing its own submodules is how packages re-export.
-            if node == nxt.rsplit(".", 1)[0] or nxt == node.rsplit(".", 1)[0] and node.startswith(nxt + "."):
+            if node == nxt.rsplit(".", 1)[0] or (
+                nxt == node.rsplit(".", 1)[0] and node.startswith(nxt + ".")
+            ):
                 continue
             if state.get(nxt) == 1:
                 cycles.append([*path[path.index(nxt) :], nxt])
@@ -122,7 +130,12 @@ def test_no_import_cycles() -> None:
 
 @pytest.mark.parametrize(
     ("source", "target", "allowed"),
-    [("pipeline", "store", True), ("store", "pipeline", False), ("dicom", "notify", False), ("web", "web", True)],
+    [
+        ("pipeline", "store", True),
+        ("store", "pipeline", False),
+        ("dicom", "notify", False),
+        ("web", "web", True),
+    ],
 )
 def test_the_rule_itself(source: str, target: str, allowed: bool) -> None:
     """The checker's rule on known cases, so a broken table cannot pass everything."""

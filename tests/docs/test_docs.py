@@ -40,7 +40,11 @@ def _events(package: Path) -> set[str]:
 def test_every_log_event_is_documented(repo_root: Path) -> None:
     doc = (repo_root / "docs" / "operations.md").read_text()
     families = set(re.findall(r"`([a-z]+)\.\*`", doc))
-    missing = sorted(e for e in _events(repo_root / "ddn_node") if f"`{e}`" not in doc and e.split(".")[0] not in families)
+    missing = sorted(
+        e
+        for e in _events(repo_root / "ddn_node")
+        if f"`{e}`" not in doc and e.split(".")[0] not in families
+    )
     assert missing == [], f"document these events in docs/operations.md: {missing}"
 
 
@@ -49,18 +53,36 @@ def test_deployment_files_parse(repo_root: Path) -> None:
     snippet = json.loads((repo_root / "deploy" / "orthanc" / "orthanc-ddn-node.json").read_text())
     assert snippet["DicomModalities"]["ddn-node"]["AET"] == "DDN_NODE"
     unit = (repo_root / "deploy" / "ddn-node.service").read_text()
-    for line in ("ProtectSystem=strict", "ReadWritePaths=/var/lib/ddn-node", "User=ddn-node", "Restart=on-failure"):
+    for line in (
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/ddn-node",
+        "User=ddn-node",
+        "Restart=on-failure",
+    ):
         assert line in unit
     if shutil.which("systemd-analyze"):
-        result = subprocess.run(["systemd-analyze", "verify", str(repo_root / "deploy" / "ddn-node.service")], capture_output=True, text=True)
+        result = subprocess.run(
+            ["systemd-analyze", "verify", str(repo_root / "deploy" / "ddn-node.service")],
+            capture_output=True,
+            text=True,
+        )
         assert "Unknown key" not in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="docker client not installed")
 def test_compose_file_is_valid(repo_root: Path) -> None:
     result = subprocess.run(
-        ["docker", "compose", "-f", str(repo_root / "deploy" / "compose.yaml"), "config", "--quiet"],
-        capture_output=True, text=True, timeout=60,
+        [
+            "docker",
+            "compose",
+            "-f",
+            str(repo_root / "deploy" / "compose.yaml"),
+            "config",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if "is not a docker command" in result.stderr or "unknown shorthand flag" in result.stderr:
         pytest.skip("docker compose plugin not installed")

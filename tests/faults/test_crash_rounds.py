@@ -17,15 +17,18 @@ from pathlib import Path
 import pydicom
 import pytest
 from sqlalchemy import func, select
-
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery, Instance, Job, Result, Study
 from support.artifacts import make_test_artifact
 from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
 from support.net import wait_for
 from support.orthanc import Orthanc, orthanc_available
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed")]
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Delivery, Instance, Job, Result, Study
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed"),
+]
 
 PHASES = ("store", "analysis", "delivery")
 
@@ -36,7 +39,13 @@ def _studies(tmp: Path, n: int) -> list[list[Path]]:
         study_uid = f"1.2.826.0.1.3680043.8.498.4242.{s + 1}"
         paths = []
         for i in range(2):
-            ds = make_cr(study_uid, series_uid=f"{study_uid}.1", sop_uid=f"{study_uid}.1.{i + 1}", size=192, seed=100 * s + i)
+            ds = make_cr(
+                study_uid,
+                series_uid=f"{study_uid}.1",
+                sop_uid=f"{study_uid}.1.{i + 1}",
+                size=192,
+                seed=100 * s + i,
+            )
             path = tmp / f"s{s:03d}_{i}.dcm"
             path.write_bytes(to_file_bytes(ds))
             paths.append(path)
@@ -69,10 +78,14 @@ def _count_events(node, name: str) -> int:  # type: ignore[no-untyped-def]
     "rounds",
     [
         pytest.param(int(os.environ.get("DDN_CRASH_ROUNDS", "50")), id="ci"),
-        pytest.param(int(os.environ.get("DDN_SOAK_CRASH_ROUNDS", "300")), id="soak", marks=pytest.mark.soak),
+        pytest.param(
+            int(os.environ.get("DDN_SOAK_CRASH_ROUNDS", "300")), id="soak", marks=pytest.mark.soak
+        ),
     ],
 )
-def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tmp_path: Path, rounds: int) -> None:
+def test_kills_lose_nothing_and_duplicate_nothing(
+    make_node, sqlite_url: str, tmp_path: Path, rounds: int
+) -> None:
     rng = random.Random(4242)
     model = make_test_artifact(tmp_path / "model", threshold=0.5)
     pacs = Orthanc(tmp_path / "orthanc", node_port=0)
@@ -82,12 +95,20 @@ def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tm
         routing=[{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}],
         completion={"quiet_period_s": 0.4, "sweep_interval_s": 0.2},
         queue={"lease_s": 2, "max_attempts": 1000, "retry_delay_s": 0.5},
-        delivery={"sweep_interval_s": 0.2, "backoff_initial_s": 0.2, "backoff_max_s": 1, "max_attempts": 1000, "timeout_s": 5},
+        delivery={
+            "sweep_interval_s": 0.2,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 1,
+            "max_attempts": 1000,
+            "timeout_s": 5,
+        },
         worker={"poll_interval_s": 0.1},
     )
     pacs.node_port = node.port
     pacs.start()
-    node.config["destinations"] = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}]
+    node.config["destinations"] = [
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
+    ]
     node.__post_init__()  # rewrite the config with the destination
     studies = _studies(tmp_path, rounds)
     acked: dict[str, Path] = {}
@@ -106,10 +127,21 @@ def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tm
                 # Somewhere inside the first C-STORE exchanges.
                 threading.Event().wait(rng.uniform(0.0, 0.08))
             elif phase == "analysis":
-                wait_for(lambda: _count_events(node, "completion.study_complete") > r // 3 or not sender.is_alive(), 30, "completion")
+                wait_for(
+                    lambda r=r, sender=sender: (
+                        _count_events(node, "completion.study_complete") > r // 3
+                        or not sender.is_alive()
+                    ),
+                    30,
+                    "completion",
+                )
                 threading.Event().wait(rng.uniform(0.0, 0.3))
             else:
-                wait_for(lambda b=analysed_before: _count_events(node, "worker.study_analysed") > b, 60, "analysis")
+                wait_for(
+                    lambda b=analysed_before: _count_events(node, "worker.study_analysed") > b,
+                    60,
+                    "analysis",
+                )
                 threading.Event().wait(rng.uniform(0.0, 0.15))
             node.kill()
             kills[phase] += 1
@@ -123,10 +155,15 @@ def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tm
         assert len(acked) == 2 * rounds
         db = make_database(sqlite_url)
         try:
+
             def settled() -> bool:
                 with db.read() as s:
-                    studies_left = s.scalar(select(func.count()).select_from(Study).where(Study.state != "analysed"))
-                    pending = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state != "sent"))
+                    studies_left = s.scalar(
+                        select(func.count()).select_from(Study).where(Study.state != "analysed")
+                    )
+                    pending = s.scalar(
+                        select(func.count()).select_from(Delivery).where(Delivery.state != "sent")
+                    )
                     return studies_left == 0 and pending == 0
 
             wait_for(settled, 300, "all studies analysed and delivered")
@@ -168,5 +205,7 @@ def test_kills_lose_nothing_and_duplicate_nothing(make_node, sqlite_url: str, tm
     sources = set(instances)
     in_pacs = [uid for uids in pacs_objects.values() for uid in uids if uid not in sources]
     assert sorted(in_pacs) == sorted(delivered)
-    print(f"kills: {dict(kills)}; studies: {rounds}; results: {len(results)}; objects delivered: {len(delivered)}")
+    print(
+        f"kills: {dict(kills)}; studies: {rounds}; results: {len(results)}; objects delivered: {len(delivered)}"
+    )
     assert sum(kills.values()) == rounds

@@ -13,18 +13,22 @@ from pathlib import Path
 import pytest
 from pydicom.filewriter import dcmwrite
 from sqlalchemy import func, select
+from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
+from support.net import wait_for
 
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance, Study
-from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
-from support.net import wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def _rss_kb(pid: int) -> tuple[int, int]:
     """(current RSS, peak RSS) of a process in KiB, from /proc."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    fields = dict(
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":" in line
+    )
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
@@ -34,7 +38,9 @@ def _files(tmp: Path, tag: str, n: int, size: int) -> list[Path]:
     study = f"1.2.826.0.1.3680043.8.498.{abs(hash(tag)) % 10**8}"
     out = []
     for i in range(n):
-        ds = make_cr(study, series_uid=f"{study}.1", sop_uid=f"{study}.1.{i + 1}", size=size, seed=i)
+        ds = make_cr(
+            study, series_uid=f"{study}.1", sop_uid=f"{study}.1.{i + 1}", size=size, seed=i
+        )
         path = folder / f"{i:04d}.dcm"
         path.write_bytes(to_file_bytes(ds))
         out.append(path)
@@ -46,10 +52,14 @@ def _files(tmp: Path, tag: str, n: int, size: int) -> list[Path]:
     [
         pytest.param(int(os.environ.get("DDN_LOAD_FILES", "25")), id="ci"),
         # Minutes of sustained load for `make soak`: 8 x 1,500 instances.
-        pytest.param(int(os.environ.get("DDN_SOAK_LOAD_FILES", "1500")), id="soak", marks=pytest.mark.soak),
+        pytest.param(
+            int(os.environ.get("DDN_SOAK_LOAD_FILES", "1500")), id="soak", marks=pytest.mark.soak
+        ),
     ],
 )
-def test_eight_concurrent_senders(make_node, sqlite_url: str, tmp_path: Path, per_sender: int) -> None:
+def test_eight_concurrent_senders(
+    make_node, sqlite_url: str, tmp_path: Path, per_sender: int
+) -> None:
     node = make_node(sqlite_url, node={"max_associations": 16})
     batches = [_files(tmp_path, f"sender{k}", per_sender, 256) for k in range(8)]
     with node:
@@ -57,8 +67,20 @@ def test_eight_concurrent_senders(make_node, sqlite_url: str, tmp_path: Path, pe
         rss_before, _ = _rss_kb(node.proc.pid)
         procs = [
             subprocess.Popen(
-                ["storescu", "-aet", "STORESCU", "-aec", "DDN_NODE", "127.0.0.1", str(node.port), *map(str, batch)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TCP_NODELAY": "1"},
+                [
+                    "storescu",
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    "DDN_NODE",
+                    "127.0.0.1",
+                    str(node.port),
+                    *map(str, batch),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "TCP_NODELAY": "1"},
             )
             for batch in batches[:4]
         ]
@@ -85,6 +107,7 @@ def test_eight_concurrent_senders(make_node, sqlite_url: str, tmp_path: Path, pe
         assert statuses == [0] * (4 * per_sender)
         db = make_database(sqlite_url)
         try:
+
             def count() -> int:
                 with db.read() as s:
                     return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
@@ -95,7 +118,9 @@ def test_eight_concurrent_senders(make_node, sqlite_url: str, tmp_path: Path, pe
         rss_after, peak = _rss_kb(node.proc.pid)
     rejected = [e for e in node.events() if e.get("event") == "scp.association_rejected"]
     assert rejected == []
-    print(f"8 senders x {per_sender}: RSS {rss_before // 1024} -> {rss_after // 1024} MiB, peak {peak // 1024} MiB")
+    print(
+        f"8 senders x {per_sender}: RSS {rss_before // 1024} -> {rss_after // 1024} MiB, peak {peak // 1024} MiB"
+    )
     assert rss_after - rss_before < 100 * 1024, "memory grew with the load"
 
 
@@ -118,7 +143,9 @@ def _write_large_instance(path: Path, frames: int, rows: int, cols: int) -> None
     ds = make_cr("1.2.826.0.1.3680043.8.498.909", size=8)
     del ds.PixelData
     ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.12.1"  # XA: multi-frame
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = (
+        "1.2.840.10008.5.1.4.1.1.12.1"  # XA: multi-frame
+    )
     ds.Modality = "XA"
     with open(path, "wb") as handle:
         dcmwrite(handle, ds, enforce_file_format=True)
@@ -141,21 +168,31 @@ def test_a_large_instance_is_streamed_to_disk(make_node, sqlite_url: str, tmp_pa
     with node:
         assert node.proc is not None
         rss_before, _ = _rss_kb(node.proc.pid)
-        with raw_association(node.port, contexts=[("1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.1.2.1")], timeout=120) as assoc:
+        with raw_association(
+            node.port,
+            contexts=[("1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.1.2.1")],
+            timeout=120,
+        ) as assoc:
             assert store_file(assoc, path) == 0
         _rss, peak = _rss_kb(node.proc.pid)
     stored = next((node.spool / "studies").rglob("*.dcm"))
     assert dataset_sha256(stored) == dataset_sha256(path)
-    print(f"{size_mb:.0f} MiB instance: node peak RSS {peak // 1024} MiB (before {rss_before // 1024} MiB)")
+    print(
+        f"{size_mb:.0f} MiB instance: node peak RSS {peak // 1024} MiB (before {rss_before // 1024} MiB)"
+    )
     assert (peak - rss_before) / 1024 < size_mb / 2, "the instance was held in memory"
 
 
-def test_an_instance_above_the_configured_maximum_is_refused(make_node, sqlite_url: str, tmp_path: Path) -> None:
+def test_an_instance_above_the_configured_maximum_is_refused(
+    make_node, sqlite_url: str, tmp_path: Path
+) -> None:
     path = tmp_path / "big.dcm"
     _write_large_instance(path, 3, 1024, 1024)  # 6 MiB
     node = make_node(sqlite_url, node={"max_instance_mb": 2})
     with node:
-        with raw_association(node.port, contexts=[("1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.1.2.1")]) as assoc:
+        with raw_association(
+            node.port, contexts=[("1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.1.2.1")]
+        ) as assoc:
             assert store_file(assoc, path) == 0xA700
         assert not list((node.spool / "studies").rglob("*.dcm"))
         assert not list((node.spool / "incoming").iterdir())

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
+from support.net import wait_for
 
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance
-from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
-from support.net import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,21 +23,33 @@ def _pg_restart() -> subprocess.CompletedProcess[str]:
     version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
     return subprocess.run(
         ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
-@pytest.mark.skipif(shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir(), reason="no local PostgreSQL cluster to restart")
+@pytest.mark.skipif(
+    shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql").is_dir(),
+    reason="no local PostgreSQL cluster to restart",
+)
 def test_ingest_survives_a_database_restart(make_node, postgres_url: str, tmp_path: Path) -> None:
     node = make_node(postgres_url)
     files = []
     for i in range(150):
-        ds = make_cr("1.2.826.0.1.3680043.8.498.515", series_uid="1.2.826.0.1.3680043.8.498.515.1", sop_uid=f"1.2.826.0.1.3680043.8.498.515.1.{i + 1}", size=128, seed=i)
+        ds = make_cr(
+            "1.2.826.0.1.3680043.8.498.515",
+            series_uid="1.2.826.0.1.3680043.8.498.515.1",
+            sop_uid=f"1.2.826.0.1.3680043.8.498.515.1.{i + 1}",
+            size=128,
+            seed=i,
+        )
         path = tmp_path / f"{i}.dcm"
         path.write_bytes(to_file_bytes(ds))
         files.append(path)
     statuses: dict[str, int | None] = {}
     with node:
+
         def send(batch: list[Path]) -> None:
             with raw_association(node.port) as assoc:
                 for p in batch:
@@ -62,5 +74,7 @@ def test_ingest_survives_a_database_restart(make_node, postgres_url: str, tmp_pa
         db.dispose()
     assert len(rows) == len(files)
     for i, path in enumerate(files):
-        assert dataset_sha256(node.spool / rows[f"1.2.826.0.1.3680043.8.498.515.1.{i + 1}"].path) == dataset_sha256(path)
+        assert dataset_sha256(
+            node.spool / rows[f"1.2.826.0.1.3680043.8.498.515.1.{i + 1}"].path
+        ) == dataset_sha256(path)
     print(f"refused while PostgreSQL restarted: {len(refused)} of {len(files)}")

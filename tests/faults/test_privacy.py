@@ -9,16 +9,19 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import select
-
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery
 from support.artifacts import make_test_artifact
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
 from support.net import free_port, wait_for
 from support.notify import HTTPReceiver, MLLPListener, ack_for
 from support.orthanc import Orthanc, orthanc_available
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed")]
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Delivery
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not orthanc_available(), reason="Orthanc not installed"),
+]
 
 SECRETS = {
     "name": "Zyxwvut^Quintessa",
@@ -40,12 +43,17 @@ def test_full_run_logs_carry_no_patient_data(make_node, sqlite_url: str, tmp_pat
         sqlite_url,
         roles=("scp", "worker", "web"),
         routing=[{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}],
-        adapters={"hl7": {"enabled": True, "port": ris.port}, "webhook": {"enabled": True, "url": hook.url}},
+        adapters={
+            "hl7": {"enabled": True, "port": ris.port},
+            "webhook": {"enabled": True, "url": hook.url},
+        },
         web={"enabled": True, "port": web_port, "tokens": [{"name": "t", "sha256": TOKEN_SHA}]},
         logging={"level": "DEBUG", "json": True},
     )
     pacs = Orthanc(tmp_path / "orthanc", node.port)
-    node.config["destinations"] = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}]
+    node.config["destinations"] = [
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}
+    ]
     node.__post_init__()
     ds = make_cr(
         "1.2.826.0.1.3680043.8.498.3141",
@@ -62,6 +70,7 @@ def test_full_run_logs_carry_no_patient_data(make_node, sqlite_url: str, tmp_pat
                 assert store_file(assoc, path) == 0
             db = make_database(sqlite_url)
             try:
+
                 def delivered() -> bool:
                     with db.read() as s:
                         rows = list(s.scalars(select(Delivery)))
@@ -75,13 +84,31 @@ def test_full_run_logs_carry_no_patient_data(make_node, sqlite_url: str, tmp_pat
             page = httpx.get(f"{base}/api/worklist", headers=auth, timeout=30).json()
             assert page["rows"][0]["patient_name"] == SECRETS["name"]  # shown to the radiologist...
             uid = page["rows"][0]["study_uid"]
-            assert httpx.get(f"{base}/api/studies/{uid}", headers=auth, timeout=30).status_code == 200
-            assert httpx.post(f"{base}/api/studies/{uid}/status", headers=auth, json={"status": "read"}, timeout=30).status_code == 200
-            httpx.post(f"{base}/login", data={"username": SECRETS["patient_id"], "password": "x"}, timeout=30)
+            assert (
+                httpx.get(f"{base}/api/studies/{uid}", headers=auth, timeout=30).status_code == 200
+            )
+            assert (
+                httpx.post(
+                    f"{base}/api/studies/{uid}/status",
+                    headers=auth,
+                    json={"status": "read"},
+                    timeout=30,
+                ).status_code
+                == 200
+            )
+            httpx.post(
+                f"{base}/login",
+                data={"username": SECRETS["patient_id"], "password": "x"},
+                timeout=30,
+            )
     finally:
         ris.stop()
         hook.stop()
     logs = "\n".join(p.read_text(errors="replace") for p in node.tmp.glob("*.log"))
-    assert "scp.instance_stored" in logs and "worker.study_analysed" in logs and "delivery.sent" in logs
+    assert (
+        "scp.instance_stored" in logs
+        and "worker.study_analysed" in logs
+        and "delivery.sent" in logs
+    )
     for what, value in SECRETS.items():  # ... but never written to a log
         assert value not in logs, f"{what} found in the logs"

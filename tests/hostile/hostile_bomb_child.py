@@ -22,10 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from hostile_gen import bomb, seed, seeds
-from hostile_oracle import check_header, check_pixels
+# Imported after the path set-up above: this runs as a script, outside pytest.
+from hostile_gen import bomb, seed, seeds  # noqa: E402
+from hostile_oracle import check_header, check_pixels  # noqa: E402
 
-from ddn_node.dicom.pixels import PixelLimits
+from ddn_node.dicom.pixels import PixelLimits  # noqa: E402
 
 # A bomb may cost what a legitimate image of the seed's size costs plus this: far less
 # than the hundreds of MB to GB that the declared sizes would need.
@@ -56,12 +57,18 @@ def _deflate_bomb(inflated_mb: int) -> bytes:
     bytes every time; those are repeated, and an empty final block ends the stream.
     """
     s = seed("deflate")
-    head = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + b"\x09\x00\x10\x00OB\x00\x00" + struct.pack("<I", inflated_mb << 20)
+    head = (
+        b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100"
+        + b"\x09\x00\x10\x00OB\x00\x00"
+        + struct.pack("<I", inflated_mb << 20)
+    )
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     prefix = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
     block = c.compress(b"\0" * (1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
     body = prefix + block * inflated_mb + b"\x03\x00"  # empty final fixed-Huffman block
-    assert len(zlib.decompress(prefix + block * 2 + b"\x03\x00", -zlib.MAX_WBITS)) == len(head) + (2 << 20)
+    assert len(zlib.decompress(prefix + block * 2 + b"\x03\x00", -zlib.MAX_WBITS)) == len(head) + (
+        2 << 20
+    )
     return s.meta + body
 
 
@@ -99,7 +106,10 @@ def bombs() -> dict[str, bytes | tuple[bytes, PixelLimits]]:
         "JPEG-LS 20000x20000": bomb("jpeg_ls", 20000, 20000),
         "JPEG 2000 20000x20000": bomb("jpeg2000", 20000, 20000),
         "JPEG 2000 20000x20000, truncated": bomb("jpeg2000", 20000, 20000, keep=0.3),
-        "deflate: 1 MB on the wire, 1 GiB inflated, 64 MiB limit": (_deflate_bomb(1024), PixelLimits(max_decoded_mb=64)),
+        "deflate: 1 MB on the wire, 1 GiB inflated, 64 MiB limit": (
+            _deflate_bomb(1024),
+            PixelLimits(max_decoded_mb=64),
+        ),
         "deflate: 3 GiB inflated": _deflate_bomb(3072),
     }
     return cases

@@ -38,11 +38,56 @@ from pydicom.uid import (
 from support.dicomgen import make_cr, to_file_bytes
 
 # VRs whose explicit-VR length field is 4 bytes (after 2 reserved bytes), PS3.5 7.1.2.
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 ALL_VRS = [
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD",
-    b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
-    b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FD",
+    b"FL",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SQ",
+    b"SS",
+    b"ST",
+    b"SV",
+    b"TM",
+    b"UC",
+    b"UI",
+    b"UL",
+    b"UN",
+    b"UR",
+    b"US",
+    b"UT",
+    b"UV",
 ]
 UNDEFINED = 0xFFFFFFFF
 ITEM = b"\xfe\xff\x00\xe0"
@@ -95,7 +140,9 @@ def _elements(body: bytes, implicit: bool, little: bool) -> tuple[Element, ...]:
             header = 12 if long_form else 8
         # For undefined-length elements pydicom reports the value position after the
         # header as well; the header itself always ends at value_tell.
-        out.append(Element(raw.value_tell - header, raw.value_tell, length, long_form, int(raw.tag)))
+        out.append(
+            Element(raw.value_tell - header, raw.value_tell, length, long_form, int(raw.tag))
+        )
     return tuple(out)
 
 
@@ -142,8 +189,17 @@ def _compressed(syntax: str, size: int = 16) -> Dataset:
 def _sr() -> Dataset:
     """A small SR-shaped data set: nested content sequences, as TID 1500 documents have."""
     ds = _cr(16)
-    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-                    "SamplesPerPixel", "PhotometricInterpretation", "PixelData"):
+    for keyword in (
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PixelData",
+    ):
         delattr(ds, keyword)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
     ds.Modality = "SR"
@@ -156,7 +212,11 @@ def _sr() -> Dataset:
         it = Dataset()
         it.RelationshipType, it.ValueType = "CONTAINS", "CONTAINER" if depth else "TEXT"
         name = Dataset()
-        name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "126010", "DCM", "Imaging Measurements"
+        name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = (
+            "126010",
+            "DCM",
+            "Imaging Measurements",
+        )
         it.ConceptNameCodeSequence = Sequence([name])
         if depth:
             it.ContentSequence = Sequence([item(depth - 1)])
@@ -204,7 +264,10 @@ def _fixed_uids(ds: Dataset, n: int) -> Dataset:
 
 @cache
 def seeds() -> tuple[Seed, ...]:
-    return tuple(_seed(name, _fixed_uids(build(), n)) for n, (name, build) in enumerate(SEED_BUILDERS.items(), 1))
+    return tuple(
+        _seed(name, _fixed_uids(build(), n))
+        for n, (name, build) in enumerate(SEED_BUILDERS.items(), 1)
+    )
 
 
 def seed(name: str) -> Seed:
@@ -249,7 +312,13 @@ def body_mutation(draw: st.DrawFn, seed_: Seed) -> tuple[str, Callable[[bytes], 
         kinds += ["length", "length", "vr", "unclosed", "tag"]
     kind = draw(st.sampled_from(kinds))
     if kind == "bitflip":
-        flips = draw(st.lists(st.tuples(st.integers(0, max(body_len - 1, 0)), st.integers(0, 7)), min_size=1, max_size=8))
+        flips = draw(
+            st.lists(
+                st.tuples(st.integers(0, max(body_len - 1, 0)), st.integers(0, 7)),
+                min_size=1,
+                max_size=8,
+            )
+        )
 
         def bitflip(b: bytes) -> bytes:
             out = bytearray(b)
@@ -276,21 +345,35 @@ def body_mutation(draw: st.DrawFn, seed_: Seed) -> tuple[str, Callable[[bytes], 
         value = draw(
             st.one_of(
                 st.sampled_from([0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFE, UNDEFINED]),
-                st.integers(max(el.length - 3, 0) if el.length != UNDEFINED else 0, (el.length + 3) if el.length != UNDEFINED else 8),
+                st.integers(
+                    max(el.length - 3, 0) if el.length != UNDEFINED else 0,
+                    (el.length + 3) if el.length != UNDEFINED else 8,
+                ),
                 st.integers(0, 0xFFFFFFFF),
             )
         )
         pos, field = _pack_length(seed_, el, value)
-        return f"length of ({el.tag:08X}) -> 0x{value:X}", lambda b: b[:pos] + field + b[pos + len(field) :]
+        return (
+            f"length of ({el.tag:08X}) -> 0x{value:X}",
+            lambda b: b[:pos] + field + b[pos + len(field) :],
+        )
     if kind == "vr":
         if seed_.implicit:
             # No VR on the wire: give the tag a different meaning instead (a private or
             # a sequence tag) so the dictionary VR no longer fits the value.
-            tag = draw(st.sampled_from([0x00081115, 0x00091010, 0x7FE00010, 0x00280010, 0xFFFEE000]))
+            tag = draw(
+                st.sampled_from([0x00081115, 0x00091010, 0x7FE00010, 0x00280010, 0xFFFEE000])
+            )
             field = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-            return f"tag ({el.tag:08X}) -> ({tag:08X})", lambda b: b[: el.start] + field + b[el.start + 4 :]
+            return (
+                f"tag ({el.tag:08X}) -> ({tag:08X})",
+                lambda b: b[: el.start] + field + b[el.start + 4 :],
+            )
         vr = draw(st.one_of(st.sampled_from(ALL_VRS), st.binary(min_size=2, max_size=2)))
-        return f"VR of ({el.tag:08X}) -> {vr!r}", lambda b: b[: el.start + 4] + vr + b[el.start + 6 :]
+        return (
+            f"VR of ({el.tag:08X}) -> {vr!r}",
+            lambda b: b[: el.start + 4] + vr + b[el.start + 6 :],
+        )
     if kind == "unclosed":
         depth = draw(st.one_of(st.integers(1, 8), st.sampled_from([100, 1000, 3000])))
         blob = unclosed_sequences(seed_, depth)
@@ -300,12 +383,20 @@ def body_mutation(draw: st.DrawFn, seed_: Seed) -> tuple[str, Callable[[bytes], 
             lambda b: b[: el.start] + blob + (b"" if cut else b[el.start :]),
         )
     # "tag": an extra element with an arbitrary tag, VR and (possibly lying) length
-    tag = draw(st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from([0x7FE00010, 0x00280008, 0xFFFEE0DD, 0x00020010])))
+    tag = draw(
+        st.one_of(
+            st.integers(0, 0xFFFFFFFF),
+            st.sampled_from([0x7FE00010, 0x00280008, 0xFFFEE0DD, 0x00020010]),
+        )
+    )
     vr = draw(st.sampled_from(ALL_VRS))
     value = draw(st.binary(max_size=16))
     length = draw(st.one_of(st.just(len(value)), st.integers(0, 0xFFFFFFFF)))
     blob = _element_header(seed_, tag, vr, length) + value
-    return f"extra ({tag:08X}) {vr!r} length 0x{length:X}", lambda b: b[: el.start] + blob + b[el.start :]
+    return (
+        f"extra ({tag:08X}) {vr!r} length 0x{length:X}",
+        lambda b: b[: el.start] + blob + b[el.start :],
+    )
 
 
 # -- bombs: declared geometry far beyond the data -----------------------------------------
@@ -336,8 +427,15 @@ def _patch_codestream(frame: bytes, rows: int, cols: int) -> bytes:
     return bytes(out)
 
 
-def bomb(seed_name: str, rows: int, cols: int, frames: int | None = None, keep: float = 1.0,
-         bits_allocated: int | None = None, samples: int | None = None) -> bytes:
+def bomb(
+    seed_name: str,
+    rows: int,
+    cols: int,
+    frames: int | None = None,
+    keep: float = 1.0,
+    bits_allocated: int | None = None,
+    samples: int | None = None,
+) -> bytes:
     """A seed re-encoded to declare ``rows x cols (x frames)`` while carrying its own
     (tiny) pixel data; compressed frames get the same size in their codestream header, and
     ``keep`` < 1 truncates the frame as well. Returns a whole Part 10 file."""
@@ -366,10 +464,24 @@ def bomb(seed_name: str, rows: int, cols: int, frames: int | None = None, keep: 
 
 @st.composite
 def bombs(draw: st.DrawFn) -> tuple[str, bytes]:
-    name = draw(st.sampled_from(["explicit_le", "implicit_le", "multiframe", "rle", "jpeg_ls", "jpeg2000", "jpeg_baseline"]))
+    name = draw(
+        st.sampled_from(
+            [
+                "explicit_le",
+                "implicit_le",
+                "multiframe",
+                "rle",
+                "jpeg_ls",
+                "jpeg2000",
+                "jpeg_baseline",
+            ]
+        )
+    )
     rows = draw(st.one_of(st.sampled_from([1024, 4096, 20000, 65535]), st.integers(1, 65535)))
     cols = draw(st.one_of(st.sampled_from([1024, 4096, 20000, 65535]), st.integers(1, 65535)))
-    frames = draw(st.one_of(st.none(), st.sampled_from([1, 2, 1000, 2**31 - 1]), st.integers(1, 100000)))
+    frames = draw(
+        st.one_of(st.none(), st.sampled_from([1, 2, 1000, 2**31 - 1]), st.integers(1, 100000))
+    )
     keep = draw(st.sampled_from([1.0, 1.0, 0.5, 0.1]))
     bits = draw(st.one_of(st.none(), st.sampled_from([8, 16, 32, 64])))
     samples = draw(st.one_of(st.none(), st.sampled_from([1, 3])))

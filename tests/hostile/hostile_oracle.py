@@ -63,7 +63,9 @@ def deadline(seconds: float, what: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _typed(call: Callable[[], T], allowed: tuple[type[BaseException], ...], what: str, seconds: float) -> T | BaseException:
+def _typed(
+    call: Callable[[], T], allowed: tuple[type[BaseException], ...], what: str, seconds: float
+) -> T | BaseException:
     """Run ``call``; return its result or the allowed exception it raised; fail on anything else."""
     try:
         with deadline(seconds, what), warnings.catch_warnings():
@@ -95,7 +97,12 @@ def check_header(path: Path, seconds: float = 10) -> str:
 
 
 def check_pixels(path: Path, limits: PixelLimits | None = None, seconds: float = 30) -> str:
-    out = _typed(lambda: load_display_image(path, limits=limits), (PixelDataError,), "load_display_image", seconds)
+    out = _typed(
+        lambda: load_display_image(path, limits=limits),
+        (PixelDataError,),
+        "load_display_image",
+        seconds,
+    )
     if isinstance(out, PixelDataError):
         return type(out).__name__
     assert isinstance(out, np.ndarray), type(out)
@@ -122,7 +129,9 @@ def check_sr(path: Path, seconds: float = 10) -> str:
         return "ValueError"
     assert out.abnormality_score is None or math.isfinite(out.abnormality_score)
     for finding in out.findings.values():
-        assert math.isfinite(finding.probability), f"{finding.label}: probability {finding.probability}"
+        assert math.isfinite(finding.probability), (
+            f"{finding.label}: probability {finding.probability}"
+        )
     return "sr"
 
 

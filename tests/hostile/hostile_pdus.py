@@ -8,6 +8,7 @@ tiny raw client: connect, send bytes, read what comes back until the node closes
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -49,12 +50,19 @@ def associate_rq(
     contexts: list[tuple[int, str, list[str]]] | None = None,
     max_pdu: int = 16384,
 ) -> bytes:
-    contexts = contexts or [(1, VERIFICATION, [ImplicitVRLittleEndian]), (3, CR_STORAGE, [ExplicitVRLittleEndian])]
+    contexts = contexts or [
+        (1, VERIFICATION, [ImplicitVRLittleEndian]),
+        (3, CR_STORAGE, [ExplicitVRLittleEndian]),
+    ]
     items = item(0x10, _uid(APPLICATION_CONTEXT))
     for context_id, abstract, syntaxes in contexts:
         sub = item(0x30, _uid(abstract)) + b"".join(item(0x40, _uid(ts)) for ts in syntaxes)
         items += item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + sub)
-    user = item(0x51, struct.pack(">I", max_pdu)) + item(0x52, _uid(IMPLEMENTATION_UID)) + item(0x55, b"HOSTILE")
+    user = (
+        item(0x51, struct.pack(">I", max_pdu))
+        + item(0x52, _uid(IMPLEMENTATION_UID))
+        + item(0x55, b"HOSTILE")
+    )
     items += item(0x50, user)
     header = struct.pack(">HH", 1, 0) + _ae(called) + _ae(calling) + b"\0" * 32
     return pdu(0x01, header + items)
@@ -80,12 +88,21 @@ def pdv(context_id: int, data: bytes, command: bool, last: bool = True) -> bytes
 
 def echo_rq(message_id: int = 1, context_id: int = 1) -> bytes:
     command = encode_command(
-        AffectedSOPClassUID=VERIFICATION, CommandField=0x0030, MessageID=message_id, CommandDataSetType=0x0101
+        AffectedSOPClassUID=VERIFICATION,
+        CommandField=0x0030,
+        MessageID=message_id,
+        CommandDataSetType=0x0101,
     )
     return pdu(0x04, pdv(context_id, command, command=True))
 
 
-def store_rq(dataset: bytes, sop_instance: str, message_id: int = 2, context_id: int = 3, fragment: int = 4096) -> list[bytes]:
+def store_rq(
+    dataset: bytes,
+    sop_instance: str,
+    message_id: int = 2,
+    context_id: int = 3,
+    fragment: int = 4096,
+) -> list[bytes]:
     """C-STORE-RQ: one command PDU and the data set in P-DATA-TF PDUs of ``fragment`` bytes."""
     command = encode_command(
         AffectedSOPClassUID=CR_STORAGE,
@@ -188,15 +205,15 @@ def send_all(sock: socket.socket, chunks: list[bytes]) -> bool:
         return False
 
 
-def exchange(port: int, chunks: list[bytes], timeout: float = 15.0, half_close: bool = True) -> Exchange:
+def exchange(
+    port: int, chunks: list[bytes], timeout: float = 15.0, half_close: bool = True
+) -> Exchange:
     """Connect, send ``chunks``, optionally half-close our side, and read until closed."""
     with connect(port) as sock:
         sent = send_all(sock, chunks)
         if half_close and sent:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
         return read_until_closed(sock, timeout)
 
 
@@ -250,7 +267,11 @@ def mutated_bytes(draw: st.DrawFn, data: bytes, item_start: int | None = None) -
         kinds += ["item_length", "item_length", "item_type"]
     kind = draw(st.sampled_from(kinds))
     if kind == "bitflip":
-        flips = draw(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 7)), min_size=1, max_size=6))
+        flips = draw(
+            st.lists(
+                st.tuples(st.integers(0, len(data) - 1), st.integers(0, 7)), min_size=1, max_size=6
+            )
+        )
         out = bytearray(data)
         for pos, bit in flips:
             out[pos] ^= 1 << bit
@@ -267,7 +288,12 @@ def mutated_bytes(draw: st.DrawFn, data: bytes, item_start: int | None = None) -
         junk = draw(st.binary(min_size=1, max_size=32))
         return f"insert {junk!r} at {at}", data[:at] + junk + data[at:]
     if kind == "pdu_length":
-        value = draw(st.one_of(st.sampled_from([0, 1, 5, 0xFFFFFFFF, 0x7FFFFFFF, len(data) - 5, len(data) - 7]), st.integers(0, 0xFFFFFFFF)))
+        value = draw(
+            st.one_of(
+                st.sampled_from([0, 1, 5, 0xFFFFFFFF, 0x7FFFFFFF, len(data) - 5, len(data) - 7]),
+                st.integers(0, 0xFFFFFFFF),
+            )
+        )
         return f"PDU length -> 0x{value:X}", _set_u32(data, 2, value)
     if kind == "pdu_type":
         value = draw(st.integers(0, 255))
@@ -313,7 +339,9 @@ def hostile_connections(draw: st.DrawFn) -> tuple[str, str, list[bytes]]:
     extra = draw(
         st.lists(
             st.one_of(
-                st.sampled_from([rq, RELEASE_RP, ABORT, pdu(0x02, b"\0" * 68), pdu(0x03, b"\0\x01\x01\x01")]),
+                st.sampled_from(
+                    [rq, RELEASE_RP, ABORT, pdu(0x02, b"\0" * 68), pdu(0x03, b"\0\x01\x01\x01")]
+                ),
                 st.builds(lambda t, b: pdu(t, b), st.integers(0x08, 0xFF), st.binary(max_size=32)),
             ),
             min_size=1,

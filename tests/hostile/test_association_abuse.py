@@ -99,7 +99,11 @@ def test_association_that_goes_idle_is_aborted_by_the_network_timeout(node: Any)
     assert result.closed_by_peer
     assert result.pdu_types == [0x07], "expected an A-ABORT before the close"
     assert NETWORK_S - 0.5 <= waited <= NETWORK_S + SLACK_S
-    wait_for(lambda: any(e.get("how") == "aborted" for e in events(node, "scp.association_closed")), 10, "association_closed")
+    wait_for(
+        lambda: any(e.get("how") == "aborted" for e in events(node, "scp.association_closed")),
+        10,
+        "association_closed",
+    )
 
 
 @pytest.mark.parametrize("cut", [1, 6, 30])
@@ -154,11 +158,18 @@ def test_trickled_request_is_cut_at_the_acse_timeout(node: Any) -> None:
 def test_idle_connections_take_slots_until_the_acse_timeout_frees_them(node: Any) -> None:
     """Connections that never associate count against max_associations (pynetdicom counts
     every acceptor thread), so they lock others out, but only for the ACSE timeout."""
-    wait_for(lambda: _all_slots_free(node.port), 15, "every slot free before the test", interval=0.5)
+    wait_for(
+        lambda: _all_slots_free(node.port), 15, "every slot free before the test", interval=0.5
+    )
     idle = [connect(node.port) for _ in range(MAX_ASSOC)]
     try:
         t0 = time.monotonic()
-        wait_for(lambda: echo(node.port) == 0x0000, ACSE_S + SLACK_S + 5, "a slot freed by the ACSE timeout", interval=0.2)
+        wait_for(
+            lambda: echo(node.port) == 0x0000,
+            ACSE_S + SLACK_S + 5,
+            "a slot freed by the ACSE timeout",
+            interval=0.2,
+        )
         assert time.monotonic() - t0 <= ACSE_S + SLACK_S
     finally:
         for sock in idle:
@@ -205,7 +216,9 @@ def _all_slots_free(port: int) -> bool:
 
 def test_more_associations_than_the_limit_are_rejected_transiently_and_recover(node: Any) -> None:
     # Earlier tests' connections may still be closing (a slot is held up to ARTIM).
-    wait_for(lambda: _all_slots_free(node.port), 15, "every slot free before the test", interval=0.5)
+    wait_for(
+        lambda: _all_slots_free(node.port), 15, "every slot free before the test", interval=0.5
+    )
     ae = AE(ae_title="TESTSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
@@ -233,7 +246,9 @@ def test_more_associations_than_the_limit_are_rejected_transiently_and_recover(n
 # -- malformed PDUs and hostile AE titles -------------------------------------------------
 
 
-def _rq_with(header_patch: dict[int, bytes] | None = None, items: bytes | None = None, length_delta: int = 0) -> bytes:
+def _rq_with(
+    header_patch: dict[int, bytes] | None = None, items: bytes | None = None, length_delta: int = 0
+) -> bytes:
     rq = bytearray(associate_rq())
     for at, data in (header_patch or {}).items():
         rq[at : at + len(data)] = data
@@ -264,9 +279,18 @@ MALFORMED: dict[str, tuple[list[bytes], set[int]]] = {
     "protocol version 0": ([_rq_with({6: b"\0\0"})], {0x03, 0x07}),
     # pynetdicom accepts an RQ without any item (no context is usable), then aborts it.
     "no items at all": ([_rq_with(items=b"")], {0x02, 0x03, 0x07}),
-    "item length past the PDU end": ([_rq_with(items=item(0x10, b"1.2.840.10008.3.1.1.1")[:4] + b"\x00")], {0x03, 0x07}),
-    "presentation context item of length 0": ([_rq_with(items=item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, b""))], {0x03, 0x07}),
-    "unknown item type": ([_rq_with(items=item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x77, b"\0" * 8))], {0x02, 0x03, 0x07}),
+    "item length past the PDU end": (
+        [_rq_with(items=item(0x10, b"1.2.840.10008.3.1.1.1")[:4] + b"\x00")],
+        {0x03, 0x07},
+    ),
+    "presentation context item of length 0": (
+        [_rq_with(items=item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, b""))],
+        {0x03, 0x07},
+    ),
+    "unknown item type": (
+        [_rq_with(items=item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x77, b"\0" * 8))],
+        {0x02, 0x03, 0x07},
+    ),
     "user information with a 0-byte max length": (
         [_rq_with(items=item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x50, item(0x51, b"")))],
         {0x03, 0x07},
@@ -295,7 +319,9 @@ def test_malformed_pdu_is_answered_and_closed(node: Any, name: str) -> None:
 def test_closed_probes_free_their_slot_at_once(node: Any) -> None:
     """A TCP connect-and-close (port probe, load-balancer health check) or junk then close
     must not hold an association slot until the ACSE timeout."""
-    wait_for(lambda: _all_slots_free(node.port), 15, "every slot free before the test", interval=0.5)
+    wait_for(
+        lambda: _all_slots_free(node.port), 15, "every slot free before the test", interval=0.5
+    )
     for _ in range(MAX_ASSOC * 2):
         exchange(node.port, [], timeout=5)
         exchange(node.port, [b"\x99" * 10], timeout=5)
@@ -316,7 +342,9 @@ def test_rejections_with_hostile_ae_titles_are_logged_as_data(make_node: Any, db
         assert n.proc.poll() is None
     # Every line of the log is still one JSON object (no injected lines).
     lines = [line for line in n.log_path.read_text(errors="replace").splitlines() if line.strip()]
-    assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")][:3]
+    assert all(line.startswith("{") for line in lines), [
+        line for line in lines if not line.startswith("{")
+    ][:3]
     assert not [e for e in n.events() if e.get("event") == "x"]
 
 
@@ -364,5 +392,7 @@ def test_the_same_machine_over_ipv6_is_another_host(make_node: Any, sqlite_url: 
         assert _echo_from("127.0.0.1", n.port) == 0x0000
         assert _echo_from("::1", n.port) == -1  # A-ASSOCIATE-RJ
         wait_for(
-            lambda: any(e.get("host") == "::1" for e in events(n, "scp.association_rejected")), 10, "the rejection logged"
+            lambda: any(e.get("host") == "::1" for e in events(n, "scp.association_rejected")),
+            10,
+            "the rejection logged",
         )

@@ -13,6 +13,7 @@ CI runs a few hundred deterministic cases; ``make soak`` thousands.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections import Counter
@@ -54,11 +55,21 @@ SOAK_PDU = settings(CI_STORE, max_examples=4_000, derandomize=False)
 # Short timeouts so that a connection the node forgets to close shows within seconds. A
 # broken connection can hold its association slot for up to the ACSE timeout after it
 # closed (pynetdicom waits out ARTIM), so the fuzz needs more slots than a burst of cases.
-NODE_TIMEOUTS = {"acse_timeout_s": 3, "dimse_timeout_s": 5, "network_timeout_s": 5, "max_associations": 32}
+NODE_TIMEOUTS = {
+    "acse_timeout_s": 3,
+    "dimse_timeout_s": 5,
+    "network_timeout_s": 5,
+    "max_associations": 32,
+}
 # The log events of each answer (scp.py).
 ANSWER_EVENTS = {
     0x0000: ("scp.instance_stored",),
-    0xA700: ("scp.store_refused", "scp.store_disk_full", "scp.store_write_failed", "scp.store_db_failed"),
+    0xA700: (
+        "scp.store_refused",
+        "scp.store_disk_full",
+        "scp.store_write_failed",
+        "scp.store_db_failed",
+    ),
     0xC000: ("scp.store_unparseable", "scp.store_uid_too_long"),
     0xC001: ("scp.store_missing_uid",),
     0xC002: ("scp.store_uid_mismatch",),
@@ -83,14 +94,19 @@ def assert_node_healthy(node: Any, baseline_threads: int) -> None:
     # only a leak per connection or per case (hundreds) is a finding here; the slots
     # check above is the precise one.
     threads = threads_of(node.proc.pid)
-    assert threads < baseline_threads + 25, f"{threads} threads after the run, {baseline_threads} before"
+    assert threads < baseline_threads + 25, (
+        f"{threads} threads after the run, {baseline_threads} before"
+    )
 
 
 def all_slots_free(port: int) -> bool:
     ae = AE(ae_title="TESTSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
-    assocs = [ae.associate("127.0.0.1", port, ae_title="DDN_NODE") for _ in range(NODE_TIMEOUTS["max_associations"])]
+    assocs = [
+        ae.associate("127.0.0.1", port, ae_title="DDN_NODE")
+        for _ in range(NODE_TIMEOUTS["max_associations"])
+    ]
     ok = all(a.is_established for a in assocs)
     for a in assocs:
         if a.is_established:
@@ -173,7 +189,9 @@ def _fuzz_store(node: Any, tmp_path: Path, profile: settings) -> Counter[str]:
         a = assoc()
         status = store_file(a, path)
         assert a.is_established, f"{desc}: the node dropped the association"
-        assert status in STORE_STATUSES, f"{desc}: status {status if status is None else hex(status)}"
+        assert status in STORE_STATUSES, (
+            f"{desc}: status {status if status is None else hex(status)}"
+        )
         counts["cases"] += 1
         counts[f"0x{status:04X}"] += 1
 
@@ -186,7 +204,9 @@ def _fuzz_store(node: Any, tmp_path: Path, profile: settings) -> Counter[str]:
 
 
 def _check_store_run(node: Any, counts: Counter[str], baseline_threads: int) -> None:
-    print(f"\nC-STORE fuzz: {counts['cases']} cases; statuses {json.dumps(dict(sorted(counts.items())))}")
+    print(
+        f"\nC-STORE fuzz: {counts['cases']} cases; statuses {json.dumps(dict(sorted(counts.items())))}"
+    )
     assert_node_healthy(node, baseline_threads)
     assert handler_exceptions(node) == []
 
@@ -239,19 +259,23 @@ def _fuzz_pdus(node: Any, profile: settings) -> Counter[str]:
             # then send the hostile PDUs on the established association.
             with associated(node.port, chunks[0]) as sock:
                 if send_all(sock, chunks[1:]):
-                    try:
+                    with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
                 result = read_until_closed(sock, 15)
         else:
             result = exchange(node.port, chunks, timeout=15)
-        assert result.closed_by_peer, f"{kind}: {desc}: the node kept the connection open ({result.seconds:.1f} s)"
+        assert result.closed_by_peer, (
+            f"{kind}: {desc}: the node kept the connection open ({result.seconds:.1f} s)"
+        )
         unknown = [t for t in result.pdu_types if t not in KNOWN_PDU_TYPES]
         assert not unknown, f"{kind}: {desc}: the node sent PDU types {unknown}"
         counts["cases"] += 1
         counts[kind] += 1
-        counts["answered " + "/".join(f"{t:02X}" for t in result.pdu_types[:2]) if result.pdu_types else "closed silently"] += 1
+        counts[
+            "answered " + "/".join(f"{t:02X}" for t in result.pdu_types[:2])
+            if result.pdu_types
+            else "closed silently"
+        ] += 1
 
     run()
     return counts
@@ -276,4 +300,3 @@ def test_fuzz_pdus_soak(node: Any) -> None:
     counts = _fuzz_pdus(node, SOAK_PDU)
     assert counts["cases"] >= 3_000
     _check_pdu_run(node, counts, baseline)
-

@@ -41,7 +41,11 @@ CI = settings(
     derandomize=True,
     database=None,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
 )
 SOAK = settings(CI, max_examples=12_000, derandomize=False)
 BOMBS_CI = settings(CI, max_examples=100)
@@ -75,7 +79,9 @@ def _fuzz(tmp_path: Path, profile: settings, check: object = check_node_parsers)
         run()
     finally:
         tracemalloc.stop()
-    print(f"\nparser fuzz: {counts['cases']} cases; outcomes {json.dumps(dict(sorted(counts.items())))}")
+    print(
+        f"\nparser fuzz: {counts['cases']} cases; outcomes {json.dumps(dict(sorted(counts.items())))}"
+    )
     return counts
 
 
@@ -122,7 +128,11 @@ def test_unclosed_nested_sequences(tmp_path: Path, seed_name: str, depth: int, r
     stack: a typed error (or a parse that swallowed them), never RecursionError."""
     s = seed(seed_name)
     before = next(e for e in s.elements if e.tag > 0x00080000)
-    body = s.body[: before.start] + unclosed_sequences(s, depth) + (s.body[before.start :] if rest == "kept" else b"")
+    body = (
+        s.body[: before.start]
+        + unclosed_sequences(s, depth)
+        + (s.body[before.start :] if rest == "kept" else b"")
+    )
     path = tmp_path / "deep.dcm"
     path.write_bytes(s.meta + body)
     check_node_parsers(path, FUZZ_LIMITS)
@@ -147,7 +157,9 @@ def test_unclosed_nested_sequences(tmp_path: Path, seed_name: str, depth: int, r
         (0x00080005, b"CS", b"ISO 2022 IR 87\\ISO_IR 999"),  # an unknown character set
     ],
 )
-def test_wrong_values_in_indexed_and_pixel_attributes(tmp_path: Path, keyword_tag: int, vr: bytes, value: bytes) -> None:
+def test_wrong_values_in_indexed_and_pixel_attributes(
+    tmp_path: Path, keyword_tag: int, vr: bytes, value: bytes
+) -> None:
     """Values that break their VR where the parsers read them (lazy conversion happens
     after the file is 'read', so this is where untyped pydicom errors escape)."""
     import struct
@@ -157,7 +169,12 @@ def test_wrong_values_in_indexed_and_pixel_attributes(tmp_path: Path, keyword_ta
         value += b"\x00" if vr in (b"US", b"FD", b"UI") else b" "
         value = value if vr != b"US" else value[:-1]  # keep the odd length for binary VRs
     el = next((e for e in s.elements if e.tag == keyword_tag), None)
-    new = struct.pack("<HH", keyword_tag >> 16, keyword_tag & 0xFFFF) + vr + struct.pack("<H", len(value)) + value
+    new = (
+        struct.pack("<HH", keyword_tag >> 16, keyword_tag & 0xFFFF)
+        + vr
+        + struct.pack("<H", len(value))
+        + value
+    )
     if el is None:
         after = next(e for e in s.elements if e.tag > keyword_tag)
         body = s.body[: after.start] + new + s.body[after.start :]
@@ -180,7 +197,12 @@ def test_decompression_bombs_are_refused_before_allocation() -> None:
     decoders allocate too) and tracemalloc. None may allocate more than a small multiple
     of what a real chest image needs."""
     out = subprocess.run(
-        [sys.executable, str(BOMB_SCRIPT)], capture_output=True, text=True, timeout=300, cwd=HERE, check=False
+        [sys.executable, str(BOMB_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+        check=False,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -191,7 +213,9 @@ def test_decompression_bombs_are_refused_before_allocation() -> None:
 
 @BOMBS_CI
 @given(case=bombs())
-def test_fuzzed_bombs_stay_within_the_limits(tmp_path_factory: pytest.TempPathFactory, case: tuple[str, bytes]) -> None:
+def test_fuzzed_bombs_stay_within_the_limits(
+    tmp_path_factory: pytest.TempPathFactory, case: tuple[str, bytes]
+) -> None:
     desc, data = case
     path = tmp_path_factory.getbasetemp() / "bomb.dcm"
     path.write_bytes(data)
@@ -203,4 +227,3 @@ def test_fuzzed_bombs_stay_within_the_limits(tmp_path_factory: pytest.TempPathFa
     finally:
         tracemalloc.stop()
     assert peak < FUZZ_PEAK_MB * 2**20, f"{desc}: {result}, peak {peak / 2**20:.0f} MiB"
-

@@ -41,7 +41,9 @@ def _cases() -> list[tuple[str, Any, str]]:
             n += 1
             charset = "ISO 2022 IR 87" if "\x1b$B" in name else "ISO_IR 192"
             acc = ACCESSIONS[n % len(ACCESSIONS)]
-            ds = make_cr(f"1.2.826.0.1.3680043.10.1.88.{n}", patient_name="X", patient_id="X", accession="X")
+            ds = make_cr(
+                f"1.2.826.0.1.3680043.10.1.88.{n}", patient_name="X", patient_id="X", accession="X"
+            )
             ds.SpecificCharacterSet = charset
             ds.PatientName = name
             ds.PatientID = pid
@@ -58,16 +60,37 @@ def _raw_pn(data: bytes, value: bytes) -> bytes:
     (length,) = struct.unpack("<H", data[at + 6 : at + 8])
     if len(value) % 2:
         value += b" "
-    return data[:at] + b"\x10\x00\x10\x00PN" + struct.pack("<H", len(value)) + value + data[at + 8 + length :]
+    return (
+        data[:at]
+        + b"\x10\x00\x10\x00PN"
+        + struct.pack("<H", len(value))
+        + value
+        + data[at + 8 + length :]
+    )
 
 
 def _fragments(value: str) -> list[str]:
     """What to grep for: the whole value and its marker words (a log may escape the rest)."""
-    frags = [value] + [w for w in ("XSSNAME", "NAMEBELL", "LONGNAME", "Yamada", "Tarou", "PIDMARK", "ACCMARK", "BDMARK") if w in value]
+    frags = [value] + [
+        w
+        for w in (
+            "XSSNAME",
+            "NAMEBELL",
+            "LONGNAME",
+            "Yamada",
+            "Tarou",
+            "PIDMARK",
+            "ACCMARK",
+            "BDMARK",
+        )
+        if w in value
+    ]
     return frags
 
 
-def test_hostile_patient_data_never_reaches_the_log(make_node: Any, sqlite_url: str, tmp_path: Path) -> None:
+def test_hostile_patient_data_never_reaches_the_log(
+    make_node: Any, sqlite_url: str, tmp_path: Path
+) -> None:
     node = make_node(sqlite_url, logging={"level": "DEBUG", "json": True})
     cases = _cases()
     with node, raw_association(node.port) as assoc:
@@ -90,7 +113,13 @@ def test_hostile_patient_data_never_reaches_the_log(make_node: Any, sqlite_url: 
             cut = data.find(b"\x10\x00\x20\x00LO") + 10
             path.write_bytes(data[:cut])
             assert store_file(assoc, path) in (0xC000, 0xC001), name
-    wait_for(lambda: sum(1 for e in node.events() if e.get("event") == "scp.instance_stored") >= len(cases), 10, "stored events")
+    wait_for(
+        lambda: (
+            sum(1 for e in node.events() if e.get("event") == "scp.instance_stored") >= len(cases)
+        ),
+        10,
+        "stored events",
+    )
     log = node.log_path.read_text(errors="replace")
     secrets = {f for v in NAMES + IDS + ACCESSIONS + BIRTH_DATES[:1] for f in _fragments(v)}
     leaked = sorted(s for s in secrets if s in log)

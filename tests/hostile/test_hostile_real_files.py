@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 from hostile_oracle import check_header, check_pixels, check_scan, check_sr
 
-_DATA = Path(os.environ.get("DDN_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+_DATA = Path(
+    os.environ.get("DDN_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
+)
 REAL_FILES = (
-    sorted(str(p.relative_to(_DATA / "dicom")) for p in (_DATA / "dicom").rglob("*") if p.is_file() and p.suffix != ".csv")
+    sorted(
+        str(p.relative_to(_DATA / "dicom"))
+        for p in (_DATA / "dicom").rglob("*")
+        if p.is_file() and p.suffix != ".csv"
+    )
     if (_DATA / "dicom").is_dir()
     else []
 )

@@ -68,19 +68,33 @@ def _states(db_url: str) -> dict[str, tuple[str, str]]:
     db = make_database(db_url)
     try:
         with db.read() as s:
-            return {st.study_uid: (str(st.state), st.state_reason or "") for st in s.scalars(select(Study))}
+            return {
+                st.study_uid: (str(st.state), st.state_reason or "")
+                for st in s.scalars(select(Study))
+            }
     finally:
         db.dispose()
 
 
-def test_hostile_instances_do_not_take_the_worker_down(make_node: Any, sqlite_url: str, tmp_path: Path) -> None:
+def test_hostile_instances_do_not_take_the_worker_down(
+    make_node: Any, sqlite_url: str, tmp_path: Path
+) -> None:
     from support.artifacts import make_test_artifact
 
     model = make_test_artifact(tmp_path / "model")
     node = make_node(
         sqlite_url,
         roles=("scp", "worker"),
-        routing=[{"name": "chest", "model": str(model), "head": "cxr", "modalities": ["CR"], "body_parts": ["CHEST"], "views": ["PA"]}],
+        routing=[
+            {
+                "name": "chest",
+                "model": str(model),
+                "head": "cxr",
+                "modalities": ["CR"],
+                "body_parts": ["CHEST"],
+                "views": ["PA"],
+            }
+        ],
         completion={"quiet_period_s": 1, "force_complete_s": 60, "sweep_interval_s": 0.3},
         queue={"max_attempts": 2, "retry_delay_s": 1},
         worker={"poll_interval_s": 0.2, "torch_threads": 1},
@@ -96,7 +110,9 @@ def test_hostile_instances_do_not_take_the_worker_down(make_node: Any, sqlite_ur
 
     with node:
         pid = node.proc.pid
-        contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds, _ in files.values()})
+        contexts = sorted(
+            {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds, _ in files.values()}
+        )
         with raw_association(node.port, contexts=contexts) as assoc:
             for name, (_ds, data) in files.items():
                 path = tmp_path / f"{name.replace(':', '_')}.dcm"
@@ -110,12 +126,16 @@ def test_hostile_instances_do_not_take_the_worker_down(make_node: Any, sqlite_ur
                 raise AssertionError(f"the node died: {node.log_path.read_text()[-3000:]}")
             states = _states(sqlite_url)
             done = {StudyState.ANALYSED.value, StudyState.FAILED.value}
-            return states if wanted <= set(states) and all(states[u][0] in done for u in wanted) else None
+            return (
+                states
+                if wanted <= set(states) and all(states[u][0] in done for u in wanted)
+                else None
+            )
 
         states = wait_for(settled, 240, "every study analysed or failed", interval=0.5)
         assert node.proc.pid == pid and node.proc.poll() is None
 
-    print({u: s for u, s in states.items()})
+    print(dict(states.items()))
     assert states[mixed][0] == StudyState.ANALYSED.value, states[mixed]
     failed = 0
     for name, (ds, _data) in files.items():
@@ -125,11 +145,17 @@ def test_hostile_instances_do_not_take_the_worker_down(make_node: Any, sqlite_ur
         if name == "rle_panic":
             # After the panic pydicom's own RLE decoder is tried, and it may make an image
             # of the damaged segment: analysed or failed, either is an answer.
-            assert state in (StudyState.ANALYSED.value, StudyState.FAILED.value), (name, state, reason)
+            assert state in (StudyState.ANALYSED.value, StudyState.FAILED.value), (
+                name,
+                state,
+                reason,
+            )
         else:
             assert state == StudyState.FAILED.value and "decoded" in reason, (name, state, reason)
         failed += state == StudyState.FAILED.value
     events = list(node.events())
-    unreadable = {e["sop_instance_uid"] for e in events if e.get("event") == "worker.image_unreadable"}
+    unreadable = {
+        e["sop_instance_uid"] for e in events if e.get("event") == "worker.image_unreadable"
+    }
     assert len(unreadable) == failed + 1  # + the hostile image of the mixed study
     assert not [e for e in events if e.get("event") == "worker.unexpected_error"]

@@ -35,7 +35,13 @@ def audit_rows(db_url: str, event: str) -> list[AuditEvent]:
 
 
 def test_allow_list_and_called_ae(make_node, db_url: str) -> None:
-    node = make_node(db_url, peers=[{"ae_title": "ECHOSCU", "hosts": ["127.0.0.1"]}, {"ae_title": "FARAWAY", "hosts": ["10.20.30.0/24"]}])
+    node = make_node(
+        db_url,
+        peers=[
+            {"ae_title": "ECHOSCU", "hosts": ["127.0.0.1"]},
+            {"ae_title": "FARAWAY", "hosts": ["10.20.30.0/24"]},
+        ],
+    )
     with node:
         assert echoscu(node.port, "ECHOSCU").returncode == 0
 
@@ -43,15 +49,27 @@ def test_allow_list_and_called_ae(make_node, db_url: str) -> None:
         assert unknown_ae.returncode != 0 and "Calling AE Title Not Recognized" in unknown_ae.stderr
 
         unknown_host = echoscu(node.port, "FARAWAY")  # allowed AE, but not from this address
-        assert unknown_host.returncode != 0 and "Calling AE Title Not Recognized" in unknown_host.stderr
+        assert (
+            unknown_host.returncode != 0
+            and "Calling AE Title Not Recognized" in unknown_host.stderr
+        )
 
         wrong_called = echoscu(node.port, "ECHOSCU", called="SOMEONE_ELSE")
-        assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
+        assert (
+            wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
+        )
 
         # Still serving after the rejections.
         assert echoscu(node.port, "ECHOSCU").returncode == 0
 
-        rejected = wait_for(lambda: len(audit_rows(db_url, "association.rejected")) >= 3 and audit_rows(db_url, "association.rejected"), 10, "audit rows")
+        rejected = wait_for(
+            lambda: (
+                len(audit_rows(db_url, "association.rejected")) >= 3
+                and audit_rows(db_url, "association.rejected")
+            ),
+            10,
+            "audit rows",
+        )
         actors = sorted(r.actor for r in rejected)
         assert actors == ["ECHOSCU", "FARAWAY", "INTRUDER"]
         assert all(r.outcome == "failure" and r.host == "127.0.0.1" for r in rejected)
@@ -69,13 +87,49 @@ def _openssl(*args: str) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throw-away CA, a server certificate and a client certificate."""
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(d / "ca.crt"),
+    )
     for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-days", "2", "-out", str(d / f"{name}.crt"))
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(d / f"{name}.key"),
+            "-out",
+            str(d / f"{name}.csr"),
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(d / f"{name}.csr"),
+            "-CA",
+            str(d / "ca.crt"),
+            "-CAkey",
+            str(d / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            str(d / f"{name}.crt"),
+        )
     return d
 
 
@@ -84,7 +138,9 @@ def _tls_echo(port: int, pki: Path, with_client_cert: bool) -> bool:
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
     ae.add_requested_context(Verification)
     ctx = client_tls_context(
-        pki / "ca.crt", pki / "client.crt" if with_client_cert else None, pki / "client.key" if with_client_cert else None
+        pki / "ca.crt",
+        pki / "client.crt" if with_client_cert else None,
+        pki / "client.key" if with_client_cert else None,
     )
     assoc = ae.associate("127.0.0.1", port, ae_title="DDN_NODE", tls_args=(ctx, "127.0.0.1"))
     if not assoc.is_established:
@@ -98,7 +154,15 @@ def test_mutual_tls(make_node, sqlite_url: str, pki: Path) -> None:
     tls_port = free_port()
     node = make_node(
         sqlite_url,
-        node={"tls": {"enabled": True, "port": tls_port, "cert": str(pki / "server.crt"), "key": str(pki / "server.key"), "ca": str(pki / "ca.crt")}},
+        node={
+            "tls": {
+                "enabled": True,
+                "port": tls_port,
+                "cert": str(pki / "server.crt"),
+                "key": str(pki / "server.key"),
+                "ca": str(pki / "ca.crt"),
+            }
+        },
     )
     with node:
         assert _tls_echo(tls_port, pki, with_client_cert=True)

@@ -53,7 +53,11 @@ def instance(study: str, n: int, modality: str = "CR", ae: str = "SLOW") -> Inst
 
 def receive(db: Database, s: Settings, rec: InstanceRecord, at: dt.datetime):  # type: ignore[no-untyped-def]
     return record_instance(
-        db, rec, quiet_period_s=s.quiet_period_for(rec.calling_ae), force_complete_s=s.completion.force_complete_s, now=at
+        db,
+        rec,
+        quiet_period_s=s.quiet_period_for(rec.calling_ae),
+        force_complete_s=s.completion.force_complete_s,
+        now=at,
     )
 
 
@@ -157,7 +161,9 @@ def test_fast_path_for_known_series_keeps_the_same_semantics(db: Database) -> No
 
     def rx(n: int, at: dt.datetime):  # type: ignore[no-untyped-def]
         rec = instance("7.1", n)
-        return record_instance(db, rec, quiet_period_s=30, force_complete_s=900, now=at, known=known)
+        return record_instance(
+            db, rec, quiet_period_s=30, force_complete_s=900, now=at, known=known
+        )
 
     first = rx(1, T0)
     assert first.new_instance and known.get("7.1.1") is not None

@@ -73,7 +73,9 @@ def test_syntax_error_and_missing_file(tmp_path: Path) -> None:
 def test_environment_overrides_and_names_the_variable(tmp_path: Path) -> None:
     cfg = tmp_path / "ok.toml"
     cfg.write_text("[node]\nport = 11112\n")
-    settings = load_settings(cfg, {"DDN_NODE__PORT": "11113", "DDN_WEB__ENABLED": "false", "DDN_DATA": "/x"})
+    settings = load_settings(
+        cfg, {"DDN_NODE__PORT": "11113", "DDN_WEB__ENABLED": "false", "DDN_DATA": "/x"}
+    )
     assert settings.node.port == 11113 and settings.web.enabled is False
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, {"DDN_NODE__PORT": "0"})

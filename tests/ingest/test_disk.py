@@ -31,7 +31,8 @@ def test_reserve_above_free_space_rejects_associations(make_node, sqlite_url: st
         established, rejected = _associates(node.port)
         assert not established and rejected
     assert any(
-        e.get("event") == "scp.association_rejected" and "reserve" in e.get("reason", "") for e in node.events()
+        e.get("event") == "scp.association_rejected" and "reserve" in e.get("reason", "")
+        for e in node.events()
     )
 
 
@@ -39,7 +40,9 @@ def test_reserve_above_free_space_rejects_associations(make_node, sqlite_url: st
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "smallfs"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
     try:
@@ -48,11 +51,19 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_answers_a700_then_resumes(make_node, sqlite_url: str, small_fs: Path, tmp_path: Path) -> None:
+def test_full_disk_answers_a700_then_resumes(
+    make_node, sqlite_url: str, small_fs: Path, tmp_path: Path
+) -> None:
     node = make_node(sqlite_url, node={"spool_dir": str(small_fs / "spool"), "disk_reserve_mb": 8})
     files = []
     for i in range(120):
-        ds = make_cr("1.2.826.0.1.3680043.8.498.5", series_uid="1.2.826.0.1.3680043.8.498.5.1", sop_uid=f"1.2.826.0.1.3680043.8.498.5.1.{i + 1}", size=256, seed=i)
+        ds = make_cr(
+            "1.2.826.0.1.3680043.8.498.5",
+            series_uid="1.2.826.0.1.3680043.8.498.5.1",
+            sop_uid=f"1.2.826.0.1.3680043.8.498.5.1.{i + 1}",
+            size=256,
+            seed=i,
+        )
         path = tmp_path / f"{i}.dcm"
         path.write_bytes(to_file_bytes(ds))
         files.append(path)
@@ -73,7 +84,9 @@ def test_full_disk_answers_a700_then_resumes(make_node, sqlite_url: str, small_f
         assert 0xA700 in statuses
         first_refusal = statuses.index(0xA700)
         assert all(s == 0 for s in statuses[:first_refusal])
-        assert all(s == 0xA700 for s in statuses[first_refusal:]), "accepted again below the reserve"
+        assert all(s == 0xA700 for s in statuses[first_refusal:]), (
+            "accepted again below the reserve"
+        )
 
         # The refused instance's partial file is gone, so free space sits just around the
         # reserve; once it is clearly below, new associations are refused.

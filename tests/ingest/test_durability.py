@@ -25,7 +25,9 @@ def _study(tmp: Path, study_uid: str) -> list[Path]:
     paths = []
     series = f"{study_uid}.1"
     for i in range(N_INSTANCES):
-        ds = make_cr(study_uid, series_uid=series, sop_uid=f"{study_uid}.1.{i + 1}", size=256, seed=i)
+        ds = make_cr(
+            study_uid, series_uid=series, sop_uid=f"{study_uid}.1.{i + 1}", size=256, seed=i
+        )
         ds.InstanceNumber = i + 1
         path = tmp / f"{i:03d}.dcm"
         path.write_bytes(to_file_bytes(ds))
@@ -76,7 +78,9 @@ def test_sigkill_during_ingest_loses_nothing(make_node, db_url: str, tmp_path: P
         target = len(acked) + rng.randint(1, max(1, min(8, len(remaining) - 1)))
         sender = threading.Thread(target=_send, args=(node.port, remaining, acked, stop))
         sender.start()
-        wait_for(lambda t=target: len(acked) >= t or not sender.is_alive(), 60, "acknowledgements")
+        wait_for(
+            lambda t=target, s=sender: len(acked) >= t or not s.is_alive(), 60, "acknowledgements"
+        )
         node.kill()
         stop.set()
         # Restart at once, as systemd would; the old sender only learns of the death
@@ -94,6 +98,7 @@ def test_sigkill_during_ingest_loses_nothing(make_node, db_url: str, tmp_path: P
     _check_acked(node, db_url, acked)
     db = make_database(db_url)
     try:
+
         def completed() -> Study | None:
             with db.read() as s:
                 study = s.scalars(select(Study)).one()

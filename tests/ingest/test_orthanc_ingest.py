@@ -14,10 +14,14 @@ from support.orthanc import Orthanc, orthanc_available
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance, Study
 
-pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc (Debian package) not installed")
+pytestmark = pytest.mark.skipif(
+    not orthanc_available(), reason="Orthanc (Debian package) not installed"
+)
 
 
-def test_orthanc_pushes_a_study(make_node, db_url: str, shared_data: Path, repo_root: Path, tmp_path: Path) -> None:
+def test_orthanc_pushes_a_study(
+    make_node, db_url: str, shared_data: Path, repo_root: Path, tmp_path: Path
+) -> None:
     node = make_node(db_url)
     with node, Orthanc(tmp_path / "orthanc", node.port) as pacs:
         chest = sorted((shared_data / "dicom" / "chest_xray_real").glob("*.dcm"))
@@ -26,7 +30,9 @@ def test_orthanc_pushes_a_study(make_node, db_url: str, shared_data: Path, repo_
         study_ids = sorted({u["ParentStudy"] for u in uploaded})
         job = pacs.send_to_node(study_ids)
         assert job.get("FailedInstancesCount", 0) == 0, job
-        expected = {pacs.get(f"/instances/{u['ID']}")["MainDicomTags"]["SOPInstanceUID"] for u in uploaded}
+        expected = {
+            pacs.get(f"/instances/{u['ID']}")["MainDicomTags"]["SOPInstanceUID"] for u in uploaded
+        }
 
     db = make_database(db_url)
     try:
@@ -46,14 +52,30 @@ def test_storescu_sends_the_sample_studies(make_node, sqlite_url: str, repo_root
     node = make_node(sqlite_url)
     with node:
         result = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", "DDN_NODE", "-R", "-xv", "+sd", "+r", "-nh",
-             "127.0.0.1", str(node.port), str(repo_root / "sample_studies")],
-            capture_output=True, text=True, timeout=120,
+            [
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "DDN_NODE",
+                "-R",
+                "-xv",
+                "+sd",
+                "+r",
+                "-nh",
+                "127.0.0.1",
+                str(node.port),
+                str(repo_root / "sample_studies"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 0, result.stderr
         n_files = len(list((repo_root / "sample_studies").rglob("*.dcm")))
         db = make_database(sqlite_url)
         try:
+
             def count() -> int:
                 with db.read() as s:
                     return len(list(s.scalars(select(Instance.id))))

@@ -30,7 +30,9 @@ def _jobs(db: Database, n: int) -> None:
             study = Study(study_uid=f"9.{i}")
             s.add(study)
             s.flush()
-            s.add(Job(study_id=study.id, generation=1, not_before=utcnow() - dt.timedelta(seconds=1)))
+            s.add(
+                Job(study_id=study.id, generation=1, not_before=utcnow() - dt.timedelta(seconds=1))
+            )
 
 
 def test_each_job_claimed_once_under_concurrency(db: Database) -> None:

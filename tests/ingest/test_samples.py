@@ -13,7 +13,10 @@ from ddn_node.dicom.samples import write_samples
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.dcm"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.dcm"))
+    }
 
 
 def test_generator_reproduces_the_shipped_samples(tmp_path: Path, repo_root: Path) -> None:
@@ -35,10 +38,16 @@ def test_samples_cover_what_the_demo_needs(repo_root: Path) -> None:
     assert {"PA", "LL"} in by_study.values()
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "sample_studies").rglob("*.dcm")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[2] / "sample_studies").rglob("*.dcm")),
+    ids=lambda p: p.name,
+)
 def test_dciodvfy_finds_no_errors(path: Path) -> None:
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    errors = [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
+    ]
     assert errors == []
 
 
@@ -49,8 +58,19 @@ def test_send_cli_with_progress(make_node, sqlite_url: str, repo_root: Path) -> 
         import sys
 
         result = sp.run(
-            [sys.executable, "-m", "ddn_node", "send", str(repo_root / "sample_studies"), "--to", f"127.0.0.1:{node.port}"],
-            capture_output=True, text=True, timeout=120, cwd=repo_root,
+            [
+                sys.executable,
+                "-m",
+                "ddn_node",
+                "send",
+                str(repo_root / "sample_studies"),
+                "--to",
+                f"127.0.0.1:{node.port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=repo_root,
         )
     assert result.returncode == 0, result.stderr
     assert "5 stored, 0 not stored" in result.stderr

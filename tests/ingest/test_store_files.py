@@ -26,7 +26,19 @@ def _real_files(shared_data: Path) -> list[Path]:
 
 def _storescu(port: int, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", "DDN_NODE", "-R", "-xv", "-nh", "127.0.0.1", str(port), str(path)],
+        [
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "DDN_NODE",
+            "-R",
+            "-xv",
+            "-nh",
+            "127.0.0.1",
+            str(port),
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -147,10 +159,22 @@ def test_indexed_attributes_for_the_worklist(make_node, db_url: str, tmp_path: P
     """The rows hold what the worklist shows, so the web part never opens a file."""
     node = make_node(db_url)
     study_uid = "1.2.826.0.1.3680043.8.498.1"
-    ds = make_cr(study_uid, patient_name="Müller^Anna", patient_id="P-77", accession="A-99", view="AP", modality="DX")
+    ds = make_cr(
+        study_uid,
+        patient_name="Müller^Anna",
+        patient_id="P-77",
+        accession="A-99",
+        view="AP",
+        modality="DX",
+    )
     path = tmp_path / "a.dcm"
     path.write_bytes(to_file_bytes(ds))
-    with node, raw_association(node.port, contexts=[(str(ds.SOPClassUID), "1.2.840.10008.1.2.1")]) as assoc:
+    with (
+        node,
+        raw_association(
+            node.port, contexts=[(str(ds.SOPClassUID), "1.2.840.10008.1.2.1")]
+        ) as assoc,
+    ):
         assert store_file(assoc, path) == 0
     db = make_database(db_url)
     try:
@@ -159,10 +183,19 @@ def test_indexed_attributes_for_the_worklist(make_node, db_url: str, tmp_path: P
             inst = s.scalars(select(Instance)).one()
     finally:
         db.dispose()
-    assert (study.patient_name, study.patient_id, study.accession_number) == ("Müller^Anna", "P-77", "A-99")
+    assert (study.patient_name, study.patient_id, study.accession_number) == (
+        "Müller^Anna",
+        "P-77",
+        "A-99",
+    )
     assert (study.modalities, study.body_part, study.calling_ae) == ("DX", "CHEST", "TESTSCU")
     assert (study.study_date, study.study_time) == ("20261127", "101500")
-    assert (inst.view_position, inst.rows, inst.columns, inst.photometric) == ("AP", 64, 64, "MONOCHROME2")
+    assert (inst.view_position, inst.rows, inst.columns, inst.photometric) == (
+        "AP",
+        64,
+        64,
+        "MONOCHROME2",
+    )
     assert inst.transfer_syntax_uid == "1.2.840.10008.1.2.1"
     # No patient data in the logs.
     log = node.log_path.read_text()

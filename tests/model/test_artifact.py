@@ -29,7 +29,10 @@ from ddn_node.model.types import AlgorithmInfo, Code, LabelSpec
 
 CFG = DDNConfig(
     backbone="tiny",
-    heads=(HeadConfig("cxr", ("Effusion", "Mass")), HeadConfig("mri", ("glioma", "notumor"), "softmax")),
+    heads=(
+        HeadConfig("cxr", ("Effusion", "Mass")),
+        HeadConfig("mri", ("glioma", "notumor"), "softmax"),
+    ),
 )
 
 
@@ -77,10 +80,16 @@ def test_round_trip(saved: tuple[Path, DDN]) -> None:
     assert set(art.heads) == {"cxr", "mri"}
     labels = art.heads["cxr"].labels
     assert all(isinstance(lab, LabelSpec) for lab in labels)
-    assert labels[0].code == Code("60046008", "SCT", "Pleural effusion") and labels[1].threshold == 0.6
+    assert (
+        labels[0].code == Code("60046008", "SCT", "Pleural effusion") and labels[1].threshold == 0.6
+    )
     assert art.labels("mri")[1].name == "notumor"
     alg = art.algorithm
-    assert isinstance(alg, AlgorithmInfo) and alg.is_demo and "not for diagnostic use" in alg.intended_use
+    assert (
+        isinstance(alg, AlgorithmInfo)
+        and alg.is_demo
+        and "not for diagnostic use" in alg.intended_use
+    )
     assert alg.device_uid == device_uid_from_sha256(art.weights_sha256)
     assert alg.device_uid.startswith("2.25.") and len(alg.device_uid) <= 64
     x = torch.randn(2, 3, 64, 64)
@@ -97,7 +106,10 @@ def test_device_uid_changes_with_the_weights(saved: tuple[Path, DDN], tmp_path: 
     with torch.no_grad():
         model.heads["cxr"].bias += 1
     save_artifact(tmp_path / "m2", model, _manifest(model))
-    assert ModelArtifact.load(path).algorithm.device_uid != ModelArtifact.load(tmp_path / "m2").algorithm.device_uid
+    assert (
+        ModelArtifact.load(path).algorithm.device_uid
+        != ModelArtifact.load(tmp_path / "m2").algorithm.device_uid
+    )
 
 
 def test_tampered_weights_are_refused(saved: tuple[Path, DDN]) -> None:
@@ -116,7 +128,9 @@ class _Boom:
     marker = Path("/nonexistent")
 
 
-def test_a_pickle_is_never_unpickled_even_with_a_matching_hash(saved: tuple[Path, DDN], tmp_path: Path) -> None:
+def test_a_pickle_is_never_unpickled_even_with_a_matching_hash(
+    saved: tuple[Path, DDN], tmp_path: Path
+) -> None:
     path, _ = saved
     marker = tmp_path / "pwned"
     _Boom.marker = marker
@@ -125,7 +139,9 @@ def test_a_pickle_is_never_unpickled_even_with_a_matching_hash(saved: tuple[Path
     manifest = json.loads((path / "manifest.json").read_text())
     import hashlib
 
-    manifest["weights"]["sha256"] = hashlib.sha256(payload).hexdigest()  # attacker fixes the hash too
+    manifest["weights"]["sha256"] = hashlib.sha256(
+        payload
+    ).hexdigest()  # attacker fixes the hash too
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError):
         ModelArtifact.load(path)
@@ -159,8 +175,12 @@ def test_predictor_interface_and_abnormality_scores(saved: tuple[Path, DDN]) -> 
     art = ModelArtifact.load(path)
     p = Predictor(art, device="cpu", threads=0)
     rng = np.random.default_rng(0)
-    images = [rng.random((50 + 7 * i, 40 + 3 * i)).astype(np.float32) for i in range(19)]  # > one batch of 16
-    preds = p.predict(images, head="cxr", sop_instance_uids=[f"1.{i}" for i in range(19)], heatmaps=True)
+    images = [
+        rng.random((50 + 7 * i, 40 + 3 * i)).astype(np.float32) for i in range(19)
+    ]  # > one batch of 16
+    preds = p.predict(
+        images, head="cxr", sop_instance_uids=[f"1.{i}" for i in range(19)], heatmaps=True
+    )
     assert len(preds) == 19 and preds[18].sop_instance_uid == "1.18"
     for img, pr in zip(images, preds, strict=True):
         assert set(pr.probabilities) == {"Effusion", "Mass"}
@@ -202,14 +222,40 @@ def _record_for(sha: str) -> LocalisationRecord:
         PartLocalisation,
     )
 
-    good = PartLocalisation(n_boxes=20, n_images=20, n_patients=18, hits=15, pointing_game=0.75, ci95=(0.53, 0.89), n_effective=17.5, random=0.05, centre=0.2)
-    poor = PartLocalisation(n_boxes=12, n_images=12, n_patients=12, hits=1, pointing_game=1 / 12, ci95=(0.01, 0.35), n_effective=12, random=0.04, centre=0.5)
+    good = PartLocalisation(
+        n_boxes=20,
+        n_images=20,
+        n_patients=18,
+        hits=15,
+        pointing_game=0.75,
+        ci95=(0.53, 0.89),
+        n_effective=17.5,
+        random=0.05,
+        centre=0.2,
+    )
+    poor = PartLocalisation(
+        n_boxes=12,
+        n_images=12,
+        n_patients=12,
+        hits=1,
+        pointing_game=1 / 12,
+        ci95=(0.01, 0.35),
+        n_effective=12,
+        random=0.04,
+        centre=0.5,
+    )
     return LocalisationRecord(
         rule=LocalisationRule(kind="ci_lower_bound", min_boxes=5, decided_on="val"),
         weights_sha256=sha,
         labels={
-            "Effusion": LabelLocalisation(maps_shown=True, reason="beats random 0.05 and centre 0.20 ...", parts={"val": good, "test": poor}),
-            "Mass": LabelLocalisation(maps_shown=False, reason="below the centre prior ...", parts={"val": poor}),
+            "Effusion": LabelLocalisation(
+                maps_shown=True,
+                reason="beats random 0.05 and centre 0.20 ...",
+                parts={"val": good, "test": poor},
+            ),
+            "Mass": LabelLocalisation(
+                maps_shown=False, reason="below the centre prior ...", parts={"val": poor}
+            ),
         },
     )
 
@@ -231,10 +277,14 @@ def test_localisation_evidence_round_trips_through_the_manifest(saved: tuple[Pat
     _with_record(path, sha)
     raw = json.loads((path / "manifest.json").read_text())
     rec = raw["heads"]["cxr"]["localisation"]
-    assert rec["rule"]["decided_on"] == "val" and rec["labels"]["Effusion"]["parts"]["val"]["ci95"] == [0.53, 0.89]
+    assert rec["rule"]["decided_on"] == "val" and rec["labels"]["Effusion"]["parts"]["val"][
+        "ci95"
+    ] == [0.53, 0.89]
     art = ModelArtifact.load(path)
     ev = art.localisation("cxr")
-    assert set(ev) == {"Effusion", "Mass"} and all(isinstance(e, LocalisationEvidence) for e in ev.values())
+    assert set(ev) == {"Effusion", "Mass"} and all(
+        isinstance(e, LocalisationEvidence) for e in ev.values()
+    )
     eff = ev["Effusion"]
     assert eff.shown and eff.recorded and eff.split == "val"
     assert eff.pointing_game == 0.75 and eff.ci == (0.53, 0.89) and eff.n_boxes == 20

@@ -22,7 +22,10 @@ def bundled(repo_root: Path) -> ModelArtifact:
 
 
 def test_bundled_model_is_a_labelled_demo_with_held_out_metrics(bundled: ModelArtifact) -> None:
-    assert bundled.algorithm.is_demo and "not for diagnostic use" in bundled.algorithm.intended_use.lower()
+    assert (
+        bundled.algorithm.is_demo
+        and "not for diagnostic use" in bundled.algorithm.intended_use.lower()
+    )
     assert set(bundled.heads) == {"cxr", "brain_mri"}
     assert [lab.name for lab in bundled.heads["cxr"].labels] == list(NIH_LABELS)
     assert all(lab.code.value and 0 <= lab.threshold <= 1 for lab in bundled.heads["cxr"].labels)
@@ -49,15 +52,22 @@ def test_bundled_model_predicts_with_heat_maps(bundled: ModelArtifact) -> None:
     assert abs(sum(mri.probabilities.values()) - 1) < 1e-4
 
 
-def test_bf16_precision_keeps_the_bundled_models_calls_and_heat_maps(bundled: ModelArtifact) -> None:
+def test_bf16_precision_keeps_the_bundled_models_calls_and_heat_maps(
+    bundled: ModelArtifact,
+) -> None:
     """precision = "bf16" runs the backbone in bf16 only: probabilities stay within a few
     hundredths of fp32 on chest-like images, and the same findings get heat maps (but for
     one whose probability sits at its threshold)."""
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:320, 0:280]
     imgs = [
-        np.clip(0.3 + 0.4 * np.exp(-((yy - 160) ** 2 + (xx - c) ** 2) / 6000.0) + rng.normal(0, 0.03, (320, 280)), 0, 1)
-        .astype(np.float32)
+        np.clip(
+            0.3
+            + 0.4 * np.exp(-((yy - 160) ** 2 + (xx - c) ** 2) / 6000.0)
+            + rng.normal(0, 0.03, (320, 280)),
+            0,
+            1,
+        ).astype(np.float32)
         for c in (90, 140, 190)
     ]
     fp32 = Predictor(bundled).predict(imgs, head="cxr", heatmaps=True)
@@ -73,7 +83,9 @@ def test_bf16_precision_keeps_the_bundled_models_calls_and_heat_maps(bundled: Mo
         Predictor(bundled, precision="int4")
 
 
-def test_bundled_manifest_records_localisation_evidence_for_every_label(bundled: ModelArtifact) -> None:
+def test_bundled_manifest_records_localisation_evidence_for_every_label(
+    bundled: ModelArtifact,
+) -> None:
     """`ddn-node evaluate --bboxes ... --record-in-manifest` was run for the shipped weights:
     every CXR label has a decision, made on validation patients, with a reason."""
     rec = bundled.heads["cxr"].localisation
@@ -98,7 +110,9 @@ def test_bundled_manifest_records_localisation_evidence_for_every_label(bundled:
     # The brain MRI head has no boxes, so no evidence and no maps.
     assert bundled.heatmap_labels("brain_mri") == frozenset()
     metrics = json.loads((bundled.path / "evaluation" / "metrics.json").read_text())
-    assert metrics["localization"]["evidence"]["labels"] == json.loads(rec.model_dump_json())["labels"]
+    assert (
+        metrics["localization"]["evidence"]["labels"] == json.loads(rec.model_dump_json())["labels"]
+    )
     assert (bundled.path / "evaluation" / "localisation.png").is_file()
     card = (bundled.path / "README.md").read_text()
     for lab in boxed:

@@ -9,7 +9,10 @@ import torchvision
 from ddn_node.model.attention import ChannelAttention, SpatialAttention, SpatialChannelAttention
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 
-HEADS = (HeadConfig("cxr", tuple(f"l{i}" for i in range(14))), HeadConfig("mri", ("a", "b", "c", "d"), "softmax"))
+HEADS = (
+    HeadConfig("cxr", tuple(f"l{i}" for i in range(14))),
+    HeadConfig("mri", ("a", "b", "c", "d"), "softmax"),
+)
 
 
 def test_cbam_keeps_shape_and_gates_are_in_unit_interval() -> None:
@@ -21,7 +24,9 @@ def test_cbam_keeps_shape_and_gates_are_in_unit_interval() -> None:
     with torch.no_grad():
         cg, sg = block.gates(x)
     assert cg.shape == (2, 32, 1, 1) and sg.shape == (2, 1, 7, 9)
-    assert float(cg.min()) > 0 and float(cg.max()) < 1 and float(sg.min()) > 0 and float(sg.max()) < 1
+    assert (
+        float(cg.min()) > 0 and float(cg.max()) < 1 and float(sg.min()) > 0 and float(sg.max()) < 1
+    )
     # The block is exactly x * channel gate * spatial gate.
     assert torch.allclose(y, x * cg * sg, atol=1e-6)
 
@@ -46,7 +51,10 @@ def test_spatial_attention_uses_a_7x7_conv_on_two_pooled_maps() -> None:
         SpatialAttention(kernel_size=4)
 
 
-@pytest.mark.parametrize("backbone,size,channels,grid", [("tiny", 64, 64, 2), ("resnet50", 64, 2048, 2), ("resnet18", 96, 512, 3)])
+@pytest.mark.parametrize(
+    "backbone,size,channels,grid",
+    [("tiny", 64, 64, 2), ("resnet50", 64, 2048, 2), ("resnet18", 96, 512, 3)],
+)
 def test_shapes_per_backbone(backbone: str, size: int, channels: int, grid: int) -> None:
     torch.manual_seed(0)
     m = DDN(DDNConfig(backbone=backbone, heads=HEADS)).eval()  # type: ignore[arg-type]

@@ -30,7 +30,9 @@ SIZE = 256
 SPEC = PreprocessSpec(size=SIZE)
 
 
-def _image(rng: np.random.Generator, shape: tuple[int, int], blob: tuple[float, float] | None) -> np.ndarray:
+def _image(
+    rng: np.random.Generator, shape: tuple[int, int], blob: tuple[float, float] | None
+) -> np.ndarray:
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w]
     img = 0.25 + 0.1 * (xx / w) + rng.normal(0, 0.04, shape)  # gradient + noise background
@@ -46,7 +48,11 @@ def _blob_set(
     imgs, ys, centres = [], [], []
     for i in range(n):
         # mixed: some wide and tall images too, so the model has seen the padding.
-        h, w = [shape, (shape[0] * 3 // 4, shape[1]), (shape[0], shape[1] * 3 // 4)][i % 3] if mixed else shape
+        h, w = (
+            [shape, (shape[0] * 3 // 4, shape[1]), (shape[0], shape[1] * 3 // 4)][i % 3]
+            if mixed
+            else shape
+        )
         c = (rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w) if i % 2 == 0 else None
         imgs.append(_image(rng, (h, w), c))
         ys.append([1.0 if c else 0.0])
@@ -69,7 +75,9 @@ def blob_model() -> DDN:
         perm = torch.randperm(len(imgs))
         for s in range(0, len(imgs), 32):
             idx = perm[s : s + 32]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx])["blob"], yt[idx])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                model(x[idx])["blob"], yt[idx]
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -137,7 +145,9 @@ def _artifact(model: DDN, tmp_path: Path) -> ModelArtifact:
     return ModelArtifact.load(tmp_path / "blob")
 
 
-def test_predictor_heat_maps_at_source_size_only_above_threshold(blob_model: DDN, tmp_path: Path) -> None:
+def test_predictor_heat_maps_at_source_size_only_above_threshold(
+    blob_model: DDN, tmp_path: Path
+) -> None:
     art = _artifact(blob_model, tmp_path)
     rng = np.random.default_rng(4)
     wide = _image(rng, (300, 480), (120.0, 350.0))  # not square: exercises resize + pad + crop back
@@ -148,9 +158,13 @@ def test_predictor_heat_maps_at_source_size_only_above_threshold(blob_model: DDN
     assert preds[0].probabilities["blob"] >= 0.5 and preds[1].probabilities["blob"] < 0.5
     hm = preds[0].heatmaps["blob"]
     assert hm.shape == (300, 480) and hm.dtype == np.float32
-    assert float(hm.min()) >= 0 and 0.95 <= float(hm.max()) <= 1.0  # scaled by its peak before the last resize
+    assert (
+        float(hm.min()) >= 0 and 0.95 <= float(hm.max()) <= 1.0
+    )  # scaled by its peak before the last resize
     r, c = peak(hm)
     assert np.hypot(r - 120, c - 350) <= 480 / 4
     assert preds[1].heatmaps == {}
     no_maps = p.predict([wide], head="blob", heatmaps=False)
-    assert no_maps[0].heatmaps == {} and no_maps[0].probabilities["blob"] == pytest.approx(preds[0].probabilities["blob"], abs=1e-5)
+    assert no_maps[0].heatmaps == {} and no_maps[0].probabilities["blob"] == pytest.approx(
+        preds[0].probabilities["blob"], abs=1e-5
+    )

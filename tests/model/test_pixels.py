@@ -26,8 +26,14 @@ from ddn_node.dicom.pixels import (
     load_display_image,
 )
 
-_DATA = Path(os.environ.get("DDN_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-REAL_FILES = sorted(str(p.relative_to(_DATA / "dicom")) for p in (_DATA / "dicom").rglob("*.dcm")) if (_DATA / "dicom").is_dir() else []
+_DATA = Path(
+    os.environ.get("DDN_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
+)
+REAL_FILES = (
+    sorted(str(p.relative_to(_DATA / "dicom")) for p in (_DATA / "dicom").rglob("*.dcm"))
+    if (_DATA / "dicom").is_dir()
+    else []
+)
 # Files whose failure is the right answer (verified by hand: pydicom/libjpeg/GDCM all refuse
 # them or the header describes no pixels); anything else must decode.
 EXPECTED_ERRORS = {
@@ -61,10 +67,17 @@ def test_every_real_file_gives_a_sane_image_or_a_typed_error(shared_data: Path, 
 
 
 def test_monochrome1_chest_is_inverted_so_lungs_are_dark(shared_data: Path) -> None:
-    img = load_display_image(shared_data / "dicom" / "chest_xray_real" / "pylibjpegdata__966_fixed.dcm")
+    img = load_display_image(
+        shared_data / "dicom" / "chest_xray_real" / "pylibjpegdata__966_fixed.dcm"
+    )
     h, w = img.shape
     # Lungs (upper middle thirds, left and right of the spine) are less dense than the spine.
-    lungs = np.concatenate([img[h // 4 : h // 2, w // 5 : 2 * w // 5].ravel(), img[h // 4 : h // 2, 3 * w // 5 : 4 * w // 5].ravel()])
+    lungs = np.concatenate(
+        [
+            img[h // 4 : h // 2, w // 5 : 2 * w // 5].ravel(),
+            img[h // 4 : h // 2, 3 * w // 5 : 4 * w // 5].ravel(),
+        ]
+    )
     spine = img[h // 4 : h // 2, 9 * w // 20 : 11 * w // 20]
     assert float(np.median(lungs)) < float(np.median(spine))
 
@@ -79,7 +92,13 @@ def test_same_image_in_every_transfer_syntax_decodes_alike(shared_data: Path) ->
 def test_decoder_preference_never_uses_gdcm() -> None:
     # python-gdcm aborts the process (std::terminate) on some corrupt codestreams, so it is
     # never tried, although it is the fastest JPEG 2000 / JPEG lossless decoder here.
-    for uid in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70"):
+    for uid in (
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.70",
+    ):
         assert "gdcm" not in decoder_plugins(uid)
     assert decoder_plugins("1.2.840.10008.1.2.4.90")[0] == "pylibjpeg"
     assert decoder_plugins("1.2.840.10008.1.2.4.80")[0] == "pyjpegls"
@@ -89,7 +108,12 @@ def test_decoder_preference_never_uses_gdcm() -> None:
 # --- synthetic datasets -------------------------------------------------------------------
 
 
-def _ds(arr: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None, **extra: object) -> Dataset:
+def _ds(
+    arr: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    **extra: object,
+) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -154,7 +178,9 @@ def test_window_center_width_linear_per_ps3_3() -> None:
 def test_rescale_is_applied_before_the_window() -> None:
     arr = np.array([[0, 10, 20, 30]], dtype=np.uint16)
     # Stored 0..30 -> HU -1000..-700 with slope 10, intercept -1000; window on HU values.
-    img = load_display_image(_ds(arr, RescaleSlope=10, RescaleIntercept=-1000, WindowCenter=-850, WindowWidth=299))
+    img = load_display_image(
+        _ds(arr, RescaleSlope=10, RescaleIntercept=-1000, WindowCenter=-850, WindowWidth=299)
+    )
     assert img[0, 0] == 0.0 and img[0, 3] == 1.0 and abs(img[0, 1] - 0.3333) < 0.01
 
 
@@ -180,7 +206,9 @@ def test_voi_lut_sequence_is_used() -> None:
 def test_overlay_bits_above_bits_stored_are_masked() -> None:
     arr = _ramp(hi=1023)  # 10-bit data...
     dirty = arr | np.uint16(1 << 14)  # ...with an overlay bit set in an unused high bit
-    assert np.allclose(load_display_image(_ds(dirty, bits_stored=10)), load_display_image(_ds(arr, bits_stored=10)))
+    assert np.allclose(
+        load_display_image(_ds(dirty, bits_stored=10)), load_display_image(_ds(arr, bits_stored=10))
+    )
 
 
 def test_signed_data_any_bit_depth() -> None:
@@ -261,7 +289,13 @@ def test_deflate_bomb_is_refused_while_inflating(tmp_path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
     raw = path.read_bytes()
     # Body starts after preamble (128) + "DICM" + the group length element (12) + the group.
-    meta_end = 132 + 12 + int(pydicom.dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+    meta_end = (
+        132
+        + 12
+        + int(
+            pydicom.dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength
+        )
+    )
     # Replace the body with 24 MiB of zeros deflated to ~24 kB (cap: 1 MiB + 16 MiB slack).
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     body = c.compress(b"\0" * (24 << 20)) + c.flush()

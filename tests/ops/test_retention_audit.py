@@ -36,8 +36,15 @@ def _study(db: Database, spool: Spool, uid: str, age_days: float, state: str) ->
     relpath = spool.instance_relpath(uid, f"{uid}.1.1")
     spool.write_bytes(relpath, b"DICM-ish")
     rec = InstanceRecord(
-        study_uid=uid, series_uid=f"{uid}.1", sop_instance_uid=f"{uid}.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", path=relpath, size=8, sha256="0" * 64, modality="CR",
+        study_uid=uid,
+        series_uid=f"{uid}.1",
+        sop_instance_uid=f"{uid}.1.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=relpath,
+        size=8,
+        sha256="0" * 64,
+        modality="CR",
     )
     outcome = record_instance(db, rec, quiet_period_s=1, force_complete_s=10, now=at)
     with db.session() as s:
@@ -53,13 +60,25 @@ def test_retention_purges_only_settled_old_studies(db: Database, tmp_path: Path)
     _study(db, spool, "1.3", 5, "analysed")  # young: kept
     waiting = _study(db, spool, "1.4", 40, "analysed")
     with db.session() as s:
-        s.add(Delivery(study_id=waiting, destination="pacs", kind="sr", sop_class_uid="x", sop_instance_uid="9.9", path="results/x", state="pending"))
+        s.add(
+            Delivery(
+                study_id=waiting,
+                destination="pacs",
+                kind="sr",
+                sop_class_uid="x",
+                sop_instance_uid="9.9",
+                path="results/x",
+                state="pending",
+            )
+        )
     purged = purge_expired(db, spool, RetentionSettings(enabled=True, max_age_days=30))
     assert [p.study_uid for p in purged] == ["1.1"]
     with db.read() as s:
         assert sorted(st.study_uid for st in s.scalars(select(Study))) == ["1.2", "1.3", "1.4"]
         assert s.scalar(select(Instance.id).where(Instance.study_id == old)) is None
-        events = list(s.scalars(select(AuditEvent).where(AuditEvent.event == AuditEventName.PURGED)))
+        events = list(
+            s.scalars(select(AuditEvent).where(AuditEvent.event == AuditEventName.PURGED))
+        )
     assert [(e.study_uid, e.detail["instances"]) for e in events] == [("1.1", 1)]
     assert not (spool.studies / "1.1").exists() and (spool.studies / "1.2").exists()
 
@@ -69,8 +88,17 @@ def test_audit_events_go_out_as_dicom_audit_messages(db: Database) -> None:
     receiver.bind(("127.0.0.1", 0))
     receiver.settimeout(5)
     port = receiver.getsockname()[1]
-    audit(db, AuditEventName.ASSOCIATION_REJECTED, actor="INTRUDER", host="10.0.0.9", outcome="failure", reason="x")
-    audit(db, AuditEventName.INSTANCES_RECEIVED, actor="ORTHANC", host="127.0.0.1", study_uid="1.2.3")
+    audit(
+        db,
+        AuditEventName.ASSOCIATION_REJECTED,
+        actor="INTRUDER",
+        host="10.0.0.9",
+        outcome="failure",
+        reason="x",
+    )
+    audit(
+        db, AuditEventName.INSTANCES_RECEIVED, actor="ORTHANC", host="127.0.0.1", study_uid="1.2.3"
+    )
     sink = SyslogSink("127.0.0.1", port)
     assert export_new(db, sink, "DDN_NODE") == 2
     assert export_new(db, sink, "DDN_NODE") == 0  # each row once
@@ -86,4 +114,7 @@ def test_audit_events_go_out_as_dicom_audit_messages(db: Database) -> None:
     rejected, received = parsed
     assert rejected.find("EventIdentification").get("EventOutcomeIndicator") == "4"
     assert received.find("ParticipantObjectIdentification").get("ParticipantObjectID") == "1.2.3"
-    assert {p.get("UserID") for p in received.findall("ActiveParticipant")} == {"ORTHANC", "DDN_NODE"}
+    assert {p.get("UserID") for p in received.findall("ActiveParticipant")} == {
+        "ORTHANC",
+        "DDN_NODE",
+    }

@@ -53,7 +53,9 @@ def worker_config(model_dir: Path, pacs: Orthanc, **extra: object) -> dict[str, 
                 "views": ["PA", "AP", ""],
             }
         ],
-        "destinations": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}],
+        "destinations": [
+            {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+        ],
         "worker": {"poll_interval_s": 0.2, "torch_threads": 2},
         "demo": True,
     }

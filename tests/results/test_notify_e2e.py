@@ -21,7 +21,9 @@ from ddn_node.store.models import Delivery, Study
 pytestmark = pytest.mark.slow
 
 
-def test_adapters_through_the_node(make_node, sqlite_url: str, repo_root: Path, tmp_path: Path) -> None:
+def test_adapters_through_the_node(
+    make_node, sqlite_url: str, repo_root: Path, tmp_path: Path
+) -> None:
     model = make_test_artifact(tmp_path / "model", threshold=0.0)
     ris = MLLPListener(lambda message: ack_for(message, "AA"))
     fhir = HTTPReceiver(status=201)
@@ -30,27 +32,48 @@ def test_adapters_through_the_node(make_node, sqlite_url: str, repo_root: Path, 
         node = make_node(
             sqlite_url,
             roles=("scp", "worker"),
-            routing=[{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR", "DX"]}],
+            routing=[
+                {"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR", "DX"]}
+            ],
             adapters={
                 "hl7": {"enabled": True, "host": "127.0.0.1", "port": ris.port},
                 "fhir": {"enabled": True, "url": fhir.url, "bearer_token": "s3cret"},
                 "webhook": {"enabled": True, "url": hook.url},
             },
-            delivery={"sweep_interval_s": 0.3, "backoff_initial_s": 0.3, "backoff_max_s": 0.6, "max_attempts": 50},
+            delivery={
+                "sweep_interval_s": 0.3,
+                "backoff_initial_s": 0.3,
+                "backoff_max_s": 0.6,
+                "max_attempts": 50,
+            },
             demo=True,
         )
         sample = repo_root / "sample_studies" / "demo01" / "demo01_PA.dcm"
         ds = pydicom.dcmread(sample, stop_before_pixels=True)
         with node:
-            with raw_association(node.port, contexts=[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))]) as assoc:
+            with raw_association(
+                node.port, contexts=[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))]
+            ) as assoc:
                 assert store_file(assoc, sample) == 0
-            wait_for(lambda: ris.received and fhir.requests and len(hook.requests) >= 2, 120, "all three receivers called")
+            wait_for(
+                lambda: ris.received and fhir.requests and len(hook.requests) >= 2,
+                120,
+                "all three receivers called",
+            )
             hook.status = 200
             db = make_database(sqlite_url)
             try:
+
                 def states() -> dict[str, str]:
                     with db.read() as s:
-                        return {d.destination: d.state for d in s.scalars(select(Delivery).where(Delivery.kind.in_(["hl7", "fhir", "webhook"])))}
+                        return {
+                            d.destination: d.state
+                            for d in s.scalars(
+                                select(Delivery).where(
+                                    Delivery.kind.in_(["hl7", "fhir", "webhook"])
+                                )
+                            )
+                        }
 
                 wait_for(lambda: set(states().values()) == {"sent"}, 60, "adapter deliveries sent")
                 with db.read() as s:
@@ -67,10 +90,17 @@ def test_adapters_through_the_node(make_node, sqlite_url: str, repo_root: Path, 
     code = {"STAT": "S", "HIGH": "A", "ROUTINE": "R"}[study.priority]
     assert one_segment(oru, "TQ1").components(9)[0] == code
     task = json.loads(fhir.requests[0].body)
-    assert task["resourceType"] == "Task" and task["priority"] == {"STAT": "stat", "HIGH": "asap", "ROUTINE": "routine"}[study.priority]
+    assert (
+        task["resourceType"] == "Task"
+        and task["priority"]
+        == {"STAT": "stat", "HIGH": "asap", "ROUTINE": "routine"}[study.priority]
+    )
     assert fhir.requests[0].headers["authorization"] == "Bearer s3cret"
     bodies = [json.loads(r.body) for r in hook.requests]
     assert len({b["id"] for b in bodies}) == 1  # the retry is the same message
-    assert bodies[-1]["study_instance_uid"] == study.study_uid and bodies[-1]["priority"] == study.priority
+    assert (
+        bodies[-1]["study_instance_uid"] == study.study_uid
+        and bodies[-1]["priority"] == study.priority
+    )
     log = node.log_path.read_text()
     assert "DEMO^ALPHA" not in log and "DEMO0001" not in log

@@ -43,7 +43,9 @@ def _db_results(db_url: str) -> dict[str, tuple[Result, list[Delivery]]]:
             out = {}
             for study in s.scalars(select(Study)):
                 result = s.scalars(
-                    select(Result).where(Result.study_id == study.id).order_by(Result.generation.desc())
+                    select(Result)
+                    .where(Result.study_id == study.id)
+                    .order_by(Result.generation.desc())
                 ).first()
                 deliveries = list(s.scalars(select(Delivery).where(Delivery.study_id == study.id)))
                 out[study.study_uid] = (result, deliveries)
@@ -56,22 +58,43 @@ def _dciodvfy_errors(ds: pydicom.Dataset, tmp: Path) -> list[str]:
     path = tmp / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [l for l in (res.stdout + res.stderr).splitlines() if l.startswith("Error")]
+    return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, shared_data: Path, repo_root: Path, tmp_path: Path) -> None:
+def test_orthanc_round_trip(
+    make_node,
+    sqlite_url: str,
+    pacs: Orthanc,
+    model_dir: Path,
+    shared_data: Path,
+    repo_root: Path,
+    tmp_path: Path,
+) -> None:
     node = make_node(sqlite_url, roles=("scp", "worker"), **worker_config(model_dir, pacs))
-    chest = shared_data / "dicom" / "chest_xray_real" / "txv__1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    chest = (
+        shared_data
+        / "dicom"
+        / "chest_xray_real"
+        / "txv__1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    )
     sample = repo_root / "sample_studies" / "demo02"
     with node:
         uploaded = [pacs.upload(chest)] + [pacs.upload(p) for p in sorted(sample.glob("*.dcm"))]
-        sources = {pacs.get(f"/instances/{u['ID']}")["MainDicomTags"]["SOPInstanceUID"] for u in uploaded}
+        sources = {
+            pacs.get(f"/instances/{u['ID']}")["MainDicomTags"]["SOPInstanceUID"] for u in uploaded
+        }
         study_uids = {pydicom.dcmread(chest, stop_before_pixels=True).StudyInstanceUID}
-        study_uids |= {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in sample.glob("*.dcm")}
+        study_uids |= {
+            pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID
+            for p in sample.glob("*.dcm")
+        }
         pacs.send_to_node(sorted({u["ParentStudy"] for u in uploaded}))
+
         def all_sent() -> dict[str, tuple[Result, list[Delivery]]] | None:
             rows = _db_results(sqlite_url)
-            done = len(rows) == len(study_uids) and all(r and ds and all(d.state == "sent" for d in ds) for r, ds in rows.values())
+            done = len(rows) == len(study_uids) and all(
+                r and ds and all(d.state == "sent" for d in ds) for r, ds in rows.values()
+            )
             return rows if done else None
 
         db_rows = wait_for(all_sent, 180, "every result delivered")
@@ -80,8 +103,14 @@ def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir
     for study_uid, objects in returned.items():
         result, deliveries = db_rows[study_uid]
         assert result is not None
-        ours = [d for d in objects if d.SOPClassUID in (SR_CLASS, PM_CLASS, SC_CLASS) and d.SOPInstanceUID not in sources]
-        assert {d.SOPInstanceUID for d in ours} == {d.sop_instance_uid for d in deliveries}, "delivered exactly what the DB lists"
+        ours = [
+            d
+            for d in objects
+            if d.SOPClassUID in (SR_CLASS, PM_CLASS, SC_CLASS) and d.SOPInstanceUID not in sources
+        ]
+        assert {d.SOPInstanceUID for d in ours} == {d.sop_instance_uid for d in deliveries}, (
+            "delivered exactly what the DB lists"
+        )
         assert all(d.StudyInstanceUID == study_uid for d in ours)
         sr = next(d for d in ours if d.SOPClassUID == SR_CLASS)
         content = read_sr(sr)
@@ -93,12 +122,20 @@ def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir
             assert finding.present == (label in result.positive)
         assert content.not_for_diagnostic_use
         # References resolve to the source instances in the PACS.
-        evidence = {ref.ReferencedSOPInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence for s in item.ReferencedSeriesSequence for ref in s.ReferencedSOPSequence}
+        evidence = {
+            ref.ReferencedSOPInstanceUID
+            for item in sr.CurrentRequestedProcedureEvidenceSequence
+            for s in item.ReferencedSeriesSequence
+            for ref in s.ReferencedSOPSequence
+        }
         assert evidence and evidence <= sources
         for obj in ours:
             if obj.SOPClassUID in (PM_CLASS, SC_CLASS):
                 refs = {r.ReferencedSOPInstanceUID for r in obj.get("SourceImageSequence", [])} | {
-                    r.ReferencedSOPInstanceUID for fg in obj.get("SharedFunctionalGroupsSequence", []) for d in fg.get("DerivationImageSequence", []) for r in d.SourceImageSequence
+                    r.ReferencedSOPInstanceUID
+                    for fg in obj.get("SharedFunctionalGroupsSequence", [])
+                    for d in fg.get("DerivationImageSequence", [])
+                    for r in d.SourceImageSequence
                 }
                 assert refs and refs <= sources
             assert _dciodvfy_errors(obj, tmp_path) == [], obj.SOPClassUID
@@ -112,39 +149,68 @@ def test_orthanc_round_trip(make_node, sqlite_url: str, pacs: Orthanc, model_dir
 
 def _send_sample(port: int, path: Path) -> int | None:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    with raw_association(port, contexts=[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))]) as assoc:
+    with raw_association(
+        port, contexts=[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))]
+    ) as assoc:
         return store_file(assoc, path)
 
 
-def test_pacs_down_then_back(make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, repo_root: Path) -> None:
+def test_pacs_down_then_back(
+    make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, repo_root: Path
+) -> None:
     node = make_node(
         sqlite_url,
         roles=("scp", "worker"),
-        **worker_config(model_dir, pacs, delivery={"sweep_interval_s": 0.3, "backoff_initial_s": 0.5, "backoff_max_s": 1.5, "max_attempts": 50, "timeout_s": 5}),
+        **worker_config(
+            model_dir,
+            pacs,
+            delivery={
+                "sweep_interval_s": 0.3,
+                "backoff_initial_s": 0.5,
+                "backoff_max_s": 1.5,
+                "max_attempts": 50,
+                "timeout_s": 5,
+            },
+        ),
     )
     sample = repo_root / "sample_studies" / "demo01" / "demo01_PA.dcm"
     study_uid = str(pydicom.dcmread(sample, stop_before_pixels=True).StudyInstanceUID)
     pacs.stop()
     with node:
         assert _send_sample(node.port, sample) == 0
+
         # Deliveries fail and back off while the PACS is away, visible as pending with the error.
         def retried() -> bool:
             _result, deliveries = _db_results(sqlite_url).get(study_uid, (None, []))
-            return bool(deliveries) and all(d.state == "pending" and d.attempts >= 2 and d.last_error for d in deliveries)
+            return bool(deliveries) and all(
+                d.state == "pending" and d.attempts >= 2 and d.last_error for d in deliveries
+            )
 
         wait_for(retried, 180, "deliveries retrying while the PACS is down")
         pacs.start()
         _result, deliveries = wait_for(
-            lambda: (r := _db_results(sqlite_url)[study_uid]) and all(d.state == "sent" for d in r[1]) and r, 120, "all sent"
+            lambda: (
+                (r := _db_results(sqlite_url)[study_uid])
+                and all(d.state == "sent" for d in r[1])
+                and r
+            ),
+            120,
+            "all sent",
         )
         objects = pacs.instance_datasets(study_uid)
-    ours = [d for d in objects if d.SOPInstanceUID != pydicom.dcmread(sample, stop_before_pixels=True).SOPInstanceUID]
+    ours = [
+        d
+        for d in objects
+        if d.SOPInstanceUID != pydicom.dcmread(sample, stop_before_pixels=True).SOPInstanceUID
+    ]
     assert len(ours) == len(deliveries)  # each object once in the PACS
     assert len({d.SOPInstanceUID for d in ours}) == len(ours)
     assert any(e.get("event") == "delivery.retry_scheduled" for e in node.events())
 
 
-def test_late_instance_supersedes_the_sr(make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, repo_root: Path, tmp_path: Path) -> None:
+def test_late_instance_supersedes_the_sr(
+    make_node, sqlite_url: str, pacs: Orthanc, model_dir: Path, repo_root: Path, tmp_path: Path
+) -> None:
     node = make_node(sqlite_url, roles=("scp", "worker"), **worker_config(model_dir, pacs))
     first = repo_root / "sample_studies" / "demo04" / "demo04_PA.dcm"
     study = pydicom.dcmread(first)

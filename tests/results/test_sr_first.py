@@ -114,7 +114,12 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     # Nothing listens on the destinations' ports: sending fails fast and backs off.
     deliverer = Deliverer(settings, database, spool, owner="test-worker")
     worker = Worker(
-        settings, database, spool, ModelRegistry(settings), owner="test-worker", send_now=deliverer.deliver_object
+        settings,
+        database,
+        spool,
+        ModelRegistry(settings),
+        owner="test-worker",
+        send_now=deliverer.deliver_object,
     )
 
     seen_when_drawing: list[list[tuple[str, str, int | None, int]]] = []
@@ -123,7 +128,10 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     def failing_draw(*args: Any, **kwargs: Any) -> None:
         with database.read() as s:
             seen_when_drawing.append(
-                [(d.kind, d.destination, d.result_id, d.attempts) for d in s.scalars(select(Delivery))]
+                [
+                    (d.kind, d.destination, d.result_id, d.attempts)
+                    for d in s.scalars(select(Delivery))
+                ]
             )
         raise RuntimeError("the overlay renderer fell over")
 
@@ -135,7 +143,10 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     # once per destination, and nothing else was; the worker had already tried to send it.
     with database.read() as s:
         (reported,) = s.scalars(select(Result)).all()
-    assert sorted(seen_when_drawing[0]) == [("sr", "archive", reported.id, 1), ("sr", "pacs", reported.id, 1)]
+    assert sorted(seen_when_drawing[0]) == [
+        ("sr", "archive", reported.id, 1),
+        ("sr", "pacs", reported.id, 1),
+    ]
     with database.read() as s:
         job = s.scalars(select(Job)).one()
         assert job.state == "queued" and "overlay renderer" in job.last_error
@@ -171,7 +182,10 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     assert all(d.result_id == result.id for d in deliveries)
     kinds = sorted({d.kind for d in deliveries})
     assert kinds == ["pm", "sc", "sr"]
-    assert "sr_ms" in result.timings_ms and result.timings_ms["sr_ms"] <= result.timings_ms["results_ms"]
+    assert (
+        "sr_ms" in result.timings_ms
+        and result.timings_ms["sr_ms"] <= result.timings_ms["results_ms"]
+    )
 
 
 def test_a_waiting_study_gets_its_sr_before_the_previous_study_gets_heat_maps(node: _Node) -> None:
@@ -225,7 +239,9 @@ def test_a_clean_stop_gives_waiting_heat_maps_back_to_the_queue(node: _Node) -> 
     assert second.run_once() and second.run_once()
     with database.read() as s:
         job = s.scalars(select(Job)).one()
-        kinds = sorted(d.kind for d in s.scalars(select(Delivery).where(Delivery.destination == "pacs")))
+        kinds = sorted(
+            d.kind for d in s.scalars(select(Delivery).where(Delivery.destination == "pacs"))
+        )
         study = s.get(Study, study_id)
     assert (job.state, job.attempts) == ("done", 1)
     assert kinds.count("sr") == 1 and "pm" in kinds and "sc" in kinds

@@ -8,7 +8,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 
@@ -103,10 +103,8 @@ def forward(listen: tuple[str, int], target: tuple[str, int]) -> Iterator[None]:
             pass
         finally:
             for s in (a, b):
-                try:
+                with suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def accept() -> None:
         while not stop.is_set():

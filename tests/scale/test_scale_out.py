@@ -5,6 +5,7 @@ the study; no study is analysed twice."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,17 +18,20 @@ from typing import Any
 import httpx
 import pytest
 import tomli_w
-from sqlalchemy import select
-
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Job, Result, Study
 from netns import forward, lan, netns_available
+from sqlalchemy import select
 from support.artifacts import make_test_artifact
 from support.dicomgen import make_cr, store_file, to_file_bytes
 from support.net import GiveUp, wait_for
 from support.node import REPO, base_config, deep_merge
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not netns_available(), reason="network namespaces need root and iproute2")]
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Job, Result, Study
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not netns_available(), reason="network namespaces need root and iproute2"),
+]
 
 N_STUDIES = 16
 
@@ -36,10 +40,8 @@ def _events(log: Path) -> list[dict[str, Any]]:
     out = []
     for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
     return out
 
 
@@ -53,15 +55,33 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
             {
                 "node": {"host": "0.0.0.0"},
                 "peers": [{"ae_title": "TESTSCU", "hosts": [f"{net.prefix}.0/24"]}],
-                "routing": [{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}],
+                "routing": [
+                    {"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}
+                ],
                 "queue": {"lease_s": 3, "max_attempts": 5},
                 "worker": {"poll_interval_s": 0.1},
-                "web": {"enabled": True, "host": "0.0.0.0", "port": web_port, "tokens": [{"name": "t", "sha256": "7c43ef5ae21d43ce2743f770c68e24def1a43ee2f416d2438410c8af7af2ff2c"}]},
+                "web": {
+                    "enabled": True,
+                    "host": "0.0.0.0",
+                    "port": web_port,
+                    "tokens": [
+                        {
+                            "name": "t",
+                            "sha256": "7c43ef5ae21d43ce2743f770c68e24def1a43ee2f416d2438410c8af7af2ff2c",
+                        }
+                    ],
+                },
             },
         )
         path = tmp_path / "shared.toml"
         path.write_text(tomli_w.dumps(config))
-        upgraded = subprocess.run([sys.executable, "-m", "ddn_node", "db", "upgrade", "--config", str(path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+        upgraded = subprocess.run(
+            [sys.executable, "-m", "ddn_node", "db", "upgrade", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert upgraded.returncode == 0, upgraded.stderr
         procs: dict[str, subprocess.Popen[bytes]] = {}
         logs = {name: tmp_path / f"{name}.log" for name in ("scp", "w1", "w2", "web")}
@@ -70,8 +90,21 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
             for name, role in roles.items():
                 handle = open(logs[name], "ab")  # noqa: SIM115
                 procs[name] = subprocess.Popen(
-                    [*net.exec_prefix(name), sys.executable, "-m", "ddn_node", "serve", "--config", str(path), "--role", role],
-                    stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    [
+                        *net.exec_prefix(name),
+                        sys.executable,
+                        "-m",
+                        "ddn_node",
+                        "serve",
+                        "--config",
+                        str(path),
+                        "--role",
+                        role,
+                    ],
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
                 handle.close()
 
@@ -82,7 +115,14 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
 
             for name in roles:
                 wait_for(lambda n=name: started(n), 90, f"{name} start")
-            wait_for(lambda: all(any(e.get("event") == "serve.worker_ready" for e in _events(logs[w])) for w in ("w1", "w2")), 90, "workers ready")
+            wait_for(
+                lambda: all(
+                    any(e.get("event") == "serve.worker_ready" for e in _events(logs[w]))
+                    for w in ("w1", "w2")
+                ),
+                90,
+                "workers ready",
+            )
 
             # A sender on the "PACS" (the root namespace) stores N studies on the SCP host.
             from pynetdicom import AE, _config
@@ -110,14 +150,18 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
 
             owner = wait_for(w1_pid_owner, 30, "w1 owner id")
             wait_for(
-                lambda: any(j.lease_owner == owner and j.state == "running" for j in _jobs(db)), 120, "w1 analysing"
+                lambda: any(j.lease_owner == owner and j.state == "running" for j in _jobs(db)),
+                120,
+                "w1 analysing",
             )
             procs["w1"].send_signal(signal.SIGKILL)
             procs["w1"].wait(30)
 
             def all_analysed() -> bool:
                 with db.read() as s:
-                    return [st.state for st in s.scalars(select(Study))].count("analysed") == N_STUDIES
+                    return [st.state for st in s.scalars(select(Study))].count(
+                        "analysed"
+                    ) == N_STUDIES
 
             wait_for(all_analysed, 240, "every study analysed by the surviving worker")
             with db.read() as s:
@@ -125,7 +169,11 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
                 results = list(s.scalars(select(Result)))
             db.dispose()
             # The web part on its own host lists them.
-            rows = httpx.get(f"http://{net.hosts['web']}:{web_port}/api/worklist", headers={"Authorization": "Bearer demo-token"}, timeout=30).json()
+            rows = httpx.get(
+                f"http://{net.hosts['web']}:{web_port}/api/worklist",
+                headers={"Authorization": "Bearer demo-token"},
+                timeout=30,
+            ).json()
         finally:
             for proc in procs.values():
                 if proc.poll() is None:
@@ -137,10 +185,17 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
                     proc.kill()
 
     assert len(jobs) == N_STUDIES and all(j.state == "done" for j in jobs)
-    assert Counter(r.job_id for r in results) == Counter({j.id: 1 for j in jobs})  # analysed once each
+    assert Counter(r.job_id for r in results) == Counter(
+        {j.id: 1 for j in jobs}
+    )  # analysed once each
     taken_over = [j for j in jobs if j.attempts >= 2]
     assert taken_over, "the killed worker's study was not taken over"
-    analysed_by = Counter(e.get("owner") for name in ("w1", "w2") for e in _events(logs[name]) if e.get("event") == "worker.started")
+    analysed_by = Counter(
+        e.get("owner")
+        for name in ("w1", "w2")
+        for e in _events(logs[name])
+        if e.get("event") == "worker.started"
+    )
     assert len(analysed_by) == 2
     listed = rows["rows"] if isinstance(rows, dict) else rows
     assert len(listed) == N_STUDIES

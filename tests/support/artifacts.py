@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ddn_node.model.artifact import AbnormalityDef, HeadInfo, Manifest, WeightsModel, architecture_of, save_artifact
+from ddn_node.model.artifact import (
+    AbnormalityDef,
+    HeadInfo,
+    Manifest,
+    WeightsModel,
+    architecture_of,
+    save_artifact,
+)
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.preprocess import PreprocessSpec
 from ddn_node.model.types import Code, LabelSpec
@@ -26,7 +33,9 @@ LABELS = (
 
 def make_test_artifact(directory: Path, threshold: float = 0.0, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    config = DDNConfig(backbone="tiny", heads=(HeadConfig("cxr", tuple(name for name, _ in LABELS)),))
+    config = DDNConfig(
+        backbone="tiny", heads=(HeadConfig("cxr", tuple(name for name, _ in LABELS)),)
+    )
     model = DDN(config).eval()
     manifest = Manifest(
         name="ddn-test",
@@ -36,7 +45,9 @@ def make_test_artifact(directory: Path, threshold: float = 0.0, seed: int = 0) -
         heads={
             "cxr": HeadInfo(
                 activation="sigmoid",
-                labels=[LabelSpec(name, code, threshold, "fixed by the test") for name, code in LABELS],
+                labels=[
+                    LabelSpec(name, code, threshold, "fixed by the test") for name, code in LABELS
+                ],
                 abnormality=AbnormalityDef(kind="max_probability"),
             )
         },

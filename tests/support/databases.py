@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ddn_node.bench.common import postgres_reachable, throwaway_database as _throwaway
+from ddn_node.bench.common import postgres_reachable
+from ddn_node.bench.common import throwaway_database as _throwaway
 
 __all__ = ["postgres_available", "throwaway_database"]
 

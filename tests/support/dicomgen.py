@@ -13,7 +13,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+)
 
 from ddn_node.dicom.headers import dataset_offset
 
@@ -36,7 +39,11 @@ def make_cr(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation
+    ds.SOPClassUID = (
+        ComputedRadiographyImageStorage
+        if modality == "CR"
+        else DigitalXRayImageStorageForPresentation
+    )
     ds.SOPInstanceUID = sop_uid or generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -90,7 +97,9 @@ def raw_association(
     """An association whose C-STOREs send file bytes as they are (no decode / re-encode)."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class, syntax in contexts or [(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)]:
+    for sop_class, syntax in contexts or [
+        (ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    ]:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     previous = _config.STORE_SEND_CHUNKED_DATASET

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,7 +50,12 @@ def base_config(tmp: Path, db_url: str, port: int | None = None) -> dict[str, An
         "database": {"url": db_url},
         "completion": {"quiet_period_s": 2, "force_complete_s": 120, "sweep_interval_s": 0.5},
         "worker": {"poll_interval_s": 0.2},
-        "delivery": {"sweep_interval_s": 0.5, "backoff_initial_s": 0.5, "backoff_max_s": 2, "timeout_s": 10},
+        "delivery": {
+            "sweep_interval_s": 0.5,
+            "backoff_initial_s": 0.5,
+            "backoff_max_s": 2,
+            "timeout_s": 10,
+        },
         "web": {"enabled": False, "port": free_port()},
         "logging": {"level": "INFO", "json": True},
     }
@@ -110,7 +116,9 @@ class NodeProcess:
 
         def started() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise GiveUp(f"node exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+                raise GiveUp(
+                    f"node exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}"
+                )
             return sum(1 for e in self.events() if e.get("event") == "serve.started") >= wanted
 
         wait_for(started, timeout, "node start")
@@ -151,7 +159,5 @@ class NodeProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.stop()
-        except subprocess.TimeoutExpired:
-            pass

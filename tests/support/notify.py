@@ -31,26 +31,26 @@ VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 
 HOSTILE_NAME = "O'Brien^Anna|x~y\\z&w"
 
-BASE: dict[str, Any] = dict(
-    study_uid="1.2.826.0.1.3680043.8.498.12345678901234567890",
-    accession_number="ACC2026-0042",
-    patient_id="PAT-00731",
-    patient_name="Doe^Jane^Q^Dr^III",
-    patient_birth_date="19700315",
-    patient_sex="F",
-    study_date="20260102",
-    study_time="101500.123456",
-    modalities="CR",
-    study_description="CHEST PA",
-    priority="STAT",
-    priority_reason="critical finding: Pneumothorax 0.91 >= 0.50",
-    abnormality_score=0.8712,
-    findings=[("Pneumothorax", 0.91, True), ("Effusion", 0.40, False), ("Nodule", 0.05, False)],
-    model_name="DDN chest X-ray",
-    model_version="2026.11.27-ddn-cxr-r1",
-    is_demo=False,
-    analysed_at=dt.datetime(2026, 1, 2, 10, 16, 0, tzinfo=dt.UTC),
-)
+BASE: dict[str, Any] = {
+    "study_uid": "1.2.826.0.1.3680043.8.498.12345678901234567890",
+    "accession_number": "ACC2026-0042",
+    "patient_id": "PAT-00731",
+    "patient_name": "Doe^Jane^Q^Dr^III",
+    "patient_birth_date": "19700315",
+    "patient_sex": "F",
+    "study_date": "20260102",
+    "study_time": "101500.123456",
+    "modalities": "CR",
+    "study_description": "CHEST PA",
+    "priority": "STAT",
+    "priority_reason": "critical finding: Pneumothorax 0.91 >= 0.50",
+    "abnormality_score": 0.8712,
+    "findings": [("Pneumothorax", 0.91, True), ("Effusion", 0.40, False), ("Nodule", 0.05, False)],
+    "model_name": "DDN chest X-ray",
+    "model_version": "2026.11.27-ddn-cxr-r1",
+    "is_demo": False,
+    "analysed_at": dt.datetime(2026, 1, 2, 10, 16, 0, tzinfo=dt.UTC),
+}
 
 
 SummaryFactory = Callable[..., StudySummary]

@@ -12,7 +12,13 @@ __all__ = ["Orthanc", "orthanc_available"]
 
 class Orthanc(LocalOrthanc):
     def __init__(self, home: Path, node_port: int, node_aet: str = "DDN_NODE") -> None:
-        super().__init__(home=home, http_port=free_port(), dicom_port=free_port(), node_port=node_port, node_aet=node_aet)
+        super().__init__(
+            home=home,
+            http_port=free_port(),
+            dicom_port=free_port(),
+            node_port=node_port,
+            node_aet=node_aet,
+        )
 
     def __enter__(self) -> Orthanc:
         self.start()

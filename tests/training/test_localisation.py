@@ -40,10 +40,19 @@ def _off_centre_boxes(n: int, seed: int = 0) -> list[Box]:
     return out
 
 
-def _outcomes(label: str, boxes: list[Box], heatmaps: list[np.ndarray], patients: list[str] | None = None) -> list[BoxOutcome]:
+def _outcomes(
+    label: str, boxes: list[Box], heatmaps: list[np.ndarray], patients: list[str] | None = None
+) -> list[BoxOutcome]:
     patients = patients or [f"p{i}" for i in range(len(boxes))]
     return [
-        BoxOutcome(label, f"{i}.png", patients[i], pointing_hit(hm, b), random_hit_rate(b, SHAPE), centre_hit(b, SHAPE))
+        BoxOutcome(
+            label,
+            f"{i}.png",
+            patients[i],
+            pointing_hit(hm, b),
+            random_hit_rate(b, SHAPE),
+            centre_hit(b, SHAPE),
+        )
         for i, (b, hm) in enumerate(zip(boxes, heatmaps, strict=True))
     ]
 
@@ -52,7 +61,9 @@ def test_random_baseline_is_the_box_area_fraction() -> None:
     assert random_hit_rate(Box(0, 0, 64, 64), SHAPE) == 1.0
     assert random_hit_rate(Box(0, 0, 32, 32), SHAPE) == pytest.approx(0.25)
     assert random_hit_rate(Box(10, 20, 8, 4), SHAPE) == pytest.approx(8 * 4 / 64**2, rel=0.3)
-    assert random_hit_rate(Box(-10, -10, 20, 20), SHAPE) == pytest.approx(100 / 64**2, rel=0.3)  # clipped to the image
+    assert random_hit_rate(Box(-10, -10, 20, 20), SHAPE) == pytest.approx(
+        100 / 64**2, rel=0.3
+    )  # clipped to the image
     # It is what a uniformly random peak pixel scores, counted the way pointing_hit counts.
     b = Box(5.3, 17.8, 11.1, 6.6)
     per_pixel = np.zeros(SHAPE)
@@ -101,7 +112,9 @@ def test_a_centre_map_does_not_beat_the_centre_prior() -> None:
     # Boxes around the heart: the centre prior hits most of them, and so does a map that
     # always peaks at the centre, whatever the image shows.
     rng = np.random.default_rng(1)
-    boxes = [Box(float(rng.uniform(16, 30)), float(rng.uniform(16, 30)), 20.0, 18.0) for _ in range(30)]
+    boxes = [
+        Box(float(rng.uniform(16, 30)), float(rng.uniform(16, 30)), 20.0, 18.0) for _ in range(30)
+    ]
     maps = [centre_map(SHAPE).copy() for _ in boxes]
     part = summarise(_outcomes("Cardiomegaly", boxes, maps))
     assert part.pointing_game == part.centre > part.random
@@ -133,7 +146,17 @@ def test_labels_without_boxes_or_with_too_few_get_no_maps() -> None:
 
 def test_the_ci_rule_is_stricter_than_the_point_estimate() -> None:
     # Above both baselines as a point estimate, but the interval reaches below the centre prior.
-    part = PartLocalisation(n_boxes=10, n_images=10, n_patients=10, hits=4, pointing_game=0.4, ci95=(0.17, 0.69), n_effective=10, random=0.1, centre=0.3)
+    part = PartLocalisation(
+        n_boxes=10,
+        n_images=10,
+        n_patients=10,
+        hits=4,
+        pointing_game=0.4,
+        ci95=(0.17, 0.69),
+        n_effective=10,
+        random=0.1,
+        centre=0.3,
+    )
     pt_shown, pt_reason = decide(part, EvidenceRule(kind="point_estimate"), "val")
     ci_shown, ci_reason = decide(part, EvidenceRule(kind="ci_lower_bound"), "val")
     assert pt_shown and "point estimate" in pt_reason
@@ -156,15 +179,21 @@ def test_the_record_decides_on_validation_and_only_reports_test() -> None:
     labels = ["Good", "GoodOnTestOnly", "NoBoxes", "TestBoxesOnly"]
     parts = {
         "val": _perfect("Good", 12, 0) + _miss("GoodOnTestOnly", 12, 1),
-        "test": _miss("Good", 12, 2) + _perfect("GoodOnTestOnly", 12, 3) + _perfect("TestBoxesOnly", 12, 4),
+        "test": _miss("Good", 12, 2)
+        + _perfect("GoodOnTestOnly", 12, 3)
+        + _perfect("TestBoxesOnly", 12, 4),
     }
-    rec = build_record(labels, parts, EvidenceRule(), "f" * 64, "test", "ddn-node evaluate ...", "2026-01-01")
+    rec = build_record(
+        labels, parts, EvidenceRule(), "f" * 64, "test", "ddn-node evaluate ...", "2026-01-01"
+    )
     assert set(rec.labels) == set(labels)
     assert rec.rule.decided_on == "val" and "never used to decide" in rec.rule.description
     assert rec.labels["Good"].maps_shown  # poor on test: reported, not used
     assert rec.labels["Good"].parts["test"].pointing_game == 0.0
     assert not rec.labels["GoodOnTestOnly"].maps_shown
-    assert not rec.labels["NoBoxes"].maps_shown and rec.labels["NoBoxes"].reason.startswith("no boxes for this label")
+    assert not rec.labels["NoBoxes"].maps_shown and rec.labels["NoBoxes"].reason.startswith(
+        "no boxes for this label"
+    )
     tb = rec.labels["TestBoxesOnly"]
     assert not tb.maps_shown and "not used to decide" in tb.reason
     assert rec.weights_sha256 == "f" * 64
@@ -174,7 +203,13 @@ def test_without_a_validation_split_the_evaluated_images_decide_and_say_so() -> 
     rec = build_record(["Good"], {"all": _perfect("Good", 10, 0)}, EvidenceRule(), "0" * 64, "all")
     assert rec.rule.decided_on == "all" and "records no validation" in rec.rule.description
     assert rec.labels["Good"].maps_shown
-    rec = build_record(["Good"], {"val": _miss("Good", 10, 0), "test": _perfect("Good", 10, 1)}, EvidenceRule(decide_on="evaluated"), "0" * 64, "test")
+    rec = build_record(
+        ["Good"],
+        {"val": _miss("Good", 10, 0), "test": _perfect("Good", 10, 1)},
+        EvidenceRule(decide_on="evaluated"),
+        "0" * 64,
+        "test",
+    )
     assert rec.rule.decided_on == "test" and rec.labels["Good"].maps_shown
 
 

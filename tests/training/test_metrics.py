@@ -88,7 +88,10 @@ def test_classification_report_macro_and_ci() -> None:
     assert lo < r["macro"]["auc"] < hi
     assert r["bootstrap"]["unit"] == "patient"
     b = binary_auc_with_ci(y[:, 0], p[:, 0], groups, BootstrapSpec(300, 0))
-    assert b["auc"] == pytest.approx(per["a"]["auc"]) and b["auc_ci95"][0] < b["auc"] < b["auc_ci95"][1]
+    assert (
+        b["auc"] == pytest.approx(per["a"]["auc"])
+        and b["auc_ci95"][0] < b["auc"] < b["auc_ci95"][1]
+    )
 
 
 def test_localisation_by_hand() -> None:
@@ -109,7 +112,12 @@ def test_localisation_by_hand() -> None:
     iou, iobb = box_overlaps(pred, big, hm.shape)
     assert iou == pytest.approx(600 / 10000) and iobb == pytest.approx(1.0)
     s = localisation_summary([True, False], [0.6, 0.05], [1.0, 0.2])
-    assert s["pointing_game"] == 0.5 and s["iou_acc@0.1"] == 0.5 and s["iobb_acc@0.25"] == 0.5 and s["iou_acc@0.5"] == 0.5
+    assert (
+        s["pointing_game"] == 0.5
+        and s["iou_acc@0.1"] == 0.5
+        and s["iobb_acc@0.25"] == 0.5
+        and s["iou_acc@0.5"] == 0.5
+    )
 
 
 def test_pointing_uses_the_centre_of_a_flat_peak() -> None:

@@ -54,7 +54,9 @@ def make_client(tmp_path: Path, spool: Spool) -> Iterator[ClientFactory]:
     clients: list[TestClient] = []
 
     def factory(database: Database, model_dir: Path | None = None, **web: Any) -> TestClient:
-        settings = web_settings(tmp_path, database.engine.url.render_as_string(hide_password=False), model_dir, **web)
+        settings = web_settings(
+            tmp_path, database.engine.url.render_as_string(hide_password=False), model_dir, **web
+        )
         client = TestClient(create_app(settings, database, spool), follow_redirects=False)
         clients.append(client)
         return client

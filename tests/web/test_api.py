@@ -21,7 +21,9 @@ def uids(response: httpx.Response) -> list[str]:
     return [row["study_uid"] for row in response.json()["rows"]]
 
 
-def test_priority_order_arrival_order_filters_and_pages(database: Database, make_client: ClientFactory) -> None:
+def test_priority_order_arrival_order_filters_and_pages(
+    database: Database, make_client: ClientFactory
+) -> None:
     m = dt.timedelta(minutes=1)
     # Arrival order (oldest first): routine, waiting, high_low, stat, high_top, dx, read.
     routine = add_study(database, received_ago=60 * m, modalities="CR")
@@ -42,19 +44,44 @@ def test_priority_order_arrival_order_filters_and_pages(database: Database, make
 
     # STAT, then HIGH by score, then ROUTINE by score, the not-analysed study last in the
     # ROUTINE band; read studies are off the default (unread) list.
-    assert uids(client.get("/api/worklist", headers=h)) == [stat, high_top, high_low, routine, dx_routine, waiting]
+    assert uids(client.get("/api/worklist", headers=h)) == [
+        stat,
+        high_top,
+        high_low,
+        routine,
+        dx_routine,
+        waiting,
+    ]
     rows = client.get("/api/worklist", headers=h).json()["rows"]
-    assert [r["priority"] for r in rows] == ["STAT", "HIGH", "HIGH", "ROUTINE", "ROUTINE", "NOT_ANALYSED"]
+    assert [r["priority"] for r in rows] == [
+        "STAT",
+        "HIGH",
+        "HIGH",
+        "ROUTINE",
+        "ROUTINE",
+        "NOT_ANALYSED",
+    ]
     assert rows[0]["why"].startswith("STAT: critical finding: Pneumothorax 0.45 >= 0.40")
     assert rows[0]["top_findings"][0] == {"label": "Pneumothorax", "probability": 0.45}
-    assert rows[-1]["abnormality_score"] is None and rows[-1]["status_text"].startswith("not analysed: queued")
+    assert rows[-1]["abnormality_score"] is None and rows[-1]["status_text"].startswith(
+        "not analysed: queued"
+    )
 
     assert uids(client.get("/api/worklist?order=arrival", headers=h)) == [
-        routine, waiting, high_low, stat, high_top, dx_routine,
+        routine,
+        waiting,
+        high_low,
+        stat,
+        high_top,
+        dx_routine,
     ]
     assert uids(client.get("/api/worklist?unread=false", headers=h))[:2] == [stat, read]
     # Modality matches a whole element of "CR\DX", never a prefix.
-    assert set(uids(client.get("/api/worklist?modality=DX", headers=h))) == {high_low, stat, dx_routine}
+    assert set(uids(client.get("/api/worklist?modality=DX", headers=h))) == {
+        high_low,
+        stat,
+        dx_routine,
+    }
     assert uids(client.get("/api/worklist?modality=D", headers=h)) == []
     assert uids(client.get("/api/worklist?priority=HIGH", headers=h)) == [high_top, high_low]
     assert uids(client.get("/api/worklist?priority=NOT_ANALYSED", headers=h)) == [waiting]
@@ -62,12 +89,19 @@ def test_priority_order_arrival_order_filters_and_pages(database: Database, make
     first = client.get("/api/worklist?limit=2", headers=h).json()
     second = client.get("/api/worklist?limit=2&offset=2", headers=h).json()
     assert first["total"] == second["total"] == 6 and first["total_exact"]
-    assert [r["study_uid"] for r in first["rows"] + second["rows"]] == [stat, high_top, high_low, routine]
+    assert [r["study_uid"] for r in first["rows"] + second["rows"]] == [
+        stat,
+        high_top,
+        high_low,
+        routine,
+    ]
     assert client.get("/api/worklist?order=sideways", headers=h).status_code == 422
     assert client.get("/api/worklist?limit=100000", headers=h).status_code == 422
 
 
-def test_override_and_status_are_recorded_and_win(database: Database, make_client: ClientFactory) -> None:
+def test_override_and_status_are_recorded_and_win(
+    database: Database, make_client: ClientFactory
+) -> None:
     stat = add_study(database, received_ago=dt.timedelta(minutes=30))
     routine = add_study(database, received_ago=dt.timedelta(minutes=20))
     analyse(database, stat, {"Pneumothorax": 0.9})
@@ -87,20 +121,45 @@ def test_override_and_status_are_recorded_and_win(database: Database, make_clien
     client.post(f"/api/studies/{stat}/priority", json={"priority": "ROUTINE"}, headers=h)
     assert uids(client.get("/api/worklist", headers=h)) == [routine, stat]
     assert uids(client.get("/api/worklist?priority=STAT", headers=h)) == [routine]
-    assert client.post(f"/api/studies/{stat}/priority", json={"priority": None}, headers=h).json()["changed"]
+    assert client.post(f"/api/studies/{stat}/priority", json={"priority": None}, headers=h).json()[
+        "changed"
+    ]
     again = client.post(f"/api/studies/{stat}/priority", json={"priority": None}, headers=h).json()
     assert again["changed"] is False  # nothing to clear: not recorded twice
     assert uids(client.get("/api/worklist", headers=h)) == [stat, routine]
 
-    assert client.post(f"/api/studies/{stat}/priority", json={"priority": "NOT_ANALYSED"}, headers=h).status_code == 422
-    assert client.post(f"/api/studies/{stat}/priority", json={"priority": "SOON"}, headers=h).status_code == 422
-    assert client.post("/api/studies/9.9.9/priority", json={"priority": "STAT"}, headers=h).status_code == 404
+    assert (
+        client.post(
+            f"/api/studies/{stat}/priority", json={"priority": "NOT_ANALYSED"}, headers=h
+        ).status_code
+        == 422
+    )
+    assert (
+        client.post(
+            f"/api/studies/{stat}/priority", json={"priority": "SOON"}, headers=h
+        ).status_code
+        == 422
+    )
+    assert (
+        client.post("/api/studies/9.9.9/priority", json={"priority": "STAT"}, headers=h).status_code
+        == 404
+    )
 
-    read = client.post(f"/api/studies/{stat}/status", json={"status": "read"}, headers=api_headers(OTHER_TOKEN))
+    read = client.post(
+        f"/api/studies/{stat}/status", json={"status": "read"}, headers=api_headers(OTHER_TOKEN)
+    )
     assert read.status_code == 200 and read.json()["study"]["read_status"] == "read"
     assert uids(client.get("/api/worklist", headers=h)) == [routine]
-    assert client.post(f"/api/studies/{stat}/status", json={"status": "read"}, headers=h).json()["changed"] is False
-    assert client.post(f"/api/studies/{stat}/status", json={"status": "done"}, headers=h).status_code == 422
+    assert (
+        client.post(f"/api/studies/{stat}/status", json={"status": "read"}, headers=h).json()[
+            "changed"
+        ]
+        is False
+    )
+    assert (
+        client.post(f"/api/studies/{stat}/status", json={"status": "done"}, headers=h).status_code
+        == 422
+    )
 
     with database.read() as session:
         events = session.execute(
@@ -177,10 +236,15 @@ def test_every_api_call_needs_a_valid_token(database: Database, make_client: Cli
     }
     assert openapi["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     with database.read() as session:
-        assert session.execute(select(Study.read_status, Study.priority_override)).one() == ("unread", None)
+        assert session.execute(select(Study.read_status, Study.priority_override)).one() == (
+            "unread",
+            None,
+        )
 
 
-def test_hostile_names_are_plain_data_in_json(database: Database, make_client: ClientFactory) -> None:
+def test_hostile_names_are_plain_data_in_json(
+    database: Database, make_client: ClientFactory
+) -> None:
     name = f"{HOSTILE}^<img src=x onerror=alert(2)>"
     study = add_study(database, patient_name=name, description=f'"><{HOSTILE}', patient_id="Ж-1&2")
     analyse(database, study, {"Mass": 0.8})

@@ -62,7 +62,9 @@ def browser() -> Iterator[Any]:
 
 
 def row_uids(page: Page) -> list[str]:
-    uids: list[str] = page.eval_on_selector_all("#rows tr[data-study-uid]", "rows => rows.map(r => r.dataset.studyUid)")
+    uids: list[str] = page.eval_on_selector_all(
+        "#rows tr[data-study-uid]", "rows => rows.map(r => r.dataset.studyUid)"
+    )
     return uids
 
 
@@ -73,20 +75,42 @@ def test_radiologist_path(
 
     db = sqlite_database
     m = dt.timedelta(minutes=1)
-    normal_a = add_study(db, patient_name="NORMAL^ANNA", patient_id="P-100", accession="A-100", received_ago=95 * m)
-    effusion = add_study(db, patient_name="EFFUSION^ERIK", patient_id="P-101", accession="A-101", received_ago=80 * m)
-    normal_b = add_study(db, patient_name=f"{HOSTILE}^BOB", patient_id="P-102", accession="A-102",
-                         description=HOSTILE, received_ago=70 * m, modalities="DX")
-    arriving = add_study(db, patient_name="ARRIVING^ALEX", patient_id="P-103", accession="A-103", received_ago=2 * m)
+    normal_a = add_study(
+        db, patient_name="NORMAL^ANNA", patient_id="P-100", accession="A-100", received_ago=95 * m
+    )
+    effusion = add_study(
+        db, patient_name="EFFUSION^ERIK", patient_id="P-101", accession="A-101", received_ago=80 * m
+    )
+    normal_b = add_study(
+        db,
+        patient_name=f"{HOSTILE}^BOB",
+        patient_id="P-102",
+        accession="A-102",
+        description=HOSTILE,
+        received_ago=70 * m,
+        modalities="DX",
+    )
+    arriving = add_study(
+        db, patient_name="ARRIVING^ALEX", patient_id="P-103", accession="A-103", received_ago=2 * m
+    )
     image = add_image(db, spool, effusion, size=128)
     overlay = write_overlay_png(spool, effusion, "9.9.2", size=128)
     analyse(db, normal_a, {"Atelectasis": 0.12})
     analyse(db, normal_b, {"Mass": 0.21})
-    analyse(db, effusion, {"Effusion": 0.68, "Atelectasis": 0.31},
-            overlays={image.sop_instance_uid: {"Effusion": overlay}}, deliveries=[("pacs", "sr", "sent")])
+    analyse(
+        db,
+        effusion,
+        {"Effusion": 0.68, "Atelectasis": 0.31},
+        overlays={image.sop_instance_uid: {"Effusion": overlay}},
+        deliveries=[("pacs", "sr", "sent")],
+    )
 
     settings = web_settings(
-        tmp_path, str(db.engine.url), write_manifest(tmp_path / "model"), host="127.0.0.1", port=free_port()
+        tmp_path,
+        str(db.engine.url),
+        write_manifest(tmp_path / "model"),
+        host="127.0.0.1",
+        port=free_port(),
     )
     stop = start_web(settings, db, spool)
     base = f"http://127.0.0.1:{settings.web.port}"
@@ -96,7 +120,10 @@ def test_radiologist_path(
         problems: list[str] = []
         page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
         page.on("pageerror", lambda exc: problems.append(str(exc)))
-        page.on("dialog", lambda dialog: (problems.append("dialog: " + dialog.message), dialog.dismiss()))
+        page.on(
+            "dialog",
+            lambda dialog: (problems.append("dialog: " + dialog.message), dialog.dismiss()),
+        )
 
         page.goto(base + "/")
         assert page.url.startswith(base + "/login")
@@ -131,7 +158,12 @@ def test_radiologist_path(
         page.wait_for_selector(f"tr[data-study-uid='{normal_a}']", state="detached", timeout=10_000)
         assert row_uids(page) == [arriving, effusion, normal_b]
         with db.read() as session:
-            assert session.execute(select(Study.read_status).where(Study.study_uid == normal_a)).scalar_one() == "read"
+            assert (
+                session.execute(
+                    select(Study.read_status).where(Study.study_uid == normal_a)
+                ).scalar_one()
+                == "read"
+            )
 
         # Arrival order: oldest first, the original order kept recoverable.
         page.click("#order-arrival")

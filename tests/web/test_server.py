@@ -15,7 +15,9 @@ from ddn_node.store.engine import Database
 from ddn_node.web.server import start_web
 
 
-def test_start_serve_stop_and_port_taken(sqlite_database: Database, spool: Spool, tmp_path: Path) -> None:
+def test_start_serve_stop_and_port_taken(
+    sqlite_database: Database, spool: Spool, tmp_path: Path
+) -> None:
     settings = web_settings(tmp_path, "sqlite://", host="127.0.0.1", port=free_port())
     stop = start_web(settings, sqlite_database, spool)
     base = f"http://127.0.0.1:{settings.web.port}"

@@ -29,15 +29,21 @@ HOSTILE = "<script>alert(1)</script>"
 def audit_events(database: Database, name: str) -> list[tuple[str, str, str]]:
     with database.read() as session:
         rows = session.execute(
-            select(AuditEvent.actor, AuditEvent.host, AuditEvent.outcome).where(AuditEvent.event == name)
+            select(AuditEvent.actor, AuditEvent.host, AuditEvent.outcome).where(
+                AuditEvent.event == name
+            )
         ).all()
     return [tuple(r) for r in rows]
 
 
-def test_pages_need_a_login_and_logins_are_audited(sqlite_database: Database, make_client: ClientFactory) -> None:
+def test_pages_need_a_login_and_logins_are_audited(
+    sqlite_database: Database, make_client: ClientFactory
+) -> None:
     client = make_client(sqlite_database)
     page = client.get("/?order=arrival")
-    assert page.status_code == 303 and page.headers["location"] == "/login?next=%2F%3Forder%3Darrival"
+    assert (
+        page.status_code == 303 and page.headers["location"] == "/login?next=%2F%3Forder%3Darrival"
+    )
     assert client.get("/ui/worklist.json").status_code == 401
     assert client.get("/studies/1.2.3").status_code == 303
 
@@ -54,7 +60,9 @@ def test_pages_need_a_login_and_logins_are_audited(sqlite_database: Database, ma
         (USER, "testclient", "failure"),
         ("nobody", "testclient", "failure"),
     ]
-    assert audit_events(sqlite_database, AuditEventName.USER_LOGIN) == [(USER, "testclient", "success")]
+    assert audit_events(sqlite_database, AuditEventName.USER_LOGIN) == [
+        (USER, "testclient", "success")
+    ]
 
     # Log out: the old cookie no longer opens the worklist, even replayed.
     old = client.cookies.get("ddn_session")
@@ -64,7 +72,9 @@ def test_pages_need_a_login_and_logins_are_audited(sqlite_database: Database, ma
     assert client.get("/").status_code == 303
 
 
-def test_login_form_refuses_offsite_next_and_missing_csrf(sqlite_database: Database, make_client: ClientFactory) -> None:
+def test_login_form_refuses_offsite_next_and_missing_csrf(
+    sqlite_database: Database, make_client: ClientFactory
+) -> None:
     client = make_client(sqlite_database)
     form = client.get("/login?next=//evil.example/x")
     assert 'name="next" value="/"' in form.text
@@ -106,12 +116,20 @@ def test_forms_need_the_csrf_token(sqlite_database: Database, make_client: Clien
     assert client.post("/logout", data={}).status_code == 403
     # A bearer token holder has no CSRF token: forms are for sessions.
     fresh = make_client(sqlite_database)
-    assert fresh.post(f"/studies/{study}/status", data={"status": "read"}, headers=api_headers()).status_code == 403
+    assert (
+        fresh.post(
+            f"/studies/{study}/status", data={"status": "read"}, headers=api_headers()
+        ).status_code
+        == 403
+    )
     with sqlite_database.read() as session:
         assert session.execute(select(Study.read_status)).scalar_one() == "unread"
         assert session.execute(select(WorklistEvent)).first() is None
 
-    done = client.post(f"/studies/{study}/status", data={"status": "read", "csrf_token": token, "next": "/?order=arrival"})
+    done = client.post(
+        f"/studies/{study}/status",
+        data={"status": "read", "csrf_token": token, "next": "/?order=arrival"},
+    )
     assert done.status_code == 303 and done.headers["location"] == "/?order=arrival"
     via_fetch = client.post(
         f"/studies/{study}/priority",
@@ -119,17 +137,30 @@ def test_forms_need_the_csrf_token(sqlite_database: Database, make_client: Clien
         headers={"X-CSRF-Token": token, "X-Requested-With": "fetch"},
     )
     assert via_fetch.status_code == 200 and via_fetch.json()["study"]["priority"] == "HIGH"
-    offsite = client.post(f"/studies/{study}/status", data={"status": "unread", "csrf_token": token, "next": "https://evil.example/"})
+    offsite = client.post(
+        f"/studies/{study}/status",
+        data={"status": "unread", "csrf_token": token, "next": "https://evil.example/"},
+    )
     assert offsite.headers["location"] == f"/studies/{study}"
     with sqlite_database.read() as session:
-        events = session.execute(select(WorklistEvent.user, WorklistEvent.action, WorklistEvent.value)).all()
-    assert [tuple(e) for e in events] == [(USER, "read", "read"), (USER, "override", "HIGH"), (USER, "unread", "unread")]
+        events = session.execute(
+            select(WorklistEvent.user, WorklistEvent.action, WorklistEvent.value)
+        ).all()
+    assert [tuple(e) for e in events] == [
+        (USER, "read", "read"),
+        (USER, "override", "HIGH"),
+        (USER, "unread", "unread"),
+    ]
 
 
-def test_hostile_names_render_as_text(sqlite_database: Database, make_client: ClientFactory, spool: Spool) -> None:
+def test_hostile_names_render_as_text(
+    sqlite_database: Database, make_client: ClientFactory, spool: Spool
+) -> None:
     name = f"{HOSTILE}^<img src=x onerror=alert(2)>"
     description = f'"><{HOSTILE}'
-    study = add_study(sqlite_database, patient_name=name, description=description, patient_id="<b>P1</b>")
+    study = add_study(
+        sqlite_database, patient_name=name, description=description, patient_id="<b>P1</b>"
+    )
     analyse(sqlite_database, study, {"Mass": 0.8})
     client = make_client(sqlite_database)
     login(client)
@@ -169,16 +200,29 @@ def test_study_page_findings_images_deliveries_history(
     assert page.status_code == 200
     text = page.text
     assert "ROE, RICHARD" in text
-    assert "Effusion" in text and "0.720" in text and "0.500" in text  # probability and manifest threshold
+    assert (
+        "Effusion" in text and "0.720" in text and "0.500" in text
+    )  # probability and manifest threshold
     assert "present" in text and "absent" in text
     assert "DDN test model 2026.11.27-test" in text
     assert "0xA700" in text and "out of resources" in text
     detail = client.get(f"/api/studies/{study}", headers=api_headers()).json()
     findings = {f["label"]: f for f in detail["result"]["findings"]}
-    assert findings["Effusion"] == {"label": "Effusion", "probability": 0.72, "threshold": 0.5, "present": True}
-    assert findings["Pneumothorax"]["present"] is False and findings["Pneumothorax"]["threshold"] == 0.4
+    assert findings["Effusion"] == {
+        "label": "Effusion",
+        "probability": 0.72,
+        "threshold": 0.5,
+        "present": True,
+    }
+    assert (
+        findings["Pneumothorax"]["present"] is False
+        and findings["Pneumothorax"]["threshold"] == 0.4
+    )
     assert len(findings) == len(LABELS)
-    assert [(d["kind"], d["state"]) for d in detail["deliveries"]] == [("sr", "sent"), ("sc", "failed")]
+    assert [(d["kind"], d["state"]) for d in detail["deliveries"]] == [
+        ("sr", "sent"),
+        ("sc", "failed"),
+    ]
     (img,) = detail["images"]
     assert img["sop_instance_uid"] == image.sop_instance_uid and img["analysed"] is True
 
@@ -206,7 +250,9 @@ def test_study_page_findings_images_deliveries_history(
     assert client.get("/studies/9.9.9.9").status_code == 404
 
 
-def test_live_feed_answers_304_until_the_list_changes(sqlite_database: Database, make_client: ClientFactory) -> None:
+def test_live_feed_answers_304_until_the_list_changes(
+    sqlite_database: Database, make_client: ClientFactory
+) -> None:
     normal = add_study(sqlite_database, received_ago=dt.timedelta(minutes=30))
     analyse(sqlite_database, normal, {"Mass": 0.1})
     waiting = add_study(sqlite_database, received_ago=dt.timedelta(minutes=1))
@@ -222,14 +268,26 @@ def test_live_feed_answers_304_until_the_list_changes(sqlite_database: Database,
     assert changed.status_code == 200
     assert [r["study_uid"] for r in changed.json()["rows"]] == [waiting, normal]
     # The feed takes the page's own query string; unknown values fall back to defaults.
-    assert client.get("/ui/worklist.json?order=arrival&priority=nonsense").json()["rows"][0]["study_uid"] == normal
+    assert (
+        client.get("/ui/worklist.json?order=arrival&priority=nonsense").json()["rows"][0][
+            "study_uid"
+        ]
+        == normal
+    )
 
 
-def test_metrics_are_computed_from_the_database(sqlite_database: Database, make_client: ClientFactory, spool: Spool) -> None:
+def test_metrics_are_computed_from_the_database(
+    sqlite_database: Database, make_client: ClientFactory, spool: Spool
+) -> None:
     a = add_study(sqlite_database)
     add_image(sqlite_database, spool, a)
-    analyse(sqlite_database, a, {"Pneumothorax": 0.9}, timings_ms={"model_ms": 40.0, "total_ms": 130.0},
-            deliveries=[("pacs", "sr", "failed"), ("pacs", "sc", "sent")])
+    analyse(
+        sqlite_database,
+        a,
+        {"Pneumothorax": 0.9},
+        timings_ms={"model_ms": 40.0, "total_ms": 130.0},
+        deliveries=[("pacs", "sr", "failed"), ("pacs", "sc", "sent")],
+    )
     b = add_study(sqlite_database)
     analyse(sqlite_database, b, {"Mass": 0.1}, timings_ms={"model_ms": 300.0, "total_ms": 900.0})
     add_study(sqlite_database)  # queued, no job row: the queue depth counts jobs
@@ -247,7 +305,7 @@ def test_metrics_are_computed_from_the_database(sqlite_database: Database, make_
         'ddn_inference_seconds_bucket{le="0.05"} 1.0',
         'ddn_inference_seconds_bucket{le="0.25"} 1.0',
         'ddn_inference_seconds_bucket{le="0.5"} 2.0',
-        'ddn_inference_seconds_count 2.0',
+        "ddn_inference_seconds_count 2.0",
         'ddn_analysis_seconds_bucket{le="1.0"} 2.0',
         'ddn_deliveries{state="failed"} 1.0',
         'ddn_delivery_failures{kind="given_up"} 1.0',

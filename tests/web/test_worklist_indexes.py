@@ -19,7 +19,10 @@ VIEWS = {
     "unread by priority": (WorklistQuery(), "ix_studies_worklist_priority_unread"),
     "all by priority": (WorklistQuery(unread=False), "ix_studies_worklist_priority"),
     "unread by arrival": (WorklistQuery(order="arrival"), "ix_studies_worklist_arrival_unread"),
-    "STAT in the archive": (WorklistQuery(unread=False, priority=Priority.STAT), "ix_studies_worklist_by_priority"),
+    "STAT in the archive": (
+        WorklistQuery(unread=False, priority=Priority.STAT),
+        "ix_studies_worklist_by_priority",
+    ),
 }
 
 

@@ -35,8 +35,12 @@ def test_ageing_failures_and_explanations(sqlite_database: Database) -> None:
         session.execute(
             update(Study)
             .where(Study.study_uid == failed)
-            .values(state="failed", state_reason="no image could be decoded", priority="NOT_ANALYSED",
-                    priority_reason="analysis failed: no image could be decoded")
+            .values(
+                state="failed",
+                state_reason="no image could be decoded",
+                priority="NOT_ANALYSED",
+                priority_reason="analysis failed: no image could be decoded",
+            )
         )
     assert apply_ageing(db, TriageSettings(ageing_minutes_per_step=60)) == 1
 
@@ -52,7 +56,9 @@ def test_ageing_failures_and_explanations(sqlite_database: Database) -> None:
         "NOT_ANALYSED: analysis failed: no image could be decoded (ranked STAT by an earlier decision)"
     )
     assert stale.status_text == "analysed earlier; now analysis failed (no image could be decoded)"
-    assert not rows[new_routine].aged and rows[new_routine].why.startswith("ROUTINE: abnormality score 0.30")
+    assert not rows[new_routine].aged and rows[new_routine].why.startswith(
+        "ROUTINE: abnormality score 0.30"
+    )
 
 
 def test_formatting() -> None:

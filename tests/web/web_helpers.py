@@ -49,7 +49,8 @@ def login(client: Any, user: str = USER, password: str = PASSWORD) -> Any:
     token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
     assert token is not None, form.text
     return client.post(
-        "/login", data={"username": user, "password": password, "csrf_token": token.group(1), "next": "/"}
+        "/login",
+        data={"username": user, "password": password, "csrf_token": token.group(1), "next": "/"},
     )
 
 

@@ -93,7 +93,9 @@ class StoredImage:
     relpath: str
 
 
-def add_image(database: Database, spool: Spool, study_uid: str, size: int = 64, seed: int = 0) -> StoredImage:
+def add_image(
+    database: Database, spool: Spool, study_uid: str, size: int = 64, seed: int = 0
+) -> StoredImage:
     """A real little CR instance in the spool and its rows, as the SCP would leave them."""
     from support.dicomgen import make_cr, to_file_bytes
 
@@ -105,8 +107,15 @@ def add_image(database: Database, spool: Spool, study_uid: str, size: int = 64, 
     data = to_file_bytes(ds)
     path.write_bytes(data)
     with database.session() as session:
-        study_id = session.execute(select(Study.id).where(Study.study_uid == study_uid)).scalar_one()
-        series = Series(study_id=study_id, series_uid=str(ds.SeriesInstanceUID), modality="CR", body_part="CHEST")
+        study_id = session.execute(
+            select(Study.id).where(Study.study_uid == study_uid)
+        ).scalar_one()
+        series = Series(
+            study_id=study_id,
+            series_uid=str(ds.SeriesInstanceUID),
+            modality="CR",
+            body_part="CHEST",
+        )
         session.add(series)
         session.flush()
         session.add(
@@ -162,7 +171,13 @@ def analyse(
     with database.session() as session:
         study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
         generation = study.generation + 1
-        job = Job(study_id=study.id, generation=generation, state=JobState.DONE, attempts=1, finished_at=now)
+        job = Job(
+            study_id=study.id,
+            generation=generation,
+            state=JobState.DONE,
+            attempts=1,
+            finished_at=now,
+        )
         session.add(job)
         session.flush()
         result = Result(
@@ -243,8 +258,15 @@ def write_manifest(directory: Path) -> Path:
             HEAD: {
                 "activation": "sigmoid",
                 "labels": [
-                    {"name": s.name, "code": {"value": s.code.value, "scheme": s.code.scheme, "meaning": s.code.meaning},
-                     "threshold": s.threshold}
+                    {
+                        "name": s.name,
+                        "code": {
+                            "value": s.code.value,
+                            "scheme": s.code.scheme,
+                            "meaning": s.code.meaning,
+                        },
+                        "threshold": s.threshold,
+                    }
                     for s in LABELS
                 ],
             }

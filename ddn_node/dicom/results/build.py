@@ -189,9 +189,7 @@ def add_heat_map_objects(
         for spec in prediction.labels
         if any(spec.name in image.heatmaps for image in prediction.images)
     ]
-    unknown = {
-        name for image in prediction.images for name in image.heatmaps if name not in specs
-    }
+    unknown = {name for image in prediction.images for name in image.heatmaps if name not in specs}
     if unknown:
         raise ValueError(f"heat maps for labels the model does not have: {sorted(unknown)}")
 

@@ -165,7 +165,11 @@ def map_grid(geo: Dataset, max_side: int | None) -> _Grid:
     orientation = [float(v) for v in geo.ImageOrientationPatient]
     along_row, along_col = np.array(orientation[:3]), np.array(orientation[3:])
     origin = np.array([float(v) for v in geo.ImagePositionPatient])
-    first = origin + along_row * (s_cols - 1) / 2 * col_spacing + along_col * (s_rows - 1) / 2 * row_spacing
+    first = (
+        origin
+        + along_row * (s_cols - 1) / 2 * col_spacing
+        + along_col * (s_rows - 1) / 2 * row_spacing
+    )
     return _Grid(
         new_rows,
         new_columns,

@@ -33,7 +33,9 @@ _BAND = {"STAT": 0, "HIGH": 1, "ROUTINE": 2, "NOT_ANALYSED": 2}
 
 def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("rule", sa.String(length=128), server_default="", nullable=False))
+        batch_op.add_column(
+            sa.Column("rule", sa.String(length=128), server_default="", nullable=False)
+        )
         batch_op.add_column(sa.Column("instance_ids", sa.JSON(), nullable=True))
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.add_column(sa.Column("sr_series_uid", sa.String(length=128), nullable=True))
@@ -41,10 +43,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("sr_path", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("thresholds", sa.JSON(), nullable=True))
         batch_op.add_column(
-            sa.Column("completed_at", ddn_node.store.models.UTCDateTime(timezone=True), nullable=True)
+            sa.Column(
+                "completed_at", ddn_node.store.models.UTCDateTime(timezone=True), nullable=True
+            )
         )
     with op.batch_alter_table("studies", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("ageing_steps", sa.Integer(), server_default="0", nullable=False))
+        batch_op.add_column(
+            sa.Column("ageing_steps", sa.Integer(), server_default="0", nullable=False)
+        )
 
     bind = op.get_bind()
     # Results written before this revision were complete when written.
@@ -58,7 +64,9 @@ def upgrade() -> None:
     for study_id, priority, rank, reason in aged:
         steps = max(0, _BAND.get(priority, 2) - int(rank))
         bind.execute(
-            sa.text("UPDATE studies SET ageing_steps = :steps, priority_reason = :reason WHERE id = :id"),
+            sa.text(
+                "UPDATE studies SET ageing_steps = :steps, priority_reason = :reason WHERE id = :id"
+            ),
             {"steps": steps, "reason": _AGEING_TEXT.sub("", reason), "id": study_id},
         )
 
