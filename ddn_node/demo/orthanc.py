@@ -20,6 +20,10 @@ from typing import Any
 import httpx
 
 ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+# The Debian orthanc-dicomweb package; loaded when installed, so that viewers (OHIF) can
+# read the studies over DICOMweb at <url>/dicom-web/.
+DICOMWEB_PLUGIN = Path("/usr/lib/orthanc/libOrthancDicomWeb.so.1.7")
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 def orthanc_available() -> bool:
@@ -43,6 +47,11 @@ class LocalOrthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str | None:
+        """The DICOMweb root (QIDO-RS, WADO-RS), or None without the plugin."""
+        return f"{self.url}{DICOMWEB_ROOT.rstrip('/')}" if DICOMWEB_PLUGIN.is_file() else None
 
     @property
     def explorer_url(self) -> str:
@@ -70,6 +79,18 @@ class LocalOrthanc:
             "DicomModalities": {"ddn": [self.node_aet, "127.0.0.1", self.node_port]},
             "SaveJobs": False,
         }
+        if DICOMWEB_PLUGIN.is_file():
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            # Full metadata: read from the files, so every attribute a viewer needs (SR
+            # content, functional groups of multi-frame objects) is in /metadata.
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": DICOMWEB_ROOT,
+                "EnableWado": False,
+                "Ssl": False,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            }
         path = self.home / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         return path
@@ -77,12 +98,16 @@ class LocalOrthanc:
     def start(self, timeout_s: float = 60) -> LocalOrthanc:
         config = self.write_config()
         log = open(self.home / "orthanc.log", "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen([ORTHANC_BIN, str(config)], stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [ORTHANC_BIN, str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise OrthancError(f"Orthanc exited with {self.proc.returncode}; see {self.home / 'orthanc.log'}")
+                raise OrthancError(
+                    f"Orthanc exited with {self.proc.returncode}; see {self.home / 'orthanc.log'}"
+                )
             try:
                 if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
                     return self
@@ -138,7 +163,9 @@ class LocalOrthanc:
         study_id = self.find_study(study_uid)
         if study_id is None:
             return []
-        return [s["MainDicomTags"].get("Modality", "") for s in self.get(f"/studies/{study_id}/series")]
+        return [
+            s["MainDicomTags"].get("Modality", "") for s in self.get(f"/studies/{study_id}/series")
+        ]
 
     def instance_datasets(self, study_uid: str) -> list[Any]:
         import pydicom
@@ -146,4 +173,7 @@ class LocalOrthanc:
         study_id = self.find_study(study_uid)
         if study_id is None:
             return []
-        return [pydicom.dcmread(BytesIO(self.instance_file(i["ID"]))) for i in self.study_instances(study_id)]
+        return [
+            pydicom.dcmread(BytesIO(self.instance_file(i["ID"])))
+            for i in self.study_instances(study_id)
+        ]
