@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything ddn-node needs on a fresh Debian 12 machine, idempotently:
-#   - the Debian tools the tests and the demo use (Orthanc, DCMTK, dicom3tools, Chromium);
-#   - a virtual environment at .venv with the package and its pinned dependencies.
+#   - the Debian tools the tests and the demo use (Orthanc with its DICOMweb plugin, DCMTK,
+#     dicom3tools, PixelMed, CTN, Chromium, Node.js);
+#   - a virtual environment at .venv with the package and its pinned dependencies;
+#   - the npm packages, pinned by their lock files: the OHIF viewer (deploy/ohif) and the
+#     dcmjs-dimse test peer (tests/support/peers/dcmjs).
 # Quick when everything is already there: apt runs only for missing tools, pip only when
 # pyproject.toml changed since the last install.
 set -euo pipefail
@@ -16,6 +19,10 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(ort
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+ls /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
+command -v DicomSRValidator >/dev/null 2>&1 || need_apt+=(pixelmed-apps)
+command -v simple_storage >/dev/null 2>&1 || need_apt+=(ctn)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need_apt[*]}"
@@ -38,9 +45,11 @@ if [ ! -x $VENV/bin/python ]; then
 fi
 if [ ! -f $STAMP ] || [ "$(cat $STAMP)" != "$want" ]; then
   echo "bootstrap: installing ddn-node and its pinned dependencies into $VENV (torch from the local wheel cache)"
-  $VENV/bin/pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+  $VENV/bin/pip install -q --disable-pip-version-check -e '.[test,bench,lint]' 2>&1 | grep -v "^WARNING: Location" || true
   $VENV/bin/python -c "import ddn_node, torch, pynetdicom, highdicom" \
     || { echo "bootstrap: the install did not complete" >&2; exit 1; }
   echo "$want" > $STAMP
 fi
+deploy/fetch-ohif.sh
+tests/support/peers/fetch-dcmjs.sh
 echo "bootstrap: ready ($($VENV/bin/python -c 'import ddn_node; print("ddn-node", ddn_node.__version__)'))"
