@@ -2,7 +2,7 @@
 
 Read from a TOML file and ``DDN_*`` environment overrides, validated once at start-up.
 Every other part of the node reads a :class:`Settings`; none writes it, and this module
-imports no other part of ``ddn_node`` (it sits at the bottom, beside ``vocabulary``).
+imports no other part of ``ddn_node`` but the vocabulary (it sits below everything else).
 
 Environment overrides use ``__`` between levels, for example ``DDN_NODE__PORT=11113`` or
 ``DDN_DATABASE__URL=postgresql+psycopg://...``. Values are parsed as TOML scalars where
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ddn_node.vocabulary import HeatMapPolicy, ResultKind
 
 ENV_PREFIX = "DDN_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
@@ -137,6 +139,12 @@ class WorkerSettings(_Section):
     device: str = "cpu"
     torch_threads: Annotated[int, Field(ge=0)] = 0
     poll_interval_s: Seconds = 1.0
+    # Which findings get a heat map (a Parametric Map frame, an outline in the SR and the
+    # overlay): "evidence" only those whose Grad-CAM beat the random and centre-prior
+    # baselines in the model's held-out evaluation (see its manifest and model card);
+    # "all" every finding at or above its threshold, for an operator whose own evidence
+    # says the maps localise; "none" no maps at all.
+    heat_maps: HeatMapPolicy = HeatMapPolicy.EVIDENCE
     # The backbone's arithmetic. "bf16" (autocast) was within 0.005 validation AUC of fp32
     # for the bundled model and about 2x faster on a CPU with native bf16; on one without,
     # it can be slower. `ddn-node bench backends` measures both on this machine.
@@ -160,6 +168,10 @@ class DestinationSettings(_Section):
     ae_title: str
     host: str
     port: Port
+    # Which result kinds this destination gets: "sr" (the findings), "sc" (the overlay any
+    # viewer shows), "pm" (the heat maps as Parametric Maps). A PACS whose viewers draw SRs
+    # may want only ["sr"]; a legacy archive ["sr", "sc"].
+    kinds: list[ResultKind] = Field(default_factory=lambda: list(ResultKind), min_length=1)
     tls: bool = False
     tls_ca: Path | None = None
     tls_cert: Path | None = None

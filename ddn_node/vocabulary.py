@@ -69,6 +69,14 @@ class MessageKind(StrEnum):
     WEBHOOK = "webhook"
 
 
+class HeatMapPolicy(StrEnum):
+    """Which reported findings get a heat map (``[worker] heat_maps``)."""
+
+    EVIDENCE = "evidence"  # those whose localisation beat the baselines in the model's evaluation
+    ALL = "all"  # every reported finding (the operator has evidence of their own)
+    NONE = "none"
+
+
 class StudyState(StrEnum):
     """A study's place in the lifecycle (see ``store/lifecycle.py`` for the transitions)."""
 

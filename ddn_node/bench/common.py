@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")
 PG_ADMIN_DSN = os.environ.get(
     "DDN_BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test"
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
@@ -131,11 +132,15 @@ def run(
             steady: list[float] = []
             for i in range(1, n_studies):
                 pacs.send_to_node([ids[i]])
-                wait_until(lambda i=i: _latencies(db_url, {uids[i]}) is not None, 120, f"study {i}")
+
+                def measured(i: int = i) -> bool:
+                    return _latencies(db_url, {uids[i]}) is not None
+
+                wait_until(measured, 120, f"study {i}")
                 steady += _latencies(db_url, {uids[i]}) or []
                 # Steady means one study at a time: its heat maps, drawn after the SR left,
                 # are delivered too before the next study comes.
-                wait_until(lambda i=i: _all_sent(db_url, uids[i]), 120, f"study {i} heat maps")
+                wait_until(partial(_all_sent, db_url, uids[i]), 120, f"study {i} heat maps")
             burst_ids, burst_uids = ids[n_studies:], set(uids[n_studies:])
             pacs.send_to_node(burst_ids)
             wait_until(lambda: _latencies(db_url, burst_uids) is not None, 600, "burst")
@@ -175,6 +180,7 @@ def _stages(db_url: str, study_uids: set[str]) -> dict[str, float]:
         db.dispose()
     stages: dict[str, list[float]] = {}
     for timings, received, completed, queued, sent in rows:
+        assert completed is not None  # an SR was queued, so the study completed
         timings = timings or {}
         for key, value in timings.items():
             stages.setdefault(key, []).append(float(value))

@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,9 @@ def _variants(model: DDN, head: str, quick: bool) -> tuple[list[Variant], dict[s
     ddn_cl.model.load_state_dict(model.state_dict())
     ddn_cl = ddn_cl.to(memory_format=torch.channels_last).eval()
 
-    def infer(m: nn.Module, cl: bool = False, bf16: bool = False) -> Callable[[torch.Tensor], Any]:
+    def infer(
+        m: Callable[[torch.Tensor], Any], cl: bool = False, bf16: bool = False
+    ) -> Callable[[torch.Tensor], Any]:
         def run(x: torch.Tensor) -> Any:
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -175,7 +178,7 @@ def _onnx_runner(
     torch.onnx.export(
         model,
         (torch.randn(1, 3, size, size),),
-        buf,
+        buf,  # type: ignore[arg-type]  # the stub says a path; the TorchScript exporter takes a file too
         dynamo=False,
         input_names=["x"],
         output_names=["logits"],
@@ -243,9 +246,7 @@ def _measure(variants: list[Variant], batches: tuple[int, ...], rounds: int) -> 
         for b in batches:
             reps = 4 if b == 1 else 1
             for v in variants:
-                v.times.setdefault(b, []).append(
-                    _time_call(lambda v=v, b=b: v.run(inputs[b]), reps)
-                )
+                v.times.setdefault(b, []).append(_time_call(partial(v.run, inputs[b]), reps))
 
 
 def _gradcam_cost(model: DDN, head: str, rounds: int) -> dict[str, Any]:
@@ -277,9 +278,9 @@ def _gradcam_cost(model: DDN, head: str, rounds: int) -> dict[str, Any]:
         cases: dict[str, Callable[[], Any]] = {
             "forward": fwd,
             "forward+cam1": lambda: cam(1, None),
-            "forward+cam1->224px": lambda g=geo_224: cam(1, g),
-            "forward+cam3->224px": lambda g=geo_224: cam(3, g),
-            "forward+cam1->2048px": lambda g=geo_big: cam(1, g),
+            "forward+cam1->224px": partial(cam, 1, geo_224),
+            "forward+cam3->224px": partial(cam, 3, geo_224),
+            "forward+cam1->2048px": partial(cam, 1, geo_big),
         }
         for fn in cases.values():
             fn()

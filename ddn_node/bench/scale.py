@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from pynetdicom import AE
@@ -101,14 +102,14 @@ def run(
                 ]
                 db = make_database(url)
                 try:
-                    wait_until(lambda p=port: port_open(p), 120, "SCP")
-                    wait_until(
-                        lambda w=work, k=n: all(
+                    wait_until(partial(port_open, port), 120, "SCP")
+
+                    def workers_ready(w: Path = work, k: int = n) -> bool:
+                        return all(
                             "serve.worker_ready" in (w / f"w{i}.log").read_text() for i in range(k)
-                        ),
-                        300,
-                        "workers ready",
-                    )
+                        )
+
+                    wait_until(workers_ready, 300, "workers ready")
                     _send(port, files)
 
                     def analysed(db: Database = db) -> int:
@@ -119,6 +120,7 @@ def run(
                     with db.read() as s:
                         first = s.scalar(select(func.min(Study.completed_at)))
                         last = s.scalar(select(func.max(Result.created_at)))
+                    assert first is not None and last is not None  # all studies were analysed
                     minutes = (last - first).total_seconds() / 60
                     rates[n] = studies / minutes
                 finally:

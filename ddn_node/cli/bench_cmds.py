@@ -40,6 +40,19 @@ def bench_e2e(
     run(n_studies=studies, model=model, size=size)
 
 
+@bench_app.command("volume")
+def bench_volume(
+    images: Annotated[
+        int, typer.Option(help="NIH radiographs to wrap as DX studies (plus the real CRs).")
+    ] = 60,
+    model: Annotated[Path, typer.Option(help="Model artifact.")] = Path("models/ddn-cxr"),
+) -> None:
+    """Result objects and bytes returned per study, through Orthanc, per heat-map policy."""
+    from ddn_node.bench.volume import run
+
+    run(n_images=images, model=model)
+
+
 @bench_app.command("scale")
 def bench_scale(
     studies: Annotated[int, typer.Option(help="Studies per run.")] = 16,
@@ -91,6 +104,9 @@ def bench_all(quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False
 
     backends(rounds=3 if quick else 7)
     e2e(n_studies=8 if quick else 20)
+    from ddn_node.bench.volume import run as volume
+
+    volume(n_images=12 if quick else 60)
     worklist_main(["--rounds", "3" if quick else "5"])
     from ddn_node.bench.scale import run as scale
 

@@ -7,7 +7,6 @@ Each group of commands lives with what it drives (``node_cmds``, ``model_cmds``,
 from __future__ import annotations
 
 import os
-import sys
 
 import typer
 
@@ -31,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()  # typer exits with the command's status itself

@@ -144,7 +144,7 @@ def train(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
-        backbone=backbone.value,  # type: ignore[arg-type]
+        backbone=backbone.value,
         image_size=image_size,
         head=head,
         add_head_to=add_head_to,

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ddn_node.cli.common import ConfigOption, console, load_or_exit, setup_logging
 from ddn_node.logs import configure_logging
+from ddn_node.vocabulary import HeatMapPolicy
 
 app = typer.Typer()
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
@@ -251,8 +252,15 @@ def demo(
     timeout: Annotated[
         float, typer.Option(help="Give up waiting for results after this many seconds.")
     ] = 600,
+    heat_maps: Annotated[
+        HeatMapPolicy,
+        typer.Option(
+            help="evidence (the default: only maps whose localisation beat the baselines), "
+            "all (every finding, to see what the maps look like; they carry no evidence), or none."
+        ),
+    ] = HeatMapPolicy.EVIDENCE,
 ) -> None:
-    """The whole node on this machine: node + local Orthanc + the sample studies."""
+    """The whole node on this machine: node + local Orthanc + OHIF + the sample studies."""
     from ddn_node.demo.run import run_demo
 
     settings = load_or_exit(config, check_files=True)
@@ -263,6 +271,7 @@ def demo(
             studies,
             home,
             use_orthanc=orthanc,
+            heat_maps=heat_maps,
             exit_when_done=exit_when_done,
             timeout_s=timeout,
         )

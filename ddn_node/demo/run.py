@@ -30,11 +30,12 @@ from ddn_node.config import (
     Settings,
     load_settings,
 )
+from ddn_node.demo.ohif import OHIF_VERSION, OhifError, OhifServer, ohif_available
 from ddn_node.demo.orthanc import LocalOrthanc, OrthancError, orthanc_available
 from ddn_node.dicom.scu import Peer, StoreSCU, dicom_files
 from ddn_node.node import Node, start_node
 from ddn_node.store.models import Delivery, Study
-from ddn_node.vocabulary import DeliveryState, StudyState
+from ddn_node.vocabulary import DeliveryState, HeatMapPolicy, StudyState
 
 DEMO_USER = ("radiologist", "radiologist")
 
@@ -66,6 +67,8 @@ class DemoPlan:
     web_port: int = 8080
     orthanc_http: int = 8042
     orthanc_dicom: int = 4242
+    ohif_port: int = 3000
+    heat_maps: HeatMapPolicy = HeatMapPolicy.EVIDENCE
     notes: list[str] = field(default_factory=list)
 
 
@@ -104,6 +107,7 @@ def demo_settings(plan: DemoPlan) -> Settings:
             ),
             "destinations": destinations,
             "web": base.web.model_copy(update={"port": plan.web_port, "host": "127.0.0.1"}),
+            "worker": base.worker.model_copy(update={"heat_maps": plan.heat_maps}),
             "demo": True,
         }
     )
@@ -174,12 +178,13 @@ def _send(
         console.print(f"[yellow]not stored[/yellow] {o.path.name}: {o.error}")
 
 
-def run_demo(  # noqa: PLR0915 - the demo's steps in the order a newcomer sees them
+def run_demo(
     config: Path,
     studies: Path,
     home: Path,
     *,
     use_orthanc: bool = True,
+    heat_maps: HeatMapPolicy = HeatMapPolicy.EVIDENCE,
     exit_when_done: bool = False,
     timeout_s: float = 600,
     console: Console | None = None,
@@ -187,61 +192,26 @@ def run_demo(  # noqa: PLR0915 - the demo's steps in the order a newcomer sees t
     """Run the demo; returns a process exit code."""
     console = console or Console()
     home.mkdir(parents=True, exist_ok=True)
-    plan = DemoPlan(
-        home=home, config=config, studies=studies, use_orthanc=use_orthanc and orthanc_available()
-    )
-    if use_orthanc and not plan.use_orthanc:
-        plan.notes.append(
-            "Orthanc is not installed: results are shown in the node's own web page only."
-        )
-    plan.dicom_port = _pick_port(plan.dicom_port)
-    plan.web_port = _pick_port(plan.web_port)
-    plan.orthanc_http = _pick_port(plan.orthanc_http)
-    plan.orthanc_dicom = _pick_port(plan.orthanc_dicom)
+    plan = _plan(home, config, studies, use_orthanc, heat_maps)
     settings = demo_settings(plan)
     files = dicom_files(studies)
     study_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in files}
-
     orthanc: LocalOrthanc | None = None
+    viewer: OhifServer | None = None
     node: Node | None = None
     try:
         if plan.use_orthanc:
-            orthanc = LocalOrthanc(
-                home / "orthanc", plan.orthanc_http, plan.orthanc_dicom, plan.dicom_port
-            )
-            try:
-                orthanc.start()
-            except OrthancError as exc:
-                plan.notes.append(f"Orthanc did not start ({exc}); continuing without it.")
-                orthanc = None
+            orthanc = _start_orthanc(plan)
+            if orthanc is None:
                 settings = settings.model_copy(update={"destinations": []})
+            else:
+                viewer = _start_viewer(plan, orthanc)
         console.print("Starting the node (SQLite, CPU, bundled model)...")
         node = start_node(settings)
         sender = threading.Thread(target=_send, args=(plan, orthanc, files, console), daemon=True)
         sender.start()
-        deadline = time.monotonic() + timeout_s
-        total = len(study_uids)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            t_recv = progress.add_task("studies received", total=total)
-            t_done = progress.add_task("studies analysed", total=total)
-            while time.monotonic() < deadline:
-                c = _counts(node)
-                progress.update(t_recv, completed=min(c.received, total))
-                progress.update(t_done, completed=min(c.analysed + c.failed, total))
-                if (
-                    c.analysed + c.failed >= total
-                    and c.pending_deliveries == 0
-                    and not sender.is_alive()
-                ):
-                    break
-                time.sleep(0.25)
-        _summary(console, node, plan, orthanc, study_uids)
+        _wait_for_results(node, sender, len(study_uids), timeout_s, console)
+        _summary(console, node, plan, orthanc, viewer, study_uids)
         if exit_when_done:
             return 0
         console.print("\nThe node keeps running. Press Ctrl-C to stop everything.")
@@ -251,14 +221,96 @@ def run_demo(  # noqa: PLR0915 - the demo's steps in the order a newcomer sees t
         console.print("\nStopping...")
         return 0
     finally:
-        if node is not None:
-            node.stop()
-        if orthanc is not None:
-            orthanc.stop()
+        for part in (node, viewer, orthanc):
+            if part is not None:
+                part.stop()
+
+
+def _plan(
+    home: Path, config: Path, studies: Path, use_orthanc: bool, heat_maps: HeatMapPolicy
+) -> DemoPlan:
+    plan = DemoPlan(
+        home=home,
+        config=config,
+        studies=studies,
+        use_orthanc=use_orthanc and orthanc_available(),
+        heat_maps=heat_maps,
+    )
+    if use_orthanc and not plan.use_orthanc:
+        plan.notes.append(
+            "Orthanc is not installed: results are shown in the node's own web page only."
+        )
+    plan.dicom_port = _pick_port(plan.dicom_port)
+    plan.web_port = _pick_port(plan.web_port)
+    plan.orthanc_http = _pick_port(plan.orthanc_http)
+    plan.orthanc_dicom = _pick_port(plan.orthanc_dicom)
+    plan.ohif_port = _pick_port(plan.ohif_port)
+    return plan
+
+
+def _start_orthanc(plan: DemoPlan) -> LocalOrthanc | None:
+    orthanc = LocalOrthanc(
+        plan.home / "orthanc", plan.orthanc_http, plan.orthanc_dicom, plan.dicom_port
+    )
+    try:
+        return orthanc.start()
+    except OrthancError as exc:
+        plan.notes.append(f"Orthanc did not start ({exc}); continuing without it.")
+        return None
+
+
+def _start_viewer(plan: DemoPlan, orthanc: LocalOrthanc) -> OhifServer | None:
+    """OHIF in front of the demo's Orthanc: the results as a radiologist's viewer shows them."""
+    if not ohif_available():
+        plan.notes.append("OHIF is not fetched (deploy/fetch-ohif.sh): no viewer link.")
+        return None
+    if orthanc.dicomweb_url is None:
+        plan.notes.append(
+            "Orthanc's DICOMweb plugin (orthanc-dicomweb) is missing: no viewer link."
+        )
+        return None
+    viewer = OhifServer(orthanc.url, port=plan.ohif_port)
+    try:
+        viewer.start()
+    except OhifError as exc:
+        plan.notes.append(f"OHIF did not start ({exc}).")
+        return None
+    return viewer
+
+
+def _wait_for_results(
+    node: Node, sender: threading.Thread, total: int, timeout_s: float, console: Console
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        t_recv = progress.add_task("studies received", total=total)
+        t_done = progress.add_task("studies analysed", total=total)
+        while time.monotonic() < deadline:
+            c = _counts(node)
+            progress.update(t_recv, completed=min(c.received, total))
+            progress.update(t_done, completed=min(c.analysed + c.failed, total))
+            if (
+                c.analysed + c.failed >= total
+                and c.pending_deliveries == 0
+                and not sender.is_alive()
+            ):
+                return
+            time.sleep(0.25)
 
 
 def _summary(
-    console: Console, node: Node, plan: DemoPlan, orthanc: LocalOrthanc | None, study_uids: set[str]
+    console: Console,
+    node: Node,
+    plan: DemoPlan,
+    orthanc: LocalOrthanc | None,
+    viewer: OhifServer | None,
+    study_uids: set[str],
 ) -> None:
     c = _counts(node)
     table = Table(
@@ -286,9 +338,17 @@ def _summary(
         )
     if orthanc is not None:
         console.print(
-            f"Orthanc:   {orthanc.explorer_url}   (the SR and heat-map series are in each study)",
+            f"Orthanc:   {orthanc.explorer_url}   (the SR and the overlay series are in each study)",
             highlight=False,
         )
+    if viewer is not None:
+        first = next((st.study_uid for st in rows), None)
+        console.print(
+            f"Viewer:    {viewer.url}/   (OHIF {OHIF_VERSION}; the SR draws each finding on its image)",
+            highlight=False,
+        )
+        if first is not None:
+            console.print(f"           e.g. {viewer.viewer_url(first)}", highlight=False)
     console.print(
         f"DICOM:     AE DDN_NODE on 127.0.0.1:{plan.dicom_port}; data in {plan.home}",
         highlight=False,

@@ -7,6 +7,8 @@ negotiates exactly the SOP classes and transfer syntaxes it lists, so the two ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydicom.uid import UID
 
 from ddn_node import __version__
@@ -65,7 +67,7 @@ def _uid_name(uid: str) -> str:
     return name if name != uid else "(private or unknown)"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)

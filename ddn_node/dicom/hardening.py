@@ -17,7 +17,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pynetdicom import AE, _config, evt
@@ -125,7 +125,7 @@ class RequestGuard(AssociationSocket):
         queued = list(self.assoc.dul.to_user_queue.queue)
         if any(isinstance(p, A_ASSOCIATE) or p is None for p in queued):
             return  # a request, or the wake-up, is already on its way
-        self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+        self.assoc.dul.to_user_queue.put(None)
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -136,7 +136,7 @@ class GuardedRequestHandler(RequestHandler):
         # in its constructor, so it cannot be built twice); give it the guard's recv.
         assert type(sock) is AssociationSocket
         sock.__class__ = RequestGuard
-        sock.guard(self.ae.acse_timeout, str(self.client_address[0]))
+        cast(RequestGuard, sock).guard(self.ae.acse_timeout, str(self.client_address[0]))
         return assoc
 
 

@@ -12,13 +12,13 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 INDEXED_TAGS = [
@@ -213,7 +213,9 @@ def _read_deflated(path: Path) -> Dataset:
         is_implicit_VR=False,
         is_little_endian=True,
         stop_when=lambda tag, _vr, _length: tag > _LAST_INDEXED,
-        specific_tags=INDEXED_TAGS,  # no defer_size: a deferred value is re-read from a file
+        # no defer_size: a deferred value is re-read from a file. cast: pydicom annotates
+        # this parameter as an invariant list[BaseTag | int], so a list[BaseTag] is refused.
+        specific_tags=cast("list[BaseTag | int]", INDEXED_TAGS),
     )
 
 

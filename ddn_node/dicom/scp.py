@@ -21,12 +21,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import structlog
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import uid_to_sop_class
 from sqlalchemy.exc import SQLAlchemyError
 
 from ddn_node.config import PeerSettings, Settings
@@ -50,6 +51,9 @@ from ddn_node.store.ingest import IngestOutcome, InstanceRecord, KnownSeries, re
 from ddn_node.store.models import UID_LEN
 
 log = structlog.get_logger("ddn_node.scp")
+
+# pynetdicom generates its SOP class names at import, where mypy cannot see them.
+Verification = uid_to_sop_class("1.2.840.10008.1.1")
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -140,7 +144,7 @@ class StorageSCP:
         ae.supported_contexts = contexts
         return ae
 
-    def _handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def _handlers(self) -> list[evt.EventHandlerType]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -199,8 +203,10 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.primitive.calling_ae_title.strip()
-        called = assoc.requestor.primitive.called_ae_title.strip()
+        primitive = assoc.requestor.primitive
+        assert primitive is not None  # EVT_REQUESTED: the A-ASSOCIATE-RQ has arrived
+        calling = primitive.calling_ae_title.strip()
+        called = primitive.called_ae_title.strip()
         host = assoc.requestor.address
         reason = None
         rj = RJ_CALLING_AE
@@ -296,7 +302,7 @@ class StorageSCP:
         return status
 
     def _store(self, event: evt.Event) -> int:  # noqa: C901 - each early return is one C-STORE status (PS3.4 B.2.3), in the order decided
-        request = event.request
+        request = cast(C_STORE, event.request)  # EVT_C_STORE's request is a C-STORE
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title.strip()
         tmp = Path(event.dataset_path)

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -122,25 +123,48 @@ def _scan(paths: Iterable[Path]) -> tuple[list[_Item], list[SendOutcome]]:
     return items, bad
 
 
-def _contexts(items: Sequence[_Item]) -> list[list[PresentationContext]]:
-    """Group the items' (SOP class, syntax) needs into batches of at most 128 contexts.
+def _contexts(items: Sequence[_Item]) -> list[tuple[list[PresentationContext], list[_Item]]]:
+    """Group the items' (SOP class, syntax) needs into batches of at most 128 contexts,
+    each with the items it carries.
 
     Each file's own syntax is proposed first: acceptors pick the first proposed syntax
-    they support, and the file's own means its bytes travel unchanged.
+    they support, and the file's own means its bytes travel unchanged. A deflated file's
+    syntax is proposed in a context of its own, because acceptors such as Orthanc prefer
+    Explicit VR Little Endian within one context and then store the object inflated (a
+    Parametric Map 20 times its deflated size); the usual context is the fallback.
     """
-    batches: list[list[PresentationContext]] = []
-    current: dict[str, list[str]] = {}
+    batches: list[tuple[list[PresentationContext], list[_Item]]] = []
+    current: dict[tuple[str, str], list[str]] = {}
+    carried: list[_Item] = []
+
+    def flush() -> None:
+        if current:
+            batches.append(([build_context(k[0], v) for k, v in current.items()], list(carried)))
+        current.clear()
+        carried.clear()
+
     for item in items:
-        wanted = [item.syntax]
-        if item.syntax in UncompressedTransferSyntaxes:
-            wanted += [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        if item.sop_class not in current and len(current) >= MAX_CONTEXTS:
-            batches.append([build_context(k, v) for k, v in current.items()])
-            current = {}
-        syntaxes = current.setdefault(item.sop_class, [])
-        syntaxes += [s for s in wanted if s not in syntaxes]
-    if current:
-        batches.append([build_context(k, v) for k, v in current.items()])
+        needs: list[tuple[tuple[str, str], list[str]]] = []
+        if item.syntax == DeflatedExplicitVRLittleEndian:
+            needs.append(((item.sop_class, "deflated"), [item.syntax]))
+            needs.append(((item.sop_class, ""), [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        elif item.syntax in UncompressedTransferSyntaxes:
+            needs.append(
+                (
+                    (item.sop_class, ""),
+                    [item.syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                )
+            )
+        else:
+            needs.append(((item.sop_class, ""), [item.syntax]))
+        new_keys = sum(1 for key, _ in needs if key not in current)
+        if new_keys and len(current) + new_keys > MAX_CONTEXTS:
+            flush()
+        for key, wanted in needs:
+            syntaxes = current.setdefault(key, [])
+            syntaxes += [s for s in wanted if s not in syntaxes]
+        carried.append(item)
+    flush()
     return batches
 
 
@@ -195,10 +219,8 @@ class StoreSCU:
         for outcome in outcomes:
             if progress:
                 progress(outcome)
-        for batch in _contexts(items):
-            wanted = {cx.abstract_syntax for cx in batch}
-            batch_items = [i for i in items if i.sop_class in wanted]
-            outcomes += self._send_batch(batch, batch_items, progress)
+        for contexts, batch_items in _contexts(items):
+            outcomes += self._send_batch(contexts, batch_items, progress)
         return outcomes
 
     def _send_batch(

@@ -25,6 +25,7 @@ from safetensors.torch import save as st_save
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
 from ddn_node.model.preprocess import PreprocessSpec
 from ddn_node.model.types import AlgorithmInfo, LabelSpec
+from ddn_node.vocabulary import HeatMapPolicy
 
 
 def software_version() -> str:
@@ -388,7 +389,9 @@ class ModelArtifact:
         if policy == "none":
             return frozenset()
         if policy != "evidence":
-            raise ValueError(f"heat-map policy must be one of {HEATMAP_POLICIES}, got {policy!r}")
+            raise ValueError(
+                f"heat-map policy must be one of {[p.value for p in HeatMapPolicy]}, got {policy!r}"
+            )
         return frozenset(n for n, ev in self.localisation(head).items() if ev.shown)
 
     def head(self, head: str) -> HeadInfo:
@@ -398,10 +401,6 @@ class ModelArtifact:
             raise KeyError(
                 f"artifact {self.name} has no head {head!r}; heads: {sorted(self.manifest.heads)}"
             ) from None
-
-
-HeatmapPolicy = Literal["evidence", "all", "none"]
-HEATMAP_POLICIES: tuple[str, ...] = ("evidence", "all", "none")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torchvision
@@ -91,7 +91,7 @@ def _tiny_backbone(widths: Sequence[int]) -> nn.Module:
     return m
 
 
-def _stage_channels(backbone: nn.Module) -> dict[str, int]:
+def _stage_channels(backbone: DDN) -> dict[str, int]:
     with torch.no_grad():
         x = torch.zeros(1, 3, 64, 64)
         x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
@@ -105,6 +105,16 @@ def _stage_channels(backbone: nn.Module) -> dict[str, int]:
 class DDN(nn.Module):
     """ResNet backbone + CBAM + global pooling + dropout + one linear head per task."""
 
+    # The convolutional trunk, taken from the backbone in __init__.
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
+
     def __init__(self, config: DDNConfig) -> None:
         super().__init__()
         if not config.heads:
@@ -114,7 +124,8 @@ class DDN(nn.Module):
                 raise ValueError(f"attention stage {s!r} is not one of {STAGES}")
         self.config = config
         if config.backbone == "resnet50":
-            bb: nn.Module = torchvision.models.resnet50(weights=None)
+            # Any: nn.Module.__getattr__ would type the children read below Tensor | Module.
+            bb: Any = torchvision.models.resnet50(weights=None)
         elif config.backbone == "resnet18":
             bb = torchvision.models.resnet18(weights=None)
         elif config.backbone == "tiny":

@@ -15,7 +15,7 @@ returns the probabilities first and keeps the features for :meth:`Predictor.add_
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +69,8 @@ class Predictor:
         self.device = torch.device(device)
         self.batch_size = max(1, batch_size)
         self._fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = artifact.model.to(self.device, memory_format=self._fmt).eval()
+        # Module.to takes a device and a memory_format together; its stub overloads do not.
+        self.model = artifact.model.to(self.device, memory_format=self._fmt).eval()  # type: ignore[call-overload]
         self.spec = artifact.preprocess
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
@@ -135,17 +136,28 @@ class Predictor:
         self.timings_ms = {"model": 1000 * t_model}
         return out, ForwardPass(head, batches)
 
-    def add_heatmaps(self, predictions: Sequence[ImagePrediction], forward: ForwardPass) -> None:
-        """Grad-CAM heat maps, at source size, for the labels at/above their threshold,
-        into ``predictions[i].heatmaps`` (the predictions :meth:`predict_deferred` made)."""
+    def add_heatmaps(
+        self,
+        predictions: Sequence[ImagePrediction],
+        forward: ForwardPass,
+        only: Collection[str] | None = None,
+    ) -> None:
+        """Grad-CAM heat maps, at source size, for the labels at/above their threshold and
+        in ``only`` when given (the labels whose maps carry evidence), into
+        ``predictions[i].heatmaps`` (the predictions :meth:`predict_deferred` made)."""
         labels = self.artifact.head(forward.head).labels
+        allowed = [only is None or spec.name in only for spec in labels]
         t1 = time.perf_counter()
         for batch in forward.batches:
             n = batch.probs.shape[0]
             # Which labels pass their threshold is known only after the forward pass; the
             # cheap tail then runs once more, with gradients, inside logits_and_cams.
             wanted = [
-                [k for k, spec in enumerate(labels) if batch.probs[b, k] >= spec.threshold]
+                [
+                    k
+                    for k, spec in enumerate(labels)
+                    if allowed[k] and batch.probs[b, k] >= spec.threshold
+                ]
                 for b in range(n)
             ]
             if not any(wanted):

@@ -65,6 +65,12 @@ class StudyPrediction:
     images: list[ImagePrediction]
     algorithm: AlgorithmInfo
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # label -> why a finding at or above its threshold has no heat map (its localisation
+    # evidence did not beat the baselines, say); the SR and the study page say so.
+    heatmap_notes: dict[str, str] = field(default_factory=dict)
+    # label -> what a reader must know of a map that *was* drawn: an operator asked for
+    # maps whose localisation evidence is missing or weak.
+    heatmap_caveats: dict[str, str] = field(default_factory=dict)
 
     @property
     def positive(self) -> list[str]:

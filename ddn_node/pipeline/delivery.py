@@ -40,7 +40,8 @@ from ddn_node.vocabulary import DeliveryState, MessageKind, ResultKind
 log = structlog.get_logger("ddn_node.delivery")
 
 BATCH = 32
-CONTENT_TYPES = {
+# Keyed by str: a row's kind is the adapter name's suffix (MessageKind is a StrEnum).
+CONTENT_TYPES: dict[str, str] = {
     MessageKind.HL7: HL7_CONTENT_TYPE,
     MessageKind.FHIR: fhir_adapter.CONTENT_TYPE,
     MessageKind.WEBHOOK: webhook_adapter.CONTENT_TYPE,

@@ -1,9 +1,10 @@
 """The worker: claim a completed study, analyse it, and keep the job's lease meanwhile.
 
 One study at a time per worker thread; several workers (threads, processes, hosts) share
-the queue. Each study is analysed in two phases (``pipeline/analysis.py``): the report
-first, then the heat maps, and the SRs of newly claimed studies go before the heat maps of
-earlier ones (up to ``MAX_DEFERRED`` studies, or ``MAX_DEFERRED_BYTES`` of images, wait).
+the queue. Each study is analysed in two phases (``pipeline/analysis.py`` and
+``pipeline/reporting.py``): the report first, then the Parametric Maps and overlays, and
+the SRs of newly claimed studies go before the pictures of earlier ones (up to
+``MAX_DEFERRED`` studies, or ``MAX_DEFERRED_BYTES`` of images, wait).
 Every write is fenced by the job's lease, so a study generation is analysed and delivered
 exactly once even when a worker dies half-way and another takes over its expired lease.
 """
@@ -20,8 +21,9 @@ import structlog
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
-from ddn_node.pipeline.analysis import Analysis, AnalysisSteps
+from ddn_node.pipeline.analysis import Analysis, ModelSteps
 from ddn_node.pipeline.registry import AnalysisError, ModelRegistry
+from ddn_node.pipeline.reporting import ReportingSteps
 from ddn_node.store import lifecycle
 from ddn_node.store.engine import Database
 from ddn_node.store.lifecycle import Lease
@@ -60,8 +62,9 @@ class Worker:
         self.settings = settings
         self.database = database
         self.owner = owner
-        self.steps = AnalysisSteps(
-            settings, database, spool, models, send_now=send_now, on_results=on_results
+        self.model = ModelSteps(settings, database, spool, models)
+        self.reporting = ReportingSteps(
+            settings, database, spool, send_now=send_now, on_results=on_results
         )
         # Studies whose SR is out and whose heat maps wait (their leases kept renewed).
         self._deferred: deque[tuple[_Held, Analysis]] = deque()
@@ -117,14 +120,15 @@ class Worker:
         return True
 
     def _phase1(self, lease: Lease) -> Analysis | None:
-        steps = self.steps
-        analysis = steps.predict(steps.decode(steps.start(lease)))
-        reported = steps.report(analysis)
-        return None if reported is None else steps.park(steps.send_report(reported))
+        """The report: the findings, their outlines and the SR, sent."""
+        model, reporting = self.model, self.reporting
+        analysis = model.localise(model.predict(model.decode(model.start(lease))))
+        reported = reporting.report(analysis)
+        return None if reported is None else model.park(reporting.send(reported))
 
     def _phase2(self, analysis: Analysis) -> bool:
-        steps = self.steps
-        return steps.record(steps.build_heat_maps(steps.draw_heat_maps(analysis)))
+        """The pictures: Parametric Maps and overlays, and everything recorded."""
+        return self.reporting.record(self.reporting.build_objects(analysis))
 
     def _finish_deferred(self) -> None:
         held, analysis = self._deferred.popleft()
@@ -151,7 +155,7 @@ class Worker:
 
     def _may_defer(self) -> bool:
         """Room for one more study's phase 2 to wait: by count and by image memory."""
-        held = sum(img.nbytes for _held, a in self._deferred for img in a.images)
+        held = sum(ModelSteps.held_bytes(a) for _held, a in self._deferred)
         return len(self._deferred) < MAX_DEFERRED and held < MAX_DEFERRED_BYTES
 
     def _guarded(self, held: _Held, step: Callable[[], _T]) -> _T | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy import ColumnElement, Select, func, literal_column, select
@@ -385,7 +385,8 @@ def _where(query: WorklistQuery, *, for_count: bool = False) -> list[ColumnEleme
         wanted = "\\" + query.modality.strip().upper() + "\\"
         conditions.append((lit("\\") + c.modalities + lit("\\")).contains(wanted, autoescape=True))
     if query.priority is not None:
-        conditions.append(query.priority.value == EFFECTIVE_PRIORITY)
+        # str == column falls back to the column's __eq__: an SQL expression, not a bool.
+        conditions.append(cast("ColumnElement[bool]", query.priority.value == EFFECTIVE_PRIORITY))
     return conditions
 
 
@@ -401,7 +402,7 @@ def rows_statement(query: WorklistQuery) -> Select[Any]:
 
 def count_statement(query: WorklistQuery, cap: int = COUNT_CAP) -> Select[Any]:
     """How many match, counting at most ``cap + 1`` (the scan stops there)."""
-    matching = (
+    matching: Select[Any] = (
         select(literal_column("1")).select_from(STUDIES).where(*_where(query, for_count=True))
     )
     return select(func.count()).select_from(matching.limit(cap + 1).subquery())

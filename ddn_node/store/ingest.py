@@ -157,7 +157,7 @@ def _instance_values(
     return _fit(Instance, values)
 
 
-_INSTANCE_COLUMNS = [c.name for c in Instance.__table__.columns if c.name != "id"]  # type: ignore[attr-defined]
+_INSTANCE_COLUMNS = [c.name for c in Instance.__table__.columns if c.name != "id"]
 
 
 @cache
@@ -246,10 +246,10 @@ def record_instance(
         except IntegrityError:
             assert known is not None
             known.forget(rec.series_uid)
-    outcome = _full_path(database, rec, now, complete_after, force_complete_s)
+    full = _full_path(database, rec, now, complete_after, force_complete_s)
     if known is not None:
-        known.put(rec.series_uid, outcome.study_id, outcome.series_id)
-    return outcome.outcome
+        known.put(rec.series_uid, full.study_id, full.series_id)
+    return full.outcome
 
 
 @dataclass(frozen=True)

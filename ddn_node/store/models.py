@@ -76,7 +76,8 @@ _SQLITE_ARGS: dict[str, Any] = {"sqlite_autoincrement": True}
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
-    __table_args__ = _SQLITE_ARGS
+    # Any: subclasses give a tuple of constraints ending with this dict (SQLAlchemy's form).
+    __table_args__: Any = _SQLITE_ARGS
 
 
 class Study(Base):
@@ -276,9 +277,11 @@ class Result(Base):
     sr_series_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
     sr_sop_class_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True)
     sr_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # relative to the spool
-    thresholds: Mapped[dict[str, float] | None] = mapped_column(
-        JSON, nullable=True
-    )  # label -> operating point
+    # label -> the operating point applied
+    thresholds: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+    # label -> why a reported finding has no heat map / what to know of one that has.
+    heatmap_notes: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    heatmap_caveats: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 

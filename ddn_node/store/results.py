@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
@@ -58,6 +57,8 @@ class Report:
     probabilities: Mapping[str, float]
     positive: Sequence[str]
     thresholds: Mapping[str, float]
+    heatmap_notes: Mapping[str, str]
+    heatmap_caveats: Mapping[str, str]
     abnormality_score: float
     priority: str
     sr: ReportIdentity
@@ -98,6 +99,8 @@ def record_report(
         probabilities=dict(report.probabilities),
         positive=list(report.positive),
         thresholds=dict(report.thresholds),
+        heatmap_notes=dict(report.heatmap_notes),
+        heatmap_caveats=dict(report.heatmap_caveats),
         abnormality_score=report.abnormality_score,
         priority=report.priority,
         timings_ms=dict(report.timings_ms),
@@ -156,7 +159,9 @@ _IDENTITY = (
 )
 
 
-def _identity(row: Row[Any] | None) -> tuple[int, ReportIdentity] | None:
+def _identity(
+    row: Row[int, str | None, str | None, str | None, str, str | None] | None,
+) -> tuple[int, ReportIdentity] | None:
     if row is None:
         return None
     result_id, sop_class, sop_uid, series_uid, study_uid, path = row

@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -219,7 +220,7 @@ def read_label_csv(  # noqa: C901, PLR0915 - one pass over the CSV, each column'
     )
 
 
-def data_fingerprint(table: LabelTable, file_hashes: Sequence[str]) -> dict[str, object]:
+def data_fingerprint(table: LabelTable, file_hashes: Sequence[str]) -> dict[str, Any]:
     """A stable fingerprint of exactly the images and labels a model saw."""
     h = hashlib.sha256()
     for f, fh, t in sorted(zip(table.files, file_hashes, table.targets.tolist(), strict=True)):

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import structlog
@@ -42,6 +42,7 @@ from ddn_node.training.images import load_image_file
 from ddn_node.training.localisation import (
     BoxOutcome,
     EvidenceRule,
+    RuleKind,
     build_record,
     centre_hit,
     random_hit_rate,
@@ -375,8 +376,11 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         raise EvaluationError("--maps-decide-on must be 'val' or 'evaluated'")
     try:
         rule = EvidenceRule(
-            kind=cfg.maps_rule, min_boxes=cfg.maps_min_boxes, decide_on=cfg.maps_decide_on
-        )  # type: ignore[arg-type]
+            # cast: EvidenceRule checks the kind itself (the ValueError below).
+            kind=cast(RuleKind, cfg.maps_rule),
+            min_boxes=cfg.maps_min_boxes,
+            decide_on=cfg.maps_decide_on,
+        )
     except ValueError as e:
         raise EvaluationError(str(e)) from e
     given = read_label_csv(cfg.images, cfg.labels)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -168,7 +169,7 @@ def classification_report(
     thresholds: Sequence[float],
     groups: Sequence[str] | None = None,
     boot: BootstrapSpec = BootstrapSpec(),
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Per-label and macro metrics with bootstrap 95% CIs for AUC and AP.
 
     Macro = unweighted mean over labels whose metric is defined (both classes present);

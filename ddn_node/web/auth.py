@@ -160,7 +160,11 @@ class Auth:
         if not cookie:
             return None
         try:
-            payload: Any = self._sessions.loads(cookie, max_age=self.web.session_max_age_s)
+            # itsdangerous annotates max_age as int but only compares the age with it.
+            payload: Any = self._sessions.loads(
+                cookie,
+                max_age=self.web.session_max_age_s,  # type: ignore[arg-type]
+            )
         except BadSignature:  # includes SignatureExpired
             return None
         if not isinstance(payload, dict):

@@ -27,6 +27,10 @@ MAX_IMAGES = 60  # a CT study may hold thousands of slices; the page is for the 
 class FindingView(BaseModel):
     label: str
     probability: float
+    heat_map: str | None = Field(
+        default=None,
+        description="for a reported finding: 'outlined', or why it has no heat map, or what to know of the one it has",
+    )
     threshold: float | None = Field(
         description="operating threshold the analysis applied (unknown for results from before 0.2)"
     )
@@ -46,7 +50,8 @@ class ResultView(BaseModel):
 
 
 class OverlayView(BaseModel):
-    label: str
+    label: str = Field(description="the findings outlined on this overlay, comma separated")
+    labels: list[str]
     probability: float | None
     url: str
     full_url: str
@@ -89,6 +94,39 @@ class StudyDetail(BaseModel):
     images_omitted: int
     deliveries: list[DeliveryView]
     history: list[HistoryEntry]
+
+
+def _heat_map_note(result: Result, label: str) -> str | None:
+    """What the study page says of a reported finding's heat map (None: not recorded,
+    for results from before 0.2)."""
+    notes, caveats = result.heatmap_notes, result.heatmap_caveats
+    if notes is None:
+        return None
+    if label in notes:
+        return f"no heat map: {notes[label]}"
+    if caveats and label in caveats:
+        return f"outlined; the heat map was {caveats[label]}"
+    return "outlined"
+
+
+def _overlay_views(
+    study_uid: str, sop_uid: str, overlays: dict[str, str], probs: dict[str, float]
+) -> list[OverlayView]:
+    """One view per overlay file (an overlay shows every finding outlined on its image;
+    results from before 0.2 have one overlay per finding)."""
+    by_path: dict[str, list[str]] = {}
+    for label in sorted(overlays, key=lambda lab: -probs.get(lab, 0.0)):
+        by_path.setdefault(overlays[label], []).append(label)
+    return [
+        OverlayView(
+            label=", ".join(labels),
+            labels=labels,
+            probability=probs.get(labels[0]) if len(labels) == 1 else None,
+            url=overlay_url(study_uid, sop_uid, labels[0]),
+            full_url=overlay_url(study_uid, sop_uid, labels[0], full=True),
+        )
+        for labels in by_path.values()
+    ]
 
 
 def study_path(study_uid: str) -> str:
@@ -142,7 +180,11 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
         positive = set(result.positive or [])
         findings = [
             FindingView(
-                label=label, probability=p, threshold=limits.get(label), present=label in positive
+                label=label,
+                probability=p,
+                threshold=limits.get(label),
+                present=label in positive,
+                heat_map=_heat_map_note(result, label) if label in positive else None,
             )
             for label, p in sorted(probs.items(), key=lambda kv: kv[1], reverse=True)
         ]
@@ -165,20 +207,22 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
             overlays = image.overlay_paths if isinstance(image.overlay_paths, dict) else {}
             per_image[image.instance_id] = (_floats(image.probabilities), overlays)
 
-    instances = session.execute(
-        select(
-            Instance.id,
-            Instance.sop_instance_uid,
-            Series.modality,
-            Instance.view_position,
-            Instance.image_laterality,
-            Instance.rows,
-            Instance.columns,
-        )
-        .join(Series, Instance.series_id == Series.id)
-        .where(Instance.study_id == study.id, Instance.rows.is_not(None))
-        .order_by(Series.series_number, Instance.instance_number, Instance.id)
-    ).all()
+    instances = list(
+        session.execute(
+            select(
+                Instance.id,
+                Instance.sop_instance_uid,
+                Series.modality,
+                Instance.view_position,
+                Instance.image_laterality,
+                Instance.rows,
+                Instance.columns,
+            )
+            .join(Series, Instance.series_id == Series.id)
+            .where(Instance.study_id == study.id, Instance.rows.is_not(None))
+            .order_by(Series.series_number, Instance.instance_number, Instance.id)
+        ).all()
+    )
     # The analysed images first: they are why the study is where it is in the list.
     instances.sort(key=lambda i: i.id not in per_image)
     images = []
@@ -195,15 +239,7 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
                 analysed=inst.id in per_image,
                 thumbnail_url=thumbnail_url(study_uid, inst.sop_instance_uid),
                 probabilities=dict(sorted(probs.items(), key=lambda kv: kv[1], reverse=True)),
-                overlays=[
-                    OverlayView(
-                        label=label,
-                        probability=probs.get(label),
-                        url=overlay_url(study_uid, inst.sop_instance_uid, label),
-                        full_url=overlay_url(study_uid, inst.sop_instance_uid, label, full=True),
-                    )
-                    for label in sorted(overlays, key=lambda lab: -probs.get(lab, 0.0))
-                ],
+                overlays=_overlay_views(study_uid, inst.sop_instance_uid, overlays, probs),
             )
         )
     deliveries = [

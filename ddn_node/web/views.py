@@ -27,6 +27,7 @@ from ddn_node.pipeline.worklist import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     ROW_JSON,
+    Order,
     WorklistQuery,
     WorklistRow,
     fetch_row,
@@ -159,7 +160,7 @@ def ui_query(params: Any) -> WorklistQuery:
     modality = str(params.get("modality") or "").strip().upper()[:16] or None
     raw_priority = params.get("priority") or ""
     priority = Priority(raw_priority) if raw_priority in Priority.__members__.values() else None
-    order = "arrival" if params.get("order") == "arrival" else "priority"
+    order: Order = "arrival" if params.get("order") == "arrival" else "priority"
     try:
         offset = max(0, int(params.get("offset") or 0))
         limit = min(MAX_LIMIT, max(1, int(params.get("limit") or DEFAULT_LIMIT)))
@@ -265,7 +266,7 @@ def login(
     retry_after = auth.login_limiter.hit(client)
     if retry_after:
         log.warning("web.login_rate_limited", client=client)
-        response = _login_page(
+        response: Response = _login_page(
             request,
             next_url,
             "Too many login attempts. Wait a minute and try again.",

@@ -56,7 +56,9 @@ def worker_config(model_dir: Path, pacs: Orthanc, **extra: object) -> dict[str, 
         "destinations": [
             {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
         ],
-        "worker": {"poll_interval_s": 0.2, "torch_threads": 2},
+        # Maps for every finding: the tiny test model has no localisation record, and these
+        # tests follow every kind of result object through.
+        "worker": {"poll_interval_s": 0.2, "torch_threads": 2, "heat_maps": "all"},
         "demo": True,
     }
     config.update(extra)

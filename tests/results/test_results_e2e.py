@@ -8,11 +8,13 @@ nothing twice. A late instance yields a superseding SR.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from results.conftest import worker_config
 from sqlalchemy import select
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
@@ -56,6 +58,9 @@ def _db_results(db_url: str) -> dict[str, tuple[Result, list[Delivery]]]:
 
 def _dciodvfy_errors(ds: pydicom.Dataset, tmp: Path) -> list[str]:
     path = tmp / f"{ds.SOPInstanceUID}.dcm"
+    # dciodvfy reads no deflated file (the Parametric Maps travel deflated).
+    ds = copy.deepcopy(ds)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(path, enforce_file_format=True)
     res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
@@ -115,10 +120,11 @@ def test_orthanc_round_trip(
         sr = next(d for d in ours if d.SOPClassUID == SR_CLASS)
         content = read_sr(sr)
         assert content.priority == result.priority
-        assert content.abnormality_score == pytest.approx(result.abnormality_score, abs=1e-4)
+        # The SR gives percentages to one decimal.
+        assert content.abnormality_score == pytest.approx(result.abnormality_score, abs=5e-4)
         assert set(content.findings) == set(result.probabilities)
         for label, finding in content.findings.items():
-            assert finding.probability == pytest.approx(result.probabilities[label], abs=1e-4)
+            assert finding.probability == pytest.approx(result.probabilities[label], abs=5e-4)
             assert finding.present == (label in result.positive)
         assert content.not_for_diagnostic_use
         # References resolve to the source instances in the PACS.
@@ -142,7 +148,7 @@ def test_orthanc_round_trip(
     # The lateral view of the PA + lateral study is stored but not scored.
     two_view = pydicom.dcmread(sample / "demo02_PA.dcm", stop_before_pixels=True).StudyInstanceUID
     sr = next(d for d in returned[two_view] if d.SOPClassUID == SR_CLASS)
-    scored = {uid for f in read_sr(sr).findings.values() for uid in f.image_probabilities}
+    scored = set(read_sr(sr).library)
     pa_uid = pydicom.dcmread(sample / "demo02_PA.dcm", stop_before_pixels=True).SOPInstanceUID
     assert scored == {pa_uid}
 

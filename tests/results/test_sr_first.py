@@ -21,7 +21,7 @@ from support.dicomgen import make_cr
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
-from ddn_node.pipeline import analysis as analysis_module
+from ddn_node.pipeline import reporting as reporting_module
 from ddn_node.pipeline.completion import CompletionTracker
 from ddn_node.pipeline.delivery import Deliverer
 from ddn_node.pipeline.registry import ModelRegistry
@@ -41,7 +41,8 @@ def _settings(tmp_path: Path, db_url: str, model: Path) -> Settings:
             "database": {"url": db_url},
             "completion": {"quiet_period_s": 0.01},
             "queue": {"retry_delay_s": 0.001, "max_attempts": 3},
-            "worker": {"torch_threads": 1},
+            # Every finding gets a map: the test model has no localisation record.
+            "worker": {"torch_threads": 1, "heat_maps": "all"},
             # A failed send waits an hour: no retry in these tests comes due by itself,
             # however slow the machine.
             "delivery": {"backoff_initial_s": 3600},
@@ -123,7 +124,7 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     )
 
     seen_when_drawing: list[list[tuple[str, str, int | None, int]]] = []
-    draw = analysis_module.add_heat_map_objects
+    draw = reporting_module.add_heat_map_objects
 
     def failing_draw(*args: Any, **kwargs: Any) -> None:
         with database.read() as s:
@@ -135,7 +136,7 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
             )
         raise RuntimeError("the overlay renderer fell over")
 
-    monkeypatch.setattr(analysis_module, "add_heat_map_objects", failing_draw)
+    monkeypatch.setattr(reporting_module, "add_heat_map_objects", failing_draw)
     assert worker.run_once()  # claim, SR
     assert worker.run_once()  # heat maps: fail
 
@@ -158,7 +159,7 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
         sr_path = spool.path(sr_rows[0].path)
     first_sr = sr_path.read_bytes()
 
-    monkeypatch.setattr(analysis_module, "add_heat_map_objects", draw)
+    monkeypatch.setattr(reporting_module, "add_heat_map_objects", draw)
     assert worker.run_once() and worker.run_once()
     assert not worker.run_once()
     # The retry did not send the SR again itself (its rows wait for their back-off).

@@ -1,38 +1,63 @@
 """Reading a DDN SR back, for the tests: what the PACS holds, parsed into plain values.
 
 Test support, not product code: the node never reads its SRs back (what it said is in the
-database). Parses the TID 1500 tree the node writes (see ddn_node/dicom/results/sr.py).
+database). It walks the TID 1500 tree the node writes (ddn_node/dicom/results/sr.py):
+planar ROI groups under Imaging Measurements, and the Qualitative Evaluations container.
+``tests/dicom_results/test_sr.py`` also parses the same SRs with highdicom's own reader.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
 from ddn_node.dicom.results import codes as C
 from ddn_node.dicom.results.content import NOT_FOR_DIAGNOSTIC_USE
-from ddn_node.dicom.results.sr import _THRESHOLD_PARAMETER, SRReference
+from ddn_node.dicom.results.sr import THRESHOLD_PARAMETER, SRReference
 from ddn_node.model.types import Code
 from ddn_node.vocabulary import Priority
+
+_PROBABILITY_TEXT = re.compile(
+    r"^(?P<label>.*): probability (?P<p>[\d.]+) %, threshold (?P<t>[\d.]+) %$", re.S
+)
+
+
+@dataclass(frozen=True)
+class SRRegion:
+    """One outline of a finding: on which image, what shape, how many points."""
+
+    sop_instance_uid: str
+    graphic_type: str
+    points: tuple[tuple[float, float], ...]
+    probability: float  # on that image, 0..1 (the group's NUM, in %)
+    tracking_uid: str
 
 
 @dataclass(frozen=True)
 class SRFinding:
-    """One label's measurement group, as read back from an SR."""
+    """One label as read back from an SR."""
 
     label: str
     code: Code
-    probability: float
+    probability: float  # study level, 0..1, as the SR's text gives it (one decimal of %)
     present: bool
     threshold: float | None
-    image_probabilities: dict[str, float] = field(default_factory=dict)
-    source_images: tuple[str, ...] = ()
+    regions: tuple[SRRegion, ...] = ()
+
+    @property
+    def image_probabilities(self) -> dict[str, float]:
+        return {r.sop_instance_uid: r.probability for r in self.regions}
+
+    @property
+    def source_images(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.sop_instance_uid for r in self.regions))
 
 
 @dataclass(frozen=True)
 class SRContent:
-    """What :func:`read_sr` finds in a DDN SR (or any TID 1500 SR of the same shape)."""
+    """What :func:`read_sr` finds in a DDN SR."""
 
     sop_instance_uid: str
     series_instance_uid: str
@@ -46,8 +71,14 @@ class SRContent:
     procedure: Code | None
     predecessors: tuple[SRReference, ...]
     evidence: tuple[str, ...]
+    library: tuple[str, ...]
     comments: tuple[str, ...]
     series_description: str
+    groups: int = 0
+    notes: dict[str, str] = field(default_factory=dict)  # label -> "no heat map: ..." comment
+    # The "Whole image" group of each scored image: SOP Instance UID -> the meaning of each
+    # NUM's concept ("Abnormality score", a finding's code meaning) -> its value, 0..1.
+    whole_image: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def positive(self) -> list[str]:
@@ -55,98 +86,20 @@ class SRContent:
 
     @property
     def not_for_diagnostic_use(self) -> bool:
-        """Whether the SR says so, in its comment or its Series Description."""
-        texts = (*self.comments, self.series_description)
-        return any(NOT_FOR_DIAGNOSTIC_USE in text for text in texts)
+        """Whether the SR says so, in a comment or its Series Description."""
+        return any(NOT_FOR_DIAGNOSTIC_USE in text for text in (*self.comments, self.series_description))
 
 
 def read_sr(ds: Dataset) -> SRContent:
-    """Parse the findings, score, priority and references out of a DDN SR.
+    """Parse findings, outlines, score, priority and references out of a DDN SR.
 
-    Works on a dataset as built or as read back from a file or a PACS. Raises
-    ``ValueError`` when the document is not a TID 1500 Measurement Report or its content
-    is malformed.
+    Raises ``ValueError`` when the document is not a TID 1500 Measurement Report or its
+    content is malformed.
     """
     try:
         return _read_sr(ds)
     except (AttributeError, IndexError, KeyError, TypeError) as exc:
-        # A malformed tree (an item without its value, an empty code sequence) is bad
-        # input, like any other: one documented error type for callers.
         raise ValueError(f"malformed TID 1500 content: {type(exc).__name__}: {exc}") from exc
-
-
-def _read_sr(ds: Dataset) -> SRContent:
-    templates = ds.get("ContentTemplateSequence", [])
-    if not templates or str(templates[0].get("TemplateIdentifier", "")) != "1500":
-        raise ValueError("not a TID 1500 Measurement Report")
-
-    algorithm_name = algorithm_version = device_uid = None
-    procedure: Code | None = None
-    findings: dict[str, SRFinding] = {}
-    score: float | None = None
-    priority: Priority | None = None
-    comments: list[str] = []
-
-    for item in ds.ContentSequence:
-        name = _name(item)
-        if name == ("121012", "DCM"):  # Device Observer UID
-            device_uid = str(item.UID)
-        elif name == ("121058", "DCM"):  # Procedure reported
-            procedure = _code_value(item)
-        elif name == ("126010", "DCM"):  # Imaging Measurements
-            for group in item.get("ContentSequence", []):
-                parsed = _read_group(group)
-                if parsed is None:
-                    continue
-                kind, payload, algo = parsed
-                algorithm_name = algorithm_name or algo[0]
-                algorithm_version = algorithm_version or algo[1]
-                if kind == "finding":
-                    assert isinstance(payload, SRFinding)
-                    findings[payload.label] = payload
-                else:
-                    assert isinstance(payload, tuple)
-                    score, priority = payload
-        elif name == (C.QUALITATIVE_EVALUATIONS.value, C.QUALITATIVE_EVALUATIONS.scheme):
-            comments.extend(
-                str(child.TextValue)
-                for child in item.get("ContentSequence", [])
-                if child.get("ValueType") == "TEXT"
-            )
-
-    predecessors = tuple(
-        SRReference(
-            sop_class_uid=str(inst.ReferencedSOPClassUID),
-            sop_instance_uid=str(inst.ReferencedSOPInstanceUID),
-            series_instance_uid=str(series.SeriesInstanceUID),
-            study_instance_uid=str(study.StudyInstanceUID),
-        )
-        for study in ds.get("PredecessorDocumentsSequence", [])
-        for series in study.get("ReferencedSeriesSequence", [])
-        for inst in series.get("ReferencedSOPSequence", [])
-    )
-    evidence = tuple(
-        str(inst.ReferencedSOPInstanceUID)
-        for study in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-        for series in study.get("ReferencedSeriesSequence", [])
-        for inst in series.get("ReferencedSOPSequence", [])
-    )
-    return SRContent(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        findings=findings,
-        abnormality_score=score,
-        priority=priority,
-        algorithm_name=algorithm_name,
-        algorithm_version=algorithm_version,
-        device_observer_uid=device_uid,
-        procedure=procedure,
-        predecessors=predecessors,
-        evidence=evidence,
-        comments=tuple(comments),
-        series_description=str(ds.get("SeriesDescription", "")),
-    )
 
 
 def _name(item: Dataset) -> tuple[str, str] | None:
@@ -156,102 +109,189 @@ def _name(item: Dataset) -> tuple[str, str] | None:
     return (C.code_value(seq[0]) or "", str(seq[0].CodingSchemeDesignator))
 
 
-def _code_value(item: Dataset) -> Code:
+def _code(item: Dataset) -> Code:
     code = item.ConceptCodeSequence[0]
     return Code(C.code_value(code) or "", str(code.CodingSchemeDesignator), str(code.CodeMeaning))
 
 
-def _num_value(item: Dataset) -> float:
+def _is(name: tuple[str, str] | None, code: Code) -> bool:
+    return name == (code.value, code.scheme)
+
+
+def _read_sr(ds: Dataset) -> SRContent:
+    templates = ds.get("ContentTemplateSequence", [])
+    if not templates or str(templates[0].get("TemplateIdentifier", "")) != "1500":
+        raise ValueError("not a TID 1500 Measurement Report")
+    out: dict[str, object] = {"device_uid": None, "procedure": None, "library": ()}
+    regions: dict[tuple[str, str], list[SRRegion]] = {}
+    labels: dict[tuple[str, str], str] = {}
+    whole_image: dict[str, dict[str, float]] = {}
+    algorithm: dict[str, str] = {}
+    evaluation: dict[str, object] = {}
+    groups = 0
+    for item in ds.ContentSequence:
+        name = _name(item)
+        if name == ("121012", "DCM"):  # Device Observer UID
+            out["device_uid"] = str(item.UID)
+        elif _is(name, C.PROCEDURE_REPORTED):
+            out["procedure"] = _code(item)
+        elif _is(name, C.IMAGE_LIBRARY):
+            out["library"] = tuple(
+                str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                for group in item.get("ContentSequence", [])
+                for entry in group.get("ContentSequence", [])
+                if entry.get("ValueType") == "IMAGE"
+            )
+        elif _is(name, C.IMAGING_MEASUREMENTS):
+            for group in item.get("ContentSequence", []):
+                groups += 1
+                _read_group(group, regions, labels, algorithm, whole_image)
+        elif _is(name, C.QUALITATIVE_EVALUATIONS):
+            evaluation = _read_evaluations(item)
+    findings = _findings(evaluation, regions, labels)
+    comments = tuple(evaluation.get("comments", ()))  # type: ignore[arg-type]
+    notes = {}
+    for text in comments:
+        label, sep, rest = text.partition(": ")
+        if sep and rest.startswith("no heat map"):
+            notes[label] = rest
+    return SRContent(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        findings=findings,
+        abnormality_score=evaluation.get("score"),  # type: ignore[arg-type]
+        priority=evaluation.get("priority"),  # type: ignore[arg-type]
+        algorithm_name=evaluation.get("algorithm_name") or algorithm.get("name"),  # type: ignore[arg-type]
+        algorithm_version=evaluation.get("algorithm_version") or algorithm.get("version"),  # type: ignore[arg-type]
+        device_observer_uid=out["device_uid"],  # type: ignore[arg-type]
+        procedure=out["procedure"],  # type: ignore[arg-type]
+        predecessors=_references(ds, "PredecessorDocumentsSequence"),
+        evidence=tuple(r.sop_instance_uid for r in _references(ds, "CurrentRequestedProcedureEvidenceSequence")),
+        library=out["library"],  # type: ignore[arg-type]
+        comments=comments,
+        series_description=str(ds.get("SeriesDescription", "")),
+        groups=groups,
+        notes=notes,
+        whole_image=whole_image,
+    )
+
+
+def _read_group(
+    group: Dataset,
+    regions: dict[tuple[str, str], list[SRRegion]],
+    labels: dict[tuple[str, str], str],
+    algorithm: dict[str, str],
+    whole_image: dict[str, dict[str, float]],
+) -> None:
+    finding: tuple[str, str] | None = None
+    values: dict[str, float] = {}
+    tracking = tracking_uid = ""
+    region: tuple[str, str, tuple[tuple[float, float], ...]] | None = None
+    probability: float | None = None
+    for item in group.get("ContentSequence", []):
+        name, value_type = _name(item), item.get("ValueType")
+        if name == ("112039", "DCM"):
+            tracking = str(item.TextValue)
+        elif name == ("112040", "DCM"):
+            tracking_uid = str(item.UID)
+        elif name == ("121071", "DCM"):  # Finding
+            code = item.ConceptCodeSequence[0]
+            finding = (C.code_value(code) or "", str(code.CodingSchemeDesignator))
+        elif value_type == "SCOORD":
+            ref = item.ContentSequence[0].ReferencedSOPSequence[0]
+            data = [float(v) for v in item.GraphicData]
+            region = (
+                str(ref.ReferencedSOPInstanceUID),
+                str(item.GraphicType),
+                tuple(zip(data[0::2], data[1::2], strict=True)),
+            )
+        elif value_type == "NUM":
+            probability = _num(item) / 100.0
+            values[str(item.ConceptNameCodeSequence[0].CodeMeaning)] = probability
+        elif _is(name, C.ALGORITHM_NAME):
+            algorithm["name"] = str(item.TextValue)
+        elif _is(name, C.ALGORITHM_VERSION):
+            algorithm["version"] = str(item.TextValue)
+    if region is None or probability is None:
+        raise ValueError("a measurement group without region or measurement")
+    if finding is None:  # the whole image's group
+        whole_image[region[0]] = values
+        return
+    labels[finding] = tracking
+    regions.setdefault(finding, []).append(SRRegion(region[0], region[1], region[2], probability, tracking_uid))
+
+
+def _num(item: Dataset) -> float:
     measured = item.MeasuredValueSequence[0]
-    # FloatingPointValue carries the exact value when the DS text could not (C.18.1.1).
-    if "FloatingPointValue" in measured:
+    if "FloatingPointValue" in measured:  # the exact value, when DS could not carry it
         return float(measured.FloatingPointValue)
     return float(measured.NumericValue)
 
 
-_Triage = tuple[float | None, Priority | None]
-_Algorithm = tuple[str | None, str | None]
-
-
-def _read_group(group: Dataset) -> tuple[str, SRFinding | _Triage, _Algorithm] | None:
-    tracking = None
-    finding: Code | None = None
-    threshold: float | None = None
-    algo_name = algo_version = None
-    study_probability: float | None = None
-    image_probabilities: dict[str, float] = {}
-    evaluation: tuple[Code, Code] | None = None
-    sources: list[str] = []
-    score: float | None = None
-    priority: Priority | None = None
-
-    for item in group.get("ContentSequence", []):
-        name = _name(item)
-        value_type = item.get("ValueType")
-        if name == ("112039", "DCM"):  # Tracking Identifier
-            tracking = str(item.TextValue)
-        elif name == ("121071", "DCM"):  # Finding
-            finding = _code_value(item)
-        elif name == ("111001", "DCM"):
-            algo_name = str(item.TextValue)
-        elif name == ("111003", "DCM"):
-            algo_version = str(item.TextValue)
-        elif name == ("111002", "DCM"):
-            text = str(item.TextValue)
-            if text.startswith(_THRESHOLD_PARAMETER):
-                threshold = float(text[len(_THRESHOLD_PARAMETER) :])
-        elif value_type == "NUM" and name == (C.PROBABILITY.value, C.PROBABILITY.scheme):
-            value = _num_value(item)
-            images = [
-                str(ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-                for ref in item.get("ContentSequence", [])
-                if ref.get("ValueType") == "IMAGE"
-            ]
-            derived = any(
-                _name(mod) == ("121401", "DCM")  # Derivation
-                and C.same_code(mod.ConceptCodeSequence[0], C.MAXIMUM)
-                for mod in item.get("ContentSequence", [])
-                if mod.get("ValueType") == "CODE"
-            )
-            if derived or not images:
-                study_probability = value
-            else:
-                for uid in images:
-                    image_probabilities[uid] = value
-        elif value_type == "NUM" and name == (C.ABNORMALITY_SCORE.value, C.DDN_SCHEME):
-            score = _num_value(item)
-        elif value_type == "CODE" and name == (C.PRIORITY.value, C.PRIORITY.scheme):
-            value_code = item.ConceptCodeSequence[0]
-            for prio, code in C.PRIORITY_CODES.items():
-                if C.same_code(value_code, code):
-                    priority = prio
+def _read_evaluations(container: Dataset) -> dict[str, object]:
+    presence: dict[tuple[str, str], tuple[Code, bool]] = {}
+    texts: dict[tuple[str, str], tuple[str, float, float]] = {}
+    comments: list[str] = []
+    out: dict[str, object] = {}
+    for item in container.get("ContentSequence", []):
+        name, value_type = _name(item), item.get("ValueType")
+        if value_type == "CODE" and _is(name, C.PRIORITY):
+            value = item.ConceptCodeSequence[0]
+            out["priority"] = next((p for p, code in C.PRIORITY_CODES.items() if C.same_code(value, code)), None)
         elif value_type == "CODE" and name is not None:
-            evaluation = (
-                Code(name[0], name[1], str(item.ConceptNameCodeSequence[0].CodeMeaning)),
-                _code_value(item),
-            )
-        elif value_type == "IMAGE":
-            sources.append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+            concept = item.ConceptNameCodeSequence[0]
+            code = Code(name[0], name[1], str(concept.CodeMeaning))
+            presence[name] = (code, C.same_code(item.ConceptCodeSequence[0], C.PRESENT))
+        elif value_type == "TEXT":
+            text = str(item.TextValue)
+            if _is(name, C.ABNORMALITY_SCORE):
+                out["score"] = float(text.split()[0]) / 100.0
+            elif _is(name, C.COMMENT):
+                comments.append(text)
+            elif _is(name, C.ALGORITHM_NAME):
+                out["algorithm_name"] = text
+            elif _is(name, C.ALGORITHM_VERSION):
+                out["algorithm_version"] = text
+            elif name is not None and (match := _PROBABILITY_TEXT.match(text)):
+                texts[name] = (match["label"], float(match["p"]) / 100.0, float(match["t"]) / 100.0)
+    out.update(presence=presence, texts=texts, comments=comments)
+    return out
 
-    algo = (algo_name, algo_version)
-    if score is not None or priority is not None:
-        return "triage", (score, priority), algo
-    if finding is None or study_probability is None or tracking is None:
-        return None
-    present = evaluation is not None and (evaluation[1].value, evaluation[1].scheme) == (
-        C.PRESENT.value,
-        C.PRESENT.scheme,
-    )
-    return (
-        "finding",
-        SRFinding(
-            label=tracking,
-            code=finding,
-            probability=study_probability,
+
+def _findings(
+    evaluation: dict[str, object],
+    regions: dict[tuple[str, str], list[SRRegion]],
+    labels: dict[tuple[str, str], str],
+) -> dict[str, SRFinding]:
+    presence: dict[tuple[str, str], tuple[Code, bool]] = evaluation.get("presence", {})  # type: ignore[assignment]
+    texts: dict[tuple[str, str], tuple[str, float, float]] = evaluation.get("texts", {})  # type: ignore[assignment]
+    out = {}
+    for key, (code, present) in presence.items():
+        label, probability, threshold = texts.get(key, (labels.get(key, code.meaning), float("nan"), None))
+        out[label] = SRFinding(
+            label=label,
+            code=code,
+            probability=probability,
             present=present,
             threshold=threshold,
-            image_probabilities=image_probabilities,
-            source_images=tuple(sources),
-        ),
-        algo,
+            regions=tuple(regions.get(key, ())),
+        )
+    return out
+
+
+def _references(ds: Dataset, keyword: str) -> tuple[SRReference, ...]:
+    return tuple(
+        SRReference(
+            sop_class_uid=str(inst.ReferencedSOPClassUID),
+            sop_instance_uid=str(inst.ReferencedSOPInstanceUID),
+            series_instance_uid=str(series.SeriesInstanceUID),
+            study_instance_uid=str(study.StudyInstanceUID),
+        )
+        for study in ds.get(keyword, [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for inst in series.get("ReferencedSOPSequence", [])
     )
+
+
+__all__ = ["THRESHOLD_PARAMETER", "SRContent", "SRFinding", "SRRegion", "read_sr"]

@@ -174,11 +174,11 @@ def test_radiologist_path(
         assert row_uids(page) == [normal_a, effusion, normal_b, arriving]
         page.screenshot(path=str(screenshot_dir / "worklist-arrival.png"), full_page=True)
 
-        # The study: findings with thresholds, the image and its Grad-CAM overlay.
+        # The study: findings with thresholds, the image and the overlay of its findings.
         page.click(f"tr[data-study-uid='{effusion}'] a.patient")
         page.wait_for_selector("table.findings-table")
         assert "EFFUSION, ERIK" in page.inner_text("h1")
-        assert page.locator("img[alt='Grad-CAM Effusion']").evaluate("img => img.naturalWidth") > 0
+        assert page.locator("img[alt='AI findings: Effusion']").evaluate("img => img.naturalWidth") > 0
         assert page.locator("img[alt^='source image']").evaluate("img => img.naturalWidth") > 0
         page.select_option("select[name=priority]", "STAT")
         page.click(".override-form button:text('Override')")

@@ -213,7 +213,9 @@ def test_study_page_findings_images_deliveries_history(
         "probability": 0.72,
         "threshold": 0.5,
         "present": True,
+        "heat_map": "outlined",
     }
+    assert findings["Pneumothorax"]["heat_map"] is None  # not reported: nothing to say
     assert (
         findings["Pneumothorax"]["present"] is False
         and findings["Pneumothorax"]["threshold"] == 0.4

@@ -154,6 +154,7 @@ def analyse(
     probabilities: dict[str, float],
     *,
     policy: TriageSettings | None = None,
+    heatmap_notes: dict[str, str] | None = None,
     overlays: dict[str, dict[str, str]] | None = None,
     timings_ms: dict[str, float] | None = None,
     deliveries: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
@@ -190,6 +191,8 @@ def analyse(
             probabilities=probs,
             positive=[s.name for s in LABELS if probs[s.name] >= s.threshold],
             thresholds={s.name: s.threshold for s in LABELS},
+            heatmap_notes=heatmap_notes or {},
+            heatmap_caveats={},
             abnormality_score=score,
             priority=decision.priority.value,
             timings_ms=timings_ms or {"model_ms": 40.0, "total_ms": 120.0},

@@ -1,10 +1,11 @@
 """The DICOM objects the node sends back into the source study.
 
-- :mod:`.sr`: Comprehensive 3D SR, TID 1500 Measurement Report (findings, probabilities,
-  present/absent, abnormality score, triage priority);
-- :mod:`.pmap`: Grad-CAM heat maps as Parametric Maps (float, real-world value mapping);
-- :mod:`.overlay`: heat maps blended on the image as RGB Secondary Captures, and
-  :func:`render_png`;
+- :mod:`.sr`: Comprehensive 3D SR, TID 1500 Measurement Report: each reported finding an
+  outline on its image (from :mod:`.region`), everything else as qualitative evaluations;
+- :mod:`.pmap`: the heat maps of one image as one Parametric Map (float, real-world value
+  mapping per finding);
+- :mod:`.overlay`: the findings of one image drawn on it, as one JPEG Secondary Capture,
+  and :func:`render_png`;
 - :mod:`.content`, :mod:`.equipment`, :mod:`.codes`: what all of them share (patient and
   study attributes with their character set, IHE AIR style equipment, coded concepts);
 - :mod:`.build`: :func:`build_results`, all objects of one analysis (or in two phases,
@@ -18,7 +19,7 @@ from ddn_node.dicom.results.build import (
     build_results,
     build_sr_result,
 )
-from ddn_node.dicom.results.overlay import blend, render_png
+from ddn_node.dicom.results.overlay import render_png
 from ddn_node.dicom.results.sr import SRReference
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
     "SRReference",
     "SeriesNumbers",
     "add_heat_map_objects",
-    "blend",
     "build_results",
     "build_sr_result",
     "render_png",

@@ -11,13 +11,17 @@ pydicom's generated code dictionaries, or against the cited source):
 concept                        scheme     meaning                                     source
 =============================  =========  ==========================================  =====
 document title                 DCM 126000 Imaging Measurement Report                  CID 7021
-procedure reported (CXR)       SCT        399208008 Plain chest X-ray                 SNOMED CT
-procedure reported (other)     SCT        363679005 Imaging procedure                 CID 100
+procedure reported (name)      DCM 121058 Procedure reported                          TID 1500
+procedure reported (value)     SCT        363679005 Imaging procedure                 CID 100
+image library / group          DCM 111028 Image Library / 126200 Image Library Group  TID 1600
+image library entry            SCT        260753009 Source                            TID 1601
+imaging measurements           DCM 126010 Imaging Measurements                        TID 1500
 present / absent               SCT        52101004 Present / 272519000 Absent         CID 241
 finding probability            DCM 122157 Probability                                 PS3.16 Annex D
-unit of probabilities/scores   UCUM 1     no units                                    CID 7181
-study-level derivation         SCT        56851009 Maximum                            CID 7464
+unit of probabilities/scores   UCUM %     Percent                                     CID 7181
+unit of Grad-CAM values        UCUM 1     no units                                    CID 7181
 triage priority (name)         SCT        260870009 Priority                          SNOMED CT
+algorithm name / version       DCM        111001 / 111003                             TID 4019
 heat-map quantity              DCM 130403 Gradient-weighted class activation          CID 7180
 purpose of equipment ref.      DCM 109102 Processing Equipment                        CID 7005
 comment                        DCM 121106 Comment                                     TID 1500
@@ -32,9 +36,12 @@ Notes on the choices:
   ``(109102, DCM, "Processing Equipment")`` from CID 7005, which validators and highdicom
   accept; the other AIR items (Manufacturer, Manufacturer's Model Name, Software Versions,
   Device UID) are as AIR asks (see :mod:`.equipment`).
-- Probabilities and scores are dimensionless: UCUM ``1`` ("no units", CID 7181). UCUM
-  also allows the annotation ``{probability}``, which means the same unit 1 but is not in
-  any DICOM context group, so viewers that look units up would not recognise it.
+- Probabilities and scores are given in percent, UCUM ``%`` (CID 7181): viewers print a
+  NUM as its value and unit, and "91.0 %" reads where "0.91 1" (the dimensionless ``1``)
+  did not. Grad-CAM values in the Parametric Maps stay dimensionless (``1``).
+- "Procedure reported" takes its value from CID 100, which has no chest X-ray code in any
+  release (PixelMed flags 399208008 "Plain chest X-ray" as outside it): "Imaging
+  procedure" is the entry that fits any projection radiograph.
 
 Private codes, coding scheme designator ``99DDN`` (PS3.16 8.2: a "99" prefix marks a
 private scheme; the SR carries its Coding Scheme Identification Sequence item, PS3.3
@@ -67,13 +74,19 @@ DDN_SCHEME = "99DDN"
 
 # --- Standard codes ----------------------------------------------------------------------
 TITLE_MEASUREMENT_REPORT = Code("126000", "DCM", "Imaging Measurement Report")
-PROCEDURE_PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+PROCEDURE_REPORTED = Code("121058", "DCM", "Procedure reported")
 PROCEDURE_IMAGING = Code("363679005", "SCT", "Imaging procedure")
+IMAGE_LIBRARY = Code("111028", "DCM", "Image Library")
+IMAGE_LIBRARY_GROUP = Code("126200", "DCM", "Image Library Group")
+SOURCE = Code("260753009", "SCT", "Source")
+IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
+ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
 PROBABILITY = Code("122157", "DCM", "Probability")
 UNIT_ONE = Code("1", "UCUM", "no units")
-MAXIMUM = Code("56851009", "SCT", "Maximum")
+UNIT_PERCENT = Code("%", "UCUM", "Percent")
 PRIORITY = Code("260870009", "SCT", "Priority")
 GRADCAM = Code("130403", "DCM", "Gradient-weighted class activation")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")

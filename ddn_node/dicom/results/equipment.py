@@ -17,6 +17,7 @@ Three places describe the producer, each for its own readers:
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from highdicom import ContributingEquipment
@@ -44,8 +45,18 @@ def _node_version() -> str:
         return "0.0.0+source"
 
 
-def general_equipment(algorithm: AlgorithmInfo) -> dict[str, str | list[str]]:
-    """Keyword arguments for highdicom's General Equipment attributes.
+@dataclass(frozen=True)
+class Equipment:
+    """General Equipment (C.7.5.1) / Enhanced General Equipment (C.7.5.2) attributes."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: list[str]
+    device_serial_number: str
+
+
+def general_equipment(algorithm: AlgorithmInfo) -> Equipment:
+    """What highdicom's constructors take as the General Equipment attributes.
 
     The node software wrote the object: Manufacturer is the model's manufacturer (the
     project), the model name is the node, Software Versions carry the node version and
@@ -53,15 +64,15 @@ def general_equipment(algorithm: AlgorithmInfo) -> dict[str, str | list[str]]:
     Equipment) is the model's Device UID: it identifies the exact weights that produced
     the content, which is what a serial number is for in a recall.
     """
-    return {
-        "manufacturer": fit_text(algorithm.manufacturer, _LO),
-        "manufacturer_model_name": NODE_MODEL_NAME,
-        "software_versions": [
+    return Equipment(
+        manufacturer=fit_text(algorithm.manufacturer, _LO),
+        manufacturer_model_name=NODE_MODEL_NAME,
+        software_versions=[
             fit_text(algorithm.software_version or _node_version(), _LO),
             fit_text(algorithm.version, _LO),
         ],
-        "device_serial_number": fit_text(algorithm.device_uid, _LO),
-    }
+        device_serial_number=fit_text(algorithm.device_uid, _LO),
+    )
 
 
 def algorithm_equipment(

@@ -1,33 +1,65 @@
 """The findings as a Comprehensive 3D SR with TID 1500 Measurement Report as its root.
 
-Content tree (PS3.16 TID 1500, as IHE AI Results asks for qualitative findings)::
+Every measurement group has image geometry, so viewers that draw TID 1500 (OHIF draws
+only groups with an SCOORD, and one group without breaks the whole document) show each
+reported finding as a labelled outline on its radiograph; everything without geometry goes
+where TID 1500 allows non-geometric content, the Qualitative Evaluations container.
 
-    CONTAINER (126000, DCM, "Imaging Measurement Report")          TID 1500
-      HAS CONCEPT MOD  Language of Content Item and Descendants    TID 1204
-      HAS OBS CONTEXT  Observer Type = Device, Device Observer UID  TID 1002/1004
-                       (the model's Device UID), name, manufacturer
-      HAS CONCEPT MOD  Procedure reported                          row 4
-      CONTAINS         Image Library (the scored source images)    TID 1600
-      CONTAINS CONTAINER Imaging Measurements                      row 6
-        CONTAINS CONTAINER Measurement Group, one per label        TID 1501
-          HAS OBS CONTEXT Tracking Identifier = label name, Tracking Unique Identifier
-          CONTAINS CODE   Finding = the label's code (model manifest)
-          HAS CONCEPT MOD Algorithm Name / Version / Manufacturer / Parameters  TID 4019
-                          (parameter "threshold=<t>": the operating point)
-          CONTAINS NUM    Probability, unit 1, derivation Maximum   TID 300
-                          = study level (max over the scored images)
-          CONTAINS NUM    Probability, unit 1, per scored image      TID 300
-                          -> INFERRED FROM IMAGE (that image)
-          CONTAINS CODE   <label code> = Present | Absent           (by the threshold)
-          CONTAINS IMAGE  Source (each scored image)
-        CONTAINS CONTAINER Measurement Group "Study triage"          TID 1501
-          CONTAINS NUM    Abnormality score (99DDN), unit 1
-          CONTAINS CODE   Priority = STAT | HIGH | ROUTINE (99DDN values)
-      CONTAINS CONTAINER Qualitative Evaluations                    row 12
-        CONTAINS TEXT    Comment = "NOT FOR DIAGNOSTIC USE ..."     (demo models only)
+Content tree (PS3.16 TID 1500, rows as numbered there)::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")                 row 1
+      HAS CONCEPT MOD  Language of Content Item and Descendants           row 2, TID 1204
+      HAS OBS CONTEXT  Observer Type = Device, Device Observer UID (the   row 3, TID 1002/1004
+                       model's Device UID), name, manufacturer
+      HAS CONCEPT MOD  Procedure reported = (363679005, SCT,              row 4, CID 100
+                       "Imaging procedure")
+      CONTAINS         Image Library: every scored image                  row 5, TID 1600
+      CONTAINS CONTAINER Imaging Measurements                             row 6
+        CONTAINS CONTAINER Measurement Group "Whole image", one per       row 7, TID 1410
+                       scored image: region = the image's border; NUM
+                       Abnormality score, and a NUM per reported finding
+                       without an outline (<label code> = probability %)
+        CONTAINS CONTAINER Measurement Group, one per reported finding    row 7, TID 1410
+                       x image with a heat map
+          HAS OBS CONTEXT  Tracking Identifier = label, Tracking UID
+          CONTAINS CODE    Finding = the label's code (model manifest)
+          CONTAINS SCOORD  Image Region: closed POLYLINE around the half-
+                           peak region of the heat map, or a small CIRCLE
+                           around its peak when the region is a point
+            SELECTED FROM  the source image
+          HAS CONCEPT MOD  Algorithm Name / Version / Parameters          TID 4019
+                           ("threshold=<t>": the operating point)
+          CONTAINS NUM     <label code> = the probability on that image,  TID 1419
+                           in % (viewers label the outline with it)
+      CONTAINS CONTAINER Qualitative Evaluations                          row 12
+        CONTAINS CODE  <label code> = Present | Absent   (every label)    row 13, CID 241
+        CONTAINS CODE  Priority = STAT | HIGH | ROUTINE (99DDN)           row 13
+        CONTAINS TEXT  Abnormality score = "91.0 %"                       row 14
+        CONTAINS TEXT  <label code> = "<label>: probability 12.0 %,       row 14
+                       threshold 40.0 %"                  (every label)
+        CONTAINS TEXT  Algorithm Name, Algorithm Version                  row 14
+        CONTAINS TEXT  Comment = "<label>: no heat map: <why>"            row 14
+                       (a reported finding drawn on no image), or what to know
+                       of a map drawn without localisation evidence
+        CONTAINS TEXT  Comment = "NOT FOR DIAGNOSTIC USE ..."   (demo models)
+
+Why this shape (checked with PixelMed's DicomSRValidator, dciodvfy and OHIF):
+
+- Row 12 takes CODE (row 13) and TEXT (row 14) children only, no NUM, so the study-level
+  numbers there are text; the per-image probability of a drawn finding is a NUM.
+- "Procedure reported" is the CID 100 code that fits any projection radiograph; no CID
+  100 release has a chest X-ray code. The study's own Procedure Code Sequence is still
+  copied into the header.
+- Probabilities are in percent (UCUM "%", CID 7181), which viewers print as "91.00 %"
+  where the dimensionless unit "1" read "0.91 1".
+- The Image Library and the Imaging Measurements container are always present, and the
+  latter always holds a group (the whole image's): OHIF reads both without checking that
+  they exist, and its SR viewport cannot open an SR without a measurement. highdicom's MeasurementReport refuses an
+  empty Imaging Measurements container and has no way to list an image it cannot
+  describe, so the root container is assembled here from highdicom's building blocks.
 
 A study re-opened by a late instance gets a new SR whose Predecessor Documents Sequence
-(PS3.3 C.17.2.1) points at the SR it supersedes. (The tests read it back with
+(PS3.3 C.17.2.1) points at the SR it supersedes. (The tests read SRs back with
 ``tests/support/sr_reader.py``.)
 """
 
@@ -37,21 +69,26 @@ import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
     Comprehensive3DSR,
     ContainerContentItem,
+    ContentSequence,
+    GraphicTypeValues,
+    ImageContentItem,
+    ImageRegion,
+    LanguageOfContentItemAndDescendants,
     Measurement,
-    MeasurementReport,
-    MeasurementsAndQualitativeEvaluations,
     ObservationContext,
-    QualitativeEvaluation,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     RelationshipTypeValues,
-    SourceImageForMeasurement,
-    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
 )
-from highdicom.sr.templates import ImageLibraryEntryDescriptors
+from highdicom.sr.templates import DEFAULT_LANGUAGE, ImageLibraryEntryDescriptors
 from pydicom.dataset import Dataset
 
 from ddn_node.dicom.results import codes as C
@@ -62,17 +99,14 @@ from ddn_node.dicom.results.content import (
     fit_text,
     make_uid,
 )
-from ddn_node.dicom.results.equipment import (
-    algorithm_equipment,
-    algorithm_identification,
-    device_observer,
-    general_equipment,
-)
+from ddn_node.dicom.results.equipment import algorithm_equipment, device_observer, general_equipment
+from ddn_node.dicom.results.region import Region, densified, for_viewers, heatmap_region
 from ddn_node.model.types import Code, ImagePrediction, LabelSpec, StudyPrediction
 from ddn_node.vocabulary import Priority
 
-TRIAGE_TRACKING_ID = "Study triage"
-_THRESHOLD_PARAMETER = "threshold="
+THRESHOLD_PARAMETER = "threshold="
+NO_HEAT_MAP = "no heat map"
+IMAGE_LEVEL = "Whole image"
 
 
 @dataclass(frozen=True)
@@ -107,24 +141,9 @@ def sr_series_description(is_demo: bool) -> str:
     return f"{text} - {NOT_FOR_DIAGNOSTIC_USE}" if is_demo else text
 
 
-def procedure_reported(sources: Sequence[Dataset]) -> Code:
-    """The imaging procedure analysed (TID 1500 row 4; AIR: the procedure, not the AI).
-
-    The study's own Procedure Code Sequence wins when the modality filled it in; a
-    projection radiograph of the chest (or of an unstated body part: the node routes only
-    chest radiographs to the CXR model) is a plain chest X-ray; anything else falls back
-    to the generic "Imaging procedure" of CID 100.
-    """
-    first = sources[0]
-    for item in first.get("ProcedureCodeSequence", []):
-        value = C.code_value(item)
-        if value and item.get("CodingSchemeDesignator") and item.get("CodeMeaning"):
-            return Code(value, str(item.CodingSchemeDesignator), str(item.CodeMeaning))
-    modality = str(first.get("Modality", "") or "").upper()
-    body_part = str(first.get("BodyPartExamined", "") or "").upper()
-    if modality in ("CR", "DX", "DR", "RG", "") and body_part in ("", "CHEST", "THORAX", "LUNG"):
-        return C.PROCEDURE_PLAIN_CHEST_XRAY
-    return C.PROCEDURE_IMAGING
+def percent(value: float) -> str:
+    """A probability or score as people read it: ``0.912`` -> ``"91.2 %"``."""
+    return f"{100.0 * value:.1f} %"
 
 
 def build_sr(
@@ -148,7 +167,9 @@ def build_sr(
             are copied from the first.
         headers: :func:`~.content.reference_header` of each source, in the same order.
         prediction: the model output; every label in ``prediction.labels`` must have a
-            study-level probability.
+            study-level probability. A reported finding is drawn on each image that has a
+            heat map for it (``prediction.images[*].heatmaps``); one drawn nowhere is listed
+            with ``prediction.heatmap_notes[label]`` saying why.
         priority: the study's triage class.
         predecessor: the SR this one supersedes, if the study was analysed before.
         uid_seed: makes Tracking Unique Identifiers reproducible (see ``make_uid``).
@@ -156,47 +177,57 @@ def build_sr(
     algorithm = prediction.algorithm
     charsets = charsets_of(sources[0])
     by_uid = {str(h.SOPInstanceUID): h for h in headers}
-    scored = [img for img in prediction.images if img.sop_instance_uid in by_uid]
     unknown = [i.sop_instance_uid for i in prediction.images if i.sop_instance_uid not in by_uid]
     if unknown:
         raise ValueError(f"predictions for images that are not among the sources: {unknown}")
+    scored = [img for img in prediction.images if img.sop_instance_uid in by_uid]
     scored_headers = [by_uid[img.sop_instance_uid] for img in scored] or list(headers)
 
-    groups: list[MeasurementsAndQualitativeEvaluations] = []
+    groups: list[PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    notes: list[TextContentItem] = []
+    unmapped: list[LabelSpec] = []
     for spec in prediction.labels:
         if spec.name not in prediction.probabilities:
             raise ValueError(f"no study-level probability for label {spec.name!r}")
-        groups.append(
-            _finding_group(spec, prediction, scored, by_uid, scored_headers, charsets, uid_seed)
-        )
-    groups.append(_triage_group(prediction, priority, scored_headers, uid_seed))
+        if float(prediction.probabilities[spec.name]) < spec.threshold:
+            continue
+        drawn = _finding_groups(spec, scored, by_uid, prediction, charsets, uid_seed)
+        groups.extend(drawn)
+        if not drawn:
+            unmapped.append(spec)
+            why = prediction.heatmap_notes.get(spec.name, "the heat map is empty")
+            notes.append(_text(C.COMMENT, f"{spec.name}: {NO_HEAT_MAP}: {why}", charsets))
+        elif spec.name in prediction.heatmap_caveats:
+            notes.append(
+                _text(
+                    C.COMMENT,
+                    f"{spec.name}: heat map {prediction.heatmap_caveats[spec.name]}",
+                    charsets,
+                )
+            )
 
-    # TID 1600 is optional; highdicom describes projection images only when they carry
-    # Patient Orientation and Imager Pixel Spacing. A library listing only some of the
-    # images would misinform, so it is all or nothing (the references are elsewhere too).
-    image_library = [h for h in scored_headers if _describable(h)]
-    report = MeasurementReport(
+    image_groups = [
+        _image_group(img, by_uid[img.sop_instance_uid], unmapped, prediction, charsets, uid_seed)
+        for img in scored
+    ]
+    root = _measurement_report(
         observation_context=ObservationContext(observer_device_context=device_observer(algorithm)),
-        procedure_reported=C.coded(procedure_reported(sources)),
-        imaging_measurements=groups,
-        title=C.coded(C.TITLE_MEASUREMENT_REPORT),
-        referenced_images=image_library if len(image_library) == len(scored_headers) else None,
+        groups=[*image_groups, *groups],
+        evaluations=[*_evaluations(prediction, priority, charsets), *notes],
+        library=scored_headers,
     )
-    if algorithm.is_demo:
-        report[0].ContentSequence.append(_demo_comment(algorithm.name, algorithm.version))
-
     equipment = general_equipment(algorithm)
     sr = Comprehensive3DSR(
         evidence=list(headers),
-        content=report[0],
+        content=root,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
-        manufacturer=equipment["manufacturer"],
-        manufacturer_model_name=equipment["manufacturer_model_name"],
-        software_versions=equipment["software_versions"],
-        device_serial_number=equipment["device_serial_number"],
+        manufacturer=equipment.manufacturer,
+        manufacturer_model_name=equipment.manufacturer_model_name,
+        software_versions=equipment.software_versions,
+        device_serial_number=equipment.device_serial_number,
         # All labels of the model are reported: the content is complete. The report is
         # not verified by a person, so it stays PRELIMINARY and UNVERIFIED (C.17.2).
         is_complete=True,
@@ -212,113 +243,272 @@ def build_sr(
     return sr
 
 
-def _describable(header: Dataset) -> bool:
-    """Whether highdicom can make an Image Library entry (TID 1601) for the header."""
-    if "Rows" not in header or "Columns" not in header:
-        return False
-    try:
-        ImageLibraryEntryDescriptors(header)
-    except (ValueError, KeyError, AttributeError, TypeError):
-        return False
-    return True
+def _image_group(
+    image: ImagePrediction,
+    header: Dataset,
+    unmapped: Sequence[LabelSpec],
+    prediction: StudyPrediction,
+    charsets: list[str],
+    uid_seed: str | None,
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """What the model said of the whole image: a group whose region is the image's border,
+    with the abnormality score and each reported finding that has no outline.
+
+    A viewer shows it as a labelled frame around the radiograph, so that the score and the
+    findings without a heat map are seen where the image is read; and an SR always has a
+    measurement group with geometry (OHIF's SR viewport cannot open one without).
+    """
+    rows, columns = int(header.Rows), int(header.Columns)
+    border = np.array(
+        [
+            [0.5, 0.5],
+            [columns - 0.5, 0.5],
+            [columns - 0.5, rows - 0.5],
+            [0.5, rows - 0.5],
+            [0.5, 0.5],
+        ],
+        dtype=np.float32,
+    )
+    points = densified(border)
+    uid = str(header.SOPInstanceUID)
+    measurements = [
+        Measurement(
+            name=C.coded(C.ABNORMALITY_SCORE),
+            value=round(100.0 * float(prediction.abnormality_score), 1),
+            unit=C.coded(C.UNIT_PERCENT),
+        )
+    ]
+    measurements += [
+        Measurement(
+            name=C.coded(spec.code),
+            value=round(
+                100.0
+                * float(image.probabilities.get(spec.name, prediction.probabilities[spec.name])),
+                1,
+            ),
+            unit=C.coded(C.UNIT_PERCENT),
+        )
+        for spec in sorted(unmapped, key=lambda s: -float(prediction.probabilities[s.name]))
+    ]
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=make_uid(uid_seed, "tracking", IMAGE_LEVEL, uid),
+            identifier=fit_text(IMAGE_LEVEL, 64, charsets),
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=points,
+            source_image=SourceImageForRegion(str(header.SOPClassUID), uid),
+        ),
+        algorithm_id=AlgorithmIdentification(
+            name=prediction.algorithm.name, version=prediction.algorithm.version
+        ),
+        measurements=measurements,
+    )
+
+
+def _finding_groups(
+    spec: LabelSpec,
+    scored: Sequence[ImagePrediction],
+    by_uid: Mapping[str, Dataset],
+    prediction: StudyPrediction,
+    charsets: list[str],
+    uid_seed: str | None,
+) -> list[PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One planar ROI group per image that has a heat map for the finding."""
+    out = []
+    for img in scored:
+        heatmap = img.heatmaps.get(spec.name)
+        if heatmap is None:
+            continue
+        header = by_uid[img.sop_instance_uid]
+        region = heatmap_region(heatmap, int(header.Rows), int(header.Columns))
+        if region is None:
+            continue
+        probability = float(img.probabilities.get(spec.name, prediction.probabilities[spec.name]))
+        out.append(
+            _finding_group(spec, probability, region, header, prediction, charsets, uid_seed)
+        )
+    return out
 
 
 def _finding_group(
     spec: LabelSpec,
+    probability: float,
+    region: Region,
+    header: Dataset,
     prediction: StudyPrediction,
-    scored: Sequence[ImagePrediction],
-    by_uid: Mapping[str, Dataset],
-    scored_headers: Sequence[Dataset],
     charsets: list[str],
     uid_seed: str | None,
-) -> MeasurementsAndQualitativeEvaluations:
-    probability = float(prediction.probabilities[spec.name])
-    finding = C.coded(spec.code)
-    per_image = [
-        Measurement(
-            name=C.coded(C.PROBABILITY),
-            value=float(img.probabilities[spec.name]),
-            unit=C.coded(C.UNIT_ONE),
-            referenced_images=[_source_for_measurement(by_uid[img.sop_instance_uid])],
-        )
-        for img in scored
-        if spec.name in img.probabilities
-    ]
-    study_level = Measurement(
-        name=C.coded(C.PROBABILITY),
-        value=probability,
-        unit=C.coded(C.UNIT_ONE),
-        derivation=C.coded(C.MAXIMUM),
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    uid = str(header.SOPInstanceUID)
+    # TID 4019 without Algorithm Manufacturer: PixelMed's TID 4019 has no such row, and
+    # the manufacturer is in the observer context and the Contributing Equipment already.
+    algorithm = AlgorithmIdentification(
+        name=prediction.algorithm.name,
+        version=prediction.algorithm.version,
+        parameters=[f"{THRESHOLD_PARAMETER}{spec.threshold:g}"],
     )
-    present = probability >= spec.threshold
-    return MeasurementsAndQualitativeEvaluations(
+    shape, points = for_viewers(region, int(header.Rows), int(header.Columns))
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
-            uid=make_uid(uid_seed, "tracking", spec.name),
-            identifier=fit_text(spec.name, None, charsets),
+            uid=make_uid(uid_seed, "tracking", spec.name, uid),
+            identifier=fit_text(spec.name, 64, charsets),
         ),
-        finding_type=finding,
-        algorithm_id=algorithm_identification(
-            prediction.algorithm, parameters=[f"{_THRESHOLD_PARAMETER}{spec.threshold:g}"]
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues(shape.value),
+            graphic_data=points,
+            source_image=SourceImageForRegion(str(header.SOPClassUID), uid),
         ),
-        measurements=[study_level, *per_image],
-        qualitative_evaluations=[
-            QualitativeEvaluation(
-                name=C.coded(spec.code), value=C.coded(C.PRESENT if present else C.ABSENT)
-            )
-        ],
-        source_images=[_source_for_group(h) for h in scored_headers],
-    )
-
-
-def _triage_group(
-    prediction: StudyPrediction,
-    priority: Priority,
-    scored_headers: Sequence[Dataset],
-    uid_seed: str | None,
-) -> MeasurementsAndQualitativeEvaluations:
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=make_uid(uid_seed, "tracking", TRIAGE_TRACKING_ID), identifier=TRIAGE_TRACKING_ID
-        ),
-        algorithm_id=algorithm_identification(prediction.algorithm),
+        finding_type=C.coded(spec.code),
+        algorithm_id=algorithm,
+        # The finding as the NUM's concept: viewers label an outline with its NUMs
+        # ("Pneumothorax: 91.00 %"), so two findings on one image read apart.
         measurements=[
             Measurement(
-                name=C.coded(C.ABNORMALITY_SCORE),
-                value=float(prediction.abnormality_score),
-                unit=C.coded(C.UNIT_ONE),
+                name=C.coded(spec.code),
+                value=round(100.0 * probability, 1),
+                unit=C.coded(C.UNIT_PERCENT),
             )
         ],
-        qualitative_evaluations=[
-            QualitativeEvaluation(
-                name=C.coded(C.PRIORITY), value=C.coded(C.PRIORITY_CODES[priority])
-            )
-        ],
-        source_images=[_source_for_group(h) for h in scored_headers],
     )
 
 
-def _source_for_measurement(header: Dataset) -> SourceImageForMeasurement:
-    return SourceImageForMeasurement(str(header.SOPClassUID), str(header.SOPInstanceUID))
+def _evaluations(
+    prediction: StudyPrediction, priority: Priority, charsets: list[str]
+) -> list[CodeContentItem | TextContentItem]:
+    """TID 1500 rows 13 and 14: every label present or absent, the priority, the score,
+    each label's probability and operating point, the algorithm, the demo warning."""
+    presence: list[CodeContentItem | TextContentItem] = []
+    texts: list[CodeContentItem | TextContentItem] = []
+    for spec in prediction.labels:
+        probability = float(prediction.probabilities[spec.name])
+        presence.append(_code(spec.code, C.PRESENT if probability >= spec.threshold else C.ABSENT))
+        texts.append(
+            _text(
+                spec.code,
+                f"{spec.name}: probability {percent(probability)}, threshold {percent(spec.threshold)}",
+                charsets,
+            )
+        )
+    algorithm = prediction.algorithm
+    out = [
+        *presence,
+        _code(C.PRIORITY, C.PRIORITY_CODES[priority]),
+        _text(C.ABNORMALITY_SCORE, percent(float(prediction.abnormality_score)), charsets),
+        *texts,
+        _text(C.ALGORITHM_NAME, algorithm.name, charsets),
+        _text(C.ALGORITHM_VERSION, algorithm.version, charsets),
+    ]
+    if algorithm.is_demo:
+        out.append(
+            _text(
+                C.COMMENT,
+                f"{NOT_FOR_DIAGNOSTIC_USE}: produced by the demonstration model {algorithm.name} "
+                f"{algorithm.version}, which is not validated for clinical use.",
+                charsets,
+            )
+        )
+    return out
 
 
-def _source_for_group(header: Dataset) -> SourceImageForMeasurementGroup:
-    return SourceImageForMeasurementGroup(str(header.SOPClassUID), str(header.SOPInstanceUID))
-
-
-def _demo_comment(name: str, version: str) -> ContainerContentItem:
-    """TID 1500 rows 12-14: a Qualitative Evaluations container holding a TEXT comment."""
+def _measurement_report(
+    *,
+    observation_context: ObservationContext,
+    groups: Sequence[PlanarROIMeasurementsAndQualitativeEvaluations],
+    evaluations: Sequence[CodeContentItem | TextContentItem],
+    library: Sequence[Dataset],
+) -> ContainerContentItem:
+    """The TID 1500 root container, rows 1-6 and 12 (see the module docstring)."""
+    root = ContainerContentItem(name=C.coded(C.TITLE_MEASUREMENT_REPORT), template_id="1500")
+    content = ContentSequence()
+    content.extend(LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
+    content.extend(observation_context)
+    content.append(
+        CodeContentItem(
+            name=C.coded(C.PROCEDURE_REPORTED),
+            value=C.coded(C.PROCEDURE_IMAGING),
+            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    content.append(_image_library(library))
+    measurements = ContainerContentItem(
+        name=C.coded(C.IMAGING_MEASUREMENTS), relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    if groups:
+        measurements.ContentSequence = ContentSequence()
+        for group in groups:
+            measurements.ContentSequence.extend(group)
+    content.append(measurements)
     container = ContainerContentItem(
-        name=C.coded(C.QUALITATIVE_EVALUATIONS),
-        relationship_type=RelationshipTypeValues.CONTAINS,
+        name=C.coded(C.QUALITATIVE_EVALUATIONS), relationship_type=RelationshipTypeValues.CONTAINS
     )
-    container.ContentSequence = [
-        TextContentItem(
-            name=C.coded(C.COMMENT),
-            value=(
-                f"{NOT_FOR_DIAGNOSTIC_USE}: produced by the demonstration model {name} "
-                f"{version}, which is not validated for clinical use."
-            ),
+    container.ContentSequence = ContentSequence(list(evaluations))
+    content.append(container)
+    root.ContentSequence = content
+    return root
+
+
+def _image_library(headers: Sequence[Dataset]) -> ContainerContentItem:
+    """TID 1600 with one Image Library Group holding every scored image (TID 1601).
+
+    highdicom's ImageLibrary raises for a header that lacks what its descriptors read
+    (Patient Orientation and Imager Pixel Spacing of a projection image, Modality ...),
+    which real CR and SC headers often do; TID 1601 makes the descriptors (TID 1602)
+    optional, so such an image is listed without them.
+    """
+    library = ContainerContentItem(
+        name=C.coded(C.IMAGE_LIBRARY), relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    group = ContainerContentItem(
+        name=C.coded(C.IMAGE_LIBRARY_GROUP), relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = ContentSequence()
+    for header in headers:
+        item = ImageContentItem(
+            name=C.coded(C.SOURCE),
+            referenced_sop_class_uid=str(header.SOPClassUID),
+            referenced_sop_instance_uid=str(header.SOPInstanceUID),
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
-    ]
-    return container
+        descriptors = _descriptors(header)
+        if descriptors is not None:
+            item.ContentSequence = ContentSequence()
+            item.ContentSequence.extend(descriptors)
+        group.ContentSequence.append(item)
+    library.ContentSequence = ContentSequence([group])
+    return library
+
+
+def _descriptors(header: Dataset) -> ImageLibraryEntryDescriptors | None:
+    if "Rows" not in header or "Columns" not in header:
+        return None
+    try:
+        return ImageLibraryEntryDescriptors(header)
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _code(name: Code, value: Code) -> CodeContentItem:
+    return CodeContentItem(
+        name=C.coded(name), value=C.coded(value), relationship_type=RelationshipTypeValues.CONTAINS
+    )
+
+
+def _text(name: Code, value: str, charsets: list[str]) -> TextContentItem:
+    # TEXT is UT; 1024 characters is far more than any of ours needs.
+    return TextContentItem(
+        name=C.coded(name),
+        value=fit_text(value, 1024, charsets),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+
+
+__all__ = [
+    "NO_HEAT_MAP",
+    "THRESHOLD_PARAMETER",
+    "SRReference",
+    "build_sr",
+    "percent",
+    "sr_series_description",
+]

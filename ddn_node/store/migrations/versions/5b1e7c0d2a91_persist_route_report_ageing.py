@@ -9,6 +9,8 @@ Create Date: 2026-12-01 09:00:00
 - results.sr_series_uid, sr_sop_class_uid, sr_path, thresholds, completed_at: the SR's
   identity and the operating points it applied (no SR file is read back, no manifest
   re-parsed); a result row now exists from the moment its SR is queued;
+- results.heatmap_notes, heatmap_caveats: why a reported finding has no heat map, and what
+  to know of one drawn without localisation evidence (the study page says so);
 - studies.ageing_steps: how far ageing raised a study, instead of a sentence appended to
   priority_reason. Rows aged before this revision are converted.
 """
@@ -42,6 +44,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("sr_sop_class_uid", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("sr_path", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("thresholds", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("heatmap_notes", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("heatmap_caveats", sa.JSON(), nullable=True))
         batch_op.add_column(
             sa.Column(
                 "completed_at", ddn_node.store.models.UTCDateTime(timezone=True), nullable=True
@@ -76,6 +80,8 @@ def downgrade() -> None:
         batch_op.drop_column("ageing_steps")
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.drop_column("completed_at")
+        batch_op.drop_column("heatmap_caveats")
+        batch_op.drop_column("heatmap_notes")
         batch_op.drop_column("thresholds")
         batch_op.drop_column("sr_path")
         batch_op.drop_column("sr_sop_class_uid")

@@ -1,0 +1,169 @@
+"""The node's results as a radiologist sees them: OHIF Viewer 3.13.2, in headless Chromium,
+against Orthanc (DICOMweb), after the node analysed a study Orthanc sent it.
+
+The model has localisation evidence for Pneumothorax only (recorded in its manifest, as
+``ddn-node evaluate`` records it), and every finding is positive: the SR outlines
+Pneumothorax on the radiograph, labelled with its probability, and lists Effusion and
+Nodule as findings without a heat map; the Parametric Map (Pneumothorax) is overlaid on
+the radiograph; the Secondary Capture shows. No step may log a console error. The
+screenshots (in $DDN_SCREENSHOT_DIR, else the test's tmp dir) are the ones in the docs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+from support.artifacts import make_test_artifact
+from support.net import free_port, wait_for
+from support.ohif import OhifViewer, chromium_available, playwright_available
+from support.orthanc import Orthanc, orthanc_available
+
+from ddn_node.demo.ohif import OhifServer, OhifSite
+from ddn_node.demo.orthanc import DICOMWEB_PLUGIN
+from ddn_node.store.engine import make_database
+from ddn_node.store.models import Delivery, Result
+from ddn_node.vocabulary import DeliveryState
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_DX = REPO / "sample_studies" / "demo02" / "demo02_PA.dcm"
+
+pytestmark = pytest.mark.slow
+
+
+def _skip_without_viewer() -> None:
+    if not orthanc_available():
+        pytest.skip("Orthanc is not installed (Debian package orthanc)")
+    if not DICOMWEB_PLUGIN.is_file():
+        pytest.skip(
+            f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}; Debian orthanc-dicomweb)"
+        )
+    if not chromium_available():
+        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
+    if not playwright_available():
+        pytest.skip("playwright is not installed (the test extras)")
+    problem = OhifSite.at().missing
+    if problem is not None:
+        pytest.skip(problem)
+
+
+def _screenshots(tmp_path: Path) -> Path:
+    where = Path(os.environ.get("DDN_SCREENSHOT_DIR") or tmp_path / "screenshots")
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def _all_sent(db_url: str) -> bool:
+    """The analysis is complete (its pictures too) and every object reached Orthanc."""
+    db = make_database(db_url)
+    try:
+        with db.read() as s:
+            complete = s.scalar(select(Result.id).where(Result.completed_at.is_not(None)))
+            states = list(s.scalars(select(Delivery.state)))
+    finally:
+        db.dispose()
+    return complete is not None and bool(states) and all(state == DeliveryState.SENT for state in states)
+
+
+def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_path: Path) -> None:
+    _skip_without_viewer()
+    model = make_test_artifact(tmp_path / "model", threshold=0.0, evidence={"Pneumothorax": True})
+    source = pydicom.dcmread(SAMPLE_DX, stop_before_pixels=True)
+    with Orthanc(tmp_path / "orthanc", node_port=free_port()) as pacs:
+        node = make_node(
+            sqlite_url,
+            roles=("scp", "worker"),
+            node={"port": pacs.node_port},
+            routing=[
+                {"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["DX", "CR"]}
+            ],
+            destinations=[
+                {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+            ],
+            worker={"poll_interval_s": 0.2, "torch_threads": 2},
+            demo=True,
+        )
+        with node:
+            uploaded = pacs.upload(SAMPLE_DX)
+            pacs.send_to_node([uploaded["ParentStudy"]])
+            wait_for(lambda: _all_sent(sqlite_url), 240, "the SR, PM and SC stored in Orthanc")
+
+        with (
+            OhifServer(pacs.url) as ohif,
+            OhifViewer(tmp_path / "browser", screenshots=_screenshots(tmp_path)) as viewer,
+        ):
+            viewer.open(ohif.viewer_url(str(source.StudyInstanceUID)))
+            # The SR: Pneumothorax outlined on the radiograph, labelled as a radiologist reads it.
+            sr = viewer.find_display_set(modality="SR")
+            viewer.load_display_set(sr)
+            labels = viewer.wait_for_annotation_labels(min_count=4, contains="Pneumothorax: ")
+            # The outline of Pneumothorax, and the frame of the whole image with the score and
+            # the findings that have no heat map, each read as "<finding>: <p> %".
+            by_name = {text.split(": ")[0]: text for text in labels if ": " in text}
+            assert {"Pneumothorax", "Abnormality score", "Pleural effusion", "Solitary nodule of lung"} <= set(by_name), labels
+            assert all(by_name[name].rstrip().endswith("%") for name in by_name), labels
+            # The outline and the whole image (OHIF adds tool annotations of its own, such as
+            # reference lines).
+            drawn = [a for a in viewer.annotations() if a.get("graphicType")]
+            assert len(drawn) == 2, drawn
+            viewer.screenshot("ohif-sr-findings")
+
+            # The Parametric Map, overlaid on its radiograph.
+            pm = viewer.find_display_set(modality="PMAP")
+            viewer.load_display_set(pm)
+            viewer.wait_for_overlay(pm)
+            viewer.screenshot("ohif-heat-map")
+
+            # The Secondary Capture, as any viewer shows it.
+            sc = viewer.find_display_set(series_description="AI findings overlay (SC)")
+            viewer.load_display_set(sc)
+            viewer.wait_for_image(colour=True, min_coloured_fraction=0.002)
+            viewer.screenshot("ohif-overlay-sc")
+
+            errors = viewer.console_errors()
+            assert errors == [], "\n".join(map(str, errors))
+            assert viewer.failed_requests == []
+
+
+def test_an_sr_without_outlines_opens_cleanly(make_node, sqlite_url: str, tmp_path: Path) -> None:
+    """The default for a model without localisation evidence (the bundled one): findings
+    but no heat maps. The SR has no measurement group then, and must still open."""
+    _skip_without_viewer()
+    model = make_test_artifact(tmp_path / "model", threshold=0.0)
+    source = pydicom.dcmread(SAMPLE_DX, stop_before_pixels=True)
+    with Orthanc(tmp_path / "orthanc", node_port=free_port()) as pacs:
+        node = make_node(
+            sqlite_url,
+            roles=("scp", "worker"),
+            node={"port": pacs.node_port},
+            routing=[
+                {"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["DX", "CR"]}
+            ],
+            destinations=[
+                {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+            ],
+            worker={"poll_interval_s": 0.2, "torch_threads": 2},
+            demo=True,
+        )
+        with node:
+            uploaded = pacs.upload(SAMPLE_DX)
+            pacs.send_to_node([uploaded["ParentStudy"]])
+            wait_for(lambda: _all_sent(sqlite_url), 240, "the SR and SC stored in Orthanc")
+        modalities = {
+            s["MainDicomTags"].get("Modality")
+            for s in pacs.get(f"/studies/{uploaded['ParentStudy']}/series")
+        }
+        assert "PMAP" not in modalities and "PM" not in modalities
+        with (
+            OhifServer(pacs.url) as ohif,
+            OhifViewer(tmp_path / "browser", screenshots=_screenshots(tmp_path)) as viewer,
+        ):
+            viewer.open(ohif.viewer_url(str(source.StudyInstanceUID)))
+            viewer.load_display_set(viewer.find_display_set(modality="SR"))
+            viewer.wait_for_image()
+            viewer.screenshot("ohif-sr-no-outlines")
+            errors = viewer.console_errors()
+            assert errors == [], "\n".join(map(str, errors))
