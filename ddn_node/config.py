@@ -120,6 +120,24 @@ class DatabaseSettings(_Section):
         return value
 
 
+class IngestSettings(_Section):
+    """What the SCP does with results that come back with a study (dicom/origin.py).
+
+    Neither kind ever re-opens a study or starts an analysis: only a new source image that
+    a routing rule selects does. "drop" answers success (the sender may let go of the
+    object) and keeps nothing; "keep" stores it with the study, listed but not analysed.
+    """
+
+    own_results: Literal["drop", "keep"] = Field(
+        default="drop",
+        description="the node's own SR, PM and SC sent back by the PACS: the node has them",
+    )
+    other_results: Literal["keep", "drop"] = Field(
+        default="keep",
+        description="results and derived objects of other algorithms and workstations",
+    )
+
+
 class CompletionSettings(_Section):
     """When is a study complete? No DICOM message says so (PS3.4 B.4); we wait for quiet."""
 
@@ -274,6 +292,7 @@ class Settings(_Section):
     node: NodeSettings = NodeSettings()
     peers: list[PeerSettings] = Field(default_factory=list)
     database: DatabaseSettings = DatabaseSettings()
+    ingest: IngestSettings = IngestSettings()
     completion: CompletionSettings = CompletionSettings()
     queue: QueueSettings = QueueSettings()
     worker: WorkerSettings = WorkerSettings()

@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pydicom.config
@@ -23,6 +24,7 @@ from ddn_node.config import Settings
 from ddn_node.dicom.scp import StorageSCP
 from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline.completion import CompletionTracker
+from ddn_node.pipeline.routing import selects
 from ddn_node.pipeline.scheduler import NodeScheduler
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.migrate import current_revision, head_revision, upgrade
@@ -110,7 +112,13 @@ def start_node(
         node.shutdown_requested = shutdown
     try:
         if "scp" in roles:
-            node.scp = StorageSCP(settings, database, spool, on_stored=scheduler.on_stored)
+            node.scp = StorageSCP(
+                settings,
+                database,
+                spool,
+                on_stored=scheduler.on_stored,
+                selects=partial(selects, settings.routing),
+            )
             node.ports = node.scp.start()
             node.stoppers.append(node.scp.stop)
         if "worker" in roles:

@@ -77,6 +77,14 @@ class HeatMapPolicy(StrEnum):
     NONE = "none"
 
 
+class InstanceOrigin(StrEnum):
+    """What a received instance is (see ``dicom/origin.py``)."""
+
+    SOURCE = "source"  # an image from an acquisition
+    OWN = "own"  # a result this node made, sent back by the PACS
+    OTHER = "other"  # a result or derived object of another algorithm or workstation
+
+
 class StudyState(StrEnum):
     """A study's place in the lifecycle (see ``store/lifecycle.py`` for the transitions)."""
 

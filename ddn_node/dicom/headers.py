@@ -49,6 +49,13 @@ INDEXED_TAGS = [
         "PhotometricInterpretation",
         "Rows",
         "Columns",
+        # What the instance is: an acquisition, or a result of this node or of another
+        # algorithm (dicom/origin.py).
+        "ImageType",
+        "ConversionType",
+        "Manufacturer",
+        "ManufacturerModelName",
+        "ContributingEquipmentSequence",
     )
 ]
 
@@ -120,6 +127,19 @@ def _as_text(value: Any) -> Any:
     return str(value).strip().rstrip("\x00")
 
 
+def _contributors(items: Any) -> dict[str, str]:
+    """The Device UIDs and Purpose of Reference codes of a Contributing Equipment Sequence,
+    backslash-joined (``ContributingDeviceUIDs``, ``ContributingPurposes``)."""
+    uids, purposes = [], []
+    for item in items or []:
+        uid = item.get("DeviceUID")
+        if uid:
+            uids.append(str(uid))
+        for code in item.get("PurposeOfReferenceCodeSequence", []) or []:
+            purposes.append(f"{code.get('CodeValue', '')}^{code.get('CodingSchemeDesignator', '')}")
+    return {"ContributingDeviceUIDs": "\\".join(uids), "ContributingPurposes": "\\".join(purposes)}
+
+
 def header_from_dataset(ds: Dataset) -> Header:
     values: dict[str, Any] = {}
     for tag in INDEXED_TAGS:
@@ -141,6 +161,9 @@ def header_from_dataset(ds: Dataset) -> Header:
             # length or bytes do not fit its VR raises here, not in dcmread.
             elem = ds.get(tag)
             if elem is None:
+                continue
+            if keyword == "ContributingEquipmentSequence":
+                values.update(_contributors(elem.value))
                 continue
             values[keyword] = _as_text(elem.value)
         except _VALUE_ERRORS as exc:

@@ -37,18 +37,21 @@ from ddn_node.dicom.hardening import (
     register_server,
     stream_received_datasets,
 )
-from ddn_node.dicom.headers import HeaderError, dataset_offset, read_header
-from ddn_node.dicom.spool import Spool
+from ddn_node.dicom.headers import Header, HeaderError, dataset_offset, read_header
+from ddn_node.dicom.origin import classify
+from ddn_node.dicom.spool import Spool, StoredFile
 from ddn_node.dicom.syntaxes import (
     IMPLEMENTATION_CLASS_UID,
     implementation_version_name,
     storage_sop_classes,
     supported_transfer_syntaxes,
 )
+from ddn_node.model.identity import manifest_device_uid
 from ddn_node.store.audit import AuditEventName, add_audit, audit
 from ddn_node.store.engine import Database
 from ddn_node.store.ingest import IngestOutcome, InstanceRecord, KnownSeries, record_instance
 from ddn_node.store.models import UID_LEN
+from ddn_node.vocabulary import InstanceOrigin
 
 log = structlog.get_logger("ddn_node.scp")
 
@@ -113,11 +116,19 @@ class StorageSCP:
         database: Database,
         spool: Spool,
         on_stored: Callable[[IngestOutcome], None] | None = None,
+        selects: Callable[[InstanceRecord], bool] | None = None,
     ):
         self.settings = settings
         self.database = database
         self.spool = spool
         self.on_stored = on_stored
+        # Whether a received source image is one a routing rule scores: only those re-open
+        # a completed study (the node's composition passes pipeline.routing.selects).
+        self.selects = selects or (lambda record: record.origin == InstanceOrigin.SOURCE)
+        # The Device UIDs of the node's models, by which its own results are recognised.
+        self._own_devices = frozenset(
+            uid for uid in (manifest_device_uid(rule.model) for rule in settings.routing) if uid
+        )
         self._servers: list[HardenedServer] = []
         self._threads: list[threading.Thread] = []
         self._stats: dict[int, _AssocStats] = {}
@@ -301,11 +312,17 @@ class StorageSCP:
                     stats.refused += 1
         return status
 
-    def _store(self, event: evt.Event) -> int:  # noqa: C901 - each early return is one C-STORE status (PS3.4 B.2.3), in the order decided
-        request = cast(C_STORE, event.request)  # EVT_C_STORE's request is a C-STORE
-        sop_uid = str(request.AffectedSOPInstanceUID or "")
-        calling = event.assoc.requestor.ae_title.strip()
-        tmp = Path(event.dataset_path)
+    def _dropped(self, origin: InstanceOrigin) -> bool:
+        """Results the configuration says not to keep ([ingest]); acknowledged all the same:
+        the node has its own, and another's is no source of an analysis."""
+        ingest = self.settings.ingest
+        return (origin is InstanceOrigin.OWN and ingest.own_results == "drop") or (
+            origin is InstanceOrigin.OTHER and ingest.other_results == "drop"
+        )
+
+    def _refusal(self, tmp: Path, sop_uid: str) -> int | None:
+        """0xA700 when the instance cannot be kept: the disk is below its reserve, or the
+        instance is larger than allowed."""
         if self._below_reserve():
             log.warning("scp.store_refused", sop_instance_uid=sop_uid, reason="disk below reserve")
             return OUT_OF_RESOURCES
@@ -323,6 +340,16 @@ class StorageSCP:
                 size=size,
             )
             return OUT_OF_RESOURCES
+        return None
+
+    def _store(self, event: evt.Event) -> int:  # noqa: C901 - each early return is one C-STORE status (PS3.4 B.2.3), in the order decided
+        request = cast(C_STORE, event.request)  # EVT_C_STORE's request is a C-STORE
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        calling = event.assoc.requestor.ae_title.strip()
+        tmp = Path(event.dataset_path)
+        refused = self._refusal(tmp, sop_uid)
+        if refused is not None:
+            return refused
         try:
             header = read_header(tmp)
             offset = dataset_offset(tmp)
@@ -347,6 +374,17 @@ class StorageSCP:
         if ds_sop and ds_sop != sop_uid:
             log.warning("scp.store_uid_mismatch", sop_instance_uid=sop_uid, dataset_uid=ds_sop)
             return UID_MISMATCH
+        origin = classify(header, self._own_devices)
+        if self._dropped(origin):
+            tmp.unlink(missing_ok=True)
+            log.info(
+                "scp.result_dropped",
+                sop_instance_uid=sop_uid,
+                study_uid=study_uid,
+                origin=origin.value,
+                calling_ae=calling,
+            )
+            return SUCCESS
         try:
             stored = self.spool.commit(
                 tmp, self.spool.instance_relpath(study_uid, sop_uid), hash_from=offset, overlap=True
@@ -358,38 +396,7 @@ class StorageSCP:
                 log.error("scp.store_write_failed", sop_instance_uid=sop_uid, error=str(exc))
             return OUT_OF_RESOURCES
         transfer_syntax = str(event.context.transfer_syntax)
-        record = InstanceRecord(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            sop_instance_uid=sop_uid,
-            sop_class_uid=str(request.AffectedSOPClassUID),
-            transfer_syntax_uid=transfer_syntax,
-            path=stored.relpath,
-            size=stored.size,
-            sha256=stored.sha256,
-            calling_ae=calling,
-            patient_id=header.text("PatientID"),
-            patient_name=header.text("PatientName"),
-            patient_birth_date=header.text("PatientBirthDate"),
-            patient_sex=header.text("PatientSex"),
-            accession_number=header.text("AccessionNumber"),
-            dicom_study_id=header.text("StudyID"),
-            study_date=header.text("StudyDate"),
-            study_time=header.text("StudyTime"),
-            study_description=header.text("StudyDescription"),
-            referring_physician=header.text("ReferringPhysicianName"),
-            specific_character_set=header.text("SpecificCharacterSet"),
-            modality=header.text("Modality"),
-            body_part=header.text("BodyPartExamined").upper(),
-            series_number=header.text("SeriesNumber"),
-            series_description=header.text("SeriesDescription"),
-            instance_number=header.text("InstanceNumber"),
-            view_position=header.text("ViewPosition").upper(),
-            image_laterality=header.text("ImageLaterality"),
-            photometric=header.text("PhotometricInterpretation"),
-            rows=header.integer("Rows"),
-            columns=header.integer("Columns"),
-        )
+        record = _record_of(header, request, stored, calling, transfer_syntax, origin)
         try:
             outcome = record_instance(
                 self.database,
@@ -397,6 +404,7 @@ class StorageSCP:
                 quiet_period_s=self.settings.quiet_period_for(calling),
                 force_complete_s=self.settings.completion.force_complete_s,
                 known=self._known,
+                may_reopen=self.selects(record),
             )
         except SQLAlchemyError as exc:
             # The file is in place but not acknowledged: a re-send overwrites it.
@@ -426,3 +434,49 @@ class StorageSCP:
         if self.on_stored is not None:
             self.on_stored(outcome)
         return SUCCESS
+
+
+def _record_of(
+    header: Header,
+    request: C_STORE,
+    stored: StoredFile,
+    calling: str,
+    transfer_syntax: str,
+    origin: InstanceOrigin,
+) -> InstanceRecord:
+    """What the database keeps of one stored instance: its header's indexed attributes."""
+    study_uid, series_uid = header.text("StudyInstanceUID"), header.text("SeriesInstanceUID")
+    sop_uid = str(request.AffectedSOPInstanceUID or "")
+    return InstanceRecord(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        transfer_syntax_uid=transfer_syntax,
+        path=stored.relpath,
+        size=stored.size,
+        sha256=stored.sha256,
+        calling_ae=calling,
+        patient_id=header.text("PatientID"),
+        patient_name=header.text("PatientName"),
+        patient_birth_date=header.text("PatientBirthDate"),
+        patient_sex=header.text("PatientSex"),
+        accession_number=header.text("AccessionNumber"),
+        dicom_study_id=header.text("StudyID"),
+        study_date=header.text("StudyDate"),
+        study_time=header.text("StudyTime"),
+        study_description=header.text("StudyDescription"),
+        referring_physician=header.text("ReferringPhysicianName"),
+        specific_character_set=header.text("SpecificCharacterSet"),
+        modality=header.text("Modality"),
+        body_part=header.text("BodyPartExamined").upper(),
+        series_number=header.text("SeriesNumber"),
+        series_description=header.text("SeriesDescription"),
+        instance_number=header.text("InstanceNumber"),
+        view_position=header.text("ViewPosition").upper(),
+        image_laterality=header.text("ImageLaterality"),
+        photometric=header.text("PhotometricInterpretation"),
+        rows=header.integer("Rows"),
+        columns=header.integer("Columns"),
+        origin=origin,
+    )

@@ -23,6 +23,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ddn_node.model.ddn import DDN, DDNConfig, HeadConfig
+from ddn_node.model.identity import device_uid_from_sha256
 from ddn_node.model.preprocess import PreprocessSpec
 from ddn_node.model.types import AlgorithmInfo, LabelSpec
 from ddn_node.vocabulary import HeatMapPolicy
@@ -210,15 +211,6 @@ def architecture_of(config: DDNConfig) -> ArchitectureModel:
         dropout=config.dropout,
         tiny_widths=list(config.tiny_widths),
     )
-
-
-def device_uid_from_sha256(sha256_hex: str) -> str:
-    """A UID under the 2.25 root (PS3.5 B.2: UUID-derived) from the weights' hash.
-
-    Same weights -> same UID; any change of weights -> a new UID, as TID 4019 expects of a
-    Device Observer UID.
-    """
-    return "2.25." + str(int(sha256_hex[:32], 16))
 
 
 def _sha256(data: bytes) -> str:

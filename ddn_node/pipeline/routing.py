@@ -3,7 +3,10 @@
 A rule matches an instance when every non-empty list in the rule contains the instance's
 value (an empty string in a list matches a missing attribute). The first rule that matches
 any instance of a study routes the study; only the instances it matches are scored (a
-lateral view is stored and listed but not scored by a frontal CXR head).
+lateral view is stored and listed but not scored by a frontal CXR head). Results that come
+back with a study (the node's own, other algorithms', see dicom/origin.py) are never
+routed, and only a source image that a rule selects re-opens a completed study
+(:func:`selects`, which the SCP asks).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ddn_node.config import RoutingRule
+from ddn_node.store.ingest import InstanceRecord
 from ddn_node.store.models import Instance, Series
+from ddn_node.vocabulary import InstanceOrigin
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class InstanceFacts:
     modality: str
     body_part: str
     view_position: str
+    origin: str = InstanceOrigin.SOURCE
 
 
 @dataclass(frozen=True)
@@ -44,13 +50,14 @@ def study_instances(session: Session, study_id: int) -> list[StoredInstance]:
             Series.modality,
             Series.body_part,
             Instance.view_position,
+            Instance.origin,
             Instance.path,
         )
         .join(Series, Instance.series_id == Series.id)
         .where(Instance.study_id == study_id)
         .order_by(Series.series_number, Instance.instance_number, Instance.id)
     ).all()
-    return [StoredInstance(InstanceFacts(*row[:6]), row[6]) for row in rows]
+    return [StoredInstance(InstanceFacts(*row[:7]), row[7]) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,25 @@ def rule_matches(rule: RoutingRule, facts: InstanceFacts) -> bool:
 
 
 def route_study(rules: Sequence[RoutingRule], instances: Sequence[InstanceFacts]) -> Route | None:
+    sources = [facts for facts in instances if facts.origin == InstanceOrigin.SOURCE]
     for rule in rules:
-        matched = [facts for facts in instances if rule_matches(rule, facts)]
+        matched = [facts for facts in sources if rule_matches(rule, facts)]
         if matched:
             return Route(rule, matched)
     return None
+
+
+def selects(rules: Sequence[RoutingRule], record: InstanceRecord) -> bool:
+    """Whether a received instance is a source image that some routing rule would score:
+    the only kind that re-opens a completed study."""
+    if record.origin != InstanceOrigin.SOURCE:
+        return False
+    facts = InstanceFacts(
+        0,
+        record.sop_instance_uid,
+        record.sop_class_uid,
+        record.modality,
+        record.body_part,
+        record.view_position,
+    )
+    return any(rule_matches(rule, facts) for rule in rules)

@@ -56,7 +56,7 @@ class NodeScheduler:
 
     def on_stored(self, outcome: IngestOutcome) -> None:
         """Called by the SCP after each stored instance: (re)arm the study's timer."""
-        if not (outcome.new_instance or outcome.changed):
+        if not outcome.touched or not (outcome.new_instance or outcome.changed):
             return
         self._scheduler.add_job(
             self._complete_one,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from ddn_node.store import lifecycle
 from ddn_node.store.engine import Database
 from ddn_node.store.models import Instance, Series, Study, UTCDateTime, utcnow
-from ddn_node.vocabulary import StudyState
+from ddn_node.vocabulary import InstanceOrigin, StudyState
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class InstanceRecord:
     photometric: str = ""
     rows: int | None = None
     columns: int | None = None
+    origin: str = InstanceOrigin.SOURCE
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class IngestOutcome:
     changed: bool  # a duplicate SOP Instance UID with different content
     reopened: bool  # the study had completed and now receives again
     complete_after: dt.datetime
+    touched: bool = True  # the study's quiet period starts again (a source image arrived)
 
 
 def _fit(model: type, values: dict[str, object]) -> dict[str, object]:
@@ -231,10 +233,15 @@ def record_instance(
     force_complete_s: float,
     now: dt.datetime | None = None,
     known: KnownSeries | None = None,
+    may_reopen: bool = True,
 ) -> IngestOutcome:
+    """Record one stored instance. A source image restarts its study's quiet period; one
+    that ``may_reopen`` (a routing rule selects it) re-opens a completed study. A result
+    (``rec.origin`` own or other) changes neither: it never starts an analysis."""
     now = now or utcnow()
     complete_after = now + dt.timedelta(seconds=quiet_period_s)
-    ids = known.get(rec.series_uid) if known is not None else None
+    source = rec.origin == InstanceOrigin.SOURCE
+    ids = known.get(rec.series_uid) if known is not None and source else None
     if ids is not None:
         try:
             with database.session() as session:
@@ -246,7 +253,9 @@ def record_instance(
         except IntegrityError:
             assert known is not None
             known.forget(rec.series_uid)
-    full = _full_path(database, rec, now, complete_after, force_complete_s)
+    full = _full_path(
+        database, rec, now, complete_after, force_complete_s, may_reopen=source and may_reopen
+    )
     if known is not None:
         known.put(rec.series_uid, full.study_id, full.series_id)
     return full.outcome
@@ -265,6 +274,8 @@ def _full_path(
     now: dt.datetime,
     complete_after: dt.datetime,
     force_complete_s: float,
+    *,
+    may_reopen: bool,
 ) -> _Full:
     with database.session() as session:
         _insert_ignore(
@@ -330,13 +341,22 @@ def _full_path(
         if not study.body_part and rec.body_part:
             study.body_part = rec.body_part[:64]
 
-        reopened = study.state != StudyState.RECEIVING
+        reopened = study.state != StudyState.RECEIVING and may_reopen
         if reopened:
             lifecycle.reopen(session, study, now, force_complete_s)
-        study.last_received_at = now
-        study.complete_after = complete_after
+        touched = study.state == StudyState.RECEIVING and rec.origin == InstanceOrigin.SOURCE
+        if touched:
+            study.last_received_at = now
+            study.complete_after = complete_after
         return _Full(
-            IngestOutcome(study.id, new_instance, changed, reopened, complete_after),
+            IngestOutcome(
+                study.id,
+                new_instance,
+                changed,
+                reopened,
+                study.complete_after or complete_after,
+                touched,
+            ),
             study.id,
             series.id,
         )

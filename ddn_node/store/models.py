@@ -31,7 +31,14 @@ from sqlalchemy.sql.elements import Grouping
 from sqlalchemy.types import TypeDecorator
 
 from ddn_node.store.ordering import effective_priority, effective_rank, not_read, score_key
-from ddn_node.vocabulary import DeliveryState, JobState, Priority, ReadStatus, StudyState
+from ddn_node.vocabulary import (
+    DeliveryState,
+    InstanceOrigin,
+    JobState,
+    Priority,
+    ReadStatus,
+    StudyState,
+)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -219,6 +226,10 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # An acquisition, or a result (the node's own or another's): only sources are routed.
+    origin: Mapped[str] = mapped_column(
+        String(8), default=InstanceOrigin.SOURCE, server_default="source"
+    )
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

@@ -183,9 +183,9 @@ def build_parametric_map(
         instance_number=instance_number,
         manufacturer=equipment.manufacturer,
         manufacturer_model_name=equipment.manufacturer_model_name,
-        # highdicom's annotation (str | tuple[str]) allows one version; Software Versions
-        # is VM 1-n, and highdicom writes every item of the tuple.
-        software_versions=tuple(equipment.software_versions),  # type: ignore[arg-type]
+        # Software Versions is VM 1-n; highdicom annotates str | tuple[str] but writes
+        # any sequence of strings (a tuple makes pydicom warn: it wants a list).
+        software_versions=equipment.software_versions,  # type: ignore[arg-type]
         device_serial_number=equipment.device_serial_number,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=mappings,

@@ -12,7 +12,9 @@ Create Date: 2026-12-01 09:00:00
 - results.heatmap_notes, heatmap_caveats: why a reported finding has no heat map, and what
   to know of one drawn without localisation evidence (the study page says so);
 - studies.ageing_steps: how far ageing raised a study, instead of a sentence appended to
-  priority_reason. Rows aged before this revision are converted.
+  priority_reason. Rows aged before this revision are converted;
+- instances.origin: source image, or a result (the node's own, or another's), which is
+  never routed and never re-opens a study.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("ageing_steps", sa.Integer(), server_default="0", nullable=False)
         )
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("origin", sa.String(length=8), server_default="source", nullable=False)
+        )
 
     bind = op.get_bind()
     # Results written before this revision were complete when written.
@@ -76,6 +82,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.drop_column("origin")
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.drop_column("ageing_steps")
     with op.batch_alter_table("results", schema=None) as batch_op:
