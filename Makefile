@@ -11,8 +11,8 @@ run: setup
 
 demo: run
 
-# The whole test suite (what CI runs through .ci/run).
-test: setup
+# The whole test suite (what CI runs through .ci/run), after the gate.
+test: setup lint
 	.venv/bin/python -m pytest -q
 
 test-fast: setup
@@ -24,6 +24,12 @@ soak: setup
 
 bench: setup
 	.venv/bin/ddn-node bench all
+
+# The gate: ruff (the rule set in pyproject.toml, formatting included) and mypy over ddn_node.
+lint: setup
+	.venv/bin/ruff format --check ddn_node tests
+	.venv/bin/ruff check ddn_node tests
+	.venv/bin/mypy
 
 clean:
 	rm -rf var .pytest_cache
