@@ -189,7 +189,12 @@ class DestinationSettings(_Section):
     # Which result kinds this destination gets: "sr" (the findings), "sc" (the overlay any
     # viewer shows), "pm" (the heat maps as Parametric Maps). A PACS whose viewers draw SRs
     # may want only ["sr"]; a legacy archive ["sr", "sc"].
-    kinds: list[ResultKind] = Field(default_factory=lambda: list(ResultKind), min_length=1)
+    kinds: list[ResultKind] = Field(
+        default_factory=lambda: [ResultKind.SR, ResultKind.PM, ResultKind.SC], min_length=1
+    )
+    # When a study is analysed again, withdraw the results it supersedes with an IOCM
+    # rejection note (for Orthanc: deploy/orthanc/iocm-rejection.lua applies it).
+    withdraw_superseded: bool = False
     tls: bool = False
     tls_ca: Path | None = None
     tls_cert: Path | None = None

@@ -58,7 +58,8 @@ class ResultKind(StrEnum):
 
     SR = "sr"  # the findings: Comprehensive 3D SR, TID 1500
     PM = "pm"  # the heat maps, machine-readable: Parametric Map
-    SC = "sc"  # the heat maps as any viewer shows them: Secondary Capture
+    SC = "sc"  # the findings drawn on the image, as any viewer shows them: Secondary Capture
+    KO = "ko"  # the withdrawal of superseded results: an IOCM rejection note
 
 
 class MessageKind(StrEnum):

@@ -12,10 +12,10 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -43,6 +43,10 @@ class LocalOrthanc:
     node_aet: str = "DDN_NODE"
     aet: str = "ORTHANC"
     proc: subprocess.Popen[bytes] | None = None
+    # Merged over the generated configuration, as an administrator merges a snippet
+    # (deploy/orthanc/orthanc-ddn-node.json) into orthanc.json: top-level keys replace,
+    # DicomModalities entries are added.
+    extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -91,6 +95,11 @@ class LocalOrthanc:
                 "StudiesMetadata": "Full",
                 "SeriesMetadata": "Full",
             }
+        for key, value in self.extra_config.items():
+            if key == "DicomModalities":
+                config[key] = {**cast("dict[str, Any]", config[key]), **value}
+            elif not key.startswith("//"):
+                config[key] = value
         path = self.home / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         return path

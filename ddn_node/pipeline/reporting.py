@@ -20,11 +20,20 @@ from collections.abc import Callable
 from dataclasses import replace
 from io import BytesIO
 
+import pydicom
 import structlog
 from pydicom.dataset import Dataset
 
 from ddn_node.config import Settings
-from ddn_node.dicom.results import ResultObjects, SRReference, add_heat_map_objects, build_sr_result
+from ddn_node.dicom.results import (
+    ResultObjects,
+    SeriesNumbers,
+    SRReference,
+    add_heat_map_objects,
+    build_sr_result,
+)
+from ddn_node.dicom.results.content import make_uid
+from ddn_node.dicom.results.rejection import Withdrawn, build_rejection_note
 from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline.analysis import Analysis, ms_since
 from ddn_node.pipeline.notices import queue_messages
@@ -57,7 +66,10 @@ class ReportingSteps:
         self.on_results = on_results
 
     def wanted(self, kind: ResultKind) -> list[str]:
-        """The destinations that take ``kind``."""
+        """The destinations that take ``kind`` (a rejection note: those that withdraw
+        superseded results)."""
+        if kind is ResultKind.KO:
+            return [d.name for d in self.settings.destinations if d.withdraw_superseded]
         return [d.name for d in self.settings.destinations if kind in d.kinds]
 
     # -- phase 1 -----------------------------------------------------------------------
@@ -215,6 +227,7 @@ class ReportingSteps:
             kinds=kinds,
             source_bytes={s.facts.sop_instance_uid: self._size(s.path) for s in a.routed},
         )
+        a.objects.rejection = self._rejection_note(a)
         files: list[tuple[ResultKind, Dataset, str]] = []
         for kind, ds in a.objects.all()[1:]:
             relpath = self.spool.result_relpath(a.study_uid, str(ds.SOPInstanceUID))
@@ -286,6 +299,44 @@ class ReportingSteps:
         ]
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _rejection_note(self, a: Analysis) -> Dataset | None:
+        """The IOCM rejection note of what this analysis supersedes, when a destination
+        withdraws superseded results (dicom/results/rejection.py)."""
+        assert a.objects is not None
+        if a.lease.generation < 2 or not self.wanted(ResultKind.KO):
+            return None
+        with self.database.read() as session:
+            old = records.superseded_objects(
+                session, a.lease.study_id, before_generation=a.lease.generation
+            )
+        withdrawn = []
+        for obj in old:
+            try:
+                header = pydicom.dcmread(self.spool.path(obj.path), stop_before_pixels=True)
+            except (OSError, ValueError) as exc:  # a purged file: nothing to reference it by
+                log.warning(
+                    "worker.withdraw_unreadable",
+                    sop_instance_uid=obj.sop_instance_uid,
+                    error=str(exc),
+                )
+                continue
+            withdrawn.append(
+                Withdrawn(obj.sop_class_uid, obj.sop_instance_uid, str(header.SeriesInstanceUID))
+            )
+        if not withdrawn:
+            return None
+        prediction, _ = a.predicted()
+        return build_rejection_note(
+            a.sources[0].dataset,
+            withdrawn,
+            superseded_by=str(a.objects.sr.SOPInstanceUID),
+            algorithm=prediction.algorithm,
+            series_instance_uid=make_uid(a.uid_seed, "ko-series"),
+            sop_instance_uid=make_uid(a.uid_seed, "ko"),
+            series_number=SeriesNumbers().rejection,
+            now=a.built_at,
+        )
 
     def _size(self, relpath: str) -> int:
         try:

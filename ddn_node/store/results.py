@@ -23,6 +23,7 @@ from sqlalchemy import Row, select, update
 from sqlalchemy.orm import Session
 
 from ddn_node.store.models import Delivery, ImageResult, Result, Study
+from ddn_node.vocabulary import DeliveryState, ResultKind
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,36 @@ def _identity(
     if not (sop_class and sop_uid and series_uid and path):
         return None  # a result from before the SR's identity was recorded
     return int(result_id), ReportIdentity(sop_class, sop_uid, series_uid, study_uid, path)
+
+
+@dataclass(frozen=True)
+class SentObject:
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+def superseded_objects(
+    session: Session, study_id: int, *, before_generation: int
+) -> list[SentObject]:
+    """The SR, Parametric Maps and overlays of the study's earlier analyses that reached a
+    destination: what a superseding analysis withdraws."""
+    rows = session.execute(
+        select(Delivery.kind, Delivery.sop_class_uid, Delivery.sop_instance_uid, Delivery.path)
+        .join(Result, Delivery.result_id == Result.id)
+        .where(
+            Delivery.study_id == study_id,
+            Result.generation < before_generation,
+            Delivery.kind.in_([ResultKind.SR, ResultKind.PM, ResultKind.SC]),
+            Delivery.state == DeliveryState.SENT,
+        )
+        .order_by(Delivery.id)
+    ).all()
+    seen: dict[str, SentObject] = {}
+    for kind, sop_class, sop_uid, path in rows:
+        seen.setdefault(sop_uid, SentObject(kind, sop_class, sop_uid, path))
+    return list(seen.values())
 
 
 def report_of_job(session: Session, job_id: int) -> StoredReport | None:

@@ -40,6 +40,7 @@ class SeriesNumbers:
     sr: int = 9001
     overlay: int = 9002
     parametric_map: int = 9003
+    rejection: int = 9099
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ResultObjects:
     sr: Dataset
     parametric_maps: list[Dataset] = field(default_factory=list)
     overlays: list[Dataset] = field(default_factory=list)
+    rejection: Dataset | None = None  # withdraws the results this analysis supersedes
     # SOP Instance UID of a map or an overlay -> the labels it shows, in model order (its
     # source image is in its Source Image Sequence).
     shows: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -64,6 +66,7 @@ class ResultObjects:
             (ResultKind.SR, self.sr),
             *((ResultKind.PM, ds) for ds in self.parametric_maps),
             *((ResultKind.SC, ds) for ds in self.overlays),
+            *([(ResultKind.KO, self.rejection)] if self.rejection is not None else []),
         ]
 
 
