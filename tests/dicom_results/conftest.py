@@ -1,33 +1,41 @@
-"""Fixtures of the result-builder tests: the external validators, skipped when absent."""
+"""Fixtures of the result-builder tests: the external validators of
+``tests/support/validators.py``, each skipping the test with the reason when its tool is
+absent (see that module for what each tool checks and how its output is read)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import pytest
-from results_factories import dciodvfy
+from support import validators as V
+
+
+def _tool(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    V.require(name)
+    return function
 
 
 @pytest.fixture(scope="session")
-def dicom3tools() -> Callable[[Path], tuple[list[str], list[str]]]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    return dciodvfy
+def dciodvfy() -> Callable[..., V.Report[V.IODMessage]]:
+    return _tool("dciodvfy", V.dciodvfy)
 
 
 @pytest.fixture(scope="session")
-def dsrdump() -> Callable[[Path], str]:
-    if shutil.which("dsrdump") is None:
-        pytest.skip("dsrdump (DCMTK) is not installed")
+def dcentvfy() -> Callable[..., V.Report[V.EntityMessage]]:
+    return _tool("dcentvfy", V.dcentvfy)
 
-    def run(path: Path) -> str:
-        out = subprocess.run(
-            ["dsrdump", "-Ph", str(path)], capture_output=True, timeout=60, check=False
-        )
-        assert out.returncode == 0, out.stderr.decode("latin-1")
-        return out.stdout.decode("latin-1")
 
-    return run
+@pytest.fixture(scope="session")
+def dsrdump() -> Callable[..., str]:
+    return _tool("dsrdump", V.dsrdump)
+
+
+@pytest.fixture(scope="session")
+def dsr2html() -> Callable[..., str]:
+    return _tool("dsr2html", V.dsr2html)
+
+
+@pytest.fixture(scope="session")
+def pixelmed_sr() -> Callable[..., V.Report[V.SRMessage]]:
+    return _tool("pixelmed", V.pixelmed_sr)

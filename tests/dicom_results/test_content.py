@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from results_factories import display_for, prediction_for, synthetic_source
+from results_factories import display_for, frame_mappings, prediction_for, synthetic_source
 from support.sr_reader import read_sr
 
 from ddn_node.dicom.results import build_results
@@ -139,10 +139,23 @@ def test_label_names_outside_the_character_set_are_transliterated() -> None:
     source = synthetic_source()
     del source.SpecificCharacterSet  # default repertoire: ASCII only
     source.PatientName = "Doe^Jane"
-    labels = [LabelSpec("Épanchement", Code("60046008", "SCT", "Pleural effusion"), 0.5)]
-    prediction = prediction_for([source], [{"Épanchement": 0.9}], labels=labels)
+    labels = [
+        LabelSpec("Épanchement", Code("60046008", "SCT", "Pleural effusion"), 0.5),
+        LabelSpec("Nodule", Code("RID3875", "RADLEX", "Nodule"), 0.3),
+    ]
+    prediction = prediction_for([source], [{"Épanchement": 0.9, "Nodule": 0.6}], labels=labels)
+    del prediction.images[0].heatmaps["Nodule"]
+    prediction.heatmap_notes["Nodule"] = "évidence trop faible"
     results = build_results([source], prediction, "ROUTINE", display_for([source]))
-    assert results.parametric_maps[0].SeriesDescription.startswith("DDN heat map Epanchement (PM)")
-    assert list(read_sr(results.sr).findings) == ["Epanchement"]
+    (pm,) = results.parametric_maps
+    assert pm.SeriesDescription == "DDN heat maps Epanchement (PM) - NOT FOR DIAGNOSTIC USE"
+    assert [m.LUTLabel for m in frame_mappings(pm)] == ["Epanchement"]
+    content = read_sr(results.sr)
+    assert list(content.findings) == ["Epanchement", "Nodule"]
+    assert content.findings["Epanchement"].regions  # tracked as "Epanchement"
+    assert content.notes == {"Nodule": "no heat map: evidence trop faible"}
+    (sc,) = results.overlays
+    assert sc.DerivationDescription == "AI findings (Epanchement, Nodule) drawn on the source image"
     for _, ds in results.all():
+        assert "SpecificCharacterSet" not in ds
         ds.save_as(io.BytesIO(), enforce_file_format=True)  # encodes without loss warnings

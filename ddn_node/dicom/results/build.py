@@ -28,7 +28,7 @@ from ddn_node.dicom.results.content import check_sources, make_uid, reference_he
 from ddn_node.dicom.results.overlay import MAX_SIDE, DrawnFinding, build_overlay
 from ddn_node.dicom.results.pmap import MapFrame, build_parametric_map
 from ddn_node.dicom.results.region import heatmap_region
-from ddn_node.dicom.results.sr import NO_HEAT_MAP, SRReference, build_sr
+from ddn_node.dicom.results.sr import NO_HEAT_MAP, NO_MAP_MADE, SRReference, build_sr
 from ddn_node.model.types import ImagePrediction, StudyPrediction
 from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ResultKind
 
@@ -264,7 +264,7 @@ def _drawn(
         elif any(spec.name in other.heatmaps for other in prediction.images):
             note = "outlined on another image"
         else:
-            note = f"{NO_HEAT_MAP}: {prediction.heatmap_notes.get(spec.name, 'none was drawn')}"
+            note = f"{NO_HEAT_MAP}: {prediction.heatmap_notes.get(spec.name, NO_MAP_MADE)}"
         probability = float(image.probabilities.get(spec.name, prediction.probabilities[spec.name]))
         out.append(
             DrawnFinding(

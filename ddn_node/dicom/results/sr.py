@@ -53,7 +53,7 @@ Why this shape (checked with PixelMed's DicomSRValidator, dciodvfy and OHIF):
 - Probabilities are in percent (UCUM "%", CID 7181), which viewers print as "91.00 %"
   where the dimensionless unit "1" read "0.91 1".
 - The Image Library and the Imaging Measurements container are always present, and the
-  latter always holds a group (the whole image's): OHIF reads both without checking that
+  latter holds a group for each scored image (the whole image's): OHIF reads both without checking that
   they exist, and its SR viewport cannot open an SR without a measurement. highdicom's MeasurementReport refuses an
   empty Imaging Measurements container and has no way to list an image it cannot
   describe, so the root container is assembled here from highdicom's building blocks.
@@ -106,6 +106,7 @@ from ddn_node.vocabulary import Priority
 
 THRESHOLD_PARAMETER = "threshold="
 NO_HEAT_MAP = "no heat map"
+NO_MAP_MADE = "none was made"
 IMAGE_LEVEL = "Whole image"
 
 
@@ -195,7 +196,10 @@ def build_sr(
         groups.extend(drawn)
         if not drawn:
             unmapped.append(spec)
-            why = prediction.heatmap_notes.get(spec.name, "the heat map is empty")
+            had_map = any(spec.name in img.heatmaps for img in scored)
+            why = prediction.heatmap_notes.get(spec.name) or (
+                "the heat map is empty" if had_map else NO_MAP_MADE
+            )
             notes.append(_text(C.COMMENT, f"{spec.name}: {NO_HEAT_MAP}: {why}", charsets))
         elif spec.name in prediction.heatmap_caveats:
             notes.append(
