@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     UncompressedTransferSyntaxes,
+    generate_uid,
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -35,7 +37,11 @@ from ddn_node.dicom.syntaxes import IMPLEMENTATION_CLASS_UID, implementation_ver
 
 log = structlog.get_logger("ddn_node.scu")
 
-MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
+# PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255 (128); one is kept for
+# Storage Commitment.
+MAX_CONTEXTS = 127
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
 
 
 @dataclass(frozen=True)
@@ -46,24 +52,59 @@ class Peer:
     tls: ssl.SSLContext | None = None
 
 
+class Disposition(StrEnum):
+    """What became of one object at one peer."""
+
+    SENT = "sent"  # stored (success, or a warning under which the peer keeps it)
+    REFUSED = "refused"  # the peer will not take it: sending it again cannot help
+    DEFERRED = "deferred"  # not now (resources, time-out, a lost connection): try again later
+
+
 @dataclass(frozen=True)
 class SendOutcome:
     path: Path
     sop_instance_uid: str
     status: int | None  # None: never reached the peer (association failed, unreadable)
     error: str = ""
+    disposition: Disposition | None = None  # None: from the status (see classify_status)
+    # The Storage Commitment transaction that asked the peer to keep it (PS3.4 J), if any.
+    commitment_uid: str | None = None
+
+    @property
+    def outcome(self) -> Disposition:
+        if self.disposition is not None:
+            return self.disposition
+        return classify_status(self.status) if self.status is not None else Disposition.DEFERRED
 
     @property
     def ok(self) -> bool:
         """Success or a warning status the peer stored the object with (PS3.4 B.2.3)."""
-        return self.status is not None and (
-            self.status == 0x0000 or self.status in WARNING_STATUSES
-        )
+        return self.outcome is Disposition.SENT
 
 
 # Warnings under which Storage SCPs still keep the object: coercion of data elements,
 # element discarded, data set does not match SOP class (stored anyway).
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+# Failures that a later attempt may not meet (PS3.7 C.5, PS3.4 B.2.3): a processing
+# failure, a peer busy with or unable to cancel other work.
+TRANSIENT_STATUSES = frozenset({0x0110, 0x0210, 0x0213})
+
+
+def classify_status(status: int) -> Disposition:
+    """A C-STORE response status as sent, refused or deferred.
+
+    The standard names no such classes; this is what each status means for a retry.
+    Refused: Out of Resources (A7xx) and the transient general failures are deferred;
+    Error: Data Set does not match SOP Class (A9xx), Cannot understand (Cxxx), and the
+    refusals of PS3.7 C.5 - SOP class not supported (0122), not authorized (0124),
+    unrecognised operation (0211), mistyped argument (0212), invalid object instance
+    (0117) - are refusals: the same object would be refused again.
+    """
+    if status == 0x0000 or status in WARNING_STATUSES or 0xB000 <= status <= 0xBFFF:
+        return Disposition.SENT
+    if 0xA700 <= status <= 0xA7FF or status in TRANSIENT_STATUSES:
+        return Disposition.DEFERRED
+    return Disposition.REFUSED
 
 
 def client_tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
@@ -131,7 +172,8 @@ def _contexts(items: Sequence[_Item]) -> list[tuple[list[PresentationContext], l
     they support, and the file's own means its bytes travel unchanged. A deflated file's
     syntax is proposed in a context of its own, because acceptors such as Orthanc prefer
     Explicit VR Little Endian within one context and then store the object inflated (a
-    Parametric Map 20 times its deflated size); the usual context is the fallback.
+    Parametric Map 20 times its deflated size); the usual context is the fallback. A
+    compressed file likewise gets a context of its own beside an uncompressed fallback.
     """
     batches: list[tuple[list[PresentationContext], list[_Item]]] = []
     current: dict[tuple[str, str], list[str]] = {}
@@ -156,7 +198,10 @@ def _contexts(items: Sequence[_Item]) -> list[tuple[list[PresentationContext], l
                 )
             )
         else:
-            needs.append(((item.sop_class, ""), [item.syntax]))
+            # A compressed file in its own syntax, and decompressed where the peer takes
+            # only uncompressed data (a JPEG Secondary Capture to a legacy archive).
+            needs.append(((item.sop_class, item.syntax), [item.syntax]))
+            needs.append(((item.sop_class, ""), [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
         new_keys = sum(1 for key, _ in needs if key not in current)
         if new_keys and len(current) + new_keys > MAX_CONTEXTS:
             flush()
@@ -213,14 +258,22 @@ class StoreSCU:
             assoc.release()
 
     def send(
-        self, paths: Iterable[Path], progress: Callable[[SendOutcome], Any] | None = None
+        self,
+        paths: Iterable[Path],
+        progress: Callable[[SendOutcome], Any] | None = None,
+        *,
+        commit: bool = False,
     ) -> list[SendOutcome]:
+        """Send ``paths``; with ``commit``, ask the peer to commit to keeping what it
+        stored (Storage Commitment Push Model, PS3.4 J), where it offers that."""
         items, outcomes = _scan(paths)
         for outcome in outcomes:
             if progress:
                 progress(outcome)
         for contexts, batch_items in _contexts(items):
-            outcomes += self._send_batch(contexts, batch_items, progress)
+            if commit:
+                contexts = [*contexts, build_context(STORAGE_COMMITMENT)]
+            outcomes += self._send_batch(contexts, batch_items, progress, commit=commit)
         return outcomes
 
     def _send_batch(
@@ -228,16 +281,22 @@ class StoreSCU:
         contexts: list[PresentationContext],
         items: list[_Item],
         progress: Callable[[SendOutcome], Any] | None,
+        *,
+        commit: bool = False,
     ) -> list[SendOutcome]:
         outcomes: list[SendOutcome] = []
         assoc = self._associate(contexts)
         if not assoc.is_established:
-            why = "association rejected" if assoc.is_rejected else "association failed"
+            why, disposition = _not_associated(assoc)
             log.warning(
-                "scu.association_failed", peer=self.peer.ae_title, host=self.peer.host, reason=why
+                "scu.association_failed",
+                peer=self.peer.ae_title,
+                host=self.peer.host,
+                reason=why,
+                disposition=disposition.value,
             )
             for item in items:
-                outcome = SendOutcome(item.path, item.sop_instance, None, why)
+                outcome = SendOutcome(item.path, item.sop_instance, None, why, disposition)
                 outcomes.append(outcome)
                 if progress:
                     progress(outcome)
@@ -250,6 +309,8 @@ class StoreSCU:
                     progress(outcome)
                 if not assoc.is_established:
                     break
+            if commit and assoc.is_established:
+                outcomes = self._request_commitment(assoc, outcomes, items)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -270,6 +331,16 @@ class StoreSCU:
             for cx in assoc.accepted_contexts
             if cx.abstract_syntax == item.sop_class
         }
+        if not accepted:
+            # The peer refused every context proposed for this SOP class (result 1-4,
+            # PS3.8 9.3.3.2): it does not take such objects.
+            return SendOutcome(
+                item.path,
+                item.sop_instance,
+                None,
+                f"no presentation context: the peer does not take {_class_name(item.sop_class)}",
+                Disposition.REFUSED,
+            )
         try:
             if item.syntax in accepted and item.raw_ok and _has_file_meta(item.path):
                 # Raw bytes, streamed from disk: what was stored is what is sent.
@@ -287,6 +358,76 @@ class StoreSCU:
             item.path, item.sop_instance, code, "" if code == 0 else f"status 0x{code:04X}"
         )
 
+    def _request_commitment(
+        self, assoc: Association, outcomes: list[SendOutcome], items: list[_Item]
+    ) -> list[SendOutcome]:
+        """N-ACTION Request Storage Commitment (PS3.4 J.3.2) for what the peer stored in
+        this association; the outcomes of those objects carry its Transaction UID. The peer
+        answers later, with an N-EVENT-REPORT to the node's SCP (its AE title must be
+        known to the peer). Skipped when the peer did not accept the SOP class."""
+        if not any(cx.abstract_syntax == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
+            return outcomes
+        classes = {item.sop_instance: item.sop_class for item in items}
+        stored = [o for o in outcomes if o.ok and o.sop_instance_uid in classes]
+        if not stored:
+            return outcomes
+        request = Dataset()
+        request.TransactionUID = generate_uid()
+        request.ReferencedSOPSequence = []
+        for o in stored:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = classes[o.sop_instance_uid]
+            ref.ReferencedSOPInstanceUID = o.sop_instance_uid
+            request.ReferencedSOPSequence.append(ref)
+        try:
+            status, _reply = assoc.send_n_action(
+                request, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            log.warning("scu.commitment_not_requested", peer=self.peer.ae_title, error=str(exc))
+            return outcomes
+        if "Status" not in status or int(status.Status) != 0x0000:
+            log.warning(
+                "scu.commitment_not_requested",
+                peer=self.peer.ae_title,
+                status=str(status.get("Status")),
+            )
+            return outcomes
+        log.info(
+            "scu.commitment_requested",
+            peer=self.peer.ae_title,
+            transaction_uid=str(request.TransactionUID),
+            objects=len(stored),
+        )
+        committed = {o.sop_instance_uid for o in stored}
+        return [
+            replace(o, commitment_uid=str(request.TransactionUID))
+            if o.sop_instance_uid in committed
+            else o
+            for o in outcomes
+        ]
+
+
+def _not_associated(assoc: Association) -> tuple[str, Disposition]:
+    """Why an association did not happen, and whether trying again can help: an
+    A-ASSOCIATE-RJ says so itself (result 1 permanent, 2 transient, PS3.8 9.3.4); no
+    answer at all is transient."""
+    if not assoc.is_rejected:
+        return "association failed (no connection, or no answer)", Disposition.DEFERRED
+    primitive = assoc.acceptor.primitive
+    result = getattr(primitive, "result", None)
+    source = getattr(primitive, "result_source", None)
+    reason = getattr(primitive, "diagnostic", None)
+    detail = f"result {result}, source {source}, reason {reason}"
+    if result == 0x01:
+        return f"association rejected permanently ({detail})", Disposition.REFUSED
+    return f"association rejected for now ({detail})", Disposition.DEFERRED
+
+
+def _class_name(sop_class: str) -> str:
+    name = UID(sop_class).name
+    return f"{name} ({sop_class})" if name and name != sop_class else sop_class
+
 
 def _has_file_meta(path: Path) -> bool:
     with open(path, "rb") as handle:
@@ -303,7 +444,9 @@ def _reencodable(item: _Item, accepted: set[str]) -> Dataset:
     if current in accepted:
         return ds
     if current.is_compressed and "PixelData" in ds:
-        ds.decompress()  # -> Explicit VR Little Endian
+        # -> Explicit VR Little Endian; the same object, so the same SOP Instance UID
+        # (pydicom 3 makes a new one by default).
+        ds.decompress(generate_instance_uid=False)
     if ds.file_meta.TransferSyntaxUID not in accepted:
         target = next((UID(s) for s in accepted if UID(s) in UncompressedTransferSyntaxes), None)
         if target is None:
