@@ -192,6 +192,10 @@ class DestinationSettings(_Section):
     kinds: list[ResultKind] = Field(
         default_factory=lambda: [ResultKind.SR, ResultKind.PM, ResultKind.SC], min_length=1
     )
+    # Ask the destination to commit to keeping what it stored (Storage Commitment Push
+    # Model, PS3.4 J), where it offers that; its answer comes to the node's SCP, so the
+    # destination must know the node's AE title, host and port (Orthanc: DicomModalities).
+    storage_commitment: bool = True
     # When a study is analysed again, withdraw the results it supersedes with an IOCM
     # rejection note (for Orthanc: deploy/orthanc/iocm-rejection.lua applies it).
     withdraw_superseded: bool = False

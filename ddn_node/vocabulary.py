@@ -109,4 +109,13 @@ class DeliveryState(StrEnum):
     PENDING = "pending"
     SENDING = "sending"
     SENT = "sent"
-    FAILED = "failed"
+    REFUSED = "refused"  # the destination will not take it (never retried)
+    FAILED = "failed"  # deferred until the attempts ran out
+
+
+class CommitmentState(StrEnum):
+    """Storage Commitment (PS3.4 J) of a sent object, where the destination offers it."""
+
+    REQUESTED = "requested"
+    COMMITTED = "committed"  # the destination says it keeps it
+    FAILED = "failed"  # the destination says it does not (its N-EVENT-REPORT gives why)

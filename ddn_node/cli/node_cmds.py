@@ -3,6 +3,7 @@ the demo, the conformance statement, sample studies and password hashes."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -97,6 +98,14 @@ def db_current(config: ConfigOption = None) -> None:
 def deliveries_retry(
     config: ConfigOption = None,
     destination: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
+    refused: Annotated[
+        bool,
+        typer.Option(help="Also the refused ones (after the destination was set up to take them)."),
+    ] = False,
+    uncommitted: Annotated[
+        bool,
+        typer.Option(help="Also sent ones whose storage commitment the destination declined."),
+    ] = False,
 ) -> None:
     """Put failed deliveries back in the queue (after the PACS problem is fixed)."""
     from ddn_node.pipeline.delivery import retry_failed
@@ -105,25 +114,26 @@ def deliveries_retry(
     settings = load_or_exit(config)
     db = make_database(settings.database.url)
     try:
-        n = retry_failed(db, destination)
+        n = retry_failed(db, destination, refused=refused, uncommitted=uncommitted)
     finally:
         db.dispose()
-    console.print(f"{n} failed deliver{'y' if n == 1 else 'ies'} queued again", highlight=False)
+    console.print(f"{n} deliver{'y' if n == 1 else 'ies'} queued again", highlight=False)
 
 
 @deliveries_app.command("list")
 def deliveries_list(
     config: ConfigOption = None,
-    state: Annotated[str | None, typer.Option(help="pending, sending, sent or failed.")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="pending, sending, sent, refused or failed.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows, newest first.")] = 50,
 ) -> None:
     """Show deliveries with their state and the peer's last status."""
-    from rich.table import Table
+    from rich.table import Column, Table
     from sqlalchemy import select
 
     from ddn_node.store.engine import make_database
     from ddn_node.store.models import Delivery
-    from ddn_node.vocabulary import ResultKind
 
     settings = load_or_exit(config)
     db = make_database(settings.database.url)
@@ -135,28 +145,55 @@ def deliveries_list(
             rows = list(session.scalars(stmt))
     finally:
         db.dispose()
-    table = Table(
-        "id", "destination", "kind", "state", "attempts", "last status", "error", "SOP Instance UID"
+    header = (
+        "id",
+        "destination",
+        "kind",
+        "state",
+        "commitment",
+        "attempts",
+        "last status",
+        "error",
+        "SOP Instance UID",
     )
-    for d in rows:
-        # DIMSE statuses read in hex; HTTP and HL7 statuses as they are.
-        dicom = d.kind in {k.value for k in ResultKind}
-        status = (
-            f"0x{d.last_status:04X}"
-            if d.last_status is not None and dicom
-            else str(d.last_status or "")
-        )
-        table.add_row(
+    lines = [
+        (
             str(d.id),
             d.destination,
             d.kind,
             d.state,
+            d.commitment,
             str(d.attempts),
-            status,
-            d.last_error[:40],
+            _status_text(d.kind, d.last_status),
+            d.last_error[:60],
             d.sop_instance_uid,
         )
+        for d in rows
+    ]
+    if not sys.stdout.isatty():
+        # Piped (grep, a script, a ticket): whole values, tab-separated, one row per line.
+        typer.echo("\t".join(header))
+        for line in lines:
+            typer.echo("\t".join(line))
+        return
+    # In a terminal the short columns stay whole; the long ones fold rather than being cut
+    # (a state shortened to "com…" tells the operator nothing).
+    table = Table(
+        *(Column(h, no_wrap=True) for h in header[:7]),
+        *(Column(h, overflow="fold") for h in header[7:]),
+    )
+    for line in lines:
+        table.add_row(*line)
     Console(soft_wrap=True).print(table)
+
+
+def _status_text(kind: str, status: int | None) -> str:
+    """DIMSE statuses read in hex; HTTP and HL7 statuses as they are."""
+    from ddn_node.vocabulary import ResultKind
+
+    if status is not None and kind in {k.value for k in ResultKind}:
+        return f"0x{status:04X}"
+    return str(status or "")
 
 
 def _parse_target(target: str) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import cast
 
 import structlog
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
@@ -39,6 +40,7 @@ from ddn_node.dicom.hardening import (
 )
 from ddn_node.dicom.headers import Header, HeaderError, dataset_offset, read_header
 from ddn_node.dicom.origin import classify
+from ddn_node.dicom.scu import STORAGE_COMMITMENT
 from ddn_node.dicom.spool import Spool, StoredFile
 from ddn_node.dicom.syntaxes import (
     IMPLEMENTATION_CLASS_UID,
@@ -50,7 +52,8 @@ from ddn_node.model.identity import manifest_device_uid
 from ddn_node.store.audit import AuditEventName, add_audit, audit
 from ddn_node.store.engine import Database
 from ddn_node.store.ingest import IngestOutcome, InstanceRecord, KnownSeries, record_instance
-from ddn_node.store.models import UID_LEN
+from ddn_node.store.models import UID_LEN, utcnow
+from ddn_node.store.results import CommitmentReport, record_commitment
 from ddn_node.vocabulary import InstanceOrigin
 
 log = structlog.get_logger("ddn_node.scp")
@@ -153,6 +156,9 @@ class StorageSCP:
         contexts: list[PresentationContext] = [build_context(Verification)]
         contexts += [build_context(uid, syntaxes) for uid in storage_sop_classes()]
         ae.supported_contexts = contexts
+        # The answers to the node's Storage Commitment requests (N-EVENT-REPORT), which a
+        # PACS sends on an association of its own (PS3.4 J.3.3).
+        ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         return ae
 
     def _handlers(self) -> list[evt.EventHandlerType]:
@@ -161,6 +167,7 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_commitment),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
@@ -296,6 +303,35 @@ class StorageSCP:
             log.error("scp.audit_failed", error=str(exc))
 
     # -- DIMSE ------------------------------------------------------------------------
+
+    def _on_commitment(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """A Storage Commitment result (PS3.4 J.3.3): which of the objects the node asked a
+        destination to keep it commits to (Event Type 1) and which it does not (2)."""
+        info = event.event_information
+        transaction = str(info.get("TransactionUID", ""))
+        committed = [str(r.ReferencedSOPInstanceUID) for r in info.get("ReferencedSOPSequence", [])]
+        failed = {
+            str(r.ReferencedSOPInstanceUID): int(r.get("FailureReason", 0x0110))
+            for r in info.get("FailedSOPSequence", [])
+        }
+        report = CommitmentReport(transaction, committed, failed)
+        try:
+            with self.database.session() as session:
+                named = record_commitment(session, report, utcnow())
+        except SQLAlchemyError as exc:
+            log.error(
+                "scp.commitment_not_recorded", transaction_uid=transaction, error=type(exc).__name__
+            )
+            return 0x0110, None  # processing failure: the PACS may send the report again
+        log.info(
+            "scp.commitment_report",
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+            transaction_uid=transaction,
+            committed=len(committed),
+            failed=len(failed),
+            rows=named,
+        )
+        return SUCCESS, None
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("scp.echo", calling_ae=event.assoc.requestor.ae_title.strip())

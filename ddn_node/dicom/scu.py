@@ -43,6 +43,9 @@ MAX_CONTEXTS = 127
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
 
+# Called with (Transaction UID, SOP Instance UIDs) before a commitment request is sent.
+CommitmentHook = Callable[[str, Sequence[str]], None]
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -262,16 +265,19 @@ class StoreSCU:
         paths: Iterable[Path],
         progress: Callable[[SendOutcome], Any] | None = None,
         *,
-        commit: bool = False,
+        commit: CommitmentHook | None = None,
     ) -> list[SendOutcome]:
         """Send ``paths``; with ``commit``, ask the peer to commit to keeping what it
-        stored (Storage Commitment Push Model, PS3.4 J), where it offers that."""
+        stored (Storage Commitment Push Model, PS3.4 J), where it offers that. The hook is
+        called with the Transaction UID and the SOP Instance UIDs just before the request
+        goes out: a peer may answer within milliseconds, on another association, and the
+        answer must find the transaction already recorded."""
         items, outcomes = _scan(paths)
         for outcome in outcomes:
             if progress:
                 progress(outcome)
         for contexts, batch_items in _contexts(items):
-            if commit:
+            if commit is not None:
                 contexts = [*contexts, build_context(STORAGE_COMMITMENT)]
             outcomes += self._send_batch(contexts, batch_items, progress, commit=commit)
         return outcomes
@@ -282,7 +288,7 @@ class StoreSCU:
         items: list[_Item],
         progress: Callable[[SendOutcome], Any] | None,
         *,
-        commit: bool = False,
+        commit: CommitmentHook | None = None,
     ) -> list[SendOutcome]:
         outcomes: list[SendOutcome] = []
         assoc = self._associate(contexts)
@@ -309,8 +315,8 @@ class StoreSCU:
                     progress(outcome)
                 if not assoc.is_established:
                     break
-            if commit and assoc.is_established:
-                outcomes = self._request_commitment(assoc, outcomes, items)
+            if commit is not None and assoc.is_established:
+                outcomes = self._request_commitment(assoc, outcomes, items, commit)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -359,7 +365,11 @@ class StoreSCU:
         )
 
     def _request_commitment(
-        self, assoc: Association, outcomes: list[SendOutcome], items: list[_Item]
+        self,
+        assoc: Association,
+        outcomes: list[SendOutcome],
+        items: list[_Item],
+        before: CommitmentHook,
     ) -> list[SendOutcome]:
         """N-ACTION Request Storage Commitment (PS3.4 J.3.2) for what the peer stored in
         this association; the outcomes of those objects carry its Transaction UID. The peer
@@ -379,6 +389,7 @@ class StoreSCU:
             ref.ReferencedSOPClassUID = classes[o.sop_instance_uid]
             ref.ReferencedSOPInstanceUID = o.sop_instance_uid
             request.ReferencedSOPSequence.append(ref)
+        before(str(request.TransactionUID), [o.sop_instance_uid for o in stored])
         try:
             status, _reply = assoc.send_n_action(
                 request, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
@@ -410,11 +421,22 @@ class StoreSCU:
 
 def _not_associated(assoc: Association) -> tuple[str, Disposition]:
     """Why an association did not happen, and whether trying again can help: an
-    A-ASSOCIATE-RJ says so itself (result 1 permanent, 2 transient, PS3.8 9.3.4); no
-    answer at all is transient."""
+    A-ASSOCIATE-RJ says so itself (result 1 permanent, 2 transient, PS3.8 9.3.4); a peer
+    that accepted the association but none of its presentation contexts (a legacy archive
+    asked for classes it lacks) will not take those objects; no answer is transient."""
+    primitive = assoc.acceptor.primitive
+    if (
+        not assoc.is_rejected
+        and getattr(primitive, "result", None) == 0x00
+        and assoc.rejected_contexts
+    ):
+        classes = sorted({_class_name(str(cx.abstract_syntax)) for cx in assoc.rejected_contexts})
+        return (
+            f"no presentation context: the peer does not take {', '.join(classes)}",
+            Disposition.REFUSED,
+        )
     if not assoc.is_rejected:
         return "association failed (no connection, or no answer)", Disposition.DEFERRED
-    primitive = assoc.acceptor.primitive
     result = getattr(primitive, "result", None)
     source = getattr(primitive, "result_source", None)
     reason = getattr(primitive, "diagnostic", None)

@@ -1,12 +1,23 @@
 """Delivery: sending result objects to the configured destinations until they are accepted.
 
-Each object x destination is a row (pending -> sending -> sent | failed). A sender claims
-the due rows of one destination with a lease, sends them over one association, and marks
-each by the status the PACS answered: only 0x0000 (or a storage warning, PS3.4 B.2.3:
-0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does not match SOP class)
-counts as sent. Failures back off exponentially (initial x 2^(attempt-1), capped) up to
-``max_attempts``, then stay visible as failed with the PACS's status until an operator runs
-``ddn-node deliveries retry``.
+Each object x destination is a row (pending -> sending -> sent | refused | failed). A
+sender claims the due rows of one destination with a lease, sends them over one
+association, and marks each by what the PACS did with it (``dicom/scu.py`` classifies):
+
+- **sent**: 0x0000, or a storage warning (PS3.4 B.2.3) under which the PACS keeps it;
+  where the PACS offers Storage Commitment, the node asks it to commit, and the row is
+  *committed* when its N-EVENT-REPORT says so (or shows the failure it reports);
+- **refused**: the PACS will not take it - no presentation context for its class (a
+  legacy archive without 3D SR or Parametric Map), a permanent association rejection, a
+  failure status that a retry would meet again. Never retried; what the destination does
+  take still goes;
+- **deferred**: not now (out of resources, time-outs, aborts, a transient rejection):
+  retried with exponential back-off (initial x 2^(attempt-1), capped) up to
+  ``max_attempts``, then **failed**, visible with the PACS's status until an operator runs
+  ``ddn-node deliveries retry``.
+
+Each study's row in the worklist carries a one-line summary of where its results went
+(``studies.delivery_summary``).
 
 On the wire delivery is at-least-once (a crash after the PACS answered and before our
 commit re-sends the object), and exactly-once in the PACS, because the object's identity is
@@ -16,16 +27,18 @@ its SOP Instance UID and a Storage SCP keeps one instance per UID.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, case, or_, select, update
 
 from ddn_node.config import DestinationSettings, Settings
-from ddn_node.dicom.scu import Peer, SendOutcome, StoreSCU, client_tls_context
+from ddn_node.dicom.scu import Disposition, Peer, SendOutcome, StoreSCU, client_tls_context
 from ddn_node.dicom.spool import Spool
 from ddn_node.notify import HL7_CONTENT_TYPE, OutgoingMessage, send
 from ddn_node.notify import fhir as fhir_adapter
@@ -35,7 +48,8 @@ from ddn_node.store.audit import AuditEventName, add_audit
 from ddn_node.store.engine import Database
 from ddn_node.store.models import Delivery, Study, utcnow
 from ddn_node.store.queue import DELIVERIES
-from ddn_node.vocabulary import DeliveryState, MessageKind, ResultKind
+from ddn_node.store.results import COMMITMENT_REQUESTED, summarise_deliveries
+from ddn_node.vocabulary import CommitmentState, DeliveryState, MessageKind, ResultKind
 
 log = structlog.get_logger("ddn_node.delivery")
 
@@ -55,10 +69,18 @@ class Attempt:
     ok: bool
     status: int | None
     error: str
+    refused: bool = False  # permanent: do not try again
+    commitment_uid: str | None = None
 
     @classmethod
     def of_store(cls, outcome: SendOutcome) -> Attempt:
-        return cls(outcome.ok, outcome.status, outcome.error)
+        return cls(
+            outcome.ok,
+            outcome.status,
+            outcome.error,
+            refused=outcome.outcome is Disposition.REFUSED,
+            commitment_uid=outcome.commitment_uid,
+        )
 
 
 class Claimed(NamedTuple):
@@ -166,9 +188,27 @@ class Deliverer:
                 continue
             by_path = {str(self.spool.path(row.path)): row.id for row in group}
             outcomes = {}
-            for outcome in scu.send([self.spool.path(row.path) for row in group]):
+            ids = [row.id for row in group]
+            for outcome in scu.send(
+                [self.spool.path(row.path) for row in group],
+                commit=functools.partial(self._note_commitment, ids)
+                if dest.storage_commitment
+                else None,
+            ):
                 outcomes[by_path[str(outcome.path)]] = Attempt.of_store(outcome)
             self._record(name, group, outcomes)
+
+    def _note_commitment(
+        self, row_ids: list[int], transaction_uid: str, sops: Sequence[str]
+    ) -> None:
+        """Record a commitment transaction on its rows before the request goes out: the
+        PACS may answer at once, on another association, before ``_record`` runs."""
+        with self.database.session() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(row_ids), Delivery.sop_instance_uid.in_(list(sops)))
+                .values(commitment_uid=transaction_uid, commitment="", committed_at=None)
+            )
 
     def _notify(self, name: str, rows: list[Claimed]) -> None:
         """HL7 / FHIR / webhook messages: one attempt each through the adapter."""
@@ -209,7 +249,21 @@ class Deliverer:
                         DeliveryState.SENT,
                         sent_at=now,
                         last_status=status,
-                        last_error="",
+                        # A commitment failure may already have been reported.
+                        last_error=case(
+                            (Delivery.commitment == CommitmentState.FAILED, Delivery.last_error),
+                            else_="",
+                        ),
+                    )
+                    # The PACS's answer may already be here; only an unanswered request is
+                    # marked requested, and one never made leaves no transaction behind.
+                    session.execute(
+                        update(Delivery)
+                        .where(Delivery.id == row_id, Delivery.commitment == "")
+                        .values(
+                            commitment=COMMITMENT_REQUESTED if outcome.commitment_uid else "",
+                            commitment_uid=outcome.commitment_uid,
+                        )
                     )
                     study_id = session.scalar(
                         select(Delivery.study_id).where(Delivery.id == row_id)
@@ -218,6 +272,22 @@ class Deliverer:
                         sent_studies.add(study_id)
                     log.info(
                         "delivery.sent", destination=name, sop_instance_uid=sop_uid, status=status
+                    )
+                elif outcome is not None and outcome.refused:
+                    DELIVERIES.finish(
+                        session,
+                        row_id,
+                        self.owner,
+                        DeliveryState.REFUSED,
+                        last_status=status,
+                        last_error=error,
+                    )
+                    log.warning(
+                        "delivery.refused",
+                        destination=name,
+                        sop_instance_uid=sop_uid,
+                        status=status,
+                        error=loggable(error),
                     )
                 elif attempts >= cfg.max_attempts:
                     DELIVERIES.finish(
@@ -255,12 +325,33 @@ class Deliverer:
                     session.scalar(select(Study.study_uid).where(Study.id == study_id)) or ""
                 )
                 add_audit(session, AuditEventName.RESULTS_SENT, actor=name, study_uid=study_uid)
+            studies = session.scalars(
+                select(Delivery.study_id).where(Delivery.id.in_([r.id for r in rows]))
+            )
+            for study_id in set(studies):
+                summarise_deliveries(session, study_id)
 
 
-def retry_failed(database: Database, destination: str | None = None) -> int:
-    """Put failed deliveries back in the queue (``ddn-node deliveries retry``)."""
+def retry_failed(
+    database: Database,
+    destination: str | None = None,
+    *,
+    refused: bool = False,
+    uncommitted: bool = False,
+) -> int:
+    """Put failed (and, with ``refused``, refused; with ``uncommitted``, sent but declined
+    by the destination's storage commitment) deliveries back in the queue
+    (``ddn-node deliveries retry``)."""
+    states = [DeliveryState.FAILED, *([DeliveryState.REFUSED] if refused else [])]
+    chosen: ColumnElement[bool] = Delivery.state.in_(states)
+    if uncommitted:
+        chosen = or_(
+            chosen,
+            (Delivery.state == DeliveryState.SENT)
+            & (Delivery.commitment == CommitmentState.FAILED),
+        )
     with database.session() as session:
-        stmt = update(Delivery).where(Delivery.state == DeliveryState.FAILED)
+        stmt = update(Delivery).where(chosen)
         if destination:
             stmt = stmt.where(Delivery.destination == destination)
         result = session.execute(
@@ -268,6 +359,9 @@ def retry_failed(database: Database, destination: str | None = None) -> int:
                 state=DeliveryState.PENDING,
                 attempts=0,
                 not_before=utcnow() - dt.timedelta(seconds=1),
+                commitment="",
+                commitment_uid=None,
+                committed_at=None,
             )
         )
         return int(result.rowcount)  # type: ignore[attr-defined]

@@ -127,6 +127,8 @@ class Study(Base):
     top_findings: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     model_version: Mapped[str] = mapped_column(String(128), default="")
     read_status: Mapped[str] = mapped_column(String(16), default=ReadStatus.UNREAD)
+    # Where the latest results went, for the worklist: "pacs: SR, SC sent; PM refused".
+    delivery_summary: Mapped[str] = mapped_column(Text, default="", server_default="")
     # Ranks that ageing raised the study above its triage band (0: none); set by
     # store/lifecycle.py, reset by every new triage decision.
     ageing_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -335,6 +337,10 @@ class Delivery(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Storage Commitment: "" (not asked), or a CommitmentState; the transaction it is in.
+    commitment: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    commitment_uid: Mapped[str | None] = mapped_column(String(UID_LEN), nullable=True, index=True)
+    committed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("destination", "sop_instance_uid", name="uq_deliveries_dest_sop"),

@@ -19,11 +19,11 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
 from ddn_node.store.models import Delivery, ImageResult, Result, Study
-from ddn_node.vocabulary import DeliveryState, ResultKind
+from ddn_node.vocabulary import CommitmentState, DeliveryState, ResultKind
 
 
 @dataclass(frozen=True)
@@ -258,3 +258,111 @@ def record_heat_maps(
         .where(Result.id == result_id)
         .values(timings_ms=dict(timings_ms), completed_at=now)
     )
+
+
+COMMITMENT_REQUESTED = CommitmentState.REQUESTED.value
+_KIND_ORDER = [ResultKind.SR, ResultKind.SC, ResultKind.PM, ResultKind.KO]
+
+
+def summarise_deliveries(session: Session, study_id: int) -> str:
+    """Write (and return) the study's one-line summary of where its latest results went,
+    per destination: "pacs: SR, SC sent (committed); PM refused"."""
+    latest = session.scalar(
+        select(func.max(Delivery.result_id)).where(Delivery.study_id == study_id)
+    )
+    rows = session.execute(
+        select(Delivery.destination, Delivery.kind, Delivery.state, Delivery.commitment).where(
+            Delivery.study_id == study_id,
+            Delivery.result_id == latest,
+            Delivery.kind.in_([k.value for k in _KIND_ORDER]),
+        )
+    ).all()
+    by_destination: dict[str, dict[str, list[str]]] = {}
+    commitments: dict[str, set[str]] = {}
+    for destination, kind, state, commitment in rows:
+        shown = "sending" if state in (DeliveryState.PENDING, DeliveryState.SENDING) else state
+        kinds = by_destination.setdefault(destination, {}).setdefault(shown, [])
+        if kind.upper() not in kinds:
+            kinds.append(kind.upper())
+        if state == DeliveryState.SENT:
+            commitments.setdefault(destination, set()).add(commitment)
+    parts = []
+    for destination in sorted(by_destination):
+        states = by_destination[destination]
+        words = []
+        for state in ("sent", "sending", "refused", "failed"):
+            if state in states:
+                kinds = sorted(
+                    states[state], key=lambda k: [x.value.upper() for x in _KIND_ORDER].index(k)
+                )
+                words.append(
+                    f"{', '.join(kinds)} {state}{_commitment_note(state, commitments.get(destination))}"
+                )
+        parts.append(f"{destination}: {'; '.join(words)}")
+    summary = " | ".join(parts)
+    session.execute(
+        update(Study).where(Study.id == study_id).values(delivery_summary=summary[:2000])
+    )
+    return summary
+
+
+def _commitment_note(state: str, commitments: set[str] | None) -> str:
+    if state != "sent" or not commitments or commitments == {""}:
+        return ""
+    if commitments == {CommitmentState.COMMITTED}:
+        return " (committed)"
+    if CommitmentState.FAILED in commitments:
+        return " (commitment failed)"
+    return " (commitment pending)"
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """What an N-EVENT-REPORT of Storage Commitment said (PS3.4 J.3.3)."""
+
+    transaction_uid: str
+    committed: Sequence[str]
+    failed: Mapping[str, int]  # SOP Instance UID -> Failure Reason (PS3.4 J.3.3.1.1)
+
+
+def record_commitment(session: Session, report: CommitmentReport, now: dt.datetime) -> int:
+    """Mark the deliveries of a commitment transaction committed or failed; returns how
+    many rows it named. Only rows of that transaction are touched."""
+    named = 0
+    if report.committed:
+        named += _rows(
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.commitment_uid == report.transaction_uid,
+                    Delivery.sop_instance_uid.in_(list(report.committed)),
+                )
+                .values(commitment=CommitmentState.COMMITTED, committed_at=now)
+            )
+        )
+    for sop_uid, reason in report.failed.items():
+        named += _rows(
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.commitment_uid == report.transaction_uid,
+                    Delivery.sop_instance_uid == sop_uid,
+                )
+                .values(
+                    commitment=CommitmentState.FAILED,
+                    last_error=f"storage commitment failed: reason 0x{reason:04X}",
+                )
+            )
+        )
+    studies = session.scalars(
+        select(Delivery.study_id)
+        .where(Delivery.commitment_uid == report.transaction_uid)
+        .distinct()
+    )
+    for study_id in list(studies):
+        summarise_deliveries(session, study_id)
+    return named
+
+
+def _rows(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)

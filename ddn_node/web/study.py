@@ -78,6 +78,9 @@ class DeliveryView(BaseModel):
     attempts: int
     last_status: str | None = Field(description="DIMSE status of the last attempt, hex")
     last_error: str
+    commitment: str = Field(
+        default="", description="Storage Commitment: '', requested, committed or failed"
+    )
     created_at: dt.datetime
     sent_at: dt.datetime | None
 
@@ -251,6 +254,7 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
             attempts=d.attempts,
             last_status=None if d.last_status is None else f"0x{d.last_status:04X}",
             last_error=d.last_error,
+            commitment=d.commitment,
             created_at=d.created_at,
             sent_at=d.sent_at,
         )

@@ -59,14 +59,6 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 RESULT_TIMEOUT_S = 180.0
 
 
-#: A known product gap (ddn_node/dicom/scu.py ``_contexts``): a compressed file (the SC
-#: overlay is JPEG Baseline) is proposed in its own transfer syntax only, with no
-#: uncompressed fallback, although ``_reencodable`` can decompress it. PixelMed's dispatcher
-#: accepts uncompressed syntaxes only, so it refuses the one context, the association
-#: fails ("No accepted presentation contexts") and the SC is retried until it is 'failed'
-#: with last_error "association failed". Delete this once the SCU offers the fallback (and
-#: ``_reencodable`` calls ``ds.decompress(generate_instance_uid=False)``: pydicom 3's default
-#: gives the decompressed object a new SOP Instance UID, which this test would then catch).
 def needs(*peers: str) -> pytest.MarkDecorator:
     reasons = [r for p in peers if (r := missing(p))]
     return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "available")

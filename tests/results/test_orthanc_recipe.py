@@ -7,12 +7,15 @@ One study gives one analysis, however many times Orthanc finds it stable again (
 results arriving make it unstable, then stable again); a late image gives exactly one
 superseding SR, and the superseded results are withdrawn from Orthanc (IOCM rejection
 note). Even when an administrator sends the whole study, results included, to the node by
-hand (the documented curl), nothing is analysed again.
+hand (the documented curl), nothing is analysed again. Orthanc commits to keeping what the
+node sent (Storage Commitment).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,20 @@ def documented_config(node_port: int) -> dict[str, Any]:
     node["Host"], node["Port"] = "127.0.0.1", node_port
     snippet["LuaScripts"] = [str(RECIPE / Path(p).name) for p in snippet["LuaScripts"]]
     return snippet
+
+
+def documented_node_side(orthanc_dicom_port: int) -> dict[str, Any]:
+    """The node's side of the recipe, the TOML block of docs/integration.md's Orthanc
+    section, with the addresses of this machine."""
+    doc = (REPO / "docs" / "integration.md").read_text()
+    section = doc[doc.index("### Orthanc") : doc.index("### dcm4chee")]
+    (block,) = re.findall(r"```toml\n(.*?)```", section, re.S)
+    side = tomllib.loads(block)
+    for peer in side["peers"]:
+        peer["hosts"] = ["127.0.0.1"]
+    for dest in side["destinations"]:
+        dest["host"], dest["port"] = "127.0.0.1", orthanc_dicom_port
+    return side
 
 
 def _db(url: str) -> dict[str, Any]:
@@ -98,6 +115,18 @@ def _settled(pacs: Orthanc, db_url: str, generations: int) -> bool:
     )
 
 
+def _all_committed(db_url: str) -> bool:
+    db = make_database(db_url)
+    try:
+        with db.read() as s:
+            rows = list(s.scalars(select(Delivery).where(Delivery.state == DeliveryState.SENT)))
+    finally:
+        db.dispose()
+    return bool(rows) and all(
+        r.commitment == "committed" and r.committed_at is not None for r in rows
+    )
+
+
 def _running_jobs(pacs: Orthanc) -> bool:
     return any(
         pacs.get(f"/jobs/{job}")["State"] in ("Pending", "Running") for job in pacs.get("/jobs")
@@ -121,15 +150,7 @@ def test_one_study_one_analysis_and_a_late_image_one_superseding_sr(
             routing=[
                 {"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR", "DX"]}
             ],
-            destinations=[
-                {
-                    "name": "pacs",
-                    "ae_title": pacs.aet,
-                    "host": "127.0.0.1",
-                    "port": pacs.dicom_port,
-                    "withdraw_superseded": True,
-                }
-            ],
+            **documented_node_side(pacs.dicom_port),
             worker={"poll_interval_s": 0.2, "torch_threads": 2, "heat_maps": "all"},
             demo=True,
         )
@@ -148,6 +169,10 @@ def test_one_study_one_analysis_and_a_late_image_one_superseding_sr(
             )
             ours = _results_in_pacs(pacs, study_uid)
             assert {k: len(v) for k, v in ours.items()} == {"SR": 1, "PM": 1, "SC": 1}
+            # Orthanc offers Storage Commitment: every object it stored, it commits to keep.
+            wait_for(
+                lambda: _all_committed(sqlite_url), 120, "Orthanc's storage commitment reports"
+            )
 
             # The documented manual push of the whole study, results included.
             orthanc_study = pacs.find_study(study_uid)

@@ -78,6 +78,10 @@ class DcmjsStoreSCP(Receiver):
     tls: TlsIdentity | None = None
     #: with TLS: require a client certificate signed by one of ``tls.trusted``.
     require_client_cert: bool = True
+    #: Storage Commitment SCP: send each report to ``AET@HOST:PORT`` before answering the
+    #: N-ACTION, listing instances of ``commit_fail`` classes as failed.
+    commit_to: str | None = None
+    commit_fail: Sequence[str] = ()
 
     name = "dcmjs-scp"
 
@@ -104,6 +108,10 @@ class DcmjsStoreSCP(Receiver):
             argv += ["--reject-association", self.reject_association]
         if self.check_called:
             argv.append("--check-called")
+        if self.commit_to:
+            argv += ["--commit-to", self.commit_to]
+        if self.commit_fail:
+            argv += ["--commit-fail", ",".join(self.commit_fail)]
         if self.tls is not None:
             argv += ["--tls-key", str(self.tls.key), "--tls-cert", str(self.tls.cert)]
             if self.require_client_cert:

@@ -14,7 +14,9 @@ Create Date: 2026-12-01 09:00:00
 - studies.ageing_steps: how far ageing raised a study, instead of a sentence appended to
   priority_reason. Rows aged before this revision are converted;
 - instances.origin: source image, or a result (the node's own, or another's), which is
-  never routed and never re-opens a study.
+  never routed and never re-opens a study;
+- deliveries.commitment, commitment_uid, committed_at: Storage Commitment of sent objects;
+  studies.delivery_summary: where a study's results went, for the worklist.
 """
 
 from __future__ import annotations
@@ -61,6 +63,23 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("origin", sa.String(length=8), server_default="source", nullable=False)
         )
+    with op.batch_alter_table("studies", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("delivery_summary", sa.Text(), server_default="", nullable=False)
+        )
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("commitment", sa.String(length=16), server_default="", nullable=False)
+        )
+        batch_op.add_column(sa.Column("commitment_uid", sa.String(length=128), nullable=True))
+        batch_op.add_column(
+            sa.Column(
+                "committed_at", ddn_node.store.models.UTCDateTime(timezone=True), nullable=True
+            )
+        )
+        batch_op.create_index(
+            batch_op.f("ix_deliveries_commitment_uid"), ["commitment_uid"], unique=False
+        )
 
     bind = op.get_bind()
     # Results written before this revision were complete when written.
@@ -82,6 +101,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_deliveries_commitment_uid"))
+        batch_op.drop_column("committed_at")
+        batch_op.drop_column("commitment_uid")
+        batch_op.drop_column("commitment")
+    with op.batch_alter_table("studies", schema=None) as batch_op:
+        batch_op.drop_column("delivery_summary")
     with op.batch_alter_table("instances", schema=None) as batch_op:
         batch_op.drop_column("origin")
     with op.batch_alter_table("studies", schema=None) as batch_op:

@@ -25,6 +25,12 @@
 //   --reject-association permanent|transient   reject every association (service user,
 //                       no reason given / temporary congestion for transient)
 //   --check-called      reject when the called AE title is not --aet
+//   --commit-to AET@HOST:PORT  act as Storage Commitment SCP: answer each N-ACTION by
+//                       sending the N-EVENT-REPORT to AET@HOST:PORT on a new association
+//                       first, and only then the N-ACTION response (an answer that
+//                       arrives before the requester has finished its own bookkeeping)
+//   --commit-fail UID[,UID]  SOP classes whose instances the report lists as failed
+//                       (Failure Reason 0x0110, processing failure)
 //   --tls-key F --tls-cert F [--tls-ca F]  DICOM TLS; with --tls-ca a client certificate
 //                       signed by that CA is required
 'use strict';
@@ -34,7 +40,9 @@ const path = require('path');
 const dimse = require('dcmjs-dimse');
 
 const { Server, Scp, log } = dimse;
-const { CEchoResponse, CStoreResponse } = dimse.responses;
+const { CEchoResponse, CStoreResponse, NActionResponse } = dimse.responses;
+const { NEventReportRequest } = dimse.requests;
+const { Client, Dataset } = dimse;
 const { Status, PresentationContextResult, RejectResult, RejectSource, RejectReason, TransferSyntax, SopClass } =
   dimse.constants;
 
@@ -60,6 +68,8 @@ function parseArgs(argv) {
     allowCalling: null,
     rejectAssociation: null,
     checkCalled: false,
+    commitTo: null,
+    commitFail: [],
   };
   const list = (v) => v.split(',').map((s) => s.trim()).filter(Boolean);
   for (let i = 0; i < argv.length; i += 1) {
@@ -81,6 +91,11 @@ function parseArgs(argv) {
     } else if (a === '--allow-calling') opts.allowCalling = list(next());
     else if (a === '--reject-association') opts.rejectAssociation = next();
     else if (a === '--check-called') opts.checkCalled = true;
+    else if (a === '--commit-to') {
+      const m = /^([^@]+)@([^:]+):(\d+)$/.exec(next());
+      if (!m) usage('--commit-to wants AET@HOST:PORT');
+      opts.commitTo = { aet: m[1], host: m[2], port: parseInt(m[3], 10) };
+    } else if (a === '--commit-fail') opts.commitFail.push(...list(next()));
     else if (a === '--tls-key') opts.tlsKey = next();
     else if (a === '--tls-cert') opts.tlsCert = next();
     else if (a === '--tls-ca') opts.tlsCa = next();
@@ -196,6 +211,42 @@ class PeerScp extends Scp {
       response.setStatus(Status.Success);
       callback(response);
     });
+  }
+
+  nActionRequest(request, callback) {
+    const response = NActionResponse.fromRequest(request);
+    if (!opts.commitTo || request.getRequestedSopClassUid() !== SopClass.StorageCommitmentPushModel) {
+      response.setStatus(0x0112); // No such SOP Instance
+      callback(response);
+      return;
+    }
+    const asked = request.getDataset();
+    const transaction = asked.getElement('TransactionUID');
+    const refs = asked.getElement('ReferencedSOPSequence') || [];
+    const failed = refs.filter((r) => opts.commitFail.includes(r.ReferencedSOPClassUID));
+    const committed = refs.filter((r) => !opts.commitFail.includes(r.ReferencedSOPClassUID));
+    const elements = { TransactionUID: transaction };
+    if (committed.length) elements.ReferencedSOPSequence = committed;
+    if (failed.length) elements.FailedSOPSequence = failed.map((r) => ({ ...r, FailureReason: 0x0110 }));
+    const report = new NEventReportRequest(
+      SopClass.StorageCommitmentPushModel,
+      '1.2.840.10008.1.20.1.1',
+      failed.length ? 2 : 1
+    );
+    report.setDataset(new Dataset(elements));
+    const client = new Client();
+    let reportStatus = null;
+    report.on('response', (r) => {
+      reportStatus = r.getStatus();
+    });
+    client.addRequest(report);
+    client.on('networkError', (e) => emit({ event: 'commitment_report_error', error: e && e.message ? e.message : String(e) }));
+    client.on('closed', () => {
+      emit({ event: 'commitment_reported', transaction_uid: transaction, committed: committed.length, failed: failed.length, status: reportStatus });
+      response.setStatus(Status.Success);
+      callback(response);
+    });
+    client.send(opts.commitTo.host, opts.commitTo.port, opts.aet, opts.commitTo.aet, { associationLingerTimeout: 0 });
   }
 
   associationReleaseRequested() {
