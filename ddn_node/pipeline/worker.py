@@ -196,13 +196,18 @@ class Worker:
 
     def _give_up(self, lease: Lease, reason: str) -> None:
         with self.database.session() as session:
-            gave_up = lifecycle.failed(session, lease, reason, utcnow())
-        if gave_up:
-            log.error(
-                "worker.study_failed",
-                study_id=lease.study_id,
-                generation=lease.generation,
-                error=reason,
-            )
-        else:
+            outcome = lifecycle.failed(session, lease, reason, utcnow())
+        if outcome is None:
             log.warning("worker.lease_lost", job_id=lease.job_id, study_id=lease.study_id)
+            return
+        fields = {
+            "study_id": lease.study_id,
+            "generation": lease.generation,
+            "outcome": outcome.value,
+            "error": reason,
+        }
+        if outcome is lifecycle.Outcome.REPORTED:
+            # The report already out is the study's truth: only its pictures are missing.
+            log.error("worker.heat_maps_failed", **fields)
+        else:
+            log.error("worker.study_failed", **fields)

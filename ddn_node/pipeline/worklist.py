@@ -136,6 +136,12 @@ class WorklistRow:
     first_received_at: dt.datetime
     analysed_at: dt.datetime | None
     waiting_s: Annotated[float | None, Field(description="seconds since arrival; null once read")]
+    delivery_summary: Annotated[
+        str,
+        Field(
+            description="where the latest results went, e.g. 'pacs: SR, SC sent (committed); PM refused'"
+        ),
+    ] = ""
 
 
 @dataclass(slots=True)
@@ -194,6 +200,7 @@ _COLUMNS = (
     STUDIES.c.first_received_at,
     STUDIES.c.analysed_at,
     STUDIES.c.ageing_steps,
+    STUDIES.c.delivery_summary,
     EFFECTIVE_RANK.label("effective_rank"),
 )
 
@@ -270,7 +277,8 @@ _STATE_TEXT: dict[str, str] = {
 
 def _status_text(state: str, reason: str, analysed: bool) -> str:
     if state == StudyState.ANALYSED:
-        return StudyState.ANALYSED.value
+        # Analysed, with what is missing (heat maps not made) said.
+        return f"analysed ({reason})" if reason else StudyState.ANALYSED.value
     text = _STATE_TEXT.get(state, f"not analysed: {state}")
     if analysed:
         # An earlier generation was analysed; new images re-opened the study.
@@ -302,7 +310,7 @@ def _why(
 
 def _row(r: Any, now: dt.datetime) -> WorklistRow:
     # Unpacked by position (the order of _COLUMNS): on the list's hot path, named access to
-    # 23 columns of 200 rows costs more than the SQL query.
+    # 24 columns of 200 rows costs more than the SQL query.
     (
         study_uid,
         patient_name,
@@ -326,6 +334,7 @@ def _row(r: Any, now: dt.datetime) -> WorklistRow:
         first_received_at,
         analysed_at,
         ageing_steps,
+        delivery_summary,
         effective_rank,
     ) = r
     override = _priority(override_value)
@@ -367,6 +376,7 @@ def _row(r: Any, now: dt.datetime) -> WorklistRow:
         waiting_s=None
         if read_status is ReadStatus.READ
         else max(0.0, (now - first_received_at).total_seconds()),
+        delivery_summary=delivery_summary or "",
     )
 
 

@@ -4,7 +4,8 @@
 
     receiving --complete--> queued --claim--> analysing --triage--> (reported)
         ^         |                              |    \\--retry--> queued
-        |         +--> not_routed                |     \\--give up--> failed
+        |         +--> not_routed                |     \\--give up--> failed (analysed
+        |                                        |          when its report is out)
         |                                        +--analysed--> analysed
         +------------- reopen (a late source image, from any state) ------------+
 
@@ -23,12 +24,13 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from ddn_node.store.models import Job, Study, WorklistEvent, utcnow
+from ddn_node.store.models import Job, Result, Study, WorklistEvent, utcnow
 from ddn_node.store.queue import JOBS
 from ddn_node.vocabulary import RANK, JobState, Priority, ReadStatus, StudyState
 
@@ -229,15 +231,68 @@ def release(session: Session, lease: Lease) -> bool:
     return JOBS.release(session, lease.job_id, lease.owner)
 
 
-def failed(session: Session, lease: Lease, reason: str, now: dt.datetime) -> bool:
-    """analysing -> failed: the study is listed as not analysed, with the reason."""
+class Outcome(StrEnum):
+    """What giving up on a job left the study as (see :func:`failed`)."""
+
+    REPORTED = "reported"  # its report is out; only the heat maps are missing
+    EARLIER_REPORT_STANDS = "earlier_report_stands"
+    NOT_ANALYSED = "not_analysed"
+
+
+def failed(session: Session, lease: Lease, reason: str, now: dt.datetime) -> Outcome | None:
+    """Give up on a job, so that the worklist says what the PACS holds (one truth):
+
+    - its report was already out (the heat maps failed): the study is *analysed*, its
+      priority the report's, and the reason says the heat maps were not made;
+    - an earlier analysis's report is out (a re-analysis failed): the study is *failed*,
+      but keeps that report's priority - a STAT finding the PACS shows is not buried in
+      the routine band - and the reason says the latest images were not analysed;
+    - nothing was ever reported: *failed*, listed as not analysed, with the reason.
+
+    None when the lease was lost (nothing changed).
+    """
     if not JOBS.finish(
         session, lease.job_id, lease.owner, JobState.FAILED, last_error=reason, finished_at=now
     ):
-        return False
+        return None
+    this_generation = Study.id == lease.study_id, Study.generation == lease.generation
+    reported = session.scalar(
+        select(Result.id).where(
+            Result.job_id == lease.job_id, Result.sr_sop_instance_uid.is_not(None)
+        )
+    )
+    if reported is not None:
+        session.execute(
+            update(Study)
+            .where(*this_generation, Study.state == StudyState.ANALYSING)
+            .values(
+                state=StudyState.ANALYSED,
+                state_reason=f"report sent; heat maps not made: {reason}"[:_REASON_MAX],
+            )
+        )
+        return Outcome.REPORTED
+    earlier = session.scalar(
+        select(Result.generation)
+        .where(Result.study_id == lease.study_id, Result.sr_sop_instance_uid.is_not(None))
+        .order_by(Result.generation.desc())
+        .limit(1)
+    )
+    if earlier is not None:
+        session.execute(
+            update(Study)
+            .where(*this_generation)
+            .values(
+                state=StudyState.FAILED,
+                state_reason=(
+                    f"the latest images were not analysed ({reason}); "
+                    f"the priority is analysis {earlier}'s, whose report the PACS holds"
+                )[:_REASON_MAX],
+            )
+        )
+        return Outcome.EARLIER_REPORT_STANDS
     session.execute(
         update(Study)
-        .where(Study.id == lease.study_id, Study.generation == lease.generation)
+        .where(*this_generation)
         .values(
             state=StudyState.FAILED,
             state_reason=reason[:_REASON_MAX],
@@ -247,7 +302,7 @@ def failed(session: Session, lease: Lease, reason: str, now: dt.datetime) -> boo
             ageing_steps=0,
         )
     )
-    return True
+    return Outcome.NOT_ANALYSED
 
 
 def reopen(session: Session, study: Study, now: dt.datetime, force_complete_s: float) -> None:

@@ -2,6 +2,9 @@
 job's lease) before it draws any map, and a failure while drawing them neither holds the SR
 back nor sends it twice; the retry finishes the maps on the same result.
 
+One truth: when the worker gives up after a report left, the worklist keeps that report's
+priority and says what is missing - the PACS, the worklist and the SR never disagree.
+
 In process, on both databases: the worker's own code against a real spool and schema.
 """
 
@@ -14,18 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy import select
 from support.artifacts import make_test_artifact
 from support.dicomgen import make_cr
+from support.sr_reader import read_sr
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline import reporting as reporting_module
+from ddn_node.pipeline.analysis import ModelSteps
 from ddn_node.pipeline.completion import CompletionTracker
 from ddn_node.pipeline.delivery import Deliverer
-from ddn_node.pipeline.registry import ModelRegistry
+from ddn_node.pipeline.registry import AnalysisError, ModelRegistry
 from ddn_node.pipeline.worker import Worker
+from ddn_node.pipeline.worklist import fetch_row
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.ingest import InstanceRecord, record_instance
 from ddn_node.store.migrate import upgrade
@@ -56,9 +63,12 @@ def _settings(tmp_path: Path, db_url: str, model: Path) -> Settings:
     )
 
 
-def _receive(settings: Settings, database: Any, spool: Spool, study_uid: str = STUDY) -> int:
-    """One CR instance stored as the SCP stores it; returns the study id."""
-    ds = make_cr(study_uid, size=96, seed=3)
+def _receive(
+    settings: Settings, database: Any, spool: Spool, study_uid: str = STUDY, seed: int = 3
+) -> int:
+    """One CR instance stored as the SCP stores it, and its study completed; returns the
+    study id."""
+    ds = make_cr(study_uid, size=96, seed=seed)
     tmp = spool.incoming / "x.part"
     ds.save_as(tmp, enforce_file_format=True)
     stored = spool.commit(tmp, spool.instance_relpath(study_uid, str(ds.SOPInstanceUID)))
@@ -247,3 +257,95 @@ def test_a_clean_stop_gives_waiting_heat_maps_back_to_the_queue(node: _Node) -> 
     assert (job.state, job.attempts) == ("done", 1)
     assert kinds.count("sr") == 1 and "pm" in kinds and "sc" in kinds
     assert study is not None and study.state == "analysed"
+
+
+def _sr_priority(database: Database, spool: Spool) -> str:
+    """The priority the SR in the PACS says (read back from the file that was sent)."""
+    with database.read() as s:
+        (sr_row,) = s.scalars(
+            select(Delivery)
+            .where(Delivery.kind == "sr", Delivery.destination == "pacs")
+            .order_by(Delivery.id.desc())
+            .limit(1)
+        )
+    content = read_sr(pydicom.dcmread(spool.path(sr_row.path)))
+    assert content.priority is not None
+    return str(content.priority)
+
+
+def test_heat_maps_given_up_after_the_sr_left_the_worklist_keeps_the_report(
+    node: _Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, database, spool = node.settings, node.database, node.spool
+    _receive(settings, database, spool)
+    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+
+    def failing_draw(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the overlay renderer fell over")
+
+    monkeypatch.setattr(reporting_module, "add_heat_map_objects", failing_draw)
+    while worker.run_once():  # SR, then the maps fail on every attempt (max_attempts 3)
+        pass
+    with database.read() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.state == "failed" and job.attempts == 3
+        row = fetch_row(s, STUDY)
+        kinds = {d.kind for d in s.scalars(select(Delivery))}
+    assert kinds == {"sr"}  # the report went; no map was ever queued
+    said = _sr_priority(database, spool)
+    assert said == "STAT"  # threshold 0: every finding positive
+    assert row is not None
+    # The worklist agrees with the SR the PACS holds, and says what is missing.
+    assert row.priority == said and row.rank == 0 and row.state == "analysed"
+    assert "heat maps not made" in row.status_text and "overlay renderer" in row.status_text
+    assert row.top_findings
+
+
+def test_a_failed_re_analysis_keeps_the_priority_of_the_report_the_pacs_holds(
+    node: _Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, database, spool = node.settings, node.database, node.spool
+    _receive(settings, database, spool)
+    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+    assert worker.run_once() and worker.run_once() and not worker.run_once()
+    said = _sr_priority(database, spool)
+
+    # A late image re-opens the study; its analysis fails for good.
+    _receive(settings, database, spool, seed=4)
+
+    def unreadable(self: ModelSteps, a: Any) -> Any:
+        raise AnalysisError("pixel data unreadable", permanent=True)
+
+    monkeypatch.setattr(ModelSteps, "decode", unreadable)
+    assert worker.run_once() and not worker.run_once()
+    with database.read() as s:
+        jobs = sorted((j.generation, j.state) for j in s.scalars(select(Job)))
+        row = fetch_row(s, STUDY)
+    assert jobs == [(1, "done"), (2, "failed")]
+    assert row is not None
+    # Not buried in the routine band as "not analysed": the PACS still shows analysis 1's
+    # STAT report, and the worklist says that the latest images were not analysed.
+    assert row.priority == said == "STAT" and row.rank == 0
+    assert row.state == "failed" and row.analysed
+    assert "latest images were not analysed" in row.status_text
+    assert "pixel data unreadable" in row.status_text and "analysis 1" in row.status_text
+
+
+def test_nothing_reported_ever_is_listed_as_not_analysed(
+    node: _Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, database, spool = node.settings, node.database, node.spool
+    _receive(settings, database, spool)
+    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+
+    def unreadable(self: ModelSteps, a: Any) -> Any:
+        raise AnalysisError("pixel data unreadable", permanent=True)
+
+    monkeypatch.setattr(ModelSteps, "decode", unreadable)
+    assert worker.run_once() and not worker.run_once()
+    with database.read() as s:
+        row = fetch_row(s, STUDY)
+        assert not s.scalars(select(Delivery)).all()
+    assert row is not None
+    assert row.priority == "NOT_ANALYSED" and row.state == "failed" and not row.analysed
+    assert "analysis failed" in row.status_text and "pixel data unreadable" in row.why
