@@ -84,7 +84,8 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "httpx", "alembic"):
+    # highdicom narrates every module it copies at INFO: not events of the node.
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "httpx", "alembic", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # pydicom warns about every out-of-spec value in real headers; the node stores such
     # data as it came, so those warnings are noise (and may quote patient data).

@@ -13,10 +13,13 @@ The SCP therefore classifies every instance from its header, before it is stored
 - **other**: a result object by its SOP class (structured reports, key objects,
   presentation states, segmentations, parametric maps, RT structures, encapsulated
   documents), a derived secondary image (Image Type ``DERIVED\\SECONDARY``, C.7.6.1.1.2),
-  a capture made at a workstation (Conversion Type ``WSD``, C.8.6.1), or anything whose
-  Contributing Equipment says an algorithm processed it (Purpose of Reference "Processing
-  Equipment" 109102, DCM, or IHE AIR's "Processing Algorithm" Newcode1, 99IHE);
-- **source**: everything else.
+  or anything whose Contributing Equipment says an algorithm processed it (Purpose of
+  Reference "Processing Equipment" 109102, DCM, or IHE AIR's "Processing Algorithm"
+  Newcode1, 99IHE);
+- **source**: everything else - including Secondary Captures with Conversion Type ``WSD``
+  (C.8.6.1): digitised chest films are routinely converted that way (the public chest
+  X-ray sets are CR-labelled WSD captures), so the conversion type says nothing about
+  whether a picture is a result.
 
 Only a source image can re-open a completed study, and only one a routing rule selects
 (``store/ingest.py``); what happens to results is configured (``[ingest]``).
@@ -65,8 +68,6 @@ def classify(header: Header, own_device_uids: Collection[str] = ()) -> InstanceO
         return InstanceOrigin.OTHER
     image_type = [part.strip().upper() for part in header.text("ImageType").split("\\")]
     if image_type[:2] == ["DERIVED", "SECONDARY"]:
-        return InstanceOrigin.OTHER
-    if header.text("ConversionType").strip().upper() == "WSD":
         return InstanceOrigin.OTHER
     purposes = {p for p in header.text("ContributingPurposes").split("\\") if p}
     if purposes & PROCESSING_PURPOSES:

@@ -69,7 +69,18 @@ def _contributor(device_uid: str = "", purpose: tuple[str, str] | None = None) -
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.11.1"}, InstanceOrigin.OTHER),  # GSPS
         ({"ImageType": ["DERIVED", "SECONDARY"]}, InstanceOrigin.OTHER),
         (
+            # A digitised film converted at a workstation is still a source image (the
+            # public chest X-ray sets are such captures); a capture of results says
+            # DERIVED\SECONDARY or names its processing equipment.
             {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7", "ConversionType": "WSD"},
+            InstanceOrigin.SOURCE,
+        ),
+        (
+            {
+                "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7",
+                "ConversionType": "WSD",
+                "ImageType": ["DERIVED", "SECONDARY"],
+            },
             InstanceOrigin.OTHER,
         ),
         (
