@@ -31,12 +31,46 @@ SCU_CLASSES = (
     (
         "1.2.840.10008.5.1.4.1.1.30",
         "Parametric Map Storage",
-        "Grad-CAM heat map per positive finding, float values",
+        "Grad-CAM heat maps of one image, one float frame per finding with a map",
     ),
     (
         "1.2.840.10008.5.1.4.1.1.7",
         "Secondary Capture Image Storage",
-        "heat map blended on the image, RGB, burned-in label",
+        "the image with its findings outlined and a legend burned in, one per image, JPEG",
+    ),
+    (
+        "1.2.840.10008.5.1.4.1.1.88.59",
+        "Key Object Selection Document Storage",
+        "IOCM rejection note withdrawing superseded results (destinations that ask for it)",
+    ),
+    (
+        "1.2.840.10008.1.20.1",
+        "Storage Commitment Push Model",
+        "N-ACTION after each delivery; N-EVENT-REPORT received (destinations that offer it)",
+    ),
+)
+
+# How the Storage SCU classifies what a destination answered (dicom/scu.py).
+SCU_OUTCOMES = (
+    (
+        "sent",
+        "0x0000; warnings 0xB000-0xBFFF (coercion, elements discarded, class mismatch stored)",
+        "delivered; with Storage Commitment, committed or not as the destination reports",
+    ),
+    (
+        "refused (permanent)",
+        "no accepted presentation context for the class; A-ASSOCIATE-RJ permanent; "
+        "0xA900-0xA9FF, 0xC000-0xCFFF, 0x0117, 0x0122, 0x0124, 0x0211, 0x0212: failures a "
+        "retry would meet again",
+        "never retried; the destination's other kinds still go; "
+        "`ddn-node deliveries retry --refused` after the destination is fixed",
+    ),
+    (
+        "deferred (transient)",
+        "0xA700-0xA7FF out of resources; 0x0110, 0x0210, 0x0213; A-ASSOCIATE-RJ transient; "
+        "time-out; A-ABORT; connection refused",
+        "retried with exponential back-off up to `[delivery] max_attempts`, then failed "
+        "(`ddn-node deliveries retry`)",
     ),
 )
 
@@ -92,15 +126,24 @@ def render(settings: Settings | None = None) -> str:
         f"`{s.node.ae_title}`) that accepts every Storage SOP class of the standard from allowed "
         "peers, stores the instances durably, analyses the ones a routing rule selects (chest "
         "radiographs: CR, DX, digitised Secondary Capture) with a neural network, and sends back "
-        "into the same study a Comprehensive 3D SR, Parametric Maps and Secondary Capture images. "
-        "It verifies connectivity with C-ECHO in both roles.",
+        "into the same study a Comprehensive 3D SR, Parametric Maps and Secondary Capture images, "
+        "asks the destination to commit to keeping them (Storage Commitment), and withdraws "
+        "the results a re-analysis superseded with an IOCM rejection note. Result objects that "
+        "come back (its own, or other algorithms') are recognised and never analysed. It "
+        "verifies connectivity with C-ECHO in both roles.",
         "",
         _table(
             ("Network service", "User of service (SCU)", "Provider of service (SCP)"),
             [
                 ("Verification", "Yes", "Yes"),
                 ("Storage (all Storage SOP classes)", "No", "Yes"),
-                ("Storage: Comprehensive 3D SR, Parametric Map, Secondary Capture", "Yes", "Yes"),
+                (
+                    "Storage: Comprehensive 3D SR, Parametric Map, Secondary Capture, "
+                    "Key Object Selection",
+                    "Yes",
+                    "Yes",
+                ),
+                ("Storage Commitment Push Model", "Yes", "No"),
             ],
         ),
         "",
@@ -120,6 +163,7 @@ def render(settings: Settings | None = None) -> str:
         "                         study complete --> analysis (worker) --> SR + PM + SC",
         "                                                                      |",
         "PACS <-------------------------- C-STORE (SCU, retried with back-off) -+",
+        "PACS <-- N-ACTION Storage Commitment;  PACS --N-EVENT-REPORT--> [DDN_NODE SCP]",
         "```",
         "",
         "#### 2.1.2 Functional definition of the AE",
@@ -135,10 +179,29 @@ def render(settings: Settings | None = None) -> str:
         "re-opens the study; its next analysis produces an SR that supersedes the previous one "
         "(Predecessor Documents Sequence).",
         "",
+        "Result objects received are classified before they are indexed (`dicom/origin.py`): "
+        "the node's own (Manufacturer's Model Name `ddn-node`, or one of its models' Device "
+        "UIDs in the Contributing Equipment Sequence; not a UID root, since the node's UIDs "
+        "are under pydicom's shared root) and other algorithms' results and derived objects "
+        "(SR, KO, PR, Parametric Map, Segmentation, encapsulated documents, RT Structure Set, "
+        "Image Type DERIVED\\SECONDARY, processing equipment named in the Contributing "
+        "Equipment Sequence). They are answered 0x0000 and never re-open a study or start an "
+        f"analysis; `[ingest] own_results` (default `{s.ingest.own_results}`) and "
+        f"`other_results` (default `{s.ingest.other_results}`) say whether they are kept with "
+        "the study or dropped. Only a new source image a routing rule selects re-opens a "
+        "study.",
+        "",
         "#### 2.1.3 Sequencing of real-world activities",
         "",
         "Results are sent after the analysis of a complete study, to every configured "
-        "destination, one association per destination and batch.",
+        "destination, one association per destination and batch: the SR first (as soon as the "
+        "findings are known), then the Parametric Maps and overlays. Each destination gets the "
+        "kinds of its `kinds` list. After the C-STOREs of an association, where the "
+        "destination accepted the Storage Commitment Push Model, the node sends an N-ACTION "
+        "(Request Storage Commitment) for what was stored there; the destination answers later "
+        "with an N-EVENT-REPORT on an association it opens to the node. When a re-analysis "
+        "supersedes an SR, a destination with `withdraw_superseded` also gets one rejection "
+        "note referencing the superseded SR, maps and overlays.",
         "",
         "### 2.2 AE specifications",
         "",
@@ -153,7 +216,9 @@ def render(settings: Settings | None = None) -> str:
         "",
         "</details>",
         "",
-        "SOP classes as SCU:",
+        "SOP classes as SCU (Storage Commitment: as SCU, which also accepts the "
+        "N-EVENT-REPORT on an association the destination opens, SCP/SCU role selection "
+        "accepted):",
         "",
         _table(("SOP Class", "UID", "Content"), [(n, u, c) for u, n, c in SCU_CLASSES]),
         "",
@@ -186,9 +251,12 @@ def render(settings: Settings | None = None) -> str:
         "and recorded in the audit trail.",
         "",
         "Association initiation policy: results are sent to each `[[destinations]]` entry with "
-        "the node's AE title as calling AE; each object is proposed in the transfer syntax it "
-        "was written in (Explicit VR Little Endian) with Implicit VR Little Endian as "
-        "alternative.",
+        "the node's AE title as calling AE. Each object's own transfer syntax is proposed first "
+        "so its bytes travel unchanged; a deflated or compressed object's syntax in a "
+        "presentation context of its own (acceptors such as Orthanc prefer Explicit VR Little "
+        "Endian within one context and would store a deflated map inflated), beside a context "
+        "with Explicit and Implicit VR Little Endian as the fallback. Storage Commitment Push "
+        "Model is proposed too where the destination has `storage_commitment` (the default).",
         "",
         "#### 2.2.3 Presentation contexts accepted (SCP)",
         "",
@@ -208,11 +276,24 @@ def render(settings: Settings | None = None) -> str:
         "",
         "#### 2.2.5 SOP specific conformance: Storage SCU",
         "",
-        "A result object counts as delivered only when the peer answers 0x0000 or a warning "
-        "under which it keeps the object (0xB000, 0xB006, 0xB007); anything else is retried "
-        "with exponential back-off up to the configured number of attempts, then stays visible "
-        "as failed with the peer's status. Result SOP Instance UIDs are derived from the study "
-        "and its analysis generation, so a retried delivery never creates a second object.",
+        "Each object's outcome at each destination is one of (shown per study in the "
+        "worklist and the study page, per object by `ddn-node deliveries list`):",
+        "",
+        _table(("Outcome", "When", "What the node does"), list(SCU_OUTCOMES)),
+        "",
+        "Result SOP Instance UIDs are derived from the study and its analysis generation, so a "
+        "retried delivery never creates a second object. Written in: Explicit VR Little Endian "
+        "(SR, rejection note), Deflated Explicit VR Little Endian (Parametric Map), JPEG "
+        "Baseline (overlay; decoded and sent uncompressed, same SOP Instance UID, to a "
+        "destination that accepts only uncompressed syntaxes).",
+        "",
+        "Storage Commitment Push Model (PS3.4 J), as SCU: the Transaction UID is recorded "
+        "before the N-ACTION is sent (a destination may report at once, on another "
+        "association). An N-EVENT-REPORT with Event Type 1 marks the listed objects committed; "
+        "Event Type 2 marks the Failed SOP Sequence's objects failed, with the Failure Reason; "
+        "the node answers 0x0000, or 0x0110 when it could not record the report. A destination "
+        "that does not accept the SOP class is sent the objects without a request. Failed "
+        "commitments are re-sent only by `ddn-node deliveries retry --uncommitted`.",
         "",
         "### 2.3 Network interfaces",
         "",
@@ -256,11 +337,35 @@ def render(settings: Settings | None = None) -> str:
         "abnormality score and the triage priority; Current Requested Procedure Evidence "
         "Sequence referencing the source images; Predecessor Documents Sequence when "
         "superseding.",
-        "- Parametric Map: one frame of float values in [0, 1] (DCM 130403 Gradient-weighted "
-        "class activation) at the source resolution with a Real World Value Mapping, "
-        "referencing the source image.",
-        "- Secondary Capture: RGB, the heat map blended on the source image, label, probability "
-        'and "NOT FOR DIAGNOSTIC USE" burned in (Burned In Annotation YES).',
+        "Each reported finding drawn on an image is a measurement group with a planar ROI "
+        "(closed POLYLINE around the half-peak region of its heat map, SELECTED FROM the "
+        "image), its probability as a NUM in %, and the operating point; each scored image also "
+        'has a "Whole image" group carrying the abnormality score, so viewers that draw only '
+        "groups with geometry (OHIF) show every finding; the Present/Absent evaluations, the "
+        "priority and the reasons for findings without a map are in the Qualitative "
+        "Evaluations container.",
+        "- Parametric Map: one per source image that carries a heat map, one frame per such "
+        "finding (most probable first), 32-bit float in [0, 1] (DCM 130403 Gradient-weighted "
+        "class activation) with a Real World Value Mapping per frame, on the source's rows x "
+        "columns (viewers refuse a map of other dimensions), Deflated Explicit VR Little "
+        "Endian. Plane Orientation and Frame of Reference (Type 1 in the Parametric Map, "
+        "absent from projection radiographs): the source's when it has them; otherwise "
+        "`1\\0\\0\\0\\1\\0` at 0\\0\\0 with a Frame of Reference of the map's own, "
+        'which says "on the source\'s pixel grid", not a patient geometry a projection does '
+        "not have. References the source in the Referenced Series, Source Image and "
+        "Derivation Image sequences.",
+        "- Secondary Capture: one per source image with a reported finding, JPEG Baseline, the "
+        "image with every finding outlined in its own colour and a legend (label, probability, "
+        'operating point), the model version and "NOT FOR DIAGNOSTIC USE" burned in (Burned '
+        "In Annotation YES).",
+        "- Which findings get a heat map (`[worker] heat_maps`, default "
+        f"`{s.worker.heat_maps}`): with `evidence`, only those whose localisation beat the "
+        "baselines in the model's evaluation; the SR says why the others have none.",
+        '- Key Object Selection (IOCM rejection note): Document Title (113001, DCM, "Rejected '
+        'for Quality Reasons"), the CID 7010 title whose meaning fits a superseded result '
+        '(CID 7010 has no "superseded"), referencing the superseded SR, maps and overlays in '
+        "the Current Requested Procedure Evidence Sequence; the Key Object Description says "
+        "why in words.",
         "- All: same Study Instance UID and patient / study attributes as the source, new "
         "series, Contributing Equipment Sequence (IHE AI Results style: manufacturer, model "
         "name, software versions, Device UID that changes with the model weights).",

@@ -13,7 +13,11 @@ __all__ = ["Orthanc", "orthanc_available"]
 
 class Orthanc(LocalOrthanc):
     def __init__(
-        self, home: Path, node_port: int, node_aet: str = "DDN_NODE", extra_config: dict[str, Any] | None = None
+        self,
+        home: Path,
+        node_port: int,
+        node_aet: str = "DDN_NODE",
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             home=home,

@@ -87,7 +87,9 @@ class SRContent:
     @property
     def not_for_diagnostic_use(self) -> bool:
         """Whether the SR says so, in a comment or its Series Description."""
-        return any(NOT_FOR_DIAGNOSTIC_USE in text for text in (*self.comments, self.series_description))
+        return any(
+            NOT_FOR_DIAGNOSTIC_USE in text for text in (*self.comments, self.series_description)
+        )
 
 
 def read_sr(ds: Dataset) -> SRContent:
@@ -167,7 +169,9 @@ def _read_sr(ds: Dataset) -> SRContent:
         device_observer_uid=out["device_uid"],  # type: ignore[arg-type]
         procedure=out["procedure"],  # type: ignore[arg-type]
         predecessors=_references(ds, "PredecessorDocumentsSequence"),
-        evidence=tuple(r.sop_instance_uid for r in _references(ds, "CurrentRequestedProcedureEvidenceSequence")),
+        evidence=tuple(
+            r.sop_instance_uid for r in _references(ds, "CurrentRequestedProcedureEvidenceSequence")
+        ),
         library=out["library"],  # type: ignore[arg-type]
         comments=comments,
         series_description=str(ds.get("SeriesDescription", "")),
@@ -219,7 +223,9 @@ def _read_group(
         whole_image[region[0]] = values
         return
     labels[finding] = tracking
-    regions.setdefault(finding, []).append(SRRegion(region[0], region[1], region[2], probability, tracking_uid))
+    regions.setdefault(finding, []).append(
+        SRRegion(region[0], region[1], region[2], probability, tracking_uid)
+    )
 
 
 def _num(item: Dataset) -> float:
@@ -238,7 +244,9 @@ def _read_evaluations(container: Dataset) -> dict[str, object]:
         name, value_type = _name(item), item.get("ValueType")
         if value_type == "CODE" and _is(name, C.PRIORITY):
             value = item.ConceptCodeSequence[0]
-            out["priority"] = next((p for p, code in C.PRIORITY_CODES.items() if C.same_code(value, code)), None)
+            out["priority"] = next(
+                (p for p, code in C.PRIORITY_CODES.items() if C.same_code(value, code)), None
+            )
         elif value_type == "CODE" and name is not None:
             concept = item.ConceptNameCodeSequence[0]
             code = Code(name[0], name[1], str(concept.CodeMeaning))
@@ -268,7 +276,9 @@ def _findings(
     texts: dict[tuple[str, str], tuple[str, float, float]] = evaluation.get("texts", {})  # type: ignore[assignment]
     out = {}
     for key, (code, present) in presence.items():
-        label, probability, threshold = texts.get(key, (labels.get(key, code.meaning), float("nan"), None))
+        label, probability, threshold = texts.get(
+            key, (labels.get(key, code.meaning), float("nan"), None)
+        )
         out[label] = SRFinding(
             label=label,
             code=code,

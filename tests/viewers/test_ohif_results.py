@@ -65,7 +65,11 @@ def _all_sent(db_url: str) -> bool:
             states = list(s.scalars(select(Delivery.state)))
     finally:
         db.dispose()
-    return complete is not None and bool(states) and all(state == DeliveryState.SENT for state in states)
+    return (
+        complete is not None
+        and bool(states)
+        and all(state == DeliveryState.SENT for state in states)
+    )
 
 
 def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_path: Path) -> None:
@@ -103,7 +107,12 @@ def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_p
             # The outline of Pneumothorax, and the frame of the whole image with the score and
             # the findings that have no heat map, each read as "<finding>: <p> %".
             by_name = {text.split(": ")[0]: text for text in labels if ": " in text}
-            assert {"Pneumothorax", "Abnormality score", "Pleural effusion", "Solitary nodule of lung"} <= set(by_name), labels
+            assert {
+                "Pneumothorax",
+                "Abnormality score",
+                "Pleural effusion",
+                "Solitary nodule of lung",
+            } <= set(by_name), labels
             assert all(by_name[name].rstrip().endswith("%") for name in by_name), labels
             # The outline and the whole image (OHIF adds tool annotations of its own, such as
             # reference lines).

@@ -178,7 +178,9 @@ def test_radiologist_path(
         page.click(f"tr[data-study-uid='{effusion}'] a.patient")
         page.wait_for_selector("table.findings-table")
         assert "EFFUSION, ERIK" in page.inner_text("h1")
-        assert page.locator("img[alt='AI findings: Effusion']").evaluate("img => img.naturalWidth") > 0
+        assert (
+            page.locator("img[alt='AI findings: Effusion']").evaluate("img => img.naturalWidth") > 0
+        )
         assert page.locator("img[alt^='source image']").evaluate("img => img.naturalWidth") > 0
         page.select_option("select[name=priority]", "STAT")
         page.click(".override-form button:text('Override')")
