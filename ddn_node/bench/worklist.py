@@ -46,6 +46,7 @@ from ddn_node.bench.common import (
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import Study
+from ddn_node.training.data import NIH_LABELS
 from ddn_node.vocabulary import RANK, TRIAGE_PRIORITIES, Priority, ReadStatus, StudyState
 
 TOKEN = "bench-token"
@@ -96,22 +97,8 @@ GIVEN = [
     "OLUWASEUN",
     "ERIK",
 ]
-LABELS = [
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-]
+# The NIH ChestX-ray14 findings: what a worklist of chest studies shows.
+LABELS = NIH_LABELS
 MODALITIES = [("CR", 45), ("DX", 40), ("CT", 7), ("MR", 4), ("US", 2), ("CR\\DX", 1), ("CT\\SR", 1)]
 
 

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 from support.artifacts import make_test_artifact
+from support.deliveries import delivery_rows, delivery_summary
 from support.net import wait_for
 from support.peers import CtnStoreSCP, DcmjsStoreSCP, missing
 from support.peers.dcmjs import dcmjs_send
 
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery, Study
+from ddn_node.store.models import Delivery
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = sorted((REPO / "sample_studies" / "demo01").glob("*.dcm"))
@@ -57,24 +56,6 @@ def _config(model: Path, name: str, aet: str, port: int) -> dict[str, Any]:
     }
 
 
-def _rows(db_url: str) -> list[Delivery]:
-    db = make_database(db_url)
-    try:
-        with db.read() as s:
-            return list(s.scalars(select(Delivery).order_by(Delivery.id)))
-    finally:
-        db.dispose()
-
-
-def _summary(db_url: str) -> str:
-    db = make_database(db_url)
-    try:
-        with db.read() as s:
-            return str(s.scalars(select(Study.delivery_summary)).one())
-    finally:
-        db.dispose()
-
-
 def _send_study(port: int, tmp: Path) -> None:
     run = dcmjs_send(
         port, SAMPLE, called="DDN_NODE", calling="DCMJS_SCU", log_path=tmp / "send.log"
@@ -98,7 +79,7 @@ def test_a_legacy_archive_refuses_3d_sr_and_pm_and_gets_the_overlay(
             _send_study(node.port, tmp_path)
 
             def decided() -> list[Delivery] | None:
-                rows = _rows(sqlite_url)
+                rows = delivery_rows(sqlite_url)
                 kinds = {r.kind for r in rows}
                 done = all(r.state in ("sent", "refused", "failed") for r in rows)
                 return rows if {"sr", "pm", "sc"} <= kinds and done else None
@@ -110,12 +91,12 @@ def test_a_legacy_archive_refuses_3d_sr_and_pm_and_gets_the_overlay(
             assert by_kind["sc"].state == "sent"
             # Refused once: not retried while the node keeps sweeping.
             wait_for(lambda: node.cli("deliveries", "list").returncode == 0, 60, "the CLI")
-            assert {r.kind: r.attempts for r in _rows(sqlite_url)}["sr"] == 1
+            assert {r.kind: r.attempts for r in delivery_rows(sqlite_url)}["sr"] == 1
             listing = node.cli("deliveries", "list").stdout
             assert "refused" in listing and "sent" in listing
         assert {str(p.name) for p in archive.received_files()}  # the overlay is there
         assert SR_3D in archive.refused_sop_classes() and PM in archive.refused_sop_classes()
-    summary = _summary(sqlite_url)
+    summary = delivery_summary(sqlite_url)
     assert "SC sent" in summary and "refused" in summary and "SR" in summary, summary
 
 
@@ -134,7 +115,7 @@ def test_failure_statuses_refused_or_deferred(
             _send_study(node.port, tmp_path)
 
             def sr_row() -> Delivery | None:
-                rows = [r for r in _rows(sqlite_url) if r.kind == "sr"]
+                rows = [r for r in delivery_rows(sqlite_url) if r.kind == "sr"]
                 if not rows:
                     return None
                 row = rows[0]
@@ -150,7 +131,8 @@ def test_failure_statuses_refused_or_deferred(
                 assert row.state in ("pending", "sending") and row.sent_at is None
             others = wait_for(
                 lambda: (
-                    [r for r in _rows(sqlite_url) if r.kind != "sr" and r.state == "sent"] or None
+                    [r for r in delivery_rows(sqlite_url) if r.kind != "sr" and r.state == "sent"]
+                    or None
                 ),
                 180,
                 "the other objects stored",

@@ -14,14 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 from support.artifacts import make_test_artifact
+from support.deliveries import delivery_rows, delivery_summary
 from support.net import free_port, wait_for
 from support.peers import DcmjsStoreSCP, missing
 from support.peers.dcmjs import dcmjs_send
 
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery, Study
+from ddn_node.store.models import Delivery
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = sorted((REPO / "sample_studies" / "demo01").glob("*.dcm"))
@@ -30,26 +29,8 @@ PM = "1.2.840.10008.5.1.4.1.1.30"
 pytestmark = pytest.mark.slow
 
 
-def _rows(db_url: str) -> list[Delivery]:
-    db = make_database(db_url)
-    try:
-        with db.read() as s:
-            return list(s.scalars(select(Delivery).order_by(Delivery.id)))
-    finally:
-        db.dispose()
-
-
-def _summary(db_url: str) -> str:
-    db = make_database(db_url)
-    try:
-        with db.read() as s:
-            return str(s.scalars(select(Study.delivery_summary)).one())
-    finally:
-        db.dispose()
-
-
 def _answered(db_url: str) -> dict[str, Delivery] | None:
-    rows = {r.kind: r for r in _rows(db_url)}
+    rows = {r.kind: r for r in delivery_rows(db_url)}
     if {"sr", "pm", "sc"} <= set(rows) and all(
         r.state == "sent" and r.commitment in ("committed", "failed") for r in rows.values()
     ):
@@ -111,7 +92,7 @@ def test_commitment_report_before_the_n_action_response_committed_and_declined(
             assert {e["transaction_uid"] for e in reports} == {
                 r.commitment_uid for r in rows.values()
             }
-            assert "commitment failed" in _summary(sqlite_url)
+            assert "commitment failed" in delivery_summary(sqlite_url)
             header, *lines = node.cli("deliveries", "list").stdout.splitlines()
             listed = [
                 dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines

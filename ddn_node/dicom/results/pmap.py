@@ -25,8 +25,9 @@ image it derives from) and dciodvfy:
 - **Pixel data**: 32-bit float values in [0, 1]. OHIF ignores the Real World Value Mapping
   of integer maps (a 16-bit map saturated), and values under :data:`BACKGROUND` are set
   to 0, so that the faint tail of a Grad-CAM map is not painted as a dark disc.
-- **Size**: stored in Deflated Explicit VR Little Endian (PS3.5 A.5): the zeroed background
-  compresses, a 2048 x 2048 frame takes about 1 MB instead of 16 MB.
+- **Size**: stored in Deflated Explicit VR Little Endian (PS3.5 A.5), the values in steps
+  of 1/255 (:data:`LEVELS`): the zeroed background and the runs of equal values compress,
+  a 1024 x 1024 frame of a diffuse map takes about 0.15 MB instead of 4 MB.
 - **Frames**: OHIF 3.13.2 shows the first frame of a multi-frame map only: the most
   probable finding comes first. Each map is its own series, because OHIF fuses a map
   with the first image of the map's series' source.
@@ -62,6 +63,10 @@ from ddn_node.model.types import AlgorithmInfo, Code
 
 # Values under this are stored as 0 (see the module docstring).
 BACKGROUND = 0.2
+# Values are kept to steps of 1/LEVELS: no colour map shows a finer difference and Grad-CAM
+# (upsampled from 7 x 7) carries none, and deflate then finds long runs - a 1024 x 1024
+# frame takes about 0.15 MB instead of 2.6 MB. The largest change is 1/510.
+LEVELS = 255
 # The orientation of an image's own pixel grid: rows along +x, columns along +y.
 GRID_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
@@ -77,8 +82,8 @@ class MapFrame:
 
 
 def heatmap_at(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """``heatmap`` as float32 in [0, 1] with shape (rows, columns); NaN counts as 0, and
-    values under :data:`BACKGROUND` are 0."""
+    """``heatmap`` as float32 in [0, 1] with shape (rows, columns), in steps of
+    1/:data:`LEVELS`; NaN counts as 0, and values under :data:`BACKGROUND` are 0."""
     values = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     if values.ndim != 2:
         raise ValueError(f"a heat map must be 2-D, got shape {values.shape}")
@@ -90,7 +95,7 @@ def heatmap_at(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray:
         )
     values = np.clip(values, 0.0, 1.0)
     values[values < BACKGROUND] = 0.0
-    return values
+    return (np.round(values * LEVELS) / LEVELS).astype(np.float32)
 
 
 def geometry_header(header: Dataset) -> Dataset:
