@@ -30,6 +30,8 @@ from ddn_node.dicom.results.overlay import (
     MAX_SIDE,
     PALETTE,
     DrawnFinding,
+    _fit_width,
+    _font,
     build_overlay,
     draw_findings,
     output_size,
@@ -302,3 +304,17 @@ def test_the_study_page_renders_an_overlay_secondary_capture(tmp_path) -> None:
     png = png_scaled(ImageCache(), path, max_px=200)
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.mode == "RGB" and max(image.size) == 200
+
+
+def test_a_legend_line_too_long_for_the_picture_is_cut_not_run_off() -> None:
+    """The reason a finding has no heat map can be a long sentence; on a small image the
+    legend ends in an ellipsis inside the picture (the SR keeps the whole sentence)."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (200, 50)))
+    font = _font(14)
+    long = "Effusion: 51 % (threshold 0 %) - no heat map: not in the manifest's localisation record"
+    cut = _fit_width(draw, long, font, 180)
+    assert cut.endswith("…") and long.startswith(cut[:-1].rstrip())
+    assert draw.textlength(cut, font=font) <= 180
+    assert _fit_width(draw, "Nodule: 52 %", font, 180) == "Nodule: 52 %"

@@ -120,17 +120,18 @@ def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_p
             assert len(drawn) == 2, drawn
             viewer.screenshot("ohif-sr-findings")
 
+            # The Secondary Capture, as any viewer shows it (before the map: OHIF keeps the
+            # map's window for the next image, which would wash the capture out).
+            sc = viewer.find_display_set(series_description="AI findings overlay (SC)")
+            viewer.load_display_set(sc)
+            viewer.wait_for_image(colour=True, min_coloured_fraction=0.002)
+            viewer.screenshot("ohif-overlay-sc")
+
             # The Parametric Map, overlaid on its radiograph.
             pm = viewer.find_display_set(modality="PMAP")
             viewer.load_display_set(pm)
             viewer.wait_for_overlay(pm)
             viewer.screenshot("ohif-heat-map")
-
-            # The Secondary Capture, as any viewer shows it.
-            sc = viewer.find_display_set(series_description="AI findings overlay (SC)")
-            viewer.load_display_set(sc)
-            viewer.wait_for_image(colour=True, min_coloured_fraction=0.002)
-            viewer.screenshot("ohif-overlay-sc")
 
             errors = viewer.console_errors()
             assert errors == [], "\n".join(map(str, errors))

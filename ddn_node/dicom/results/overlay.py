@@ -183,11 +183,12 @@ def _legend(
     size: int,
 ) -> None:
     """Top left: the warning and the title; bottom left: one line per finding."""
-    rows, _columns = shape
+    rows, columns = shape
     margin = max(3, size // 3)
     white, red = (255, 255, 255, 255), (255, 72, 72, 255)
 
     def line(x: float, y: float, text: str, fill: tuple[int, int, int, int]) -> float:
+        text = _fit_width(draw, text, font, columns - x - 2 * margin)
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle(
             (left - margin, top - margin, right + margin, bottom + margin), fill=(0, 0, 0, 170)
@@ -216,6 +217,21 @@ def _legend(
         y += step
     if warning:
         line(margin * 2, y, warning, red)
+
+
+def _fit_width(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    width: float,
+) -> str:
+    """``text``, cut with an ellipsis where it would run off the picture (the SR has the
+    whole sentence)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while len(text) > 1 and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
 
 
 def build_overlay(
