@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ddn_node.config import load_settings
+from ddn_node.config import Settings, load_settings
 
 LEVELS = {"info", "warning", "error", "exception", "debug", "critical"}
 
@@ -99,3 +99,19 @@ def test_readme_links_resolve(repo_root: Path) -> None:
 def test_pyproject_pins_torch_in_range(repo_root: Path) -> None:
     deps = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch==2.14.1" in deps and "torchvision==0.29.1" in deps
+
+
+def test_every_toml_snippet_in_the_docs_is_valid_configuration(repo_root: Path) -> None:
+    """An administrator pastes these into ddn-node.toml: each must be accepted as it is
+    (unknown keys are refused, so a renamed setting would fail here)."""
+    blocks = [
+        (path.name, block)
+        for path in [*sorted((repo_root / "docs").glob("*.md")), repo_root / "README.md"]
+        for block in re.findall(r"```toml\n(.*?)```", path.read_text(), re.S)
+    ]
+    assert blocks, "no TOML snippets found"
+    for name, block in blocks:
+        try:
+            Settings.model_validate(tomllib.loads(block))
+        except ValueError as exc:
+            pytest.fail(f"a TOML snippet of {name} is not valid configuration: {exc}")
