@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from results.conftest import worker_config
 from sqlalchemy import select
+from support.deliveries import all_delivered
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
 from support.net import wait_for
 from support.orthanc import Orthanc
@@ -59,8 +60,9 @@ def _db_results(db_url: str) -> dict[str, tuple[Result, list[Delivery]]]:
 def _dciodvfy_errors(ds: pydicom.Dataset, tmp: Path) -> list[str]:
     path = tmp / f"{ds.SOPInstanceUID}.dcm"
     # dciodvfy reads no deflated file (the Parametric Maps travel deflated).
-    ds = copy.deepcopy(ds)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        ds = copy.deepcopy(ds)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(path, enforce_file_format=True)
     res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
@@ -95,14 +97,8 @@ def test_orthanc_round_trip(
         }
         pacs.send_to_node(sorted({u["ParentStudy"] for u in uploaded}))
 
-        def all_sent() -> dict[str, tuple[Result, list[Delivery]]] | None:
-            rows = _db_results(sqlite_url)
-            done = len(rows) == len(study_uids) and all(
-                r and ds and all(d.state == "sent" for d in ds) for r, ds in rows.values()
-            )
-            return rows if done else None
-
-        db_rows = wait_for(all_sent, 180, "every result delivered")
+        wait_for(lambda: all_delivered(sqlite_url, len(study_uids)), 180, "every result delivered")
+        db_rows = _db_results(sqlite_url)
         returned = {uid: pacs.instance_datasets(uid) for uid in study_uids}
 
     for study_uid, objects in returned.items():
@@ -194,15 +190,8 @@ def test_pacs_down_then_back(
 
         wait_for(retried, 180, "deliveries retrying while the PACS is down")
         pacs.start()
-        _result, deliveries = wait_for(
-            lambda: (
-                (r := _db_results(sqlite_url)[study_uid])
-                and all(d.state == "sent" for d in r[1])
-                and r
-            ),
-            120,
-            "all sent",
-        )
+        wait_for(lambda: all_delivered(sqlite_url), 120, "all sent")
+        _result, deliveries = _db_results(sqlite_url)[study_uid]
         objects = pacs.instance_datasets(study_uid)
     ours = [
         d

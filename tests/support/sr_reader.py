@@ -100,7 +100,8 @@ def read_sr(ds: Dataset) -> SRContent:
     """
     try:
         return _read_sr(ds)
-    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+    # NotImplementedError: pydicom's answer, on first access, to a VR it does not know.
+    except (AttributeError, IndexError, KeyError, NotImplementedError, TypeError) as exc:
         raise ValueError(f"malformed TID 1500 content: {type(exc).__name__}: {exc}") from exc
 
 

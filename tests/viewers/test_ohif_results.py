@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
 from support.artifacts import make_test_artifact
+from support.deliveries import all_delivered
 from support.net import free_port, wait_for
 from support.ohif import OhifViewer, chromium_available, playwright_available
 from support.orthanc import Orthanc, orthanc_available
 
 from ddn_node.demo.ohif import OhifServer, OhifSite
 from ddn_node.demo.orthanc import DICOMWEB_PLUGIN
-from ddn_node.store.engine import make_database
-from ddn_node.store.models import Delivery, Result
-from ddn_node.vocabulary import DeliveryState
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DX = REPO / "sample_studies" / "demo02" / "demo02_PA.dcm"
@@ -56,22 +53,6 @@ def _screenshots(tmp_path: Path) -> Path:
     return where
 
 
-def _all_sent(db_url: str) -> bool:
-    """The analysis is complete (its pictures too) and every object reached Orthanc."""
-    db = make_database(db_url)
-    try:
-        with db.read() as s:
-            complete = s.scalar(select(Result.id).where(Result.completed_at.is_not(None)))
-            states = list(s.scalars(select(Delivery.state)))
-    finally:
-        db.dispose()
-    return (
-        complete is not None
-        and bool(states)
-        and all(state == DeliveryState.SENT for state in states)
-    )
-
-
 def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_path: Path) -> None:
     _skip_without_viewer()
     model = make_test_artifact(tmp_path / "model", threshold=0.0, evidence={"Pneumothorax": True})
@@ -93,7 +74,7 @@ def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_p
         with node:
             uploaded = pacs.upload(SAMPLE_DX)
             pacs.send_to_node([uploaded["ParentStudy"]])
-            wait_for(lambda: _all_sent(sqlite_url), 240, "the SR, PM and SC stored in Orthanc")
+            wait_for(lambda: all_delivered(sqlite_url), 240, "the SR, PM and SC stored in Orthanc")
 
         with (
             OhifServer(pacs.url) as ohif,
@@ -161,7 +142,7 @@ def test_an_sr_without_outlines_opens_cleanly(make_node, sqlite_url: str, tmp_pa
         with node:
             uploaded = pacs.upload(SAMPLE_DX)
             pacs.send_to_node([uploaded["ParentStudy"]])
-            wait_for(lambda: _all_sent(sqlite_url), 240, "the SR and SC stored in Orthanc")
+            wait_for(lambda: all_delivered(sqlite_url), 240, "the SR and SC stored in Orthanc")
         modalities = {
             s["MainDicomTags"].get("Modality")
             for s in pacs.get(f"/studies/{uploaded['ParentStudy']}/series")
