@@ -30,8 +30,12 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from ddn_node.dicom.headers import Header
-from ddn_node.dicom.results.equipment import NODE_MODEL_NAME
 from ddn_node.vocabulary import InstanceOrigin
+
+# The Manufacturer's Model Name the node writes into every object it makes (its results'
+# General Equipment): defined here, where it is recognised, so the SCP's import of this
+# module does not draw in the result builders and their rendering libraries.
+NODE_MODEL_NAME = "ddn-node"
 
 # Storage SOP classes whose instances are results, never acquisitions (PS3.4 B.5).
 RESULT_SOP_CLASS_PREFIXES: tuple[str, ...] = (

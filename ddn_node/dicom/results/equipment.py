@@ -28,11 +28,10 @@ from highdicom.sr import (
 )
 from pydicom.sr.codedict import codes
 
+from ddn_node.dicom.origin import NODE_MODEL_NAME
 from ddn_node.dicom.results.codes import PROCESSING_EQUIPMENT, coded
 from ddn_node.dicom.results.content import NOT_FOR_DIAGNOSTIC_USE, fit_text
 from ddn_node.model.types import AlgorithmInfo
-
-NODE_MODEL_NAME = "ddn-node"
 
 # VR lengths (PS3.5 6.2): LO 64, ST 1024.
 _LO = 64
