@@ -193,6 +193,20 @@ class Report(Generic[M]):
     returncode: int = 0
     command: tuple[str, ...] = field(default=(), repr=False)
 
+    @classmethod
+    def of_run(
+        cls,
+        tool: str,
+        files: tuple[str, ...],
+        parsed: tuple[tuple[M, ...], tuple[M, ...], tuple[str, ...]],
+        text: str,
+        proc: subprocess.CompletedProcess[bytes],
+        command: tuple[str, ...],
+    ) -> Report[M]:
+        """The report of one run: its parsed (errors, warnings, other lines) and output."""
+        errors, warnings, other = parsed
+        return cls(tool, files, errors, warnings, other, text, proc.returncode, command)
+
     @property
     def ok(self) -> bool:
         """No errors (warnings allowed)."""
@@ -351,17 +365,7 @@ def dciodvfy(
     command = ("dciodvfy", *extra_args, files[0])
     proc = _run(command, timeout)
     text = _text(proc)
-    errors, warnings, other = parse_dciodvfy(text, files[0])
-    return Report(
-        tool="dciodvfy",
-        files=files,
-        errors=errors,
-        warnings=warnings,
-        other=other,
-        output=text,
-        returncode=proc.returncode,
-        command=command,
-    )
+    return Report.of_run("dciodvfy", files, parse_dciodvfy(text, files[0]), text, proc, command)
 
 
 def parse_dciodvfy(
@@ -455,17 +459,7 @@ def dcentvfy(paths: Iterable[PathLike], *, timeout: float = 120) -> Report[Entit
     command = ("dcentvfy", *files)
     proc = _run(command, timeout)
     text = _text(proc)
-    errors, warnings, other = parse_dcentvfy(text)
-    return Report(
-        tool="dcentvfy",
-        files=files,
-        errors=errors,
-        warnings=warnings,
-        other=other,
-        output=text,
-        returncode=proc.returncode,
-        command=command,
-    )
+    return Report.of_run("dcentvfy", files, parse_dcentvfy(text), text, proc, command)
 
 
 def parse_dcentvfy(
@@ -577,16 +571,8 @@ def pixelmed_sr(
     )
     proc = _run(command, timeout)
     text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-    errors, warnings, other = parse_pixelmed(text, files[0])
-    return Report(
-        tool="DicomSRValidator",
-        files=files,
-        errors=errors,
-        warnings=warnings,
-        other=other,
-        output=text,
-        returncode=proc.returncode,
-        command=command,
+    return Report.of_run(
+        "DicomSRValidator", files, parse_pixelmed(text, files[0]), text, proc, command
     )
 
 
