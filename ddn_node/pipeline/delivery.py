@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import structlog
 from sqlalchemy import ColumnElement, case, or_, select, update
+from sqlalchemy.orm import Session
 
 from ddn_node.config import DestinationSettings, Settings
 from ddn_node.dicom.scu import Disposition, Peer, SendOutcome, StoreSCU, client_tls_context
@@ -227,99 +228,27 @@ class Deliverer:
         self._record(name, rows, outcomes)
 
     def _record(self, name: str, rows: list[Claimed], outcomes: dict[int, Attempt]) -> None:
-        cfg = self.settings.delivery
+        """Each row's outcome in one transaction; then the audit of the studies whose
+        results reached the destination, and every touched study's delivery summary."""
         now = utcnow()
         sent_studies: set[int] = set()
         # A RIS may echo patient data in its error text: that stays in the table, not the log.
-        loggable = (
-            (lambda e: "(see 'ddn-node deliveries list')")
-            if name.startswith(ADAPTER_PREFIX)
-            else (lambda e: e)
-        )
+        adapter = name.startswith(ADAPTER_PREFIX)
         with self.database.session() as session:
             for row_id, _path, sop_uid, attempts, _kind in rows:
                 outcome = outcomes.get(row_id)
-                status = outcome.status if outcome else None
-                error = outcome.error if outcome else "not attempted"
                 if outcome is not None and outcome.ok:
-                    DELIVERIES.finish(
-                        session,
-                        row_id,
-                        self.owner,
-                        DeliveryState.SENT,
-                        sent_at=now,
-                        last_status=status,
-                        # A commitment failure may already have been reported.
-                        last_error=case(
-                            (Delivery.commitment == CommitmentState.FAILED, Delivery.last_error),
-                            else_="",
-                        ),
-                    )
-                    # The PACS's answer may already be here; only an unanswered request is
-                    # marked requested, and one never made leaves no transaction behind.
-                    session.execute(
-                        update(Delivery)
-                        .where(Delivery.id == row_id, Delivery.commitment == "")
-                        .values(
-                            commitment=COMMITMENT_REQUESTED if outcome.commitment_uid else "",
-                            commitment_uid=outcome.commitment_uid,
-                        )
-                    )
-                    study_id = session.scalar(
-                        select(Delivery.study_id).where(Delivery.id == row_id)
-                    )
+                    study_id = self._record_sent(session, row_id, outcome, now)
                     if study_id is not None:
                         sent_studies.add(study_id)
                     log.info(
-                        "delivery.sent", destination=name, sop_instance_uid=sop_uid, status=status
-                    )
-                elif outcome is not None and outcome.refused:
-                    DELIVERIES.finish(
-                        session,
-                        row_id,
-                        self.owner,
-                        DeliveryState.REFUSED,
-                        last_status=status,
-                        last_error=error,
-                    )
-                    log.warning(
-                        "delivery.refused",
+                        "delivery.sent",
                         destination=name,
                         sop_instance_uid=sop_uid,
-                        status=status,
-                        error=loggable(error),
-                    )
-                elif attempts >= cfg.max_attempts:
-                    DELIVERIES.finish(
-                        session,
-                        row_id,
-                        self.owner,
-                        DeliveryState.FAILED,
-                        last_status=status,
-                        last_error=error,
-                    )
-                    log.error(
-                        "delivery.failed",
-                        destination=name,
-                        sop_instance_uid=sop_uid,
-                        status=status,
-                        error=loggable(error),
-                        attempts=attempts,
+                        status=outcome.status,
                     )
                 else:
-                    delay = backoff_s(attempts, cfg.backoff_initial_s, cfg.backoff_max_s)
-                    DELIVERIES.retry_later(
-                        session, row_id, self.owner, delay, last_status=status, last_error=error
-                    )
-                    log.warning(
-                        "delivery.retry_scheduled",
-                        destination=name,
-                        sop_instance_uid=sop_uid,
-                        status=status,
-                        error=loggable(error),
-                        attempt=attempts,
-                        retry_in_s=delay,
-                    )
+                    self._record_unsent(session, name, row_id, sop_uid, attempts, outcome, adapter)
             for study_id in sent_studies:
                 study_uid = (
                     session.scalar(select(Study.study_uid).where(Study.id == study_id)) or ""
@@ -330,6 +259,84 @@ class Deliverer:
             )
             for study_id in set(studies):
                 summarise_deliveries(session, study_id)
+
+    def _record_sent(
+        self, session: Session, row_id: int, outcome: Attempt, now: dt.datetime
+    ) -> int | None:
+        """The row sent, its commitment request noted; returns its study's id."""
+        DELIVERIES.finish(
+            session,
+            row_id,
+            self.owner,
+            DeliveryState.SENT,
+            sent_at=now,
+            last_status=outcome.status,
+            # A commitment failure may already have been reported.
+            last_error=case(
+                (Delivery.commitment == CommitmentState.FAILED, Delivery.last_error),
+                else_="",
+            ),
+        )
+        # The PACS's answer may already be here; only an unanswered request is marked
+        # requested, and one never made leaves no transaction behind.
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == row_id, Delivery.commitment == "")
+            .values(
+                commitment=COMMITMENT_REQUESTED if outcome.commitment_uid else "",
+                commitment_uid=outcome.commitment_uid,
+            )
+        )
+        return session.scalar(select(Delivery.study_id).where(Delivery.id == row_id))
+
+    def _record_unsent(
+        self,
+        session: Session,
+        name: str,
+        row_id: int,
+        sop_uid: str,
+        attempts: int,
+        outcome: Attempt | None,
+        adapter: bool,
+    ) -> None:
+        """Refused for good, failed after the last attempt, or tried again later."""
+        cfg = self.settings.delivery
+        status = outcome.status if outcome else None
+        error = outcome.error if outcome else "not attempted"
+        where = {"destination": name, "sop_instance_uid": sop_uid, "status": status}
+        logged = "(see 'ddn-node deliveries list')" if adapter else error
+        if outcome is not None and outcome.refused:
+            DELIVERIES.finish(
+                session,
+                row_id,
+                self.owner,
+                DeliveryState.REFUSED,
+                last_status=status,
+                last_error=error,
+            )
+            log.warning("delivery.refused", **where, error=logged)
+        elif attempts >= cfg.max_attempts:
+            DELIVERIES.finish(
+                session,
+                row_id,
+                self.owner,
+                DeliveryState.FAILED,
+                last_status=status,
+                last_error=error,
+            )
+            log.error("delivery.failed", **where, error=logged, attempts=attempts)
+        else:
+            delay = backoff_s(attempts, cfg.backoff_initial_s, cfg.backoff_max_s)
+            DELIVERIES.retry_later(
+                session, row_id, self.owner, delay, last_status=status, last_error=error
+            )
+            log.warning(
+                "delivery.retry_scheduled",
+                **where,
+                error=logged,
+                attempt=attempts,
+                retry_in_s=delay,
+            )
 
 
 def retry_failed(

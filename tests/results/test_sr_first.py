@@ -349,3 +349,34 @@ def test_nothing_reported_ever_is_listed_as_not_analysed(
     assert row is not None
     assert row.priority == "NOT_ANALYSED" and row.state == "failed" and not row.analysed
     assert "analysis failed" in row.status_text and "pixel data unreadable" in row.why
+
+
+def test_a_destination_that_never_answers_fails_after_the_last_attempt(node: _Node) -> None:
+    """Attempts run out: the rows end ``failed`` with the error, are not claimed again,
+    and the worklist's line says so per destination (a refusal is tested with real peers
+    in tests/peers/test_refusals.py)."""
+    delivery = node.settings.delivery.model_copy(update={"max_attempts": 1})
+    settings = node.settings.model_copy(update={"delivery": delivery})
+    study_id = _receive(settings, node.database, node.spool)
+    deliverer = Deliverer(settings, node.database, node.spool, owner="test-worker")
+    worker = Worker(
+        settings,
+        node.database,
+        node.spool,
+        ModelRegistry(settings),
+        owner="test-worker",
+        send_now=deliverer.deliver_object,
+    )
+    assert worker.run_once()  # claim, SR: nothing listens on either destination's port
+    with node.database.read() as s:
+        rows = list(s.scalars(select(Delivery).where(Delivery.kind == "sr")))
+        study = s.get(Study, study_id)
+        assert study is not None
+        summary = study.delivery_summary
+    assert sorted((r.destination, r.state, r.attempts) for r in rows) == [
+        ("archive", "failed", 1),
+        ("pacs", "failed", 1),
+    ]
+    assert all(r.last_error and r.sent_at is None for r in rows)
+    assert summary == "archive: SR failed | pacs: SR failed"
+    assert deliverer.deliver_due() == 0
