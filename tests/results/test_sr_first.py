@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,18 @@ class _Node:
     database: Database
     spool: Spool
 
+    def worker(
+        self, owner: str = "test-worker", send_now: Callable[[int, str], object] | None = None
+    ) -> Worker:
+        return Worker(
+            self.settings,
+            self.database,
+            self.spool,
+            ModelRegistry(self.settings),
+            owner=owner,
+            send_now=send_now,
+        )
+
 
 @pytest.fixture
 def node(tmp_path: Path, db_url: str) -> Iterator[_Node]:
@@ -124,14 +136,7 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     study_id = _receive(settings, database, spool)
     # Nothing listens on the destinations' ports: sending fails fast and backs off.
     deliverer = Deliverer(settings, database, spool, owner="test-worker")
-    worker = Worker(
-        settings,
-        database,
-        spool,
-        ModelRegistry(settings),
-        owner="test-worker",
-        send_now=deliverer.deliver_object,
-    )
+    worker = node.worker(send_now=deliverer.deliver_object)
 
     seen_when_drawing: list[list[tuple[str, str, int | None, int]]] = []
     draw = reporting_module.add_heat_map_objects
@@ -203,7 +208,7 @@ def test_a_waiting_study_gets_its_sr_before_the_previous_study_gets_heat_maps(no
     settings, database, spool = node.settings, node.database, node.spool
     first = _receive(settings, database, spool, STUDY + ".1")
     second = _receive(settings, database, spool, STUDY + ".2")
-    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+    worker = node.worker()
 
     def kinds() -> dict[int, list[str]]:
         with database.read() as s:
@@ -236,7 +241,7 @@ def test_a_waiting_study_gets_its_sr_before_the_previous_study_gets_heat_maps(no
 def test_a_clean_stop_gives_waiting_heat_maps_back_to_the_queue(node: _Node) -> None:
     settings, database, spool = node.settings, node.database, node.spool
     study_id = _receive(settings, database, spool)
-    first = Worker(settings, database, spool, ModelRegistry(settings), owner="stopping-worker")
+    first = node.worker("stopping-worker")
     assert first.run_once()  # phase 1: the SR is queued, the heat maps wait
     stop = threading.Event()
     stop.set()
@@ -246,7 +251,7 @@ def test_a_clean_stop_gives_waiting_heat_maps_back_to_the_queue(node: _Node) -> 
         # Claimable now, not after the 300 s lease, and the clean stop cost no attempt.
         assert (job.state, job.lease_owner, job.attempts) == ("queued", None, 0)
 
-    second = Worker(settings, database, spool, ModelRegistry(settings), owner="next-worker")
+    second = node.worker("next-worker")
     assert second.run_once() and second.run_once()
     with database.read() as s:
         job = s.scalars(select(Job)).one()
@@ -278,7 +283,7 @@ def test_heat_maps_given_up_after_the_sr_left_the_worklist_keeps_the_report(
 ) -> None:
     settings, database, spool = node.settings, node.database, node.spool
     _receive(settings, database, spool)
-    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+    worker = node.worker()
 
     def failing_draw(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("the overlay renderer fell over")
@@ -306,7 +311,7 @@ def test_a_failed_re_analysis_keeps_the_priority_of_the_report_the_pacs_holds(
 ) -> None:
     settings, database, spool = node.settings, node.database, node.spool
     _receive(settings, database, spool)
-    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+    worker = node.worker()
     assert worker.run_once() and worker.run_once() and not worker.run_once()
     said = _sr_priority(database, spool)
 
@@ -336,7 +341,7 @@ def test_nothing_reported_ever_is_listed_as_not_analysed(
 ) -> None:
     settings, database, spool = node.settings, node.database, node.spool
     _receive(settings, database, spool)
-    worker = Worker(settings, database, spool, ModelRegistry(settings), owner="test-worker")
+    worker = node.worker()
 
     def unreadable(self: ModelSteps, a: Any) -> Any:
         raise AnalysisError("pixel data unreadable", permanent=True)

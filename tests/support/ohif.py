@@ -694,3 +694,29 @@ class OhifViewer:
         path = self.screenshots / f"{name}.png"
         self.page.screenshot(path=str(path))
         return path
+
+
+def skip_unless_viewer_runs(sample: Path) -> None:
+    """Skip (saying what is missing) unless Orthanc with DICOMweb, Chromium, Playwright, the
+    fetched OHIF site and the ``sample`` study are all here."""
+    import pytest
+
+    from ddn_node.demo.ohif import OhifSite
+    from ddn_node.demo.orthanc import DICOMWEB_PLUGIN
+    from support.orthanc import orthanc_available
+
+    if not orthanc_available():
+        pytest.skip("Orthanc is not installed (Debian package orthanc)")
+    if not DICOMWEB_PLUGIN.is_file():
+        pytest.skip(
+            f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}; Debian orthanc-dicomweb)"
+        )
+    if not chromium_available():
+        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
+    if not playwright_available():
+        pytest.skip("playwright is not installed (the test extras)")
+    problem = OhifSite.at().missing
+    if problem is not None:
+        pytest.skip(problem)
+    if not sample.is_file():
+        pytest.skip(f"sample study missing: {sample}")

@@ -23,32 +23,16 @@ from highdicom import UID
 from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
 from support.net import free_port
-from support.ohif import OhifViewer, chromium_available, playwright_available
-from support.orthanc import Orthanc, orthanc_available
+from support.ohif import (
+    OhifViewer,
+    skip_unless_viewer_runs,
+)
+from support.orthanc import Orthanc
 
 from ddn_node.demo.ohif import OhifError, OhifServer, OhifSite
-from ddn_node.demo.orthanc import DICOMWEB_PLUGIN
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DX = REPO / "sample_studies" / "demo02" / "demo02_PA.dcm"
-
-
-def _skip_without_viewer() -> None:
-    if not orthanc_available():
-        pytest.skip("Orthanc is not installed (Debian package orthanc)")
-    if not DICOMWEB_PLUGIN.is_file():
-        pytest.skip(
-            f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}; Debian package orthanc-dicomweb)"
-        )
-    if not chromium_available():
-        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
-    if not playwright_available():
-        pytest.skip("playwright is not installed (the test extras)")
-    problem = OhifSite.at().missing
-    if problem is not None:
-        pytest.skip(problem)
-    if not SAMPLE_DX.is_file():
-        pytest.skip(f"sample study missing: {SAMPLE_DX}")
 
 
 def _screenshots(tmp_path: Path) -> Path:
@@ -81,7 +65,7 @@ def _secondary_capture(source: Dataset) -> SCImage:
 
 @pytest.mark.slow
 def test_secondary_capture_displays_without_console_errors(tmp_path: Path) -> None:
-    _skip_without_viewer()
+    skip_unless_viewer_runs(SAMPLE_DX)
     source = pydicom.dcmread(SAMPLE_DX)
     sc = _secondary_capture(source)
     sc_path = tmp_path / "sc.dcm"

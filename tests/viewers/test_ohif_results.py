@@ -22,32 +22,18 @@ from support.artifacts import make_test_artifact
 from support.deliveries import all_delivered
 from support.net import free_port, wait_for
 from support.node import NodeProcess
-from support.ohif import OhifViewer, chromium_available, playwright_available
-from support.orthanc import Orthanc, orthanc_available
+from support.ohif import (
+    OhifViewer,
+    skip_unless_viewer_runs,
+)
+from support.orthanc import Orthanc
 
-from ddn_node.demo.ohif import OhifServer, OhifSite
-from ddn_node.demo.orthanc import DICOMWEB_PLUGIN
+from ddn_node.demo.ohif import OhifServer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DX = REPO / "sample_studies" / "demo02" / "demo02_PA.dcm"
 
 pytestmark = pytest.mark.slow
-
-
-def _skip_without_viewer() -> None:
-    if not orthanc_available():
-        pytest.skip("Orthanc is not installed (Debian package orthanc)")
-    if not DICOMWEB_PLUGIN.is_file():
-        pytest.skip(
-            f"Orthanc's DICOMweb plugin is missing ({DICOMWEB_PLUGIN}; Debian orthanc-dicomweb)"
-        )
-    if not chromium_available():
-        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
-    if not playwright_available():
-        pytest.skip("playwright is not installed (the test extras)")
-    problem = OhifSite.at().missing
-    if problem is not None:
-        pytest.skip(problem)
 
 
 def _screenshots(tmp_path: Path) -> Path:
@@ -84,7 +70,7 @@ def _analysed_in_orthanc(
 
 
 def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_path: Path) -> None:
-    _skip_without_viewer()
+    skip_unless_viewer_runs(SAMPLE_DX)
     model = make_test_artifact(tmp_path / "model", threshold=0.0, evidence={"Pneumothorax": True})
     source = pydicom.dcmread(SAMPLE_DX, stop_before_pixels=True)
     with (
@@ -134,7 +120,7 @@ def test_sr_outlines_pm_overlay_and_sc_in_ohif(make_node, sqlite_url: str, tmp_p
 def test_an_sr_without_outlines_opens_cleanly(make_node, sqlite_url: str, tmp_path: Path) -> None:
     """The default for a model without localisation evidence (the bundled one): findings
     but no heat maps. The SR has no measurement group then, and must still open."""
-    _skip_without_viewer()
+    skip_unless_viewer_runs(SAMPLE_DX)
     model = make_test_artifact(tmp_path / "model", threshold=0.0)
     source = pydicom.dcmread(SAMPLE_DX, stop_before_pixels=True)
     with _analysed_in_orthanc(make_node, sqlite_url, tmp_path, model) as (pacs, study):
