@@ -86,6 +86,15 @@ class InstanceOrigin(StrEnum):
     OTHER = "other"  # a result or derived object of another algorithm or workstation
 
 
+class ConflictKind(StrEnum):
+    """Why an instance was refused: its identity contradicts what the node holds."""
+
+    INSTANCE_OTHER_STUDY = "instance_in_other_study"  # known SOP Instance UID, another study
+    INSTANCE_OTHER_SERIES = "instance_in_other_series"
+    SERIES_OTHER_STUDY = "series_in_other_study"  # known Series UID, another study
+    STUDY_OTHER_PATIENT = "study_of_other_patient"  # known Study UID, another Patient ID
+
+
 class StudyState(StrEnum):
     """A study's place in the lifecycle (see ``store/lifecycle.py`` for the transitions)."""
 

@@ -10,7 +10,7 @@ import os
 
 import typer
 
-from ddn_node.cli import bench_cmds, model_cmds, node_cmds, ops_cmds
+from ddn_node.cli import bench_cmds, conflict_cmds, model_cmds, node_cmds, ops_cmds
 
 app = typer.Typer(
     name="ddn-node",
@@ -21,6 +21,7 @@ app = typer.Typer(
 node_cmds.register(app)
 model_cmds.register(app)
 ops_cmds.register(app)
+conflict_cmds.register(app)
 bench_cmds.register(app)
 
 

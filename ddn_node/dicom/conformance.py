@@ -92,6 +92,15 @@ STORE_STATUSES = (
         "C002",
         "the data set's SOP Instance UID differs from the command's",
     ),
+    (
+        "Error: Cannot understand",
+        "C003",
+        "the instance's identity contradicts what the node holds: its SOP Instance UID is "
+        "stored in another study or series, its Series UID in another study, or its Study "
+        "UID under another Patient ID. The Error Comment (0000,0902) says which; the "
+        "instance is kept in quarantine for the administrator (`ddn-node conflicts list`, "
+        "`/admin/conflicts`) and nothing already stored changes",
+    ),
     ("Error: Cannot understand", "C211", "unexpected failure in the handler (pynetdicom default)"),
 )
 

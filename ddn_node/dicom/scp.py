@@ -9,7 +9,10 @@ happen later, in the worker.
 Statuses (PS3.4 B.2.3, listed in docs/conformance-statement.md):
 0x0000 stored (also for an idempotent re-send); 0xA700 out of resources (disk below the
 reserve, spool or database unwritable); 0xC000 the data set cannot be parsed; 0xC001 a
-required UID is missing; 0xC002 the data set's SOP Instance UID differs from the command's.
+required UID is missing; 0xC002 the data set's SOP Instance UID differs from the command's;
+0xC003 its identity contradicts what the node holds (a known SOP Instance UID in another
+study or series, a known Series UID in another study, a known study with another Patient
+ID): refused with an Error Comment saying which, kept in quarantine and audited.
 """
 
 from __future__ import annotations
@@ -51,10 +54,17 @@ from ddn_node.dicom.syntaxes import (
 from ddn_node.model.identity import manifest_device_uid
 from ddn_node.store.audit import AuditEventName, add_audit, audit
 from ddn_node.store.engine import Database
-from ddn_node.store.ingest import IngestOutcome, InstanceRecord, KnownSeries, record_instance
+from ddn_node.store.ingest import (
+    IdentityConflict,
+    IngestOutcome,
+    InstanceRecord,
+    KnownSeries,
+    record_instance,
+)
 from ddn_node.store.models import UID_LEN, utcnow
+from ddn_node.store.quarantine import Refusal, record_refusal
 from ddn_node.store.results import CommitmentReport, record_commitment
-from ddn_node.vocabulary import InstanceOrigin
+from ddn_node.vocabulary import ConflictKind, InstanceOrigin
 
 log = structlog.get_logger("ddn_node.scp")
 
@@ -66,6 +76,15 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 MISSING_UID = 0xC001
 UID_MISMATCH = 0xC002
+IDENTITY_CONFLICT = 0xC003
+
+# Error Comment (0000,0902, LO: at most 64 characters) of a 0xC003 answer, per kind.
+CONFLICT_COMMENTS = {
+    ConflictKind.INSTANCE_OTHER_STUDY: "SOP Instance UID already stored in another study",
+    ConflictKind.INSTANCE_OTHER_SERIES: "SOP Instance UID already stored in another series",
+    ConflictKind.SERIES_OTHER_STUDY: "Series Instance UID already stored in another study",
+    ConflictKind.STUDY_OTHER_PATIENT: "Study Instance UID already stored for another Patient ID",
+}
 
 # A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4
 RJ_CALLING_AE = (0x01, 0x01, 0x03)
@@ -337,12 +356,13 @@ class StorageSCP:
         log.info("scp.echo", calling_ae=event.assoc.requestor.ae_title.strip())
         return SUCCESS
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         status = self._store(event)
+        code = int(status.Status) if isinstance(status, Dataset) else status
         with self._lock:
             stats = self._stats.get(id(event.assoc))
             if stats is not None:
-                if status == SUCCESS:
+                if code == SUCCESS:
                     stats.stored += 1
                 else:
                     stats.refused += 1
@@ -378,7 +398,8 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         return None
 
-    def _store(self, event: evt.Event) -> int:  # noqa: C901 - each early return is one C-STORE status (PS3.4 B.2.3), in the order decided
+    # Each early return below is one C-STORE status (PS3.4 B.2.3), in the order decided.
+    def _store(self, event: evt.Event) -> int | Dataset:
         request = cast(C_STORE, event.request)  # EVT_C_STORE's request is a C-STORE
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title.strip()
@@ -423,7 +444,11 @@ class StorageSCP:
             return SUCCESS
         try:
             stored = self.spool.commit(
-                tmp, self.spool.instance_relpath(study_uid, sop_uid), hash_from=offset, overlap=True
+                tmp,
+                self.spool.instance_relpath(study_uid, sop_uid),
+                hash_from=offset,
+                overlap=True,
+                keep_existing=True,
             )
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -442,8 +467,10 @@ class StorageSCP:
                 known=self._known,
                 may_reopen=self.selects(record),
             )
+        except IdentityConflict as conflict:
+            return self._refuse_conflict(record, conflict, event.assoc.requestor.address)
         except SQLAlchemyError as exc:
-            # The file is in place but not acknowledged: a re-send overwrites it.
+            # The file is in place but not acknowledged: a re-send of it is identical.
             log.error("scp.store_db_failed", sop_instance_uid=sop_uid, error=type(exc).__name__)
             return OUT_OF_RESOURCES
         try:
@@ -453,23 +480,77 @@ class StorageSCP:
         except OSError as exc:
             log.error("scp.store_write_failed", sop_instance_uid=sop_uid, error=str(exc))
             return OUT_OF_RESOURCES
+        self._acknowledged(event, record, stored, outcome)
+        return SUCCESS
+
+    def _acknowledged(
+        self, event: evt.Event, record: InstanceRecord, stored: StoredFile, outcome: IngestOutcome
+    ) -> None:
+        """What follows a durable store: the duplicate's spare copy goes, then counts and logs."""
+        if outcome.path != stored.relpath:
+            # An identical re-send: the instance row keeps naming the copy it had.
+            self.spool.path(stored.relpath).unlink(missing_ok=True)
         with self._lock:
             stats = self._stats.get(id(event.assoc))
             if stats is not None:
-                stats.studies.add(study_uid)
+                stats.studies.add(record.study_uid)
         log.info(
             "scp.instance_stored",
-            sop_instance_uid=sop_uid,
-            study_uid=study_uid,
+            sop_instance_uid=record.sop_instance_uid,
+            study_uid=record.study_uid,
             sop_class_uid=record.sop_class_uid,
-            transfer_syntax=transfer_syntax,
+            transfer_syntax=record.transfer_syntax_uid,
             size=stored.size,
             duplicate=not (outcome.new_instance or outcome.changed),
             reopened=outcome.reopened,
         )
         if self.on_stored is not None:
             self.on_stored(outcome)
-        return SUCCESS
+
+    def _refuse_conflict(
+        self, record: InstanceRecord, conflict: IdentityConflict, host: str
+    ) -> int | Dataset:
+        """0xC003 with an Error Comment; the bytes go to quarantine for the administrator,
+        the refusal to the audit trail. Nothing the node held has changed."""
+        try:
+            quarantined = self.spool.quarantine(record.path)
+        except OSError as exc:
+            log.error(
+                "scp.quarantine_failed", sop_instance_uid=record.sop_instance_uid, error=str(exc)
+            )
+            quarantined = ""
+            self.spool.path(record.path).unlink(missing_ok=True)
+        log.warning(
+            "scp.store_identity_conflict",
+            sop_instance_uid=record.sop_instance_uid,
+            study_uid=record.study_uid,
+            existing_study_uid=conflict.existing_study_uid,
+            kind=conflict.kind.value,
+            calling_ae=record.calling_ae,
+        )
+        refusal = Refusal(
+            kind=conflict.kind,
+            calling_ae=record.calling_ae,
+            host=host,
+            sop_instance_uid=record.sop_instance_uid,
+            sop_class_uid=record.sop_class_uid,
+            study_uid=record.study_uid,
+            series_uid=record.series_uid,
+            existing_study_uid=conflict.existing_study_uid,
+            existing_series_uid=conflict.existing_series_uid,
+            path=quarantined,
+            size=record.size,
+            sha256=record.sha256,
+        )
+        try:
+            with self.database.session() as session:
+                record_refusal(session, refusal)
+        except SQLAlchemyError as exc:
+            log.error("scp.audit_failed", error=type(exc).__name__)
+        answer = Dataset()
+        answer.Status = IDENTITY_CONFLICT
+        answer.ErrorComment = CONFLICT_COMMENTS[conflict.kind]
+        return answer
 
 
 def _record_of(

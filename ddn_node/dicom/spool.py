@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,25 @@ def file_sha256(path: Path, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
+def _link_beside(tmp: Path, final: Path, relpath: str) -> str:
+    """Give ``tmp`` the name ``final`` unless that exists, else a fresh name beside it.
+
+    link() fails rather than replace (rename() would replace), which makes "is there one
+    already" and "take the name" one atomic step even with two senders at once.
+    """
+    target, chosen = final, relpath
+    while True:
+        try:
+            os.link(tmp, target)
+            break
+        except FileExistsError:
+            token = secrets.token_hex(6)
+            target = final.with_name(f"{final.stem}.{token}{final.suffix}")
+            chosen = str(Path(relpath).with_name(target.name))
+    tmp.unlink()
+    return chosen
+
+
 @dataclass(frozen=True)
 class StoredFile:
     relpath: str
@@ -77,6 +97,7 @@ class Spool:
         self.incoming = root / "incoming"
         self.studies = root / "studies"
         self.results = root / "results"
+        self.quarantined = root / "quarantine"
 
     def prepare(self) -> int:
         """Create the layout and remove half-written leftovers; returns how many were removed."""
@@ -109,6 +130,7 @@ class Spool:
         hash_from: int = 0,
         *,
         overlap: bool = False,
+        keep_existing: bool = False,
     ) -> StoredFile:
         """Make ``tmp`` durable and move it to ``relpath`` atomically.
 
@@ -119,6 +141,11 @@ class Spool:
         :attr:`StoredFile.entry_synced` so the caller can commit its database row
         meanwhile and must call :meth:`StoredFile.wait_durable` before it acknowledges;
         otherwise it is waited for here.
+
+        With ``keep_existing``, a file already at ``relpath`` is never replaced: the new
+        one goes beside it under a fresh name (returned in :attr:`StoredFile.relpath`), so
+        that the database decides which one an instance names (a re-send may be identical,
+        a changed version, or another patient's instance under a colliding UID).
         """
         synced = self._io.submit(_fsync_file, tmp)
         digest = sha256 or file_sha256(tmp, hash_from)
@@ -128,12 +155,26 @@ class Spool:
         if not parent.is_dir():
             parent.mkdir(parents=True, exist_ok=True)
             fsync_dir(parent.parent)
-        os.replace(tmp, final)
+        if keep_existing:
+            relpath = _link_beside(tmp, final, relpath)
+        else:
+            os.replace(tmp, final)
         entry = self._io.submit(fsync_dir, parent)
         stored = StoredFile(relpath=relpath, size=size, sha256=digest, entry_synced=entry)
         if not overlap:
             stored.wait_durable()
         return stored
+
+    def quarantine(self, relpath: str) -> str:
+        """Move a received file out of ``studies/`` into ``quarantine/``, durably; returns
+        its new relative path. For instances refused after their bytes were written."""
+        name = f"{secrets.token_hex(8)}-{Path(relpath).name}"
+        target = self.quarantined / name
+        self.quarantined.mkdir(parents=True, exist_ok=True)
+        os.replace(self.root / relpath, target)
+        fsync_dir(self.quarantined)
+        fsync_dir((self.root / relpath).parent)
+        return f"quarantine/{name}"
 
     def write_bytes(self, relpath: str, data: bytes) -> StoredFile:
         """Durably write bytes we produced ourselves (results) to ``relpath``."""

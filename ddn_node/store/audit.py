@@ -19,6 +19,9 @@ class AuditEventName:
     ASSOCIATION_ACCEPTED = "association.accepted"
     ASSOCIATION_REJECTED = "association.rejected"
     INSTANCES_RECEIVED = "instances.received"
+    INSTANCE_REPLACED = "instance.replaced"  # a re-send under the same UID, other content
+    IDENTITY_CONFLICT = "instance.identity_conflict"  # refused and quarantined
+    CONFLICT_DISCARDED = "conflict.discarded"
     RESULTS_SENT = "results.sent"
     USER_LOGIN = "user.login"
     USER_LOGIN_FAILED = "user.login_failed"

@@ -2,6 +2,13 @@
 
 Called from the DIMSE thread after the file is durably in the spool; the commit of this
 transaction is what allows the SCP to answer 0x0000.
+
+Identity is checked before anything is written: a known SOP Instance UID in another study
+or series, a known Series UID in another study, or a known study arriving with another
+Patient ID raises :class:`IdentityConflict` and changes nothing. Re-pointing the existing
+row (what a bare UID lookup does) would show one patient's image in another's study and
+analyse it under the wrong name; PACS patient corrections and weak UID generators make
+this happen without any attacker.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ddn_node.store import lifecycle
+from ddn_node.store.audit import AuditEventName, add_audit
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Instance, Series, Study, UTCDateTime, utcnow
-from ddn_node.vocabulary import InstanceOrigin, StudyState
+from ddn_node.store.models import Instance, InstanceVersion, Series, Study, UTCDateTime, utcnow
+from ddn_node.vocabulary import ConflictKind, InstanceOrigin, StudyState
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,16 @@ class InstanceRecord:
     origin: str = InstanceOrigin.SOURCE
 
 
+class IdentityConflict(Exception):
+    """The instance contradicts a study, series or instance the node already holds."""
+
+    def __init__(self, kind: ConflictKind, existing_study_uid: str, existing_series_uid: str = ""):
+        super().__init__(kind.value)
+        self.kind = kind
+        self.existing_study_uid = existing_study_uid
+        self.existing_series_uid = existing_series_uid
+
+
 @dataclass(frozen=True)
 class IngestOutcome:
     study_id: int
@@ -69,6 +87,9 @@ class IngestOutcome:
     reopened: bool  # the study had completed and now receives again
     complete_after: dt.datetime
     touched: bool = True  # the study's quiet period starts again (a source image arrived)
+    # The file the instance row names now: for an identical re-send, the earlier one (the
+    # copy just received is then not needed).
+    path: str = ""
 
 
 def _fit(model: type, values: dict[str, object]) -> dict[str, object]:
@@ -119,36 +140,46 @@ _STUDY_ATTRS = (
 )
 
 
+SeriesKey = tuple[str, str, str]  # (Study UID, Series UID, Patient ID) as sent
+
+
+def series_key(rec: InstanceRecord) -> SeriesKey:
+    return (rec.study_uid, rec.series_uid, rec.patient_id)
+
+
 class KnownSeries:
     """The (study id, series id) of series this process recently stored into.
 
     Lets the common case - one more new instance of a series we have, in a study still
     receiving - take a two-statement fast path instead of the full upsert. A stale entry
-    (the study was purged meanwhile) only costs a fall back to the full path.
+    (the study was purged meanwhile) only costs a fall back to the full path. Keyed by
+    study, series and patient as sent, all checked by the full path that made the entry:
+    an instance naming the same series under another study or patient takes the full path
+    and its identity checks.
     """
 
     def __init__(self, capacity: int = 4096):
-        self._ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._ids: OrderedDict[SeriesKey, tuple[int, int]] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def get(self, series_uid: str) -> tuple[int, int] | None:
+    def get(self, key: SeriesKey) -> tuple[int, int] | None:
         with self._lock:
-            ids = self._ids.get(series_uid)
+            ids = self._ids.get(key)
             if ids is not None:
-                self._ids.move_to_end(series_uid)
+                self._ids.move_to_end(key)
             return ids
 
-    def put(self, series_uid: str, study_id: int, series_id: int) -> None:
+    def put(self, key: SeriesKey, study_id: int, series_id: int) -> None:
         with self._lock:
-            self._ids[series_uid] = (study_id, series_id)
-            self._ids.move_to_end(series_uid)
+            self._ids[key] = (study_id, series_id)
+            self._ids.move_to_end(key)
             while len(self._ids) > self._capacity:
                 self._ids.popitem(last=False)
 
-    def forget(self, series_uid: str) -> None:
+    def forget(self, key: SeriesKey) -> None:
         with self._lock:
-            self._ids.pop(series_uid, None)
+            self._ids.pop(key, None)
 
 
 def _instance_values(
@@ -222,7 +253,7 @@ def _fast_path(
     ).scalar()
     if touched is None:
         return None  # completed meanwhile: the full path re-opens it
-    return IngestOutcome(study_id, True, False, False, complete_after)
+    return IngestOutcome(study_id, True, False, False, complete_after, path=rec.path)
 
 
 def record_instance(
@@ -237,11 +268,14 @@ def record_instance(
 ) -> IngestOutcome:
     """Record one stored instance. A source image restarts its study's quiet period; one
     that ``may_reopen`` (a routing rule selects it) re-opens a completed study. A result
-    (``rec.origin`` own or other) changes neither: it never starts an analysis."""
+    (``rec.origin`` own or other) changes neither: it never starts an analysis.
+
+    Raises :class:`IdentityConflict` (nothing written) when the instance contradicts what
+    is held; a re-send with other content keeps the earlier version's file and row."""
     now = now or utcnow()
     complete_after = now + dt.timedelta(seconds=quiet_period_s)
     source = rec.origin == InstanceOrigin.SOURCE
-    ids = known.get(rec.series_uid) if known is not None and source else None
+    ids = known.get(series_key(rec)) if known is not None and source else None
     if ids is not None:
         try:
             with database.session() as session:
@@ -252,13 +286,67 @@ def record_instance(
                     return outcome
         except IntegrityError:
             assert known is not None
-            known.forget(rec.series_uid)
+            known.forget(series_key(rec))
     full = _full_path(
         database, rec, now, complete_after, force_complete_s, may_reopen=source and may_reopen
     )
     if known is not None:
-        known.put(rec.series_uid, full.study_id, full.series_id)
+        known.put(series_key(rec), full.study_id, full.series_id)
     return full.outcome
+
+
+def _check_identity(
+    session: Session, rec: InstanceRecord, study: Study, series: Series, existing: Instance | None
+) -> None:
+    """Raise IdentityConflict when the study has another patient, or the series or the
+    known instance lives elsewhere. (An empty Patient ID on either side is no evidence.)"""
+    if study.patient_id and rec.patient_id and study.patient_id != rec.patient_id:
+        raise IdentityConflict(ConflictKind.STUDY_OTHER_PATIENT, study.study_uid)
+    if series.study_id != study.id:
+        raise IdentityConflict(ConflictKind.SERIES_OTHER_STUDY, _study_uid(session, series))
+    if existing is not None and existing.study_id != study.id:
+        raise IdentityConflict(
+            ConflictKind.INSTANCE_OTHER_STUDY,
+            _study_uid(session, existing.series),
+            existing.series.series_uid,
+        )
+    if existing is not None and existing.series_id != series.id:
+        raise IdentityConflict(
+            ConflictKind.INSTANCE_OTHER_SERIES, study.study_uid, existing.series.series_uid
+        )
+
+
+def _study_uid(session: Session, series: Series) -> str:
+    return session.scalars(select(Study.study_uid).where(Study.id == series.study_id)).one()
+
+
+def _keep_version(
+    session: Session, existing: Instance, rec: InstanceRecord, now: dt.datetime
+) -> None:
+    """Record the content ``existing`` had, point it at the new file, and audit the change."""
+    session.add(
+        InstanceVersion(
+            instance_id=existing.id,
+            path=existing.path,
+            size=existing.size,
+            sha256=existing.sha256,
+            calling_ae=existing.calling_ae,
+            received_at=existing.received_at,
+            replaced_at=now,
+        )
+    )
+    add_audit(
+        session,
+        AuditEventName.INSTANCE_REPLACED,
+        actor=rec.calling_ae,
+        study_uid=rec.study_uid,
+        sop_instance_uid=rec.sop_instance_uid,
+        previous_sha256=existing.sha256,
+        sha256=rec.sha256,
+    )
+    existing.sha256, existing.size, existing.path = rec.sha256, rec.size, rec.path
+    existing.calling_ae = rec.calling_ae[:16]
+    existing.received_at = now
 
 
 @dataclass(frozen=True)
@@ -310,24 +398,34 @@ def _full_path(
             "series_uid",
         )
         series = session.scalars(select(Series).where(Series.series_uid == rec.series_uid)).one()
-
         existing = session.scalars(
             select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
         ).one_or_none()
+        _check_identity(session, rec, study, series, existing)
         new_instance = existing is None
         changed = False
         if existing is None:
             session.add(Instance(**_instance_values(rec, study.id, series.id, now)))
             study.num_instances += 1
         elif existing.sha256 != rec.sha256:
-            # Same UID, new content (a corrected image): keep the new bytes, analyse again.
+            # Same UID, new content (a corrected image): analyse the new bytes, and keep
+            # the earlier ones (their file stays where it is) for whoever asks what was
+            # analysed before.
             changed = True
-            existing.sha256, existing.size, existing.path = rec.sha256, rec.size, rec.path
-            existing.received_at = now
+            _keep_version(session, existing, rec, now)
         if not (new_instance or changed):
             # An idempotent re-send: nothing about the study changes.
+            assert existing is not None
             return _Full(
-                IngestOutcome(study.id, False, False, False, study.complete_after or now),
+                IngestOutcome(
+                    study.id,
+                    False,
+                    False,
+                    False,
+                    study.complete_after or now,
+                    touched=False,
+                    path=existing.path,
+                ),
                 study.id,
                 series.id,
             )
@@ -356,6 +454,7 @@ def _full_path(
                 reopened,
                 study.complete_after or complete_after,
                 touched,
+                rec.path,
             ),
             study.id,
             series.id,

@@ -236,6 +236,55 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class InstanceVersion(Base):
+    """An instance's earlier content, kept when a re-send under the same UID changed it.
+
+    The file stays where it was; the instance row points at the new one. Deleted with the
+    study (rows by cascade, files with the study's folder).
+    """
+
+    __tablename__ = "instance_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    replaced_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IdentityConflict(Base):
+    """An instance refused because its identity contradicts what the node already holds.
+
+    A known SOP Instance UID in another study or series, a known Series UID in another
+    study, or a study's patient changing: the node never re-points what it has. The bytes
+    are kept in the spool's ``quarantine/`` for the administrator; no patient identifiers
+    are copied here (the file has them, the existing study's page shows its own).
+    """
+
+    __tablename__ = "identity_conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN), default="")
+    study_uid: Mapped[str] = mapped_column(String(UID_LEN))  # as sent
+    series_uid: Mapped[str] = mapped_column(String(UID_LEN))  # as sent
+    existing_study_uid: Mapped[str] = mapped_column(String(UID_LEN), default="")
+    existing_series_uid: Mapped[str] = mapped_column(String(UID_LEN), default="")
+    path: Mapped[str] = mapped_column(Text, default="")  # relative to the spool; "" = discarded
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    discarded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    discarded_by: Mapped[str] = mapped_column(String(128), default="")
+
+
 class Job(Base):
     """An analysis of one study generation. Unique per (study, generation): exactly once."""
 

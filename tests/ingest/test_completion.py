@@ -153,7 +153,7 @@ def test_concurrent_sweepers_complete_once(db: Database) -> None:
 
 
 def test_fast_path_for_known_series_keeps_the_same_semantics(db: Database) -> None:
-    from ddn_node.store.ingest import KnownSeries
+    from ddn_node.store.ingest import KnownSeries, series_key
 
     s = settings()
     known = KnownSeries()
@@ -166,7 +166,7 @@ def test_fast_path_for_known_series_keeps_the_same_semantics(db: Database) -> No
         )
 
     first = rx(1, T0)
-    assert first.new_instance and known.get("7.1.1") is not None
+    assert first.new_instance and known.get(series_key(instance("7.1", 1))) is not None
     second = rx(2, T0 + dt.timedelta(seconds=1))  # fast path
     assert second.new_instance and not second.reopened
     assert not rx(2, T0 + dt.timedelta(seconds=2)).new_instance  # duplicate via the full path

@@ -102,8 +102,9 @@ def test_every_real_file(make_node, db_url: str, shared_data: Path) -> None:
         assert file.is_file()
         assert _same_dataset(path, file) == [], path.name
     assert n_studies >= 10
-    # Real data reuses SOP Instance UIDs across files (one image in several syntaxes):
-    # the node keeps the last one sent, as it should (a changed re-send replaces).
+    # Real data reuses SOP Instance UIDs across files (one image in several syntaxes, in
+    # the same study): the node analyses the last one sent (a changed re-send replaces;
+    # tests/ingest/test_identity.py: the earlier version is kept beside it).
     print(f"stored {len(sent_ok)} of {len(files)} files; unsendable by any sender: {unsendable}")
     # Only files without a SOP Class / Instance UID can be sent by nobody.
     assert all("no attribute 'SOP" in u for u in unsendable), unsendable
@@ -201,3 +202,33 @@ def test_indexed_attributes_for_the_worklist(make_node, db_url: str, tmp_path: P
     log = node.log_path.read_text()
     for secret in ("Müller", "P-77", "A-99"):
         assert secret not in log
+
+
+def test_resends_keep_one_copy_when_identical_and_every_version_when_changed(
+    make_node, db_url: str, tmp_path: Path
+) -> None:
+    from support.dicomgen import dataset_sha256
+
+    from ddn_node.store.models import InstanceVersion
+
+    first, changed = tmp_path / "first.dcm", tmp_path / "changed.dcm"
+    for path, seed in ((first, 1), (changed, 2)):  # same UIDs, other pixels
+        ds = make_cr("1.2.3.77", series_uid="1.2.3.77.0", sop_uid="1.2.3.77.1", seed=seed)
+        path.write_bytes(to_file_bytes(ds))
+    node = make_node(db_url)
+    folder = node.spool / "studies" / "1.2.3.77"
+    with node, raw_association(node.port) as assoc:
+        assert store_file(assoc, first) == 0
+        assert store_file(assoc, first) == 0  # identical: no second copy
+        assert len(list(folder.iterdir())) == 1
+        assert store_file(assoc, changed) == 0  # changed: both versions on disk
+    assert len(list(folder.iterdir())) == 2
+    db = make_database(db_url)
+    try:
+        with db.read() as s:
+            inst = s.scalars(select(Instance)).one()
+            version = s.scalars(select(InstanceVersion)).one()
+    finally:
+        db.dispose()
+    assert dataset_sha256(node.spool / inst.path) == dataset_sha256(changed) == inst.sha256
+    assert dataset_sha256(node.spool / version.path) == dataset_sha256(first) == version.sha256
