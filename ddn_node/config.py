@@ -14,6 +14,9 @@ Relative paths are resolved against the working directory the node runs in (syst
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -490,4 +493,86 @@ def check_paths(settings: Settings, source: str = "(config)") -> list[ConfigProb
             writable_dir("database.url", db_path.parent)
     if settings.logging.file is not None:
         writable_dir("logging.file", settings.logging.file.parent)
+    return problems
+
+
+# Credentials anyone can guess: the example configuration's (its comments print them) and
+# the usual first choices. A node that accepts one of them is open to whoever reaches it.
+GUESSABLE_PASSWORDS = ("radiologist", "admin", "password", "demo", "changeme", "ddn-node")
+GUESSABLE_TOKENS = ("demo-token", "demo", "token", "changeme", "test", "secret")
+MIN_SECRET_KEY_CHARS = 32
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def insecure_settings(settings: Settings, source: str = "(config)") -> list[ConfigProblem]:
+    """Logins, tokens and the session key of ``[web]`` that an outsider could guess, and
+    a login served over plain HTTP beyond this host.
+
+    Allowed only when the configuration says it is a demo (``demo = true``), and then
+    said on every page and in every log line; otherwise ``serve`` refuses to start and
+    ``config check`` fails. A web part that is disabled has nothing to guess.
+    """
+    from argon2 import PasswordHasher
+    from argon2.exceptions import InvalidHashError, VerificationError
+
+    web = settings.web
+    if not web.enabled:
+        return []
+    problems: list[ConfigProblem] = []
+    secret = web.secret_key
+    # Without users there are no sessions to forge.
+    if web.users and (len(secret) < MIN_SECRET_KEY_CHARS or len(set(secret)) < 8):
+        what = "empty" if not secret else f"{len(secret)} characters"
+        problems.append(
+            ConfigProblem(
+                source,
+                "web.secret_key",
+                f"{what}: needs at least {MIN_SECRET_KEY_CHARS} random characters (sessions "
+                "must survive restarts and be the same in every process), e.g. from "
+                "'python -c \"import secrets; print(secrets.token_urlsafe(32))\"'",
+            )
+        )
+    hasher = PasswordHasher()
+    for i, user in enumerate(web.users):
+        for guess in (user.name, *GUESSABLE_PASSWORDS):
+            try:
+                hasher.verify(user.password_hash, guess)
+            except (VerificationError, InvalidHashError):
+                continue
+            problems.append(
+                ConfigProblem(
+                    source,
+                    f"web.users[{i}].password_hash",
+                    f"user {user.name!r} has a guessable password (the demo's or a common "
+                    "one): set another with 'ddn-node hash-password'",
+                )
+            )
+            break
+    if not web.https and not _loopback(web.host) and (web.users or web.tokens):
+        problems.append(
+            ConfigProblem(
+                source,
+                "web.host",
+                f"plain HTTP on {web.host!r}: passwords, tokens and session cookies would "
+                "cross the network readable; set tls_cert and tls_key (or behind_https_proxy "
+                "= true when a TLS proxy in front is the only way in)",
+            )
+        )
+    guessed = {hashlib.sha256(t.encode()).hexdigest() for t in GUESSABLE_TOKENS}
+    for i, token in enumerate(web.tokens):
+        if token.sha256 in guessed:
+            problems.append(
+                ConfigProblem(
+                    source,
+                    f"web.tokens[{i}].sha256",
+                    f"token {token.name!r} is a guessable one (the demo's or a common word): "
+                    "issue a random token (e.g. secrets.token_urlsafe(32)) and store its sha256",
+                )
+            )
     return problems

@@ -10,6 +10,7 @@ may print datasets (pynetdicom at DEBUG) are held at WARNING.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -43,17 +44,31 @@ def drop_phi(
     return event_dict
 
 
+def _mark_demo(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    event_dict["demo"] = True
+    return event_dict
+
+
 def configure_logging(
     level: str = "INFO",
     json_output: bool = True,
     file: Path | None = None,
     stream: TextIO | None = None,
+    *,
+    demo: bool = False,
 ) -> None:
-    """Configure structlog and the standard library once, at process start."""
+    """Configure structlog and the standard library once, at process start. In a demo
+    (``demo = true``) every line says so, so that no one mistakes its log for a
+    hospital node's."""
     out: TextIO
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         out = open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
+        # The log names studies and peers: the node's user alone reads it, also when the
+        # file was there before (made by a service manager, or by an older version).
+        os.fchmod(out.fileno(), 0o600)
     else:
         out = stream or sys.stderr
     shared: list[Any] = [
@@ -62,6 +77,8 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         drop_phi,
     ]
+    if demo:
+        shared.append(_mark_demo)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output

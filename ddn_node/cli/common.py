@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ddn_node.config import ConfigError, Settings, check_paths, load_settings
+from ddn_node.config import (
+    ConfigError,
+    ConfigProblem,
+    Settings,
+    check_paths,
+    insecure_settings,
+    load_settings,
+)
 from ddn_node.logs import configure_logging
 
 console = Console(stderr=True, soft_wrap=True)
@@ -40,5 +47,28 @@ def load_or_exit(config: Path | None, *, check_files: bool = False) -> Settings:
     return settings
 
 
+def credentials_or_exit(settings: Settings, config: Path | None) -> list[ConfigProblem]:
+    """Exit 2 on guessable credentials unless the configuration says it is a demo; in a
+    demo, print each as a warning and return them (serve logs them, pages show them)."""
+    problems = insecure_settings(settings, str(config) if config else "(defaults)")
+    if problems and not settings.demo:
+        for problem in problems:
+            console.print(f"[red]error[/red] {problem}", highlight=False)
+        console.print(
+            "guessable credentials are accepted only in a demo (demo = true, which every "
+            "page and log line then shows)",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    for problem in problems:
+        console.print(f"[yellow]demo[/yellow] {problem}", highlight=False)
+    return problems
+
+
 def setup_logging(settings: Settings) -> None:
-    configure_logging(settings.logging.level, settings.logging.json_output, settings.logging.file)
+    configure_logging(
+        settings.logging.level,
+        settings.logging.json_output,
+        settings.logging.file,
+        demo=settings.demo,
+    )

@@ -27,6 +27,10 @@ bench_cmds.register(app)
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Spool, database, results and logs hold patient data: whatever umask the caller (a
+    # shell, cron, a container) has, what the node creates is for its own user only
+    # (0600 files, 0700 folders). systemd's UMask= says the same for the unit.
+    os.umask(0o077)
     app(prog_name="ddn-node")
 
 

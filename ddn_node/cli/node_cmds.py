@@ -10,7 +10,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ddn_node.cli.common import ConfigOption, console, load_or_exit, setup_logging
+from ddn_node.cli.common import (
+    ConfigOption,
+    console,
+    credentials_or_exit,
+    load_or_exit,
+    setup_logging,
+)
 from ddn_node.logs import configure_logging
 from ddn_node.vocabulary import HeatMapPolicy
 
@@ -34,7 +40,14 @@ def serve(
     from ddn_node.cli.serve import ROLES, StartupError, serve_forever
 
     settings = load_or_exit(config, check_files=True)
+    guessable = credentials_or_exit(settings, config)
     setup_logging(settings)
+    if guessable:
+        import structlog
+
+        log = structlog.get_logger("ddn_node.serve")
+        for problem in guessable:
+            log.warning("security.demo_credentials", key=problem.key, problem=problem.message)
     roles = frozenset(role or ROLES)
     if "all" in roles:
         roles = frozenset(ROLES)
@@ -50,12 +63,14 @@ def serve(
 
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
-    """Validate a configuration file and the paths it names."""
+    """Validate a configuration file, the paths it names and its credentials."""
     settings = load_or_exit(config, check_files=True)
+    guessable = credentials_or_exit(settings, config)
     console.print(
         f"[green]ok[/green] {config or '(defaults)'}: AE {settings.node.ae_title} on port "
         f"{settings.node.port}, {len(settings.peers)} peer(s), {len(settings.routing)} routing rule(s), "
-        f"{len(settings.destinations)} destination(s)",
+        f"{len(settings.destinations)} destination(s)"
+        + (f"; DEMO with {len(guessable)} guessable credential(s)" if guessable else ""),
         highlight=False,
     )
 

@@ -30,7 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import cookie_parser
 
-from ddn_node.config import Settings
+from ddn_node.config import Settings, insecure_settings
 from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline.worklist import StudyNotFound
 from ddn_node.store.engine import Database
@@ -210,6 +210,11 @@ def create_app(settings: Settings, database: Database, spool: Spool) -> FastAPI:
     app.state.metrics = metrics
     app.state.images = ImageCache()
     app.state.templates = make_templates(asset_version=_asset_version(), demo=settings.demo)
+    # Outside a demo, serve refused to start with guessable credentials; in one, every
+    # page names them (argon2 checks: once per app, not per page).
+    app.state.templates.globals["demo_credentials"] = (
+        [p.key for p in insecure_settings(settings)] if settings.demo else []
+    )
     app.state.rows = RowRenderer(app.state.templates)
 
     app.include_router(api.router)

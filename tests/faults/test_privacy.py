@@ -4,6 +4,7 @@ API (worklist, study page, status change, a failed login)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import httpx
@@ -30,8 +31,9 @@ SECRETS = {
     "birth_date": "19410203",
     "accession": "ACCX-55443322",
 }
-TOKEN = "demo-token"
-TOKEN_SHA = "7c43ef5ae21d43ce2743f770c68e24def1a43ee2f416d2438410c8af7af2ff2c"
+# Not a guessable token: outside a demo the node refuses to start with one.
+TOKEN = "privacy-test-token-5f1c0a9e"
+TOKEN_SHA = hashlib.sha256(TOKEN.encode()).hexdigest()
 
 
 def test_full_run_logs_carry_no_patient_data(make_node, sqlite_url: str, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ the study; no study is analysed twice."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ pytestmark = [
 ]
 
 N_STUDIES = 16
+TOKEN = "scale-out-test-token-3b8e"  # not a guessable one: the node would refuse it
 
 
 def _events(log: Path) -> list[dict[str, Any]]:
@@ -67,7 +69,7 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
                     "tokens": [
                         {
                             "name": "t",
-                            "sha256": "7c43ef5ae21d43ce2743f770c68e24def1a43ee2f416d2438410c8af7af2ff2c",
+                            "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
                         }
                     ],
                 },
@@ -171,7 +173,7 @@ def test_workers_on_separate_hosts_share_the_queue(postgres_url: str, tmp_path: 
             # The web part on its own host lists them.
             rows = httpx.get(
                 f"http://{net.hosts['web']}:{web_port}/api/worklist",
-                headers={"Authorization": "Bearer demo-token"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
                 timeout=30,
             ).json()
         finally:
