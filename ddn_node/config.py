@@ -56,7 +56,9 @@ class TLSSettings(_Section):
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = Field(
-        default=None, description="CA bundle; when set, peers must present a certificate it signed"
+        default=None,
+        description="CA bundle; when set, peers must present a certificate it signed "
+        "(and a [[peers]] tls_subject then binds a calling AE title to its certificate)",
     )
 
     @model_validator(mode="after")
@@ -80,20 +82,70 @@ class NodeSettings(_Section):
     spool_dir: Path = Path("var/spool")
     disk_reserve_mb: Annotated[int, Field(ge=0)] = 1024
     max_instance_mb: Annotated[int, Field(ge=1)] = 2048  # larger instances: C-STORE 0xA700
+    # Connections open at once from one source address, associated or not (both ports
+    # together); more are closed on accept. Without it one host (a port scanner on an
+    # allowed subnet, a modality in a retry storm) could hold every association slot.
+    # A PACS that sends over more parallel associations needs more.
+    max_connections_per_host: Annotated[int, Field(ge=1, le=1000)] = 8
+    # How long a new connection has to deliver its whole A-ASSOCIATE-RQ (after the TLS
+    # handshake, which has as long). Real peers send it at once; an idle connection holds
+    # an association slot for this long at most. Never longer than acse_timeout_s.
+    first_pdu_timeout_s: Seconds = 5
     tls: TLSSettings = TLSSettings()
 
     _ae = field_validator("ae_title")(_check_ae)
 
 
+# The subject attributes a peer's ``tls_subject`` may name, by their usual short names, as
+# ssl.SSLSocket.getpeercert() names them.
+_SUBJECT_ATTRIBUTES = {
+    "CN": "commonName",
+    "O": "organizationName",
+    "OU": "organizationalUnitName",
+    "C": "countryName",
+    "L": "localityName",
+    "ST": "stateOrProvinceName",
+}
+
+
 class PeerSettings(_Section):
-    """One calling AE allowed to associate. ``hosts`` are IPs or CIDR blocks."""
+    """One calling AE allowed to associate. ``hosts`` are IPs or CIDR blocks.
+
+    ``tls_subject`` binds the AE title to a client certificate (mutual TLS, ``[node.tls]``
+    with ``ca``): ``"CN=ORTHANC"`` (subject attributes, comma-separated, each must be in
+    the certificate's subject) or ``"DNS:pacs.example.org"`` (a subjectAltName DNS name).
+    Such a peer is then rejected without that certificate, on the plain port too.
+    """
 
     ae_title: str
     hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     quiet_period_s: Seconds | None = None
     description: str = ""
+    tls_subject: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("tls_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is not None:
+            _subject_terms(value)  # raises ValueError with what is wrong
+        return value
+
+    def certificate_matches(self, certificate: Mapping[str, Any] | None) -> bool:
+        """Whether a verified client certificate (as ``getpeercert()`` returns it; None
+        or empty: none was presented) is the one ``tls_subject`` names. True for a peer
+        without ``tls_subject``."""
+        if self.tls_subject is None:
+            return True
+        if not certificate:
+            return False
+        if self.tls_subject.startswith("DNS:"):
+            wanted = self.tls_subject.removeprefix("DNS:").strip().lower()
+            names = certificate.get("subjectAltName", ())
+            return any(kind == "DNS" and str(name).lower() == wanted for kind, name in names)
+        subject = {(k, v) for rdn in certificate.get("subject", ()) for k, v in rdn}
+        return all(term in subject for term in _subject_terms(self.tls_subject))
 
     @field_validator("hosts")
     @classmethod
@@ -108,6 +160,25 @@ class PeerSettings(_Section):
             except ValueError as exc:
                 raise ValueError(f"{host!r} is not an IP address or CIDR block") from exc
         return value
+
+
+def _subject_terms(value: str) -> list[tuple[str, str]]:
+    """``"CN=ORTHANC,O=Hospital"`` as getpeercert() subject pairs; ValueError if malformed."""
+    if value.startswith("DNS:"):
+        if not value.removeprefix("DNS:").strip():
+            raise ValueError("'DNS:' needs a name after it")
+        return []
+    terms = []
+    for part in value.split(","):
+        key, sep, text = part.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not text or key not in _SUBJECT_ATTRIBUTES:
+            raise ValueError(
+                f"{part.strip()!r}: expected KEY=VALUE with KEY one of "
+                f"{', '.join(_SUBJECT_ATTRIBUTES)} (or 'DNS:name' for a subjectAltName)"
+            )
+        terms.append((_SUBJECT_ATTRIBUTES[key], text))
+    return terms
 
 
 class DatabaseSettings(_Section):
@@ -202,12 +273,47 @@ class DestinationSettings(_Section):
     # When a study is analysed again, withdraw the results it supersedes with an IOCM
     # rejection note (for Orthanc: deploy/orthanc/iocm-rejection.lua applies it).
     withdraw_superseded: bool = False
+    # DICOM TLS to the destination. Its certificate is verified against tls_ca (only that
+    # CA, never the system's public ones) and must name tls_server_name (default: host; an
+    # IP matches a subjectAltName IP entry), and/or it must be the one whose DER encoding
+    # has the sha256 tls_pin_sha256 (a self-signed PACS). tls = true needs one of them.
     tls: bool = False
     tls_ca: Path | None = None
-    tls_cert: Path | None = None
+    tls_server_name: str | None = None
+    tls_pin_sha256: str | None = None
+    tls_cert: Path | None = None  # the node's own client certificate (mutual TLS)
     tls_key: Path | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("tls_pin_sha256")
+    @classmethod
+    def _pin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # As `openssl x509 -noout -fingerprint -sha256` prints it (AB:CD:...) or plain hex.
+        pin = value.replace(":", "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", pin):
+            raise ValueError("must be the sha256 of the certificate: 64 hex digits")
+        return pin
+
+    @model_validator(mode="after")
+    def _tls_authenticates(self) -> DestinationSettings:
+        if self.tls and self.tls_ca is None and self.tls_pin_sha256 is None:
+            # Without either the node would send results to whoever answers with any
+            # certificate a public CA signed.
+            raise ValueError(
+                f"destination {self.name!r}: tls = true needs tls_ca (the CA that signed "
+                "the PACS's certificate) or tls_pin_sha256 (its certificate's sha256)"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"destination {self.name!r}: tls_cert and tls_key go together")
+        return self
+
+    @property
+    def server_name(self) -> str:
+        """The name the destination's TLS certificate must carry."""
+        return self.tls_server_name or self.host
 
 
 class DeliverySettings(_Section):
@@ -476,6 +582,16 @@ def check_paths(settings: Settings, source: str = "(config)") -> list[ConfigProb
         readable("node.tls.cert", tls.cert)
         readable("node.tls.key", tls.key)
         readable("node.tls.ca", tls.ca)
+    for i, peer in enumerate(settings.peers):
+        if peer.tls_subject is not None and not (tls.enabled and tls.ca is not None):
+            problems.append(
+                ConfigProblem(
+                    source,
+                    f"peers[{i}].tls_subject",
+                    f"{peer.ae_title} must present a client certificate, but the node asks "
+                    "for none: set [node.tls] enabled = true with ca",
+                )
+            )
     for i, dest in enumerate(settings.destinations):
         readable(f"destinations[{i}].tls_ca", dest.tls_ca)
         readable(f"destinations[{i}].tls_cert", dest.tls_cert)

@@ -237,7 +237,11 @@ def render(settings: Settings | None = None) -> str:
             ("Policy", "Value"),
             [
                 ("Application context", "1.2.840.10008.3.1.1.1"),
-                ("Maximum PDU size received", f"{s.node.max_pdu_size} bytes (configurable)"),
+                (
+                    "Maximum PDU size received",
+                    f"{s.node.max_pdu_size} bytes (configurable); a P-DATA-TF declaring more "
+                    "is answered with A-ABORT before its body is read",
+                ),
                 (
                     "Maximum number of simultaneous associations",
                     f"{s.node.max_associations} (configurable); more are rejected transiently (local limit exceeded)",
@@ -257,7 +261,14 @@ def render(settings: Settings | None = None) -> str:
         "and the source address must match an entry of `[[peers]]` (else A-ASSOCIATE-RJ "
         "permanent, calling AE title not recognised); below the free-disk reserve new "
         "associations are rejected transiently (temporary congestion). Every rejection is logged "
-        "and recorded in the audit trail.",
+        "and recorded in the audit trail. Before any of that, when the TCP connection is "
+        "accepted, a source address that no `[[peers]]` entry lists is closed at once, an "
+        f"address may hold at most {s.node.max_connections_per_host} connections "
+        "(`max_connections_per_host`), and the A-ASSOCIATE-RQ (after the TLS handshake on the "
+        f"TLS port) must arrive within {s.node.first_pdu_timeout_s:g} s "
+        "(`first_pdu_timeout_s`). On the TLS port, a `[[peers]]` entry with `tls_subject` "
+        "binds its calling AE title to the client certificate's subject (else A-ASSOCIATE-RJ "
+        "permanent, calling AE title not recognised).",
         "",
         "Association initiation policy: results are sent to each `[[destinations]]` entry with "
         "the node's AE title as calling AE. Each object's own transfer syntax is proposed first "

@@ -1,10 +1,13 @@
 """Where the node reaches into pynetdicom's internals, all in one module.
 
 pynetdicom (pinned to :data:`PYNETDICOM_VERSION` in pyproject.toml) offers no public way to
-do what a node facing hospital networks must: bound what an anonymous peer may make it
-buffer, bound how long an association request may take to arrive, free an association slot
+do what a node facing hospital networks must: close connections from unknown addresses
+before they take a thread or an association slot, limit connections per address, bound what
+a peer may make it buffer (before the association and after: the negotiated maximum PDU
+length), bound how long an association request may take to arrive, free an association slot
 when a connection closes before its request, turn Nagle off, move the TLS handshake off the
-accept loop, and stream datasets to and from files. Each of those uses a private attribute
+accept loop, read the client certificate of an association, and stream datasets to and from
+files. Each of those uses a private attribute
 or class here; ``tests/ingest/test_hardening.py`` checks that every one still exists, so a
 pynetdicom upgrade is checked in one place, and the rest of ``dicom/`` uses only
 pynetdicom's public API plus the functions below.
@@ -14,8 +17,12 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,6 +41,10 @@ PYNETDICOM_VERSION = "3.0.4"
 # tokens add a few kB more.
 MAX_REQUEST_PDU_BYTES = 1 << 20
 
+P_DATA_TF = 0x04
+# A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
+_ABORT_INVALID_PDU = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
+
 
 class RequestGuard(AssociationSocket):
     """The DUL socket of an acceptor, stricter while the peer is still anonymous.
@@ -42,9 +53,11 @@ class RequestGuard(AssociationSocket):
     only then decodes it; the allow-list is checked after that. Until the association is
     established this socket therefore refuses (i) a PDU declaring more than
     ``MAX_REQUEST_PDU_BYTES`` (an anonymous peer could otherwise make the node buffer up
-    to 4 GiB), and (ii) taking longer than the ACSE timeout in all to arrive (the ARTIM
-    rule of PS3.8 9.1.2; the network timeout alone bounds each read, so a peer trickling
-    one byte a second held a thread and an association slot indefinitely). Either ends
+    to 4 GiB), and (ii) taking longer than the first-PDU timeout (``first_pdu_timeout_s``,
+    at most the ACSE timeout) in all to arrive (the ARTIM rule of PS3.8 9.1.2; the
+    network timeout alone bounds each read, so a peer trickling one byte a second held a
+    thread and an association slot indefinitely; the ACSE timeout alone let idle
+    connections hold a slot for 30 s each). Either ends
     in an OSError, which pynetdicom treats as the connection closing.
 
     (iii) When the connection ends before an A-ASSOCIATE-RQ arrived (a port probe, a
@@ -52,18 +65,43 @@ class RequestGuard(AssociationSocket):
     request until the ACSE timeout, holding one of ``max_associations`` slots all that
     time: a TCP health check every 2 s filled 16 slots with the default 30 s. The guard
     wakes it with the same "no request" it gets on a timeout.
+
+    (iv) Once the association is established, pynetdicom still buffers whatever length a
+    PDU declares (one 256 MiB P-DATA-TF raised the node's peak memory by ~740 MB although
+    128 KiB was negotiated). A P-DATA-TF declaring more than the node's Maximum Length
+    Received (PS3.8 D.1; plus the 6-byte header as slack), or another PDU declaring more
+    than ``MAX_REQUEST_PDU_BYTES``, is answered with an A-ABORT as soon as its header
+    arrives and the connection is closed; nothing of its body is read.
     """
 
     _deadline: float
+    _limit_s: float
+    _acse_timeout: float | None
     _host: str
+    # pynetdicom reads every PDU as two recv() calls: the 6-byte header, then the length
+    # it declares. Which of the two comes next, so that a header is recognised as one.
+    _at_header: bool = True
 
-    def guard(self, acse_timeout: float | None, host: str) -> None:
-        self._deadline = time.monotonic() + (acse_timeout or 30.0)
+    def guard(self, acse_timeout: float | None, host: str, first_pdu_timeout: float) -> None:
+        self._limit_s = min(acse_timeout or 30.0, first_pdu_timeout)
+        self._deadline = time.monotonic() + self._limit_s
         self._host = host
+        # A connection that sends nothing never reaches recv(): the association thread
+        # waits for its request for the association's ACSE timeout (and the DUL's ARTIM
+        # timer, PS3.8 9.1.2, runs as long). Both get the first-PDU limit until the
+        # request is in; then the configured ACSE timeout again.
+        self._acse_timeout = acse_timeout
+        self.assoc.acse_timeout = self._limit_s
 
     def recv(self, nr_bytes: int) -> bytearray:
-        if self.assoc.is_established or self.socket is None:
+        at_header, self._at_header = self._at_header, not self._at_header
+        if self.socket is None:
             return super().recv(nr_bytes)
+        if self.assoc.is_established:
+            out = super().recv(nr_bytes)
+            if at_header and nr_bytes == 6 and len(out) == 6 and self._oversized(out):
+                return bytearray()  # as if closed: pynetdicom ends the association (Evt17)
+            return out
         try:
             out = self._recv_before_association(nr_bytes)
         except OSError:  # TimeoutError included
@@ -71,6 +109,8 @@ class RequestGuard(AssociationSocket):
             raise
         if len(out) < nr_bytes:  # closed by the peer
             self._no_request()
+        elif not at_header and self.assoc.acse_timeout != self._acse_timeout:
+            self.assoc.acse_timeout = self._acse_timeout  # the first PDU is in
         return out
 
     def _recv_before_association(self, nr_bytes: int) -> bytearray:
@@ -85,10 +125,14 @@ class RequestGuard(AssociationSocket):
                 left = self._deadline - time.monotonic()
                 if left <= 0:
                     log.warning(
-                        "scp.request_too_slow", host=self._host, received=len(out), wanted=nr_bytes
+                        "scp.request_too_slow",
+                        host=self._host,
+                        received=len(out),
+                        wanted=nr_bytes,
+                        limit_s=self._limit_s,
                     )
                     raise TimeoutError(
-                        "the association request did not arrive within the ACSE timeout"
+                        "the association request did not arrive within the first-PDU timeout"
                     )
                 self.socket.settimeout(min(left, network_timeout) if network_timeout else left)
                 try:
@@ -100,6 +144,7 @@ class RequestGuard(AssociationSocket):
                             host=self._host,
                             received=len(out),
                             wanted=nr_bytes,
+                            limit_s=self._limit_s,
                         )
                     raise
                 if not chunk:  # closed by the peer: return what there is, as pynetdicom does
@@ -109,6 +154,29 @@ class RequestGuard(AssociationSocket):
             if self.socket is not None:
                 self.socket.settimeout(network_timeout)
         return out
+
+    def _oversized(self, header: bytearray) -> bool:
+        """Abort (and True) if the PDU this header starts declares more than allowed."""
+        pdu_type, _, declared = struct.unpack(">BBL", header)
+        negotiated = int(self.assoc.acceptor.maximum_length or 0)  # 0: no limit
+        if pdu_type == P_DATA_TF:
+            limit = negotiated + 6 if negotiated else None
+        else:
+            limit = MAX_REQUEST_PDU_BYTES
+        if limit is None or declared <= limit:
+            return False
+        log.warning(
+            "scp.pdu_too_large", host=self._host, pdu_type=pdu_type, declared=declared, limit=limit
+        )
+        assert self.socket is not None
+        try:
+            self.socket.sendall(_ABORT_INVALID_PDU)
+            # Shut down, not closed: pynetdicom closes the socket itself when the
+            # association ends, and reads only end-of-file from it until then.
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the peer is gone already: the association ends all the same
+        return True
 
     def close(self) -> None:
         # The DUL closes the transport itself after aborting a bad first PDU (A-ABORT,
@@ -136,15 +204,107 @@ class GuardedRequestHandler(RequestHandler):
         # in its constructor, so it cannot be built twice); give it the guard's recv.
         assert type(sock) is AssociationSocket
         sock.__class__ = RequestGuard
-        cast(RequestGuard, sock).guard(self.ae.acse_timeout, str(self.client_address[0]))
+        server = self.server
+        first_pdu = server.first_pdu_timeout_s if isinstance(server, HardenedServer) else 30.0
+        cast(RequestGuard, sock).guard(self.ae.acse_timeout, str(self.client_address[0]), first_pdu)
+        if isinstance(server, HardenedServer) and server.gate is not None:
+            server.gate.associated(self.client_address, assoc)
         return assoc
 
 
+@dataclass
+class _Connection:
+    host: str
+    handling: bool = True  # accepted, its request thread not done (TLS handshake included)
+    assoc: Association | None = None
+
+    def open(self) -> bool:
+        # Once the request thread is done, the connection lives as long as the
+        # association thread it started (none: the handshake failed, it is closed).
+        return self.handling or (self.assoc is not None and self.assoc.is_alive())
+
+
+class ConnectionGate:
+    """Who may open a connection to the DICOM ports, and how many at once, decided on
+    accept: before a thread, an association slot or a byte of the peer's is spent.
+
+    pynetdicom checks the calling AE title and address only once an A-ASSOCIATE-RQ has
+    arrived, in a thread that holds one of ``max_associations`` slots: 16 idle connections
+    from any address locked every peer out. Here an address that no ``[[peers]]`` entry
+    lists is closed at once, and an allowed one may hold ``max_per_host`` connections
+    (both ports together; one gate serves both servers). The A-ASSOCIATE-RQ check of AE
+    title *and* address still follows, in the SCP. Refusals are logged at most once per
+    ``log_every_s`` per address and reason, with how many went unlogged: a connection
+    flood must not become a log flood.
+    """
+
+    def __init__(
+        self,
+        host_allowed: Callable[[str], bool],
+        max_per_host: int,
+        *,
+        log_every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._host_allowed = host_allowed
+        self._max_per_host = max_per_host
+        self._log_every_s = log_every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[Any, _Connection] = {}  # by the peer's address (host, port, ...)
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # last logged, unlogged
+
+    def admit(self, address: Any) -> bool:
+        host = str(address[0])
+        reason = None
+        with self._lock:
+            self._open = {a: c for a, c in self._open.items() if c.open()}
+            if not self._host_allowed(host):
+                reason = "host not on the allow-list"
+            elif sum(1 for c in self._open.values() if c.host == host) >= self._max_per_host:
+                reason = "too many connections from this host"
+            else:
+                self._open[address] = _Connection(host)
+                return True
+            self._log_refusal(host, reason)
+        return False
+
+    def associated(self, address: Any, assoc: Association) -> None:
+        with self._lock:
+            connection = self._open.get(address)
+            if connection is not None:
+                connection.assoc = assoc
+
+    def handled(self, address: Any) -> None:
+        with self._lock:
+            connection = self._open.get(address)
+            if connection is not None:
+                connection.handling = False
+
+    def open_from(self, host: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._open.values() if c.host == host and c.open())
+
+    def _log_refusal(self, host: str, reason: str) -> None:
+        now = self._clock()
+        last, unlogged = self._logged.get((host, reason), (None, 0))
+        if last is not None and now - last < self._log_every_s:
+            self._logged[(host, reason)] = (last, unlogged + 1)
+            return
+        if len(self._logged) >= 4096:  # many addresses: forget, rather than grow
+            self._logged.clear()
+        self._logged[(host, reason)] = (now, 0)
+        log.warning("scp.connection_refused", host=host, reason=reason, unlogged=unlogged)
+
+
 class HardenedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with Nagle off and the TLS handshake off the accept loop."""
+    """pynetdicom's threaded server with the connection gate on accept, Nagle off and the
+    TLS handshake off the accept loop."""
 
     handshake_timeout_s: float = 30.0
+    first_pdu_timeout_s: float = 30.0
     tls: ssl.SSLContext | None = None
+    gate: ConnectionGate | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -158,7 +318,28 @@ class HardenedServer(ThreadedAssociationServer):
         client.settimeout(self.ae.network_timeout)
         return client, address
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # On the accept loop, before a thread is started: a refused connection is closed
+        # there and then (socketserver's shutdown_request).
+        return self.gate is None or self.gate.admit(client_address)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the request thread
+        except BaseException:
+            # No thread (none could be started): the connection must not stay counted.
+            if self.gate is not None:
+                self.gate.handled(client_address)
+            raise
+
     def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            self._finish_request(request, client_address)
+        finally:
+            if self.gate is not None:
+                self.gate.handled(client_address)
+
+    def _finish_request(self, request: Any, client_address: Any) -> None:
         if self.tls is not None:
             request.settimeout(self.handshake_timeout_s)
             try:
@@ -191,6 +372,18 @@ def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     """Track a server made with ``make_server`` as ``start_server`` would, so that
     ``server_close()`` and ``AE.shutdown()`` find it."""
     ae._servers.append(server)
+
+
+def peer_certificate(assoc: Association) -> dict[str, Any] | None:
+    """The client certificate an acceptor's peer presented and the TLS context verified
+    (``getpeercert()``'s dict), or None: plain TCP, or no certificate asked for."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        return sock.getpeercert() or None
+    except (ValueError, OSError):  # the connection is gone already
+        return None
 
 
 def nodelay(event: evt.Event) -> None:

@@ -21,10 +21,10 @@ import errno
 import ipaddress
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
@@ -36,8 +36,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ddn_node.config import PeerSettings, Settings
 from ddn_node.dicom.hardening import (
+    ConnectionGate,
     GuardedRequestHandler,
     HardenedServer,
+    peer_certificate,
     register_server,
     stream_received_datasets,
 )
@@ -92,8 +94,21 @@ RJ_CALLED_AE = (0x01, 0x01, 0x07)
 RJ_CONGESTION = (0x02, 0x03, 0x01)
 
 
-def peer_allowed(peers: list[PeerSettings], calling_ae: str, host: str) -> bool:
-    """Is (calling AE title, source address) on the allow-list?"""
+def peer_allowed(
+    peers: list[PeerSettings],
+    calling_ae: str | None,
+    host: str,
+    certificate: Mapping[str, Any] | None = None,
+    *,
+    match_certificate: bool = True,
+) -> bool:
+    """Is (calling AE title, source address, client certificate) on the allow-list?
+
+    ``calling_ae`` None: any entry's AE title (the check on accept, by address alone).
+    ``certificate`` is the verified client certificate (None: plain TCP, or none asked
+    for); an entry with ``tls_subject`` needs one that matches it, unless
+    ``match_certificate`` is False (to tell which of the checks refused a caller).
+    """
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -101,7 +116,13 @@ def peer_allowed(peers: list[PeerSettings], calling_ae: str, host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     for peer in peers:
-        if peer.ae_title != calling_ae.strip():
+        if calling_ae is not None and peer.ae_title != calling_ae.strip():
+            continue
+        if (
+            calling_ae is not None
+            and match_certificate
+            and not peer.certificate_matches(certificate)
+        ):
             continue
         for allowed in peer.hosts:
             if allowed == "*" or address in ipaddress.ip_network(allowed, strict=False):
@@ -205,6 +226,7 @@ class StorageSCP:
         return ports
 
     def _serve(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
+        node = self.settings.node
         server = self.ae.make_server(
             (host, port),
             evt_handlers=self._handlers(),
@@ -213,7 +235,19 @@ class StorageSCP:
         )
         assert isinstance(server, HardenedServer)
         server.tls = tls
-        server.handshake_timeout_s = self.settings.node.acse_timeout_s
+        # The TLS handshake and then the A-ASSOCIATE-RQ each get the first-PDU timeout.
+        server.first_pdu_timeout_s = min(node.first_pdu_timeout_s, node.acse_timeout_s)
+        server.handshake_timeout_s = server.first_pdu_timeout_s
+        # One gate for both ports, so that the per-host limit counts them together. On
+        # accept only the address is known: any entry's hosts let it in ("*": any).
+        server.gate = (
+            self._servers[0].gate
+            if self._servers
+            else ConnectionGate(
+                lambda address: peer_allowed(self.settings.peers, None, address),
+                node.max_connections_per_host,
+            )
+        )
         register_server(self.ae, server)
         thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
         thread.start()
@@ -245,12 +279,18 @@ class StorageSCP:
         calling = primitive.calling_ae_title.strip()
         called = primitive.called_ae_title.strip()
         host = assoc.requestor.address
+        peers = self.settings.peers
+        certificate = peer_certificate(assoc)
         reason = None
         rj = RJ_CALLING_AE
         if called != self.settings.node.ae_title:
             reason, rj = "called AE title not recognised", RJ_CALLED_AE
-        elif not peer_allowed(self.settings.peers, calling, host):
+        elif not peer_allowed(peers, calling, host, match_certificate=False):
             reason, rj = "calling AE title and host not on the allow-list", RJ_CALLING_AE
+        elif not peer_allowed(peers, calling, host, certificate):
+            # Mutual TLS bound to the AE title: another client certificate (or none, on the
+            # plain port) may not speak as this peer.
+            reason, rj = "client certificate does not match the peer's tls_subject", RJ_CALLING_AE
         elif self._below_reserve():
             reason, rj = "free disk below the configured reserve", RJ_CONGESTION
         if reason is None:
@@ -259,12 +299,17 @@ class StorageSCP:
         # As pynetdicom's own rejection does: wait until the DUL has sent the A-ASSOCIATE-RJ
         # and the peer closed (or ARTIM expired) before the socket is shut down.
         assoc.kill()
+        # Which certificate was presented is no patient data, and says what to fix.
+        subject = ",".join(
+            f"{k}={v}" for rdn in (certificate or {}).get("subject", ()) for k, v in rdn
+        )
         log.warning(
             "scp.association_rejected",
             calling_ae=calling,
             called_ae=called,
             host=host,
             reason=reason,
+            **({"certificate_subject": subject} if subject else {}),
         )
         try:
             audit(
@@ -275,6 +320,7 @@ class StorageSCP:
                 outcome="failure",
                 called_ae=called,
                 reason=reason,
+                **({"certificate_subject": subject} if subject else {}),
             )
         except SQLAlchemyError as exc:
             log.error("scp.audit_failed", error=str(exc))

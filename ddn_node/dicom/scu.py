@@ -7,6 +7,7 @@ a peer that does not accept e.g. big endian can still take it after pydicom re-e
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+from ddn_node.config import DestinationSettings
 from ddn_node.dicom.hardening import nodelay, send_datasets_from_files
 from ddn_node.dicom.headers import PARSE_ERRORS, ClampedReader
 from ddn_node.dicom.syntaxes import IMPLEMENTATION_CLASS_UID, implementation_version_name
@@ -53,6 +55,8 @@ class Peer:
     host: str
     port: int
     tls: ssl.SSLContext | None = None
+    # The name the peer's TLS certificate must carry (None: ``host``).
+    server_name: str | None = None
 
 
 class Disposition(StrEnum):
@@ -110,14 +114,88 @@ def classify_status(status: int) -> Disposition:
     return Disposition.REFUSED
 
 
-def client_tls_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+class _VerifiedSocket(ssl.SSLSocket):
+    """An outgoing TLS socket that checks the certificate pin once the handshake is done,
+    and leaves on its context why a handshake failed (pynetdicom only logs it)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        context = self.context
+        assert isinstance(context, ClientTLSContext)
+        try:
+            super().do_handshake(block)
+        except ssl.SSLCertVerificationError as exc:
+            context.failure = (
+                f"TLS: the destination's certificate was refused ({exc.verify_message})"
+            )
+            raise
+        except (ssl.SSLError, OSError) as exc:
+            context.failure = f"TLS: the handshake failed ({exc})"
+            raise
+        if context.pin_sha256 is None:
+            return
+        der = self.getpeercert(binary_form=True) or b""
+        presented = hashlib.sha256(der).hexdigest()
+        if presented != context.pin_sha256:
+            context.failure = (
+                "TLS: the destination's certificate is not the pinned one "
+                f"(tls_pin_sha256; it presented sha256 {presented})"
+            )
+            raise ssl.SSLCertVerificationError(context.failure)
+
+
+class ClientTLSContext(ssl.SSLContext):
+    """TLS to a destination that authenticates it: its chain verified against the
+    configured CA and its name checked, or its certificate pinned, or both.
+
+    ``failure`` says why the latest handshake failed, for the delivery's error; a context
+    serves one send at a time (delivery builds one per attempt)."""
+
+    sslsocket_class = _VerifiedSocket
+    pin_sha256: str | None = None
+    failure: str | None = None
+
+
+def client_tls_context(
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    *,
+    pin_sha256: str | None = None,
+) -> ClientTLSContext:
+    """TLS 1.2+ to a DICOM peer (PS3.15 B.1 / BCP 195), which must prove who it is.
+
+    With ``ca``: the chain must end at that CA (the system's public CAs are not trusted)
+    and the certificate must carry the name the association is opened with (``Peer``'s
+    ``server_name``, else its host; an IP matches a subjectAltName IP). With
+    ``pin_sha256`` (sha256 hex of the DER certificate): the peer must present exactly
+    that certificate, which is how a self-signed PACS certificate is trusted. With both,
+    both hold. ``cert`` and ``key``: the node's own certificate, for mutual TLS.
+    """
+    if ca is None and pin_sha256 is None:
+        raise ValueError("TLS to a peer needs its CA or a pinned certificate")
+    context = ClientTLSContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # DICOM peers are addressed by IP and AE title; certificates rarely carry the IP.
-    context.check_hostname = False
+    if ca is not None:
+        context.load_verify_locations(cafile=str(ca))
+    else:
+        # The pin is the trust: a self-signed certificate has no chain and may carry
+        # any name. Compared after the handshake, before a byte of DICOM is sent.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.pin_sha256 = pin_sha256.replace(":", "").lower() if pin_sha256 else None
     if cert is not None and key is not None:
         context.load_cert_chain(cert, key)
     return context
+
+
+def destination_peer(dest: DestinationSettings) -> Peer:
+    """The DICOM peer a ``[[destinations]]`` entry names, with its TLS when it has any."""
+    tls = (
+        client_tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key, pin_sha256=dest.tls_pin_sha256)
+        if dest.tls
+        else None
+    )
+    return Peer(dest.ae_title, dest.host, dest.port, tls, server_name=dest.server_name)
 
 
 @dataclass(frozen=True)
@@ -239,7 +317,12 @@ class StoreSCU:
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = implementation_version_name()
         ae.requested_contexts = contexts
-        tls_args = (self.peer.tls, self.peer.host) if self.peer.tls is not None else None
+        tls = self.peer.tls
+        tls_args = None
+        if tls is not None:
+            if isinstance(tls, ClientTLSContext):
+                tls.failure = None
+            tls_args = (tls, self.peer.server_name or self.peer.host)
         return ae.associate(
             self.peer.host,
             self.peer.port,
@@ -248,6 +331,10 @@ class StoreSCU:
             tls_args=tls_args,
             evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)],
         )
+
+    def _tls_failure(self) -> str | None:
+        tls = self.peer.tls
+        return tls.failure if isinstance(tls, ClientTLSContext) else None
 
     def echo(self) -> int | None:
         ae_contexts = [build_context("1.2.840.10008.1.1")]
@@ -293,7 +380,7 @@ class StoreSCU:
         outcomes: list[SendOutcome] = []
         assoc = self._associate(contexts)
         if not assoc.is_established:
-            why, disposition = _not_associated(assoc)
+            why, disposition = _not_associated(assoc, self._tls_failure())
             log.warning(
                 "scu.association_failed",
                 peer=self.peer.ae_title,
@@ -419,11 +506,15 @@ class StoreSCU:
         ]
 
 
-def _not_associated(assoc: Association) -> tuple[str, Disposition]:
+def _not_associated(assoc: Association, tls_failure: str | None = None) -> tuple[str, Disposition]:
     """Why an association did not happen, and whether trying again can help: an
     A-ASSOCIATE-RJ says so itself (result 1 permanent, 2 transient, PS3.8 9.3.4); a peer
     that accepted the association but none of its presentation contexts (a legacy archive
-    asked for classes it lacks) will not take those objects; no answer is transient."""
+    asked for classes it lacks) will not take those objects; no answer is transient. A
+    certificate that did not authenticate the peer is transient too: a PACS's certificate
+    is renewed, or its administrator fixes the chain, and the results then go."""
+    if tls_failure is not None:
+        return tls_failure, Disposition.DEFERRED
     primitive = assoc.acceptor.primitive
     if (
         not assoc.is_rejected

@@ -39,7 +39,7 @@ from sqlalchemy import ColumnElement, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from ddn_node.config import DestinationSettings, Settings
-from ddn_node.dicom.scu import Disposition, Peer, SendOutcome, StoreSCU, client_tls_context
+from ddn_node.dicom.scu import Disposition, Peer, SendOutcome, StoreSCU, destination_peer
 from ddn_node.dicom.spool import Spool
 from ddn_node.notify import HL7_CONTENT_TYPE, OutgoingMessage, send
 from ddn_node.notify import fhir as fhir_adapter
@@ -107,8 +107,7 @@ class Deliverer:
         self._lock = threading.Lock()
 
     def _peer(self, dest: DestinationSettings) -> Peer:
-        tls = client_tls_context(dest.tls_ca, dest.tls_cert, dest.tls_key) if dest.tls else None
-        return Peer(dest.ae_title, dest.host, dest.port, tls)
+        return destination_peer(dest)
 
     def _claim(self) -> dict[str, list[Claimed]]:
         """Claim up to BATCH due rows, by destination."""

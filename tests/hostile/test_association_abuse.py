@@ -380,14 +380,20 @@ def _echo_from(host: str, port: int, calling: str = "TESTSCU") -> int | None:
 def test_the_same_machine_over_ipv6_is_another_host(make_node: Any, sqlite_url: str) -> None:
     """A node listening on all IPv6 addresses (dual stack): TESTSCU is allowed from
     127.0.0.1 only. Over IPv4 the peer address arrives IPv4-mapped (::ffff:127.0.0.1)
-    and is allowed; from ::1 it is another host and is rejected, and audited as such."""
+    and is allowed; from ::1 it is another host and is rejected, and audited as such.
+    (Another peer is allowed from ::1, so that ::1 gets past the check on accept, which
+    closes connections from addresses no peer has, and meets the AE title check.)"""
     try:
         probe = socket.socket(socket.AF_INET6)
         probe.bind(("::1", 0))
         probe.close()
     except OSError:
         pytest.skip("no IPv6 loopback here")
-    with make_node(sqlite_url, node={**NODE, "host": "::"}) as n:
+    peers = [
+        {"ae_title": "TESTSCU", "hosts": ["127.0.0.1"]},
+        {"ae_title": "V6SCU", "hosts": ["::1"]},
+    ]
+    with make_node(sqlite_url, node={**NODE, "host": "::"}, peers=peers) as n:
         wait_for(lambda: _echo_from("::1", n.port) is not None, 10, "the node on IPv6")
         assert _echo_from("127.0.0.1", n.port) == 0x0000
         assert _echo_from("::1", n.port) == -1  # A-ASSOCIATE-RJ

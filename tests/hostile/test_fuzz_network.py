@@ -60,6 +60,8 @@ NODE_TIMEOUTS = {
     "dimse_timeout_s": 5,
     "network_timeout_s": 5,
     "max_associations": 32,
+    # Every case, and the every-slot-free check, comes from 127.0.0.1.
+    "max_connections_per_host": 32,
 }
 # The log events of each answer (scp.py).
 ANSWER_EVENTS = {

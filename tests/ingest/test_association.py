@@ -142,7 +142,8 @@ def _tls_echo(port: int, pki: Path, with_client_cert: bool) -> bool:
         pki / "client.crt" if with_client_cert else None,
         pki / "client.key" if with_client_cert else None,
     )
-    assoc = ae.associate("127.0.0.1", port, ae_title="DDN_NODE", tls_args=(ctx, "127.0.0.1"))
+    # The client checks the server's name: this certificate names "server" (its CN).
+    assoc = ae.associate("127.0.0.1", port, ae_title="DDN_NODE", tls_args=(ctx, "server"))
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import inspect
 import re
+import socketserver
 from importlib.metadata import version
 from pathlib import Path
 
 import pynetdicom
+import structlog
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from ddn_node.dicom.hardening import PYNETDICOM_VERSION
+from ddn_node.dicom.hardening import PYNETDICOM_VERSION, ConnectionGate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,3 +45,68 @@ def test_the_internals_the_hardening_uses_exist() -> None:
     assert re.search(r"self\.to_user_queue\b", source)
     assert "socket" in inspect.getsource(DULServiceProvider)
     assert "requestor" in inspect.getsource(Association.__init__)
+
+
+def test_the_internals_the_port_limits_use_exist() -> None:
+    # The gate runs in socketserver's own hook, which pynetdicom's server leaves alone:
+    # it is called on the accept loop, before a request thread, and False closes.
+    assert ThreadedAssociationServer.verify_request is socketserver.BaseServer.verify_request
+    accept = inspect.getsource(socketserver.BaseServer._handle_request_noblock)
+    assert "self.verify_request(request, client_address)" in accept
+    assert "self.shutdown_request(request)" in accept
+    # The acceptor waits for the A-ASSOCIATE-RQ for the association's ACSE timeout, whose
+    # setter also sets the DUL's ARTIM timer: the guard shortens both to the first-PDU
+    # timeout.
+    assert "receive_pdu(wait=True, timeout=self.acse_timeout)" in inspect.getsource(
+        Association.run_reactor
+    )
+    acse_setter = Association.acse_timeout.fset
+    assert acse_setter is not None and "artim_timer.timeout" in inspect.getsource(acse_setter)
+    # Every PDU is read as its 6-byte header, then the length it declares: the guard sees
+    # the header first and aborts before the body is read.
+    read = inspect.getsource(DULServiceProvider._read_pdu_data)
+    assert "self.socket.recv(6)" in read and "self.socket.recv(pdu_length)" in read
+    # The node's Maximum Length Received is the acceptor's maximum_length.
+    create = inspect.getsource(RequestHandler._create_association)
+    assert "assoc.acceptor.maximum_length = self.ae.maximum_pdu_size" in create
+    # The client certificate is read from the association's socket (as nodelay does).
+    assert re.search(r"self\.socket\b", inspect.getsource(DULServiceProvider.__init__))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_gate_closes_strangers_and_the_connections_over_the_limit() -> None:
+    gate = ConnectionGate(lambda host: host.startswith("10.0.0."), 2, clock=_Clock())
+    assert not gate.admit(("192.0.2.7", 40001))
+    assert gate.admit(("10.0.0.5", 40001)) and gate.admit(("10.0.0.5", 40002))
+    assert not gate.admit(("10.0.0.5", 40003))  # a third at once
+    assert gate.admit(("10.0.0.6", 40001))  # another allowed address has its own
+    # A connection whose request thread is done, with no association (a failed TLS
+    # handshake), no longer counts.
+    gate.handled(("10.0.0.5", 40001))
+    assert gate.open_from("10.0.0.5") == 1
+    assert gate.admit(("10.0.0.5", 40004))
+
+
+def test_refusals_are_logged_once_per_address_and_reason_per_interval() -> None:
+    clock = _Clock()
+    gate = ConnectionGate(lambda host: False, 4, log_every_s=10, clock=clock)
+    with structlog.testing.capture_logs() as logs:
+        for port in range(1000):
+            assert not gate.admit(("192.0.2.7", port))
+        clock.now = 10.0
+        gate.admit(("192.0.2.7", 1))
+        gate.admit(("192.0.2.8", 1))
+    refused = [e for e in logs if e["event"] == "scp.connection_refused"]
+    assert [(e["host"], e["unlogged"]) for e in refused] == [
+        ("192.0.2.7", 0),
+        ("192.0.2.7", 999),  # how many went unlogged in between
+        ("192.0.2.8", 0),
+    ]
+    assert all(e["reason"] == "host not on the allow-list" for e in refused)

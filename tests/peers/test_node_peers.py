@@ -427,7 +427,9 @@ def test_tls_outbound_right_ca_delivered_other_ca_refused(
     assert {d.sop_instance_uid for d in refused} == {r.sop_instance_uid for r in rows}
     for d in refused:
         assert d.state != "sent" and d.sent_at is None and d.last_status is None
-        assert d.last_error.startswith("association failed")
+        # ... and says why: the rogue's certificate does not chain to the configured CA.
+        assert d.last_error.startswith("TLS: the destination's certificate was refused")
+        assert "issuer" in d.last_error
     # Why, in the node's log: the certificate verification of the rogue's server certificate.
     assert any("CERTIFICATE_VERIFY_FAILED" in e.get("event", "") for e in node.events()), (
         "the node logs the certificate verification failure"
