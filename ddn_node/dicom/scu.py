@@ -565,6 +565,11 @@ def _reencodable(item: _Item, accepted: set[str]) -> Dataset:
         if target is None:
             raise ValueError(f"the peer accepted no usable transfer syntax for {item.sop_class}")
         ds.file_meta.TransferSyntaxUID = target
+        # The data set is re-encoded in the accepted syntax on the wire; pynetdicom refuses
+        # one still marked as read in another VR encoding or byte order.
+        ds.set_original_encoding(
+            target.is_implicit_VR, target.is_little_endian, ds.original_character_set
+        )
     return ds
 
 
