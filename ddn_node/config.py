@@ -336,12 +336,30 @@ class TriageSettings(_Section):
 class UserSettings(_Section):
     name: str
     password_hash: str = Field(description="argon2 hash, made with 'ddn-node hash-password'")
+    # radiologist: the worklist, studies, status and priority changes. admin: also the
+    # pages under /admin (sessions, the audit trail, quarantined instances).
     role: Literal["radiologist", "admin"] = "radiologist"
+
+
+# What an API token may do. "read": GET anything a user can see (worklist, studies, images,
+# metrics); "worklist:write": mark studies opened / read / unread and override priorities.
+# A token is never an admin: the /admin pages need a person's login.
+TokenScope = Literal["read", "worklist:write"]
+
+
+def _read_only() -> list[TokenScope]:
+    return ["read"]
 
 
 class TokenSettings(_Section):
     name: str
     sha256: str = Field(description="sha256 hex of the bearer token")
+    # Least privilege by default: a token that only reads the worklist (a dashboard, a RIS
+    # polling priorities) cannot change it. Give "worklist:write" explicitly.
+    scopes: list[TokenScope] = Field(default_factory=_read_only, min_length=1)
+    # From this moment on the token is refused (401, "expired"). A TOML date or date-time;
+    # a date, or a date-time without an offset, is in the node's local time zone.
+    expires: dt.datetime | dt.date | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -349,6 +367,16 @@ class TokenSettings(_Section):
         if not re.fullmatch(r"[0-9a-f]{64}", value):
             raise ValueError("must be 64 lower-case hex characters (sha256 of the token)")
         return value
+
+    def expires_at(self) -> dt.datetime | None:
+        """``expires`` as an aware date-time (local midnight for a date)."""
+        value = self.expires
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            value = dt.datetime(value.year, value.month, value.day)
+        # astimezone() on a naive date-time reads it as local time.
+        return value if value.tzinfo is not None else value.astimezone()
 
 
 class WebSettings(_Section):
@@ -360,6 +388,23 @@ class WebSettings(_Section):
     login_rate_per_minute: Annotated[int, Field(ge=1)] = 10
     users: list[UserSettings] = Field(default_factory=list)
     tokens: list[TokenSettings] = Field(default_factory=list)
+    # HTTPS served by the node itself (TLS 1.2+): PEM certificate (chain) and private key.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # A reverse proxy in front of the node terminates HTTPS (the node listens on loopback):
+    # cookies still get the Secure flag and responses Strict-Transport-Security.
+    behind_https_proxy: bool = False
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("web: tls_cert and tls_key go together (HTTPS needs both)")
+        return self
+
+    @property
+    def https(self) -> bool:
+        """Whether browsers reach the node over HTTPS (served here or by a proxy)."""
+        return self.tls_cert is not None or self.behind_https_proxy
 
 
 class HL7Settings(_Section):
@@ -394,8 +439,32 @@ class RetentionSettings(_Section):
 
 
 class AuditSettings(_Section):
+    """Where the audit trail goes besides the database: a syslog audit repository.
+
+    "udp": RFC 5426 (port 514; plain, unacknowledged). "tls": RFC 5425, the transport
+    DICOM's audit trail profile recommends (port 6514, set it): the repository's
+    certificate is verified against ``syslog_ca`` and its name (``syslog_server_name``,
+    else ``syslog_host``); ``syslog_cert`` / ``syslog_key`` present the node's own.
+    """
+
     syslog_host: str | None = None
-    syslog_port: Port = 514
+    syslog_port: Port = 514  # the registered port of syslog over TLS is 6514
+    syslog_transport: Literal["udp", "tls"] = "udp"
+    syslog_ca: Path | None = None
+    syslog_cert: Path | None = None
+    syslog_key: Path | None = None
+    syslog_server_name: str | None = None
+    syslog_timeout_s: Seconds = 10
+
+    @model_validator(mode="after")
+    def _tls(self) -> AuditSettings:
+        if (self.syslog_cert is None) != (self.syslog_key is None):
+            raise ValueError("audit: syslog_cert and syslog_key go together")
+        if self.syslog_transport == "tls" and self.syslog_host and self.syslog_ca is None:
+            # Without a CA of its own the node would trust any public CA's certificate
+            # for that name: the audit repository is named by the hospital's PKI.
+            raise ValueError("audit: syslog_transport = 'tls' needs syslog_ca")
+        return self
 
 
 class LoggingSettings(_Section):
@@ -596,6 +665,12 @@ def check_paths(settings: Settings, source: str = "(config)") -> list[ConfigProb
         readable(f"destinations[{i}].tls_ca", dest.tls_ca)
         readable(f"destinations[{i}].tls_cert", dest.tls_cert)
         readable(f"destinations[{i}].tls_key", dest.tls_key)
+    readable("web.tls_cert", settings.web.tls_cert)
+    readable("web.tls_key", settings.web.tls_key)
+    if settings.audit.syslog_host:
+        readable("audit.syslog_ca", settings.audit.syslog_ca)
+        readable("audit.syslog_cert", settings.audit.syslog_cert)
+        readable("audit.syslog_key", settings.audit.syslog_key)
     for i, rule in enumerate(settings.routing):
         if not (rule.model / "manifest.json").is_file():
             problems.append(

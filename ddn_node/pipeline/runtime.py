@@ -92,7 +92,7 @@ def start_worker_parts(
             settings.retention.interval_s,
         )
     if settings.audit.syslog_host:
-        sink = SyslogSink(settings.audit.syslog_host, settings.audit.syslog_port)
+        sink = SyslogSink.from_settings(settings.audit)
         scheduler.add_interval(
             "audit-export", lambda: export_new(database, sink, settings.node.ae_title), 5
         )

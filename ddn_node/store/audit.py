@@ -25,6 +25,14 @@ class AuditEventName:
     RESULTS_SENT = "results.sent"
     USER_LOGIN = "user.login"
     USER_LOGIN_FAILED = "user.login_failed"
+    USER_LOGOUT = "user.logout"
+    SESSIONS_ENDED = "user.sessions_ended"  # an admin ended someone's sessions
+    # Reads of patient data, through the pages or the API (detail "via": ui / api), with
+    # the actor and the study UID (never a patient name or ID).
+    WORKLIST_VIEWED = "worklist.viewed"  # one row per request, not per study listed
+    STUDY_VIEWED = "study.viewed"
+    IMAGE_VIEWED = "image.viewed"  # a thumbnail or a heat-map overlay
+    AUDIT_READ = "audit.read"  # someone read the audit trail itself
     WORKLIST_CHANGED = "worklist.changed"
     PURGED = "retention.purged"
 

@@ -428,3 +428,23 @@ class WorklistEvent(Base):
     user: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(32))  # opened / read / unread / override
     value: Mapped[str] = mapped_column(String(32), default="")
+
+
+class WebSession(Base):
+    """A login session of the web UI, so that ending it holds in every process of the node
+    and across restarts (a signed cookie alone stays valid until it expires).
+
+    The cookie carries the session id; only its sha256 is stored, so a copy of the
+    database opens no session. Rows past ``expires_at`` are deleted at the next login.
+    """
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sid_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user: Mapped[str] = mapped_column(String(128), index=True)
+    host: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    ended_by: Mapped[str] = mapped_column(String(128), default="")  # the user, or an admin

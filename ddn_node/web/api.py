@@ -2,8 +2,10 @@
 
 Authentication happens before routing (app.EdgeMiddleware): a bearer token is required on
 every ``/api`` path, so a call without a valid token gets 401 even when its body or
-parameters are also wrong. The ``HTTPBearer`` dependency below only puts the scheme in the
-OpenAPI document.
+parameters are also wrong, and one whose scopes do not allow the call gets 403 (reads need
+``read``, status and priority changes ``worklist:write``). The ``HTTPBearer`` dependency
+below only puts the scheme in the OpenAPI document. Reads of patient data are audited
+(``web.reads``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from ddn_node.pipeline.worklist import (
     set_priority_override,
     set_read_status,
 )
+from ddn_node.store.audit import AuditEventName
 from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus
 from ddn_node.web.auth import Principal
+from ddn_node.web.reads import audit_read
 from ddn_node.web.study import StudyDetail, fetch_detail
 
 log = structlog.get_logger("ddn_node.web")
@@ -42,7 +46,10 @@ router = APIRouter(
     dependencies=[
         Security(HTTPBearer(auto_error=False, description="a token from [[web.tokens]]"))
     ],
-    responses={401: {"description": "no valid bearer token"}},
+    responses={
+        401: {"description": "no valid bearer token, or an expired one"},
+        403: {"description": "the token's scopes do not allow this call"},
+    },
 )
 
 
@@ -103,6 +110,9 @@ def api_worklist(
         offset=offset,
     )
     page = get_worklist(request.app.state.database, query)
+    audit_read(
+        request, AuditEventName.WORKLIST_VIEWED, query=str(request.url.query), rows=len(page.rows)
+    )
     # Serialised once by pydantic-core; returning the page would make FastAPI validate it again.
     return Response(page_json(page), media_type="application/json")
 
@@ -117,6 +127,7 @@ def api_study(request: Request, study_uid: str) -> Response:
         detail = fetch_detail(session, study_uid)
     if detail is None:
         raise HTTPException(status_code=404, detail="no such study")
+    audit_read(request, AuditEventName.STUDY_VIEWED, study_uid=study_uid)
     return Response(detail.model_dump_json(), media_type="application/json")
 
 
@@ -131,7 +142,7 @@ def _outcome(request: Request, study_uid: str, changed: bool) -> ChangeOutcome:
 @router.post(
     "/studies/{study_uid}/status",
     response_model=ChangeOutcome,
-    summary="Mark opened / read / unread",
+    summary="Mark opened / read / unread (scope worklist:write)",
 )
 def api_status(request: Request, study_uid: str, body: StatusChange) -> ChangeOutcome:
     principal = _principal(request)
@@ -155,7 +166,7 @@ def api_status(request: Request, study_uid: str, body: StatusChange) -> ChangeOu
 @router.post(
     "/studies/{study_uid}/priority",
     response_model=ChangeOutcome,
-    summary="Override the triage priority, or clear the override",
+    summary="Override the triage priority, or clear the override (scope worklist:write)",
     responses={
         422: {"description": f"priority not one of {[p.value for p in TRIAGE_PRIORITIES]} or null"}
     },

@@ -1,27 +1,44 @@
 """Who may see the worklist: UI users (argon2 passwords, signed session cookie, CSRF token)
-and API clients (bearer tokens, stored as sha256 hex in the config).
+and API clients (bearer tokens, stored as sha256 hex in the config, with scopes and an
+optional expiry).
+
+Sessions are rows of ``web_sessions``: the signed cookie names one, and logging out (or an
+admin ending it) ends the row, so the cookie is refused by every process of the node and
+after a restart. Roles: ``radiologist`` and ``admin``; everything under ``/admin`` needs an
+admin (checked before routing, see app.EdgeMiddleware; :func:`require_admin` is the same
+check for a route elsewhere). What a token may do is :func:`scope_needed`.
 
 Nothing here is module-level mutable state: one :class:`Auth` per app lives on
-``app.state.auth`` (its rate limiter and revoked-session set included).
+``app.state.auth`` (its rate limiter included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import structlog
 from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from fastapi import HTTPException, Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy import delete, select, update
 
 from ddn_node.config import WebSettings
+from ddn_node.store.engine import Database
+from ddn_node.store.models import WebSession, utcnow
+
+log = structlog.get_logger("ddn_node.web")
 
 SESSION_COOKIE = "ddn_session"
 LOGIN_COOKIE = "ddn_login"  # pre-login CSRF token (double submit), short-lived
@@ -43,11 +60,81 @@ class Principal:
     role: str = "radiologist"
     session_id: str = ""
     csrf: str = ""
+    scopes: frozenset[str] = field(default_factory=frozenset)  # tokens only
 
     @property
     def actor(self) -> str:
         """How the audit trail and the worklist history name them."""
         return self.name if self.kind == "user" else f"token:{self.name}"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "user" and self.role == "admin"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why a presented credential was not accepted (said in the 401)."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """An open UI session, as the admin page lists it (never its id)."""
+
+    user: str
+    host: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class _Token:
+    name: str
+    sha256: str
+    scopes: frozenset[str]
+    expires_at: dt.datetime | None
+
+
+# Token requests that change something, and the scope each needs. Any other request but a
+# GET / HEAD is not for tokens at all (form posts need a person's session and CSRF token).
+_TOKEN_WRITES = ((re.compile(r"^/api/studies/[^/]+/(status|priority)$"), "worklist:write"),)
+
+
+def scope_needed(method: str, path: str) -> str | None:
+    """The scope a token needs for this request; None when no token may make it."""
+    if path == "/admin" or path.startswith("/admin/"):
+        return None  # admin work is done by a person, logged in
+    if method in ("GET", "HEAD"):
+        return "read"
+    if method == "POST":
+        for pattern, scope in _TOKEN_WRITES:
+            if pattern.match(path):
+                return scope
+    return None
+
+
+def require_admin(request: Request) -> Principal:
+    """A route dependency: the logged-in user must have the admin role (else 403).
+
+    Everything under ``/admin`` is checked already before routing; use this for an admin
+    action elsewhere, and with ``views.csrf_protect`` (or ``views.require_admin_post``)
+    for a form post.
+    """
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None or not principal.is_admin:
+        log.warning(
+            "web.admin_refused",
+            actor=principal.actor if principal is not None else "",
+            method=request.method,
+        )
+        raise HTTPException(status_code=403, detail="this needs a user with the admin role")
+    return principal
+
+
+def sid_sha256(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode("ascii")).hexdigest()
 
 
 class RateLimiter:
@@ -81,40 +168,61 @@ class RateLimiter:
 
 
 class Auth:
-    """Password, token, session and CSRF checks for one app."""
+    """Password, token, session and CSRF checks for one app.
 
-    def __init__(self, web: WebSettings):
+    ``clock`` gives the time (aware, UTC) that token expiry and session rows are compared
+    with; tests pass their own.
+    """
+
+    def __init__(
+        self,
+        web: WebSettings,
+        database: Database,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ):
         self.web = web
+        self.database = database
+        self.clock = clock
         self.hasher = PasswordHasher()
         self.users = {u.name: u for u in web.users}
-        self.tokens = [(t.name, t.sha256) for t in web.tokens]
+        self.tokens = [
+            _Token(t.name, t.sha256, frozenset(t.scopes), t.expires_at()) for t in web.tokens
+        ]
         # An empty secret means sessions end when the process restarts (documented in the
         # example config); a per-start random key is still unguessable.
         secret = web.secret_key or secrets.token_urlsafe(32)
         self._sessions = URLSafeTimedSerializer(secret, salt="ddn-node.session")
         self._login = URLSafeTimedSerializer(secret, salt="ddn-node.login")
         self.login_limiter = RateLimiter(web.login_rate_per_minute)
-        self._revoked: dict[str, float] = {}  # session id -> when it would have expired
-        self._revoked_lock = threading.Lock()
         self._dummy_hash: str | None = None
         self._dummy_lock = threading.Lock()
 
     # -- API tokens ------------------------------------------------------------------
 
-    def check_token(self, authorization: str | None) -> Principal | None:
+    def check_token(self, authorization: str | None) -> Principal | Refused:
+        refused = Refused("authentication required: a valid bearer token (API) or a login session")
         if not authorization:
-            return None
+            return refused
         scheme, _, presented = authorization.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            return None
+            return refused
         digest = token_sha256(presented.strip())
-        found: str | None = None
+        found: _Token | None = None
         # Compare against every configured token, without stopping at a match, so the time
         # taken says nothing about which (or whether one) matched.
-        for name, expected in self.tokens:
-            if hmac.compare_digest(digest, expected) and found is None:
-                found = name
-        return None if found is None else Principal(name=found, kind="token")
+        for token in self.tokens:
+            if hmac.compare_digest(digest, token.sha256) and found is None:
+                found = token
+        if found is None:
+            return refused
+        if found.expires_at is not None and self.clock() >= found.expires_at:
+            log.warning("web.token_expired", token=found.name)
+            # Whoever presents it holds the secret: telling them why saves a support call.
+            return Refused(
+                f"this API token ({found.name}) expired at {found.expires_at.isoformat()}; "
+                "ask the node's administrator for a new one"
+            )
+        return Principal(name=found.name, kind="token", scopes=found.scopes)
 
     # -- passwords ---------------------------------------------------------------------
 
@@ -148,15 +256,28 @@ class Auth:
 
     # -- sessions ----------------------------------------------------------------------
 
-    def new_session(self, principal: Principal) -> str:
-        payload = {
-            "u": principal.name,
-            "sid": secrets.token_urlsafe(18),
-            "csrf": secrets.token_urlsafe(24),
-        }
+    def new_session(self, principal: Principal, host: str = "") -> str:
+        """Open a session (a row) and return the signed cookie value that names it."""
+        session_id = secrets.token_urlsafe(18)
+        now = self.clock()
+        with self.database.session() as session:
+            # Expired rows refuse nothing a signature check would not: keep the table small.
+            session.execute(delete(WebSession).where(WebSession.expires_at < now))
+            session.add(
+                WebSession(
+                    sid_sha256=sid_sha256(session_id),
+                    user=principal.name,
+                    host=host[:64],
+                    created_at=now,
+                    expires_at=now + dt.timedelta(seconds=self.web.session_max_age_s),
+                )
+            )
+        payload = {"u": principal.name, "sid": session_id, "csrf": secrets.token_urlsafe(24)}
         return self._sessions.dumps(payload)
 
     def check_session(self, cookie: str | None) -> Principal | None:
+        """The user of a session cookie, or None. Reads the database: call it off the
+        event loop."""
         if not cookie:
             return None
         try:
@@ -175,19 +296,57 @@ class Auth:
         user = self.users.get(name)
         if user is None:  # removed from the config since: the session ends with it
             return None
-        with self._revoked_lock:
-            if sid in self._revoked:
-                return None
+        with self.database.read() as session:
+            row = session.execute(
+                select(WebSession.user, WebSession.expires_at, WebSession.ended_at).where(
+                    WebSession.sid_sha256 == sid_sha256(sid)
+                )
+            ).one_or_none()
+        if row is None or row.ended_at is not None or row.user != name:
+            return None
+        if row.expires_at <= self.clock():
+            return None
         return Principal(name=name, kind="user", role=user.role, session_id=sid, csrf=csrf)
 
-    def revoke(self, principal: Principal) -> None:
-        """Log out: the signed cookie stays valid cryptographically, so remember its id."""
-        now = time.time()
-        with self._revoked_lock:
-            for sid, until in list(self._revoked.items()):
-                if until < now:
-                    del self._revoked[sid]
-            self._revoked[principal.session_id] = now + self.web.session_max_age_s
+    def revoke(self, principal: Principal, by: str = "") -> None:
+        """Log out: end this session's row (the signed cookie itself stays valid until it
+        expires, so the row is what refuses it, in every process)."""
+        with self.database.session() as session:
+            session.execute(
+                update(WebSession)
+                .where(
+                    WebSession.sid_sha256 == sid_sha256(principal.session_id),
+                    WebSession.ended_at.is_(None),
+                )
+                .values(ended_at=self.clock(), ended_by=by or principal.name)
+            )
+
+    def end_sessions(self, user: str, by: str) -> int:
+        """End every open session of ``user`` (an admin's action); how many were open."""
+        now = self.clock()
+        with self.database.session() as session:
+            result = session.execute(
+                update(WebSession)
+                .where(
+                    WebSession.user == user,
+                    WebSession.ended_at.is_(None),
+                    WebSession.expires_at > now,
+                )
+                .values(ended_at=now, ended_by=by)
+            )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    def open_sessions(self) -> list[SessionInfo]:
+        now = self.clock()
+        with self.database.read() as session:
+            rows = session.execute(
+                select(
+                    WebSession.user, WebSession.host, WebSession.created_at, WebSession.expires_at
+                )
+                .where(WebSession.ended_at.is_(None), WebSession.expires_at > now)
+                .order_by(WebSession.user, WebSession.created_at)
+            ).all()
+        return [SessionInfo(r.user, r.host, r.created_at, r.expires_at) for r in rows]
 
     # -- CSRF --------------------------------------------------------------------------
 

@@ -48,8 +48,10 @@ from ddn_node.web.auth import (
     SESSION_COOKIE,
     Auth,
     Principal,
+    require_admin,
 )
 from ddn_node.web.images import FULL_PX, THUMB_PX, ImageUnavailable, dicom_thumbnail, png_scaled
+from ddn_node.web.reads import audit_read
 from ddn_node.web.study import fetch_detail, instance_relpath, overlay_relpath, study_path
 
 log = structlog.get_logger("ddn_node.web")
@@ -154,6 +156,11 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
+def secure_cookies(request: Request) -> bool:
+    """Cookies only over HTTPS: served by the node, or by the proxy in front of it."""
+    return bool(request.app.state.settings.web.https) or request.url.scheme == "https"
+
+
 def ui_query(params: Any) -> WorklistQuery:
     """The worklist filters from a page URL; unknown values fall back to defaults, not 422."""
     unread = str(params.get("unread", "true")).lower() not in ("false", "0", "no", "off", "all")
@@ -214,6 +221,14 @@ async def csrf_protect(request: Request) -> Principal:
     return principal
 
 
+async def require_admin_post(
+    request: Request, _csrf_checked: Annotated[Principal, Depends(csrf_protect)]
+) -> Principal:
+    """A form post of an admin action: this session's CSRF token (checked first, by the
+    dependency), then the admin role."""
+    return require_admin(request)
+
+
 # -- login ----------------------------------------------------------------------------------
 
 
@@ -237,7 +252,7 @@ def _login_page(
         path="/login",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=secure_cookies(request),
     )
     return response
 
@@ -297,12 +312,12 @@ def login(
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        auth.new_session(principal),
+        auth.new_session(principal, host=client),
         max_age=int(request.app.state.settings.web.session_max_age_s),
         path="/",
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=secure_cookies(request),
     )
     response.delete_cookie(LOGIN_COOKIE, path="/login")
     return response
@@ -312,8 +327,14 @@ def login(
 def logout(request: Request, principal: Annotated[Principal, Depends(csrf_protect)]) -> Response:
     request.app.state.auth.revoke(principal)
     log.info("web.logout", user=principal.name)
+    audit(
+        request.app.state.database,
+        AuditEventName.USER_LOGOUT,
+        actor=principal.name,
+        host=_client(request),
+    )
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    response.delete_cookie(SESSION_COOKIE, path="/", secure=secure_cookies(request))
     return response
 
 
@@ -324,6 +345,9 @@ def logout(request: Request, principal: Annotated[Principal, Depends(csrf_protec
 def worklist_page(request: Request) -> HTMLResponse:
     query = ui_query(request.query_params)
     page = get_worklist(request.app.state.database, query)
+    audit_read(
+        request, AuditEventName.WORKLIST_VIEWED, query=query_params(query), rows=len(page.rows)
+    )
     here = _page_url(query_params(query))
     prev_qs = (
         query_params(query, offset=max(0, query.offset - query.limit)) if query.offset else None
@@ -354,10 +378,14 @@ def worklist_page(request: Request) -> HTMLResponse:
 @router.get("/ui/worklist.json")
 def worklist_feed(request: Request) -> Response:
     """The page's live feed: the same rows as JSON; 304 while nothing changed."""
-    page = get_worklist(request.app.state.database, ui_query(request.query_params))
+    query = ui_query(request.query_params)
+    page = get_worklist(request.app.state.database, query)
     etag = page_etag(page)
     if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers={"etag": etag})
+        return Response(status_code=304, headers={"etag": etag})  # no patient data: no read
+    audit_read(
+        request, AuditEventName.WORKLIST_VIEWED, query=query_params(query), rows=len(page.rows)
+    )
     return Response(page_json(page), media_type="application/json", headers={"etag": etag})
 
 
@@ -370,6 +398,7 @@ def study_page(request: Request, study_uid: str) -> HTMLResponse:
         detail = fetch_detail(session, study_uid)
     if detail is None:
         return _render(request, "not_found.html", status_code=404)
+    audit_read(request, AuditEventName.STUDY_VIEWED, study_uid=study_uid)
     return _render(
         request,
         "study.html",
@@ -463,6 +492,13 @@ def thumbnail(request: Request, study_uid: str, sop_uid: str) -> Response:
             error=str(exc),
         )
         raise HTTPException(status_code=404, detail="image cannot be displayed") from None
+    audit_read(
+        request,
+        AuditEventName.IMAGE_VIEWED,
+        study_uid=study_uid,
+        sop_instance_uid=sop_uid,
+        image="thumbnail",
+    )
     return _png(data)
 
 
@@ -484,6 +520,13 @@ def overlay(
             "web.overlay_unavailable", study_uid=study_uid, sop_instance_uid=sop_uid, error=str(exc)
         )
         raise HTTPException(status_code=404, detail="overlay cannot be displayed") from None
+    audit_read(
+        request,
+        AuditEventName.IMAGE_VIEWED,
+        study_uid=study_uid,
+        sop_instance_uid=sop_uid,
+        image="overlay",  # not which finding: the audit trail carries no clinical content
+    )
     return _png(data)
 
 

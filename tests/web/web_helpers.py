@@ -28,9 +28,18 @@ def web_settings(tmp: Path, db_url: str, model_dir: Path | None = None, **web: A
         "web": {
             "secret_key": "test-secret",
             "users": [{"name": USER, "password_hash": FAST_HASHER.hash(PASSWORD)}],
+            # Both may change the worklist (the API tests do); tokens read only by default.
             "tokens": [
-                {"name": "ris", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()},
-                {"name": "other", "sha256": hashlib.sha256(OTHER_TOKEN.encode()).hexdigest()},
+                {
+                    "name": "ris",
+                    "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+                    "scopes": ["read", "worklist:write"],
+                },
+                {
+                    "name": "other",
+                    "sha256": hashlib.sha256(OTHER_TOKEN.encode()).hexdigest(),
+                    "scopes": ["read", "worklist:write"],
+                },
             ],
             **web,
         },
