@@ -33,6 +33,9 @@ from typing import Any  # noqa: E402
 from support.databases import postgres_available, throwaway_database  # noqa: E402
 from support.node import NodeProcess, base_config, deep_merge  # noqa: E402
 
+from ddn_node.store.engine import Database, make_database  # noqa: E402
+from ddn_node.store.migrate import upgrade  # noqa: E402
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -54,6 +57,21 @@ def postgres_url(tmp_path: Path) -> Iterator[str]:
         pytest.skip("PostgreSQL not reachable on 127.0.0.1:5432")
     with throwaway_database("postgres", tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    """A migrated database of each kind, disposed of after the test."""
+    db = make_database(db_url)
+    upgrade(db)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def db(database: Database) -> Database:
+    """The same, under the shorter name the store tests use."""
+    return database
 
 
 NodeFactory = Callable[..., NodeProcess]

@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
 
-import pytest
 from sqlalchemy import select
 
 from ddn_node.config import PeerSettings, RoutingRule, Settings
 from ddn_node.pipeline.completion import CompletionTracker
-from ddn_node.store.engine import Database, make_database
+from ddn_node.store.engine import Database
 from ddn_node.store.ingest import InstanceRecord, record_instance
-from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import Job, Study
 
 T0 = dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = make_database(db_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def settings(**kw) -> Settings:  # type: ignore[no-untyped-def]

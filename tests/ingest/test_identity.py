@@ -7,31 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
 
-from ddn_node.store.engine import Database, make_database
+from ddn_node.store.engine import Database
 from ddn_node.store.ingest import (
     IdentityConflict,
     InstanceRecord,
     KnownSeries,
     record_instance,
 )
-from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import AuditEvent, Instance, InstanceVersion, Series, Study
 from ddn_node.vocabulary import ConflictKind
 
 T0 = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = make_database(db_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def image(study: str, series: str, sop: str, patient: str, content: str) -> InstanceRecord:

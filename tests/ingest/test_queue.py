@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
 
-import pytest
 from sqlalchemy import select
 
-from ddn_node.store.engine import Database, make_database
-from ddn_node.store.migrate import upgrade
+from ddn_node.store.engine import Database
 from ddn_node.store.models import Job, Study, utcnow
 from ddn_node.store.queue import JOBS
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = make_database(db_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def _jobs(db: Database, n: int) -> None:

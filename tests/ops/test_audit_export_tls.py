@@ -23,8 +23,7 @@ from support.peers.tls import Pki, TlsIdentity, make_pki, openssl_available
 from ddn_node.config import AuditSettings
 from ddn_node.pipeline.audit_export import SyslogSink, audit_message, export_new
 from ddn_node.store.audit import AuditEventName, audit
-from ddn_node.store.engine import Database, make_database
-from ddn_node.store.migrate import upgrade
+from ddn_node.store.engine import Database
 from ddn_node.store.models import AuditEvent
 
 pytestmark = pytest.mark.skipif(not openssl_available(), reason="openssl not installed")
@@ -40,14 +39,6 @@ def schema() -> etree.RelaxNG:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = make_database(db_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def read_frames(stream: bytes) -> list[bytes]:

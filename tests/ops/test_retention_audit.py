@@ -6,10 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from ddn_node.config import RetentionSettings
@@ -17,18 +15,9 @@ from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline.audit_export import SyslogSink, export_new
 from ddn_node.pipeline.retention import purge_expired
 from ddn_node.store.audit import AuditEventName, audit
-from ddn_node.store.engine import Database, make_database
+from ddn_node.store.engine import Database
 from ddn_node.store.ingest import InstanceRecord, record_instance
-from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import AuditEvent, Delivery, Instance, Study, utcnow
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = make_database(db_url)
-    upgrade(database)
-    yield database
-    database.dispose()
 
 
 def _study(db: Database, spool: Spool, uid: str, age_days: float, state: str) -> int:

@@ -21,14 +21,6 @@ with warnings.catch_warnings():
 
 
 @pytest.fixture
-def database(db_url: str) -> Iterator[Database]:
-    db = make_database(db_url)
-    upgrade(db)
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
 def sqlite_database(sqlite_url: str) -> Iterator[Database]:
     db = make_database(sqlite_url)
     upgrade(db)
