@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything ddn-node needs on a fresh Debian 12 machine, idempotently:
 #   - the Debian tools the tests and the demo use (Orthanc with its DICOMweb plugin, DCMTK,
-#     dicom3tools, PixelMed, CTN, Chromium, Node.js);
+#     dicom3tools, PixelMed, CTN, Chromium, Node.js, nginx for the reverse-proxy recipe);
 #   - a virtual environment at .venv with the package and its pinned dependencies;
 #   - the npm packages, pinned by their lock files: the OHIF viewer (deploy/ohif) and the
 #     dcmjs-dimse test peer (tests/support/peers/dcmjs).
@@ -24,6 +24,8 @@ command -v DicomSRValidator >/dev/null 2>&1 || need_apt+=(pixelmed-apps)
 command -v simple_storage >/dev/null 2>&1 || need_apt+=(ctn)
 command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The documented HTTPS reverse-proxy recipe (docs/integration.md) is tested with nginx.
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need_apt[*]}"
   SUDO=""
@@ -35,6 +37,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # tests start their own Orthanc with their own configuration instead.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet orthanc 2>/dev/null; then
     $SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true
+  fi
+  # The same for nginx: the recipe's test runs its own, on ports of its own.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
+    $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
   fi
 fi
 

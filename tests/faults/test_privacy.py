@@ -49,7 +49,11 @@ def test_full_run_logs_carry_no_patient_data(make_node, sqlite_url: str, tmp_pat
             "hl7": {"enabled": True, "port": ris.port},
             "webhook": {"enabled": True, "url": hook.url},
         },
-        web={"enabled": True, "port": web_port, "tokens": [{"name": "t", "sha256": TOKEN_SHA}]},
+        web={
+            "enabled": True,
+            "port": web_port,
+            "tokens": [{"name": "t", "sha256": TOKEN_SHA, "scopes": ["read", "worklist:write"]}],
+        },
         logging={"level": "DEBUG", "json": True},
     )
     pacs = Orthanc(tmp_path / "orthanc", node.port)

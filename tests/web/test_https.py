@@ -16,7 +16,7 @@ import httpx
 import pytest
 from support.net import free_port
 from support.peers.tls import Pki, make_pki, openssl_available
-from web_helpers import PASSWORD, USER, ClientFactory, web_settings
+from web_helpers import PASSWORD, USER, ClientFactory, login, web_settings
 
 from ddn_node.dicom.spool import Spool
 from ddn_node.store.engine import Database
@@ -39,16 +39,6 @@ def trusting(ca: Path, **versions: ssl.TLSVersion) -> ssl.SSLContext:
     return context
 
 
-def browser_login(client: httpx.Client) -> httpx.Response:
-    form = client.get("/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
-    assert token is not None, form.text
-    return client.post(
-        "/login",
-        data={"username": USER, "password": PASSWORD, "csrf_token": token.group(1), "next": "/"},
-    )
-
-
 @pytest.fixture
 def https_node(pki: Pki, sqlite_database: Database, spool: Spool, tmp_path: Path) -> Iterator[str]:
     settings = web_settings(
@@ -68,7 +58,7 @@ def https_node(pki: Pki, sqlite_database: Database, spool: Spool, tmp_path: Path
 
 def test_https_login_gets_a_secure_cookie_and_hsts(https_node: str, pki: Pki) -> None:
     with httpx.Client(base_url=https_node, verify=trusting(pki.ca_cert)) as client:
-        done = browser_login(client)
+        done = login(client)
         assert done.status_code == 303
         session_cookie = next(
             c for c in done.headers.get_list("set-cookie") if c.startswith("ddn_session=")
@@ -127,7 +117,7 @@ def test_plain_http_has_neither(sqlite_database: Database, spool: Spool, tmp_pat
     stop = start_web(settings, sqlite_database, spool)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{settings.web.port}") as client:
-            done = browser_login(client)
+            done = login(client)
             assert done.status_code == 303
             session_cookie = next(
                 c for c in done.headers.get_list("set-cookie") if c.startswith("ddn_session=")
