@@ -210,7 +210,15 @@ def test_late_instance_supersedes_the_sr(
     first = repo_root / "sample_studies" / "demo04" / "demo04_PA.dcm"
     study = pydicom.dcmread(first)
     study_uid = str(study.StudyInstanceUID)
-    late = make_cr(study_uid, size=256, seed=3, view="AP")
+    # The same patient (another Patient ID would be refused: 0xC003, an identity conflict).
+    late = make_cr(
+        study_uid,
+        size=256,
+        seed=3,
+        view="AP",
+        patient_id=str(study.PatientID),
+        patient_name=str(study.PatientName),
+    )
     late_path = tmp_path / "late.dcm"
     late_path.write_bytes(to_file_bytes(late))
     with node:
