@@ -76,6 +76,7 @@ class IsolatedLimits:
     memory_mb: int = 256  # RLIMIT_AS, plus 4x the decoded frame (input, output, buffers)
     cpu_seconds: int = 30  # RLIMIT_CPU: SIGXCPU, and SIGKILL a second later
     wall_seconds: float = 60.0  # a codec blocked without using CPU is killed at this deadline
+    prlimit: bool = True  # set the limits with prlimit(1) when installed, else setrlimit
 
     def address_space(self, frame_bytes: int) -> int:
         return (self.memory_mb << 20) + 4 * frame_bytes
@@ -172,7 +173,6 @@ def decode_frame(
     bits_allocated: int,
     argv: Sequence[str],
     limits: IsolatedLimits | None = None,
-    use_prlimit: bool = True,
 ) -> np.ndarray:
     """Decode one compressed frame with ``argv`` (``argv + [in, out]`` is run) in a child
     process. Returns the native array (rows x cols [x samples]).
@@ -188,7 +188,7 @@ def decode_frame(
         src, dst = Path(work) / "in.dcm", Path(work) / "out.dcm"
         src.write_bytes(_single_frame_file(ds, transfer_syntax, frame))
         command = [*argv, str(src), str(dst)]
-        prlimit = shutil.which("prlimit") if use_prlimit else None
+        prlimit = shutil.which("prlimit") if limits.prlimit else None
         preexec = None if prlimit else _preexec(limits, mem, fsize)
         if prlimit:
             command = _limits_argv(prlimit, command, limits, mem, fsize)
@@ -207,24 +207,24 @@ def decode_frame(
                     close_fds=True,
                 )
             except OSError as e:
-                raise IsolatedDecodeFailed("failed", f"cannot start {argv[0]}: {e}") from e
+                raise IsolatedDecodeFailed("failed", f"cannot start: {e}") from e
             try:
                 proc.wait(timeout=limits.wall_seconds)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise IsolatedDecodeFailed(
-                    "timed out", f"{argv[0]} killed after {limits.wall_seconds:g} s"
+                    "timed out", f"killed after {limits.wall_seconds:g} s"
                 ) from None
         tail = _tail(Path(work) / "stderr")
         if proc.returncode < 0:
             sig = -proc.returncode
             reason = "cpu limit" if sig == signal.SIGXCPU else "crashed"
-            raise IsolatedDecodeFailed(reason, f"{argv[0]} killed by {_signal_name(sig)} {tail}")
+            raise IsolatedDecodeFailed(reason, f"killed by {_signal_name(sig)} {tail}".strip())
         if proc.returncode != 0:
-            raise IsolatedDecodeFailed("failed", f"{argv[0]} exit {proc.returncode}: {tail}")
+            raise IsolatedDecodeFailed("failed", f"exit {proc.returncode}: {tail}")
         if not dst.is_file() or dst.stat().st_size > fsize:
-            raise IsolatedDecodeFailed("bad output", f"{argv[0]} wrote no decoded file")
+            raise IsolatedDecodeFailed("bad output", "no decoded file written")
         return _read_output(dst, rows, cols, samples)
 
 

@@ -542,16 +542,16 @@ def _decode(ds: Dataset, ts: UID, frame: int, g: _Geometry, limits: PixelLimits)
             log.warning(
                 "pixels.isolated_decode_failed",
                 transfer_syntax=str(ts),
-                decoder=argv[0],
+                decoder=Path(argv[0]).name,
                 reason=e.reason,
                 error=str(e)[:300],
             )
-            errors.append(f"{argv[0]} (isolated process): {e}")
+            errors.append(f"{Path(argv[0]).name} (isolated process): {e}")
         else:
             log.info(
                 "pixels.isolated_decoded",
                 transfer_syntax=str(ts),
-                decoder=argv[0],
+                decoder=Path(argv[0]).name,
                 ms=round((time.perf_counter() - started) * 1000, 1),
                 refused_in_process="; ".join(errors)[:300],
             )
