@@ -287,9 +287,9 @@ def render(settings: Settings | None = None) -> str:
         "listed because the node decodes its pixels for analysis, proven on a real file (or, "
         "where none exists, on one made by another encoder from a real image)"
         + (
-            "; JPEG frames the in-process decoders refuse (12-bit JPEG Extended with a "
-            "non-standard scan header, for one) are decoded by DCMTK's dcmdjpeg in a separate "
-            "process under memory, CPU-time and wall-clock limits."
+            "; JPEG Extended frames the in-process decoders refuse (12-bit ones with a "
+            "non-standard scan header, as the NEMA WG04 samples have) are decoded by DCMTK's "
+            "dcmdjpeg in a separate process under memory, CPU-time and wall-clock limits."
             if command_for(str(JPEGExtended12Bit))
             else "."
         ),

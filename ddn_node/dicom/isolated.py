@@ -34,12 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space, pixel_array
-from pydicom.uid import (
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-)
+from pydicom.uid import JPEGExtended12Bit
 
 # The attributes a codec needs to turn one frame into native pixels (Image Pixel module).
 _PIXEL_ATTRIBUTES = (
@@ -55,14 +50,15 @@ _PIXEL_ATTRIBUTES = (
 )
 
 # dcmdjpeg reads every JPEG process DICOM uses (8- and 12-bit baseline / extended, lossless
-# any selection value) and writes Explicit VR Little Endian. Its default colour handling
-# (+cp) turns YCbCr into RGB, as pydicom's in-process decoders do.
+# any selection value) and writes Explicit VR Little Endian; its default colour handling
+# (+cp) turns YCbCr into RGB, as pydicom's in-process decoders do. It is used only where
+# the in-process decoders fail on real files: JPEG Extended. For baseline and lossless
+# they read every real file, so a frame they refuse is a damaged one, and a codec that
+# tolerates more (the fuzzer found dcmdjpeg decoding a baseline frame whose header had
+# been altered) would turn it into an image to score instead of "analysis failed".
 DCMTK_JPEG = ("dcmdjpeg",)
 COMMANDS: dict[str, tuple[str, ...]] = {
-    str(JPEGBaseline8Bit): DCMTK_JPEG,
     str(JPEGExtended12Bit): DCMTK_JPEG,
-    str(JPEGLossless): DCMTK_JPEG,
-    str(JPEGLosslessSV1): DCMTK_JPEG,
 }
 
 
@@ -216,6 +212,12 @@ def decode_frame(
                 raise IsolatedDecodeFailed(
                     "timed out", f"killed after {limits.wall_seconds:g} s"
                 ) from None
+            except BaseException:
+                # Interrupted while waiting (a signal handler's exception, Ctrl-C): the
+                # codec must not outlive the call that started it.
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
         tail = _tail(Path(work) / "stderr")
         if proc.returncode < 0:
             sig = -proc.returncode
@@ -225,10 +227,10 @@ def decode_frame(
             raise IsolatedDecodeFailed("failed", f"exit {proc.returncode}: {tail}")
         if not dst.is_file() or dst.stat().st_size > fsize:
             raise IsolatedDecodeFailed("bad output", "no decoded file written")
-        return _read_output(dst, rows, cols, samples)
+        return _read_output(dst, rows, cols, samples, bits_allocated)
 
 
-def _read_output(path: Path, rows: int, cols: int, samples: int) -> np.ndarray:
+def _read_output(path: Path, rows: int, cols: int, samples: int, bits_allocated: int) -> np.ndarray:
     """The decoded file is native pixel data, read by pydicom alone (no codec)."""
     try:
         out = pydicom.dcmread(path, force=True)
@@ -242,6 +244,12 @@ def _read_output(path: Path, rows: int, cols: int, samples: int) -> np.ndarray:
         ):
             raise IsolatedDecodeFailed(
                 "bad output", f"decoded {out.Rows}x{out.Columns}, expected {rows}x{cols}"
+            )
+        if int(out.get("BitsAllocated", 0)) != bits_allocated:
+            # The codestream's precision disagrees with the header the pipeline reads.
+            raise IsolatedDecodeFailed(
+                "bad output",
+                f"decoded Bits Allocated {out.get('BitsAllocated')}, the header {bits_allocated}",
             )
         arr = pixel_array(out)
         photometric = str(out.get("PhotometricInterpretation", ""))
