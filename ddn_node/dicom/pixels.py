@@ -4,7 +4,8 @@
 (bright = dense), following the grayscale pipeline of PS3.3 C.11 / PS3.4 N.2:
 
 1. decode one frame (the fastest installed decoder for the transfer syntax, falling back
-   to the others when one refuses a file);
+   to the others when one refuses a file, and for JPEG Extended last to DCMTK in an
+   isolated, resource-limited process: dicom/isolated.py);
 2. mask unused high bits (overlays may live there, PS3.5 8.1.1 / PS3.3 C.9.2);
 3. Modality LUT: Rescale Slope/Intercept or Modality LUT Sequence (PS3.3 C.11.1);
 4. VOI LUT: VOI LUT Sequence, else Window Center/Width with VOI LUT Function
