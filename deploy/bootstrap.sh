@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything ddn-node needs on a fresh Debian 12 machine, idempotently:
 #   - the Debian tools the tests and the demo use (Orthanc with its DICOMweb plugin, DCMTK,
-#     dicom3tools, PixelMed, CTN, Chromium, Node.js, nginx for the reverse-proxy recipe);
+#     dicom3tools, PixelMed, CTN, OpenJPH, Chromium, Node.js, nginx for the reverse-proxy
+#     recipe);
 #   - a virtual environment at .venv with the package and its pinned dependencies;
 #   - the npm packages, pinned by their lock files: the OHIF viewer (deploy/ohif) and the
 #     dcmjs-dimse test peer (tests/support/peers/dcmjs).
@@ -17,6 +18,8 @@ STAMP=$VENV/.ddn-installed
 need_apt=()
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+# OpenJPH's encoder makes the HTJ2K samples the decode census checks (no real file has one).
+command -v ojph_compress >/dev/null 2>&1 || need_apt+=(openjph-tools)
 command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 ls /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)

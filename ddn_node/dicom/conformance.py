@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEGExtended12Bit
 
 from ddn_node import __version__
 from ddn_node.config import Settings
+from ddn_node.dicom.isolated import command_for
 from ddn_node.dicom.results import codes
 from ddn_node.dicom.syntaxes import (
     IMPLEMENTATION_CLASS_UID,
@@ -282,7 +283,16 @@ def render(settings: Settings | None = None) -> str:
         "",
         "Each Storage SOP class above, and Verification, with any of these transfer syntaxes; "
         "for a context that proposes several, the first of this list the requestor proposed is "
-        "accepted (Explicit VR Little Endian first: every sender can produce it).",
+        "accepted (Explicit VR Little Endian first: every sender can produce it). Each is "
+        "listed because the node decodes its pixels for analysis, proven on a real file (or, "
+        "where none exists, on one made by another encoder from a real image)"
+        + (
+            "; JPEG Extended frames the in-process decoders refuse (12-bit ones with a "
+            "non-standard scan header, as the NEMA WG04 samples have) are decoded by DCMTK's "
+            "dcmdjpeg in a separate process under memory, CPU-time and wall-clock limits."
+            if command_for(str(JPEGExtended12Bit))
+            else "."
+        ),
         "",
         _table(("Transfer Syntax", "UID"), ts_rows),
         "",

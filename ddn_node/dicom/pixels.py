@@ -4,7 +4,8 @@
 (bright = dense), following the grayscale pipeline of PS3.3 C.11 / PS3.4 N.2:
 
 1. decode one frame (the fastest installed decoder for the transfer syntax, falling back
-   to the others when one refuses a file);
+   to the others when one refuses a file, and for JPEG Extended last to DCMTK in an
+   isolated, resource-limited process: dicom/isolated.py);
 2. mask unused high bits (overlays may live there, PS3.5 8.1.1 / PS3.3 C.9.2);
 3. Modality LUT: Rescale Slope/Intercept or Modality LUT Sequence (PS3.3 C.11.1);
 4. VOI LUT: VOI LUT Sequence, else Window Center/Width with VOI LUT Function
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+
+from ddn_node.dicom import isolated
+from ddn_node.dicom.isolated import IsolatedDecodeFailed, IsolatedLimits
 
 log = structlog.get_logger()
 
@@ -101,6 +106,8 @@ class FrameOutOfRange(PixelDataError):
 class PixelLimits:
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
     max_decoded_mb: float = DEFAULT_MAX_DECODED_MB
+    # the out-of-process decoder's limits (dicom/isolated.py)
+    isolated: IsolatedLimits = field(default_factory=IsolatedLimits)
 
 
 # What pydicom raises on a malformed data set, while reading it and again while converting
@@ -166,6 +173,13 @@ DECODER_PREFERENCE: dict[str, tuple[str, ...]] = {
     JPEGLosslessSV1: _JPEG_LOSSLESS,
     RLELossless: ("pylibjpeg", "pydicom"),
 }
+
+
+# Syntaxes that in-process decoders do not read on real files, so they are offered only
+# when the isolated decoder (dicom/isolated.py) is installed: libjpeg reads 1 of the 7 real
+# 12-bit JPEG Extended files here (the others have a scan header with Ss/Se other than
+# 0/63, error -1038) and Pillow has no 12-bit JPEG; DCMTK's dcmdjpeg reads all 7.
+NEEDS_ISOLATED = frozenset({JPEGExtended12Bit})
 
 
 # Syntaxes whose frames carry their own image size (SOF / SIZ markers); RLE does not.
@@ -485,13 +499,12 @@ def _check_codestream(data: bytes, g: _Geometry) -> None:
 # --- decoding ----------------------------------------------------------------------------
 
 
-def _decode(ds: Dataset, ts: UID, frame: int) -> np.ndarray:
-    if ts in NATIVE_SYNTAXES or not ts.is_compressed:
-        plugins = [""]
-    else:
-        plugins = decoder_plugins(ts)
-        if not plugins:
-            raise UnsupportedTransferSyntax(f"no installed decoder for {ts.name} ({ts})")
+def _decode(ds: Dataset, ts: UID, frame: int, g: _Geometry, limits: PixelLimits) -> np.ndarray:
+    native = ts in NATIVE_SYNTAXES or not ts.is_compressed
+    plugins = [""] if native else decoder_plugins(ts)
+    argv = None if native else isolated.command_for(ts)
+    if not plugins and argv is None:
+        raise UnsupportedTransferSyntax(f"no installed decoder for {ts.name} ({ts})")
     errors = []
     for plugin in plugins:
         try:
@@ -510,6 +523,40 @@ def _decode(ds: Dataset, ts: UID, frame: int) -> np.ndarray:
             if not _is_decoder_panic(e):
                 raise
             errors.append(f"{plugin}: decoder panic: {str(e)[:200]}")
+    if argv is not None:
+        # Last, as it costs a process start (15-30 ms) and only matters when the
+        # in-process decoders refused the frame; it runs outside the node, limited.
+        started = time.perf_counter()
+        try:
+            arr = isolated.decode_frame(
+                ds,
+                ts,
+                _encapsulated_frame(ds, g, frame),
+                g.rows,
+                g.cols,
+                g.samples,
+                g.bits_allocated,
+                argv,
+                limits.isolated,
+            )
+        except IsolatedDecodeFailed as e:
+            log.warning(
+                "pixels.isolated_decode_failed",
+                transfer_syntax=str(ts),
+                decoder=Path(argv[0]).name,
+                reason=e.reason,
+                error=str(e)[:300],
+            )
+            errors.append(f"{Path(argv[0]).name} (isolated process): {e}")
+        else:
+            log.info(
+                "pixels.isolated_decoded",
+                transfer_syntax=str(ts),
+                decoder=Path(argv[0]).name,
+                ms=round((time.perf_counter() - started) * 1000, 1),
+                refused_in_process="; ".join(errors)[:300],
+            )
+            return arr
     raise CorruptPixelData(f"{ts.name}: no decoder could read the pixel data ({'; '.join(errors)})")
 
 
@@ -654,7 +701,7 @@ def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits
             _check_rle(_encapsulated_frame(ds, g, frame), g)
         elif ts in _CODESTREAM_SYNTAXES:
             _check_codestream(_encapsulated_frame(ds, g, frame), g)
-    arr = _decode(ds, ts, frame)
+    arr = _decode(ds, ts, frame, g, limits)
     if arr.ndim == 3 and g.samples == 1:  # defensive: a single frame must be 2-D
         arr = arr[0]
     if arr.shape[:2] != (g.rows, g.cols):

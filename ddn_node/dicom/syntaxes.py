@@ -2,7 +2,8 @@
 
 Derived from the installed libraries, not typed in by hand, so the conformance statement
 (docs/conformance-statement.md, checked by a test) and the AE cannot drift apart: a
-transfer syntax is offered exactly when an installed pixel decoder can read it.
+transfer syntax is offered exactly when an installed pixel decoder can read it
+(tests/model/test_decode_census.py proves it on a real file of each).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRL
 from pynetdicom import AllStoragePresentationContexts, register_uid
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
+
+from ddn_node.dicom.isolated import command_for
+from ddn_node.dicom.pixels import NEEDS_ISOLATED
 
 # PS3.7 D.3.3.2: identifies this implementation in every association. A UUID-derived UID
 # (PS3.5 B.2), as the project has no registered root of its own.
@@ -36,13 +40,17 @@ def supported_transfer_syntaxes() -> tuple[str, ...]:
     requestor proposed. Explicit VR Little Endian comes first because every sender can
     produce it (a sender that proposes JPEG 2000 for an uncompressed file cannot encode it,
     DCMTK storescu -xv for one) and it keeps private elements' VRs; then Implicit VR; then
-    the compressed syntaxes, accepted as they are when a context proposes only them.
+    the compressed syntaxes, accepted as they are when a context proposes only them. A
+    syntax whose real files the in-process decoders do not read (:data:`NEEDS_ISOLATED`)
+    is offered only when its isolated decoder is installed.
     """
     out = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
     for uid in AllTransferSyntaxes:
         try:
             decoder = get_decoder(uid)
         except NotImplementedError:
+            continue
+        if uid in NEEDS_ISOLATED and command_for(uid) is None:
             continue
         if decoder.is_available and str(uid) not in out:
             out.append(str(uid))
