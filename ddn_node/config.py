@@ -244,7 +244,15 @@ class WorkerSettings(_Section):
 
 
 class RoutingRule(_Section):
-    """Maps studies to a model artifact head. Empty lists match anything."""
+    """Maps studies to a model artifact head, and says which of their images it scores.
+
+    Empty lists match anything. ``match`` and ``exclude`` take any DICOM keyword (or
+    ``CallingAE``) -> patterns: a glob (``*``, ``?``, ``[...]``, case-insensitive) or a
+    regular expression written ``re:<expression>`` (searched, case-insensitive); an
+    instance is selected when, for every ``match`` entry, one of its patterns matches the
+    attribute's value, and no ``exclude`` pattern matches. A multi-valued attribute reads
+    as its values joined by backslashes (``DERIVED\\PRIMARY``).
+    """
 
     name: str
     model: Path
@@ -253,6 +261,45 @@ class RoutingRule(_Section):
     body_parts: list[str] = Field(default_factory=list)
     views: list[str] = Field(default_factory=list)
     sop_classes: list[str] = Field(default_factory=list)
+    match: dict[str, Annotated[list[str], Field(min_length=1)]] = Field(default_factory=dict)
+    exclude: dict[str, Annotated[list[str], Field(min_length=1)]] = Field(default_factory=dict)
+    # Image Type values that are never scored: a localiser (scout) is not a diagnostic
+    # slice, and a secondary image (a screen capture, a reformat, another system's
+    # derived output) is not what the head was trained on. Each entry is one value
+    # ("LOCALIZER": at any position) or several joined by backslashes that must all be
+    # at those positions ("DERIVED\\SECONDARY"; "*" matches any value). DERIVED\\PRIMARY is
+    # kept by default: processed radiographs (for presentation) are commonly marked so.
+    skip_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER", "*\\SECONDARY"])
+    # When any selected image has one of these views (e.g. the frontal PA/AP of a chest
+    # radiograph), only those are scored: a lateral beside a frontal view adds nothing a
+    # frontal head can read. Empty: no preference.
+    prefer_views: list[str] = Field(default_factory=list)
+    # The most images (frames of a multi-frame object each count) scored per study; more
+    # are thinned evenly over the series, so a 300-slice MR is read end to end at a
+    # bounded cost. 0: no cap.
+    max_images: Annotated[int, Field(ge=0)] = 32
+
+    @field_validator("match", "exclude")
+    @classmethod
+    def _keywords(cls, table: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, patterns in table.items():
+            # CallingAE is what the association said, not the header (mercure routes on
+            # it too). config imports nothing of pydicom, so a keyword the dictionary does
+            # not know reads as a missing attribute (pipeline/routing.py warns once).
+            if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", name):
+                raise ValueError(
+                    f"{name!r} is not a DICOM keyword (e.g. StationName, SeriesDescription) "
+                    "nor CallingAE"
+                )
+            for pattern in patterns:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as exc:
+                        raise ValueError(
+                            f"{name}: {pattern!r} is not a regular expression: {exc}"
+                        ) from exc
+        return table
 
 
 class DestinationSettings(_Section):

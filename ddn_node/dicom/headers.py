@@ -53,6 +53,10 @@ INDEXED_TAGS = [
         # algorithm (dicom/origin.py).
         "ImageType",
         "ConversionType",
+        # What routing selects on besides the above (pipeline/routing.py).
+        "StationName",
+        "InstitutionName",
+        "NumberOfFrames",
         "Manufacturer",
         "ManufacturerModelName",
         "ContributingEquipmentSequence",

@@ -642,4 +642,9 @@ def _record_of(
         rows=header.integer("Rows"),
         columns=header.integer("Columns"),
         origin=origin,
+        image_type=header.text("ImageType").upper(),
+        station_name=header.text("StationName"),
+        institution_name=header.text("InstitutionName"),
+        # A missing or nonsensical Number of Frames is one frame (PS3.3 C.7.6.6).
+        frames=max(1, header.integer("NumberOfFrames") or 1),
     )

@@ -63,8 +63,11 @@ class AbnormalityDef(_M):
     """How a head's probabilities become one study-level abnormality score in [0, 1].
 
     ``max_probability``: the highest probability among ``labels`` (default: all labels).
-    ``complement``: 1 - P(``labels[0]``), for a head with a "normal" class.
-    Study probabilities are the per-label maximum over the study's scored images.
+    ``complement``: 1 - P(``labels[0]``), for a head with a "normal" class; that class
+    (``labels[0]``) is then no finding: never reported present, never given a heat map.
+    Study probabilities are the per-label maximum over the study's scored images, and for
+    the normal class the minimum: the study is as normal as its most abnormal image, so
+    its score is the maximum over images of 1 - P(normal).
     """
 
     kind: Literal["max_probability", "complement"]
@@ -151,6 +154,13 @@ class HeadInfo(_M):
     @property
     def label_names(self) -> list[str]:
         return [lab.name for lab in self.labels]
+
+    @property
+    def normal_labels(self) -> frozenset[str]:
+        """The head's "normal" class (``notumor``), where its abnormality score is the
+        complement of one: a label that says no finding was seen."""
+        a = self.abnormality
+        return frozenset(a.labels[:1]) if a.kind == "complement" else frozenset()
 
 
 class ArchitectureModel(_M):
@@ -374,17 +384,19 @@ class ModelArtifact:
 
         ``"evidence"`` (the default): those whose recorded localisation evidence beats both
         baselines; ``"all"``: every label (an operator who has the evidence elsewhere);
-        ``"none"``: no heat maps.
+        ``"none"``: no heat maps. A normal class never gets one, under any policy: there
+        is nothing in the image that it could point at.
         """
+        normal = self.head(head).normal_labels
         if policy == "all":
-            return frozenset(self.head(head).label_names)
+            return frozenset(self.head(head).label_names) - normal
         if policy == "none":
             return frozenset()
         if policy != "evidence":
             raise ValueError(
                 f"heat-map policy must be one of {[p.value for p in HeatMapPolicy]}, got {policy!r}"
             )
-        return frozenset(n for n, ev in self.localisation(head).items() if ev.shown)
+        return frozenset(n for n, ev in self.localisation(head).items() if ev.shown) - normal
 
     def head(self, head: str) -> HeadInfo:
         try:

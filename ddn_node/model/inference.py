@@ -3,7 +3,7 @@
     art = ModelArtifact.load(Path("models/ddn-cxr"))
     p = Predictor(art, device="cpu", threads=0)
     preds = p.predict(images, head="cxr", sop_instance_uids=uids, heatmaps=True)
-    score = p.abnormality_score("cxr", p.study_probabilities(preds))
+    score = p.abnormality_score("cxr", p.study_probabilities(preds, "cxr"))
 
 Images are display images from :func:`ddn_node.dicom.pixels.load_display_image`. For each
 batch the backbone runs once under ``inference_mode``; when heat maps are wanted, the
@@ -146,7 +146,11 @@ class Predictor:
         in ``only`` when given (the labels whose maps carry evidence), into
         ``predictions[i].heatmaps`` (the predictions :meth:`predict_deferred` made)."""
         labels = self.artifact.head(forward.head).labels
-        allowed = [only is None or spec.name in only for spec in labels]
+        # A normal class has nothing to point at: never mapped, whatever ``only`` says.
+        normal = self.artifact.head(forward.head).normal_labels
+        allowed = [
+            (only is None or spec.name in only) and spec.name not in normal for spec in labels
+        ]
         t1 = time.perf_counter()
         for batch in forward.batches:
             n = batch.probs.shape[0]
@@ -174,18 +178,32 @@ class Predictor:
                         predictions[batch.start + b].heatmaps[labels[k].name] = maps[i]
         self.timings_ms["gradcam"] = 1000 * (time.perf_counter() - t1)
 
-    @staticmethod
-    def study_probabilities(predictions: Sequence[ImagePrediction]) -> dict[str, float]:
-        """Study-level probabilities: per label, the maximum over the study's images."""
-        study: dict[str, float] = {}
-        for p in predictions:
-            for k, v in p.probabilities.items():
-                study[k] = max(study.get(k, 0.0), v)
-        return study
+    def study_probabilities(
+        self, predictions: Sequence[ImagePrediction], head: str | None = None
+    ) -> dict[str, float]:
+        """Study-level probabilities (see :func:`study_probabilities`)."""
+        normal = self.artifact.head(head).normal_labels if head is not None else frozenset()
+        return study_probabilities(predictions, normal)
 
     def abnormality_score(self, head: str, probabilities: Mapping[str, float]) -> float:
         """The head's abnormality score in [0, 1], as its manifest defines it."""
         return abnormality_score(self.artifact, head, probabilities)
+
+
+def study_probabilities(
+    predictions: Sequence[ImagePrediction], normal: Collection[str] = ()
+) -> dict[str, float]:
+    """Study-level probabilities: per label the maximum over the study's images, so the
+    image that shows a finding most decides it; for a ``normal`` class the minimum, so
+    the most abnormal image decides that too (one tumour slice among twenty normal ones
+    makes the study abnormal, where the maximum would let the most normal slice decide).
+    """
+    study: dict[str, float] = {}
+    for p in predictions:
+        for k, v in p.probabilities.items():
+            pick = min if k in normal else max
+            study[k] = pick(study[k], v) if k in study else v
+    return study
 
 
 def abnormality_score(

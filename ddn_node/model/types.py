@@ -52,6 +52,9 @@ class ImagePrediction:
     # label -> heat map in [0, 1], float32, at the source image's rows x columns;
     # only for labels at or above their threshold.
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    # The frame (1-based, as Referenced Frame Number counts) of a multi-frame source;
+    # None for a single-frame image.
+    frame: int | None = None
 
 
 @dataclass
@@ -60,7 +63,9 @@ class StudyPrediction:
 
     head: str
     labels: list[LabelSpec]
-    probabilities: dict[str, float]  # study level: max over scored images
+    # study level: per label the maximum over the scored images, for a normal class the
+    # minimum (see model/inference.py study_probabilities)
+    probabilities: dict[str, float]
     abnormality_score: float
     images: list[ImagePrediction]
     algorithm: AlgorithmInfo
@@ -71,11 +76,18 @@ class StudyPrediction:
     # label -> what a reader must know of a map that *was* drawn: an operator asked for
     # maps whose localisation evidence is missing or weak.
     heatmap_caveats: dict[str, str] = field(default_factory=dict)
+    # The head's "normal" class (brain_mri's notumor): a probability, never a finding.
+    normal: frozenset[str] = frozenset()
+    # How many images were scored (frames of a multi-frame object each count); ``images``
+    # holds one per source instance, the frame that decided for it.
+    scored_images: int = 0
 
     @property
     def positive(self) -> list[str]:
+        """The findings at or above their threshold; a normal class is never one."""
         return [
             spec.name
             for spec in self.labels
-            if self.probabilities.get(spec.name, 0.0) >= spec.threshold
+            if spec.name not in self.normal
+            and self.probabilities.get(spec.name, 0.0) >= spec.threshold
         ]

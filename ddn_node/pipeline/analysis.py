@@ -27,14 +27,21 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from ddn_node.config import RoutingRule, Settings
-from ddn_node.dicom.pixels import PixelDataError, load_display_image
+from ddn_node.dicom.frames import load_display_frames
+from ddn_node.dicom.pixels import PixelDataError
 from ddn_node.dicom.results import ResultObjects
 from ddn_node.dicom.results.overlay import MAX_SIDE, fit_display
 from ddn_node.dicom.spool import Spool
-from ddn_node.model.inference import ForwardPass, Predictor
+from ddn_node.model.inference import ForwardPass, Predictor, study_probabilities
 from ddn_node.model.types import StudyPrediction
 from ddn_node.pipeline.registry import AnalysisError, ModelRegistry
-from ddn_node.pipeline.routing import StoredInstance, route_study, study_instances
+from ddn_node.pipeline.routing import (
+    StoredInstance,
+    header_lookup,
+    route_study,
+    spread,
+    study_instances,
+)
 from ddn_node.pipeline.triage import TriageDecision, decide
 from ddn_node.store.engine import Database
 from ddn_node.store.lifecycle import Lease
@@ -57,6 +64,15 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """One scored image: a source (its index in ``Analysis.sources``) and, for a
+    multi-frame object, which frame (1-based); None for a single-frame image."""
+
+    source: int
+    frame: int | None
+
+
+@dataclass(frozen=True)
 class Analysis:
     """Everything one analysis knows so far; each step returns a new one with more."""
 
@@ -65,7 +81,10 @@ class Analysis:
     predictor: Predictor
     routed: tuple[StoredInstance, ...]
     sources: tuple[Source, ...] = ()
+    # One per scored image (frame) until the heat maps are drawn, then one per source:
+    # the frame that decided for it (``localise``).
     images: tuple[np.ndarray, ...] = ()
+    scored: tuple[Scored, ...] = ()
     unreadable: tuple[str, ...] = ()
     forward: ForwardPass | None = None  # the backbone's features, until the maps are drawn
     prediction: StudyPrediction | None = None
@@ -115,7 +134,9 @@ class ModelSteps:
             stored = study_instances(session, lease.study_id)
         if lease.route is None:
             # A job queued before routes were stored on jobs: route it now, once.
-            route = route_study(self.settings.routing, [s.facts for s in stored])
+            paths = {s.facts.instance_id: s.path for s in stored}
+            lookup = header_lookup(lambda f: str(self.spool.path(paths[f.instance_id])))
+            route = route_study(self.settings.routing, [s.facts for s in stored], lookup)
             if route is None:
                 raise AnalysisError("no routing rule matches this study any more", permanent=True)
             rule, wanted = route.rule, {f.instance_id for f in route.instances}
@@ -129,50 +150,92 @@ class ModelSteps:
         )
 
     def decode(self, a: Analysis) -> Analysis:
+        """Every frame of every routed instance, thinned evenly to the rule's
+        ``max_images`` (routing capped the instances; a multi-frame object's frames are
+        counted here), decoded to display images."""
         t0 = time.perf_counter()
+        candidates = [
+            (stored, f) for stored in a.routed for f in range(max(1, stored.facts.frames))
+        ]
+        wanted: dict[int, list[int]] = {}
+        for stored, frame in spread(candidates, a.rule.max_images):
+            wanted.setdefault(stored.facts.instance_id, []).append(frame)
         sources: list[Source] = []
         images: list[np.ndarray] = []
+        scored: list[Scored] = []
         problems: list[str] = []
         for stored in a.routed:
             facts, path = stored.facts, self.spool.path(stored.path)
-            try:
-                # From the path, so the decoder's guards (deflate and decompression bombs)
-                # see the file before anything is inflated; the results need the header only.
-                image = load_display_image(path)
-                header = pydicom.dcmread(path, stop_before_pixels=True)
-            except (PixelDataError, OSError, ValueError, AttributeError) as exc:
-                problems.append(f"{facts.sop_instance_uid}: {exc}")
-                log.warning(
-                    "worker.image_unreadable",
-                    sop_instance_uid=facts.sop_instance_uid,
-                    error=str(exc),
-                )
+            frames = wanted.get(facts.instance_id)
+            if not frames:
                 continue
-            images.append(image)
-            sources.append(Source(facts.instance_id, facts.sop_instance_uid, header))
+            try:
+                # The results need the header only.
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+            except (OSError, ValueError, AttributeError, EOFError) as exc:
+                problems.append(self._unreadable(facts.sop_instance_uid, None, exc))
+                continue
+            multi = facts.frames > 1
+            index = len(sources)
+            # From the path, so the decoder's guards (deflate and decompression bombs)
+            # see the file before anything is inflated (dicom/frames.py).
+            for frame, image in load_display_frames(path, frames):
+                if isinstance(image, PixelDataError):
+                    problems.append(
+                        self._unreadable(
+                            facts.sop_instance_uid, frame + 1 if multi else None, image
+                        )
+                    )
+                    continue
+                images.append(image)
+                scored.append(Scored(index, frame + 1 if multi else None))
+            if len(scored) and scored[-1].source == index:
+                sources.append(Source(facts.instance_id, facts.sop_instance_uid, header))
         if not sources:
             raise AnalysisError("no image could be decoded: " + "; ".join(problems), permanent=True)
+        log.info(
+            "worker.images_selected",
+            study_id=a.lease.study_id,
+            rule=a.rule.name,
+            instances=len(sources),
+            images=[_image_key(sources[s.source].sop_instance_uid, s.frame) for s in scored],
+            unreadable=len(problems),
+        )
         return replace(
             a,
             sources=tuple(sources),
             images=tuple(images),
+            scored=tuple(scored),
             unreadable=tuple(problems),
             timings_ms=a.timed(decode_ms=ms_since(t0)),
         )
+
+    @staticmethod
+    def _unreadable(sop_instance_uid: str, frame: int | None, exc: Exception) -> str:
+        log.warning(
+            "worker.image_unreadable",
+            sop_instance_uid=sop_instance_uid,
+            frame=frame,
+            error=str(exc),
+        )
+        return f"{_image_key(sop_instance_uid, frame)}: {exc}"
 
     def predict(self, a: Analysis) -> Analysis:
         """Probabilities per image and per study, the abnormality score and the triage
         decision; the forward pass is kept for the heat maps."""
         t0 = time.perf_counter()
         predictor, head = a.predictor, a.rule.head
-        uids = [s.sop_instance_uid for s in a.sources]
+        uids = [a.sources[s.source].sop_instance_uid for s in a.scored]
         predictions, forward = predictor.predict_deferred(
             list(a.images), head=head, sop_instance_uids=uids
         )
+        for prediction_of_image, scored in zip(predictions, a.scored, strict=True):
+            prediction_of_image.frame = scored.frame
         labels = predictor.artifact.labels(head)
-        study_probs = {
-            spec.name: max(p.probabilities[spec.name] for p in predictions) for spec in labels
-        }
+        normal = predictor.artifact.head(head).normal_labels
+        # Per label the image that shows it most; a normal class by the least normal image
+        # (model/inference.py): the most abnormal image decides the study's score.
+        study_probs = study_probabilities(predictions, normal)
         score = predictor.abnormality_score(head, study_probs)
         algorithm = predictor.artifact.algorithm
         if self.settings.demo and not algorithm.is_demo:
@@ -184,6 +247,8 @@ class ModelSteps:
             abnormality_score=score,
             images=predictions,
             algorithm=algorithm,
+            normal=normal,
+            scored_images=len(predictions),
         )
         return replace(
             a,
@@ -220,7 +285,33 @@ class ModelSteps:
                 )
         if allowed & set(prediction.positive):
             a.predictor.add_heatmaps(prediction.images, a.forward, only=allowed)
-        return replace(a, timings_ms=a.timed(gradcam_ms=ms_since(t0)))
+        return self._per_source(replace(a, timings_ms=a.timed(gradcam_ms=ms_since(t0))))
+
+    @staticmethod
+    def _per_source(a: Analysis) -> Analysis:
+        """One image per source for the results: of a multi-frame object, the frame whose
+        own abnormality score is highest (its probabilities, heat maps and display image;
+        the SR says which frame). The study's probabilities already count every frame."""
+        prediction, _ = a.predicted()
+        if len(a.scored) == len(a.sources):
+            return a
+        best: dict[int, int] = {}
+        for i, scored in enumerate(a.scored):
+            score = a.predictor.abnormality_score(
+                prediction.head, prediction.images[i].probabilities
+            )
+            j = best.get(scored.source)
+            if j is None or score > a.predictor.abnormality_score(
+                prediction.head, prediction.images[j].probabilities
+            ):
+                best[scored.source] = i
+        keep = [best[s] for s in range(len(a.sources))]
+        prediction.images = [prediction.images[i] for i in keep]
+        return replace(
+            a,
+            images=tuple(a.images[i] for i in keep),
+            scored=tuple(a.scored[i] for i in keep),
+        )
 
     @staticmethod
     def park(a: Analysis) -> Analysis:
@@ -245,6 +336,11 @@ class ModelSteps:
             for m in img.heatmaps.values()
         )
         return maps + sum(img.nbytes for img in a.images)
+
+
+def _image_key(sop_instance_uid: str, frame: int | None) -> str:
+    """How logs and problems name a scored image: the UID, with ``#frame`` for a frame."""
+    return sop_instance_uid if frame is None else f"{sop_instance_uid}#{frame}"
 
 
 def _shrink(heatmap: np.ndarray, max_side: int) -> np.ndarray:

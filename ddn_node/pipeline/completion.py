@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy import select
 
 from ddn_node.config import Settings
-from ddn_node.pipeline.routing import route_study, study_instances
+from ddn_node.pipeline.routing import header_lookup, route_study, study_instances
 from ddn_node.store import lifecycle
 from ddn_node.store.engine import Database
 from ddn_node.store.lifecycle import Completed, Route
@@ -47,8 +47,15 @@ class CompletionTracker:
         """Complete one study if it is still due; None if someone else did, or it re-opened."""
         now = now or utcnow()
         with self.database.session() as session:
-            facts = [stored.facts for stored in study_instances(session, study_id)]
-            routed = route_study(self.settings.routing, facts)
+            stored = study_instances(session, study_id)
+            facts = [s.facts for s in stored]
+            # A rule that names an attribute the database does not keep reads it from the
+            # stored header (only then, and only for the instances that rule reaches).
+            # (The spool's paths are relative to its root, as dicom/spool.py lays it out.)
+            paths = {s.facts.instance_id: s.path for s in stored}
+            root = self.settings.node.spool_dir
+            lookup = header_lookup(lambda f: str(root / paths[f.instance_id]))
+            routed = route_study(self.settings.routing, facts, lookup)
             route = (
                 Route(routed.rule.name, tuple(f.instance_id for f in routed.instances))
                 if routed is not None

@@ -180,7 +180,9 @@ class ReportingSteps:
     @staticmethod
     def _triage_of(a: Analysis) -> lifecycle.Triage:
         prediction, decision = a.predicted()
-        top = sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True)[:3]
+        # The worklist's top findings: a normal class ("notumor 0.97") is not one.
+        findings = {k: v for k, v in prediction.probabilities.items() if k not in prediction.normal}
+        top = sorted(findings.items(), key=lambda kv: kv[1], reverse=True)[:3]
         return lifecycle.Triage(
             abnormality_score=prediction.abnormality_score,
             priority=decision.priority,
@@ -363,6 +365,7 @@ class ReportingSteps:
             generation=a.lease.generation,
             head=a.rule.head,
             images=len(a.sources),
+            scored_images=prediction.scored_images,
             unreadable=len(a.unreadable),
             score=round(prediction.abnormality_score, 4),
             priority=decision.priority.value,

@@ -67,6 +67,10 @@ class InstanceRecord:
     rows: int | None = None
     columns: int | None = None
     origin: str = InstanceOrigin.SOURCE
+    image_type: str = ""
+    station_name: str = ""
+    institution_name: str = ""
+    frames: int = 1
 
 
 class IdentityConflict(Exception):

@@ -227,6 +227,12 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    # What routing selects on (pipeline/routing.py): the Image Type (a localiser or a
+    # secondary image is not scored), the equipment, and how many frames it holds.
+    image_type: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    station_name: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    institution_name: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    frames: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     # An acquisition, or a result (the node's own or another's): only sources are routed.
     origin: Mapped[str] = mapped_column(

@@ -198,7 +198,11 @@ def add_heat_map_objects(
         header = reference_header(source)
         uid = image.sop_instance_uid
         mapped = [name for name in names if name in image.heatmaps]
-        if ResultKind.PM in kinds and mapped:
+        # A map of one frame of a multi-frame source would need that frame's plane
+        # geometry (highdicom reads the source's functional groups, which real Enhanced
+        # MR headers may lack): none is built; the SR outlines the frame, the overlay
+        # draws it.
+        if ResultKind.PM in kinds and mapped and image.frame is None:
             pm = build_parametric_map(
                 source,
                 header,

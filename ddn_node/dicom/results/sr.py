@@ -32,7 +32,8 @@ Content tree (PS3.16 TID 1500, rows as numbered there)::
           CONTAINS NUM     <label code> = the probability on that image,  TID 1419
                            in % (viewers label the outline with it)
       CONTAINS CONTAINER Qualitative Evaluations                          row 12
-        CONTAINS CODE  <label code> = Present | Absent   (every label)    row 13, CID 241
+        CONTAINS CODE  <label code> = Present | Absent   (every label but  row 13, CID 241
+                       a normal class, e.g. notumor: it is no finding)
         CONTAINS CODE  Priority = STAT | HIGH | ROUTINE (99DDN)           row 13
         CONTAINS TEXT  Abnormality score = "91.0 %"                       row 14
         CONTAINS TEXT  <label code> = "<label>: probability 12.0 %,       row 14
@@ -190,7 +191,8 @@ def build_sr(
     for spec in prediction.labels:
         if spec.name not in prediction.probabilities:
             raise ValueError(f"no study-level probability for label {spec.name!r}")
-        if float(prediction.probabilities[spec.name]) < spec.threshold:
+        if spec.name not in prediction.positive:
+            # Below its threshold, or the head's normal class: no finding to outline.
             continue
         drawn = _finding_groups(spec, scored, by_uid, prediction, charsets, uid_seed)
         groups.extend(drawn)
@@ -302,7 +304,7 @@ def _image_group(
         referenced_region=ImageRegion(
             graphic_type=GraphicTypeValues.POLYLINE,
             graphic_data=points,
-            source_image=SourceImageForRegion(str(header.SOPClassUID), uid),
+            source_image=_source_image(header, image.frame),
         ),
         algorithm_id=AlgorithmIdentification(
             name=prediction.algorithm.name, version=prediction.algorithm.version
@@ -331,7 +333,9 @@ def _finding_groups(
             continue
         probability = float(img.probabilities.get(spec.name, prediction.probabilities[spec.name]))
         out.append(
-            _finding_group(spec, probability, region, header, prediction, charsets, uid_seed)
+            _finding_group(
+                spec, probability, region, header, prediction, charsets, uid_seed, img.frame
+            )
         )
     return out
 
@@ -344,6 +348,7 @@ def _finding_group(
     prediction: StudyPrediction,
     charsets: list[str],
     uid_seed: str | None,
+    frame: int | None = None,
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     uid = str(header.SOPInstanceUID)
     # TID 4019 without Algorithm Manufacturer: PixelMed's TID 4019 has no such row, and
@@ -362,7 +367,7 @@ def _finding_group(
         referenced_region=ImageRegion(
             graphic_type=GraphicTypeValues(shape.value),
             graphic_data=points,
-            source_image=SourceImageForRegion(str(header.SOPClassUID), uid),
+            source_image=_source_image(header, frame),
         ),
         finding_type=C.coded(spec.code),
         algorithm_id=algorithm,
@@ -385,9 +390,23 @@ def _evaluations(
     each label's probability and operating point, the algorithm, the demo warning."""
     presence: list[CodeContentItem | TextContentItem] = []
     texts: list[CodeContentItem | TextContentItem] = []
+    positive = set(prediction.positive)
     for spec in prediction.labels:
         probability = float(prediction.probabilities[spec.name])
-        presence.append(_code(spec.code, C.PRESENT if probability >= spec.threshold else C.ABSENT))
+        if spec.name in prediction.normal:
+            # The head's normal class is no finding: "No tumour = Present" would read as a
+            # diagnosis and "Absent" as a tumour. Its study probability is that of the
+            # most abnormal image (model/inference.py study_probabilities).
+            texts.append(
+                _text(
+                    spec.code,
+                    f"{spec.name}: probability {percent(probability)} on the least normal "
+                    "image (the normal class, not a finding)",
+                    charsets,
+                )
+            )
+            continue
+        presence.append(_code(spec.code, C.PRESENT if spec.name in positive else C.ABSENT))
         texts.append(
             _text(
                 spec.code,
@@ -491,6 +510,16 @@ def _descriptors(header: Dataset) -> ImageLibraryEntryDescriptors | None:
         return ImageLibraryEntryDescriptors(header)
     except (ValueError, KeyError, AttributeError, TypeError):
         return None
+
+
+def _source_image(header: Dataset, frame: int | None) -> SourceImageForRegion:
+    """The image a region lies on; of a multi-frame object, its frame (PS3.3 C.18.3.1.1:
+    a region on a multi-frame image names the frame it is drawn on)."""
+    return SourceImageForRegion(
+        str(header.SOPClassUID),
+        str(header.SOPInstanceUID),
+        referenced_frame_numbers=[frame] if frame is not None else None,
+    )
 
 
 def _code(name: Code, value: Code) -> CodeContentItem:
