@@ -326,7 +326,12 @@ def raise_by_ageing(
 ) -> int:
     """Raise unread routine (or not analysed) studies one rank per ``minutes_per_step``
     of waiting, never above HIGH; returns how many changed. The steps are recorded on the
-    study (``ageing_steps``), so the worklist can say why without parsing prose."""
+    study (``ageing_steps``), so the worklist can say why without parsing prose.
+
+    Only what waits for a read the node took part in ages: a study no rule routes (a CT,
+    an ultrasound) has no result and will get none, so it is listed as not analysed in
+    the routine band and left there. Raising it to HIGH would put every unrouted study of
+    the day above the chest films the model found abnormal, on the node's authority."""
     if minutes_per_step <= 0:
         return 0
     now = now or utcnow()
@@ -338,6 +343,12 @@ def raise_by_ageing(
             Study.priority_override.is_(None),
             Study.priority_rank >= routine,
             Study.first_received_at <= threshold,
+            # Not routed and never analysed: listed, never raised. (One that was analysed
+            # before keeps its report, and that report waits to be read.)
+            ~and_(
+                Study.state == StudyState.NOT_ROUTED,
+                Study.priority == Priority.NOT_ANALYSED.value,
+            ),
         )
     ).all()
     changed = 0
