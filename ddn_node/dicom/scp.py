@@ -43,7 +43,13 @@ from ddn_node.dicom.hardening import (
     register_server,
     stream_received_datasets,
 )
-from ddn_node.dicom.headers import Header, HeaderError, dataset_offset, read_header
+from ddn_node.dicom.headers import (
+    Header,
+    HeaderError,
+    dataset_offset,
+    order_priority,
+    read_header,
+)
 from ddn_node.dicom.origin import classify
 from ddn_node.dicom.scu import STORAGE_COMMITMENT
 from ddn_node.dicom.spool import Spool, StoredFile
@@ -642,4 +648,7 @@ def _record_of(
         rows=header.integer("Rows"),
         columns=header.integer("Columns"),
         origin=origin,
+        order_priority=order_priority(header),
+        station_name=header.text("StationName"),
+        department=header.text("InstitutionalDepartmentName"),
     )

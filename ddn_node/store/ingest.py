@@ -67,6 +67,10 @@ class InstanceRecord:
     rows: int | None = None
     columns: int | None = None
     origin: str = InstanceOrigin.SOURCE
+    # Where the study comes from and how urgent its order is (the analysis queue's order).
+    order_priority: str = ""
+    station_name: str = ""
+    department: str = ""
 
 
 class IdentityConflict(Exception):
@@ -137,6 +141,9 @@ _STUDY_ATTRS = (
     "study_description",
     "referring_physician",
     "specific_character_set",
+    "order_priority",
+    "station_name",
+    "department",
 )
 
 

@@ -32,7 +32,15 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ddn_node.store.models import Job, Result, Study, WorklistEvent, utcnow
 from ddn_node.store.queue import JOBS
-from ddn_node.vocabulary import RANK, JobState, Priority, ReadStatus, StudyState
+from ddn_node.vocabulary import (
+    RANK,
+    URGENCY_RANK,
+    JobState,
+    Priority,
+    ReadStatus,
+    StudyState,
+    Urgency,
+)
 
 # state_reason and priority_reason are TEXT; cap what we write so a runaway error message
 # cannot bloat every worklist row.
@@ -96,9 +104,11 @@ def complete(
     now: dt.datetime,
     *,
     not_routed_reason: str = "",
+    urgency: int = URGENCY_RANK[Urgency.ROUTINE],
 ) -> Completed | None:
-    """receiving -> queued (with its job) or not_routed; None if the study is not due any
-    more (another sweeper completed it, or an instance arrived meanwhile)."""
+    """receiving -> queued (with its job, in the queue's class ``urgency``) or not_routed;
+    None if the study is not due any more (another sweeper completed it, or an instance
+    arrived meanwhile)."""
     forced = bool(
         session.scalar(
             select(Study.id).where(
@@ -128,14 +138,18 @@ def complete(
                 not_before=now,
                 rule=route.rule,
                 instance_ids=list(route.instance_ids),
+                urgency=urgency,
             )
         )
     return Completed(study_id, study_uid, generation, route.rule if route else None, forced)
 
 
-def claim(session: Session, owner: str, lease_s: float) -> Lease | None:
-    """queued -> analysing: take the oldest claimable job with a lease."""
-    job = JOBS.claim(session, owner, lease_s)
+def claim(
+    session: Session, owner: str, lease_s: float, now: dt.datetime | None = None
+) -> Lease | None:
+    """queued -> analysing: take the most urgent claimable job (the oldest of its class)
+    with a lease."""
+    job = JOBS.claim(session, owner, lease_s, now)
     if job is None:
         return None
     route = Route(job.rule, tuple(job.instance_ids or ())) if job.rule else None
