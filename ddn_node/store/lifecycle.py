@@ -224,9 +224,13 @@ def analysed(session: Session, lease: Lease, now: dt.datetime) -> bool:
     return True
 
 
-def retry(session: Session, lease: Lease, delay_s: float, reason: str) -> bool:
-    """analysing -> queued again, after ``delay_s``."""
-    if not JOBS.retry_later(session, lease.job_id, lease.owner, delay_s, last_error=reason):
+def retry(
+    session: Session, lease: Lease, delay_s: float, reason: str, now: dt.datetime | None = None
+) -> bool:
+    """analysing -> queued again, ``delay_s`` after ``now``."""
+    if not JOBS.retry_later(
+        session, lease.job_id, lease.owner, delay_s, now=now, last_error=reason
+    ):
         return False
     session.execute(
         update(Study)
@@ -240,9 +244,9 @@ def retry(session: Session, lease: Lease, delay_s: float, reason: str) -> bool:
     return True
 
 
-def release(session: Session, lease: Lease) -> bool:
+def release(session: Session, lease: Lease, now: dt.datetime | None = None) -> bool:
     """Give the job back at once without counting the attempt (a clean shutdown)."""
-    return JOBS.release(session, lease.job_id, lease.owner)
+    return JOBS.release(session, lease.job_id, lease.owner, now)
 
 
 class Outcome(StrEnum):

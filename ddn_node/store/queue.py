@@ -134,18 +134,29 @@ class LeaseQueue(Generic[Row]):
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def retry_later(
-        self, session: Session, row_id: int, owner: str, delay_s: float, **values: Any
+        self,
+        session: Session,
+        row_id: int,
+        owner: str,
+        delay_s: float,
+        now: dt.datetime | None = None,
+        **values: Any,
     ) -> bool:
+        """Give a claimed row back, claimable ``delay_s`` after ``now`` (the caller's
+        clock, the one its claims use: a back-off is then never shorter or longer than
+        that clock says, however slow the machine)."""
         return self.finish(
             session,
             row_id,
             owner,
             self.ready,
-            not_before=utcnow() + dt.timedelta(seconds=delay_s),
+            not_before=(now or utcnow()) + dt.timedelta(seconds=delay_s),
             **values,
         )
 
-    def release(self, session: Session, row_id: int, owner: str) -> bool:
+    def release(
+        self, session: Session, row_id: int, owner: str, now: dt.datetime | None = None
+    ) -> bool:
         """Give a claimed row back, claimable at once, without counting the attempt (a
         worker shutting down cleanly did not fail at it)."""
         return self.finish(
@@ -153,7 +164,7 @@ class LeaseQueue(Generic[Row]):
             row_id,
             owner,
             self.ready,
-            not_before=utcnow(),
+            not_before=now or utcnow(),
             attempts=self.model.attempts - 1,
         )
 
