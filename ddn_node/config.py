@@ -15,6 +15,7 @@ Relative paths are resolved against the working directory the node runs in (syst
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import hashlib
 import ipaddress
 import os
@@ -27,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ddn_node.vocabulary import HeatMapPolicy, ResultKind
+from ddn_node.vocabulary import HeatMapPolicy, ResultKind, Urgency
 
 ENV_PREFIX = "DDN_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
@@ -220,10 +221,43 @@ class CompletionSettings(_Section):
     sweep_interval_s: Seconds = 2
 
 
+class UrgencyRule(_Section):
+    """Studies from a source or a place analysed ahead of (or behind) the others, as in
+    ``[[queue.urgency]] calling_aes = ["ED_CR"]  urgency = "STAT"``.
+
+    A rule matches a study when every criterion it names matches: ``calling_aes`` are AE
+    titles (exact), ``stations`` and ``departments`` shell patterns (``"ED*"``, case
+    ignored) over Station Name (0008,1010) and Institutional Department Name (0008,1040).
+    """
+
+    urgency: Urgency
+    calling_aes: list[str] = Field(default_factory=list)
+    stations: list[str] = Field(default_factory=list)
+    departments: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_a_criterion(self) -> UrgencyRule:
+        if not (self.calling_aes or self.stations or self.departments):
+            raise ValueError("name at least one of calling_aes, stations, departments")
+        return self
+
+    def matches(self, calling_ae: str, station: str, department: str) -> bool:
+        def like(value: str, patterns: list[str]) -> bool:
+            return any(fnmatch.fnmatchcase(value.upper(), p.upper()) for p in patterns)
+
+        return (
+            (not self.calling_aes or calling_ae.strip() in {a.strip() for a in self.calling_aes})
+            and (not self.stations or like(station, self.stations))
+            and (not self.departments or like(department, self.departments))
+        )
+
+
 class QueueSettings(_Section):
     lease_s: Seconds = 300
     max_attempts: Annotated[int, Field(ge=1)] = 3
     retry_delay_s: Seconds = 30
+    # Which studies are analysed first (with the order's priority: pipeline/urgency.py).
+    urgency: list[UrgencyRule] = Field(default_factory=list)
 
 
 class WorkerSettings(_Section):

@@ -44,6 +44,37 @@ def band_of(rank: int) -> Priority:
     return Priority.ROUTINE
 
 
+class Urgency(StrEnum):
+    """How soon a study's analysis is wanted: the analysis queue's classes, served most
+    urgent first and first in, first out within a class. Decided at completion from the
+    order's priority and the ``[queue] urgency`` rules (``pipeline/urgency.py``); not a
+    reading priority (that is triage's, from the findings)."""
+
+    STAT = "STAT"
+    HIGH = "HIGH"
+    ROUTINE = "ROUTINE"
+    LOW = "LOW"
+
+
+# The queue's order (0 is claimed first); stored as ``jobs.urgency``.
+URGENCY_RANK: Mapping[Urgency, int] = MappingProxyType(
+    {Urgency.STAT: 0, Urgency.HIGH: 1, Urgency.ROUTINE: 2, Urgency.LOW: 3}
+)
+
+# What an order's priority says, as DICOM writes it: Requested Procedure Priority
+# (0040,1003) has the defined terms STAT, HIGH, ROUTINE, MEDIUM, LOW; Scheduled Procedure
+# Step Priority (0074,1200) HIGH, MEDIUM, LOW. MEDIUM is the routine middle of both.
+ORDER_PRIORITIES: Mapping[str, Urgency] = MappingProxyType(
+    {
+        "STAT": Urgency.STAT,
+        "HIGH": Urgency.HIGH,
+        "ROUTINE": Urgency.ROUTINE,
+        "MEDIUM": Urgency.ROUTINE,
+        "LOW": Urgency.LOW,
+    }
+)
+
+
 class ReadStatus(StrEnum):
     """Where a radiologist is with a study; only ``READ`` takes it off the default list."""
 

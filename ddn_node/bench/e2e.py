@@ -6,21 +6,29 @@ receiving its last instance and Orthanc answering 0x0000 to the node's C-STORE o
 minus the configured quiet period; both instants are the node's own database timestamps,
 so no polling error enters. Also reports the node's memory: idle with the model loaded,
 peak under ingest and inference, and the SCP role alone.
+
+Urgent first (phase ``stat``): N routine studies are sent, then one more study behind
+them, twice in the same run. The first time the last study's order says nothing (what
+first in, first out gives it: the peer); the second time its Requested Procedure
+Priority is STAT. Each time its time to SR is printed against the median of the routine
+studies it arrived behind.
 """
 
 from __future__ import annotations
 
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from ddn_node.bench.common import (
     Proc,
     ddn_node_cmd,
+    dx_instance,
     free_port,
     header,
     percentile,
@@ -37,12 +45,30 @@ from ddn_node.vocabulary import DeliveryState, ResultKind, StudyState
 QUIET_S = 1.0
 
 
+PHASES = ("steady", "burst", "stat")
+
+
+@dataclass(frozen=True)
+class BehindBacklog:
+    """Time to SR of one study sent behind a routine backlog, and the backlog's."""
+
+    label: str  # what the last study's order said
+    last_s: float
+    backlog_p50_s: float
+    backlog_max_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.last_s / self.backlog_p50_s
+
+
 @dataclass
 class Latencies:
     steady: list[float]
     burst: list[float]
     memory: dict[str, float]
     stages_ms: dict[str, float]  # medians of the worker's own timings, and SR delivery
+    behind_backlog: list[BehindBacklog] = field(default_factory=list)
 
 
 def _config(work: Path, port: int, pacs_port: int, model: Path, web: bool) -> Path:
@@ -99,8 +125,41 @@ def _all_sent(db_url: str, study_uid: str) -> bool:
     )
 
 
+def _uploaded(pacs: LocalOrthanc, files: list[Path]) -> tuple[list[str], list[str]]:
+    """Orthanc's study ids and the Study Instance UIDs of uploaded files."""
+    ids = [pacs.upload(p)["ParentStudy"] for p in files]
+    uids = [str(pacs.get(f"/studies/{i}")["MainDicomTags"]["StudyInstanceUID"]) for i in ids]
+    return ids, uids
+
+
+def _behind_backlog(
+    pacs: LocalOrthanc, db_url: str, folder: Path, n_backlog: int, size: int, priority: str
+) -> BehindBacklog:
+    """``n_backlog`` routine studies, then one whose order says ``priority`` ("" for
+    nothing), each study waited for until everything of it is delivered."""
+    files = write_instances(folder, n_backlog, size, studies=n_backlog)
+    last = dx_instance(generate_uid(), generate_uid(), size, seed=n_backlog)
+    if priority:
+        last.RequestedProcedurePriority = priority
+    last_path = folder / "last.dcm"
+    last.save_as(last_path, enforce_file_format=True)
+    ids, uids = _uploaded(pacs, [*files, last_path])
+    pacs.send_to_node(ids[:-1])  # one association; returns once the node has them all
+    pacs.send_to_node(ids[-1:])
+    for uid in uids:
+        wait_until(partial(_all_sent, db_url, uid), 900, f"study {uid} behind the backlog")
+    backlog = _latencies(db_url, set(uids[:-1])) or []
+    (last_s,) = _latencies(db_url, {uids[-1]}) or [float("nan")]
+    return BehindBacklog(
+        priority or "(none)", last_s, percentile(backlog, 50), max(backlog, default=float("nan"))
+    )
+
+
 def run(
-    n_studies: int = 20, model: Path = Path("models/ddn-cxr"), size: int = 2048
+    n_studies: int = 20,
+    model: Path = Path("models/ddn-cxr"),
+    size: int = 2048,
+    phases: tuple[str, ...] = PHASES,
 ) -> Latencies | None:
     header("end to end: last instance in -> SR stored in the PACS", "ddn-node bench e2e")
     if not orthanc_available():
@@ -120,17 +179,14 @@ def run(
         try:
             wait_until(lambda: port_open(node_port), 120, "the node")
             files = write_instances(work / "data", 2 * n_studies, size, studies=2 * n_studies)
-            ids = [pacs.upload(p)["ParentStudy"] for p in files]
-            uids = [
-                str(pacs.get(f"/studies/{i}")["MainDicomTags"]["StudyInstanceUID"]) for i in ids
-            ]
+            ids, uids = _uploaded(pacs, files)
             db_url = f"sqlite:///{work / 'node.db'}"
             # Warm-up study (model load, first allocations), not counted.
             pacs.send_to_node([ids[0]])
             wait_until(lambda: _latencies(db_url, {uids[0]}) is not None, 300, "warm-up study")
             memory["serve idle, model loaded"] = rss_mib(node.pid)[0]
             steady: list[float] = []
-            for i in range(1, n_studies):
+            for i in range(1, n_studies if "steady" in phases else 1):
                 pacs.send_to_node([ids[i]])
 
                 def measured(i: int = i) -> bool:
@@ -141,10 +197,21 @@ def run(
                 # Steady means one study at a time: its heat maps, drawn after the SR left,
                 # are delivered too before the next study comes.
                 wait_until(partial(_all_sent, db_url, uids[i]), 120, f"study {i} heat maps")
-            burst_ids, burst_uids = ids[n_studies:], set(uids[n_studies:])
-            pacs.send_to_node(burst_ids)
-            wait_until(lambda: _latencies(db_url, burst_uids) is not None, 600, "burst")
-            burst = _latencies(db_url, burst_uids) or []
+            burst: list[float] = []
+            if "burst" in phases:
+                burst_ids, burst_uids = ids[n_studies:], set(uids[n_studies:])
+                pacs.send_to_node(burst_ids)
+                wait_until(lambda: _latencies(db_url, burst_uids) is not None, 600, "burst")
+                burst = _latencies(db_url, burst_uids) or []
+            behind: list[BehindBacklog] = []
+            if "stat" in phases:
+                # The peer first: the same study with nothing in its order.
+                for n, priority in enumerate(("", "STAT")):
+                    behind.append(
+                        _behind_backlog(
+                            pacs, db_url, work / f"backlog{n}", n_studies, size, priority
+                        )
+                    )
             memory["serve peak (ingest + inference)"] = rss_mib(node.pid)[1]
             stages = _stages(db_url, set(uids[1:n_studies]))
         finally:
@@ -152,7 +219,7 @@ def run(
             pacs.stop()
         scp_memory = _scp_only_rss(work)
         memory["SCP role alone, after 20 instances"] = scp_memory
-    result = Latencies(steady, burst, memory, stages)
+    result = Latencies(steady, burst, memory, stages, behind)
     _print(result, size)
     return result
 
@@ -235,6 +302,8 @@ def _print(r: Latencies, size: int) -> None:
         f"single-image uncompressed {size}x{size} DX studies, quiet period {QUIET_S:g} s subtracted"
     )
     for name, values in (("steady", r.steady), ("burst", r.burst)):
+        if not values:
+            continue  # a phase not run (--phases)
         print(
             f"{name:7} n={len(values):3}  p50 {percentile(values, 50):6.3f} s  p95 {percentile(values, 95):6.3f} s"
             f"  max {max(values) if values else float('nan'):6.3f} s"
@@ -252,12 +321,19 @@ def _print(r: Latencies, size: int) -> None:
         "total_ms",
     ]
     keys = [k for k in order if k in r.stages_ms] + sorted(set(r.stages_ms) - set(order))
-    print(
-        "steady, median per stage (SR path, then the whole analysis with heat maps): "
-        + ", ".join(f"{k} {r.stages_ms[k]:.0f}" for k in keys)
-    )
-    p95 = percentile(r.steady, 95)
-    print(f"goal steady p95 < 1 s on CPU: {'met' if p95 < 1 else 'NOT met'} ({p95:.3f} s)")
+    if r.steady:
+        print(
+            "steady, median per stage (SR path, then the whole analysis with heat maps): "
+            + ", ".join(f"{k} {r.stages_ms[k]:.0f}" for k in keys)
+        )
+        p95 = percentile(r.steady, 95)
+        print(f"goal steady p95 < 1 s on CPU: {'met' if p95 < 1 else 'NOT met'} ({p95:.3f} s)")
+    for b in r.behind_backlog:
+        print(
+            f"behind a backlog, last study's order {b.label:6}: time to SR {b.last_s:7.3f} s;"
+            f" the routine ones p50 {b.backlog_p50_s:7.3f} s, max {b.backlog_max_s:7.3f} s;"
+            f" ratio {b.ratio:5.2f} x the routine p50"
+        )
     for name, mib in r.memory.items():
         print(f"memory {name}: {mib:.0f} MiB")
     scp = r.memory.get("SCP role alone, after 20 instances")

@@ -191,6 +191,7 @@ def study_rows(n: int, now: dt.datetime, seed: int = 7) -> Iterator[dict[str, An
         if (
             read != ReadStatus.READ
             and row["priority_rank"] >= RANK[Priority.ROUTINE]
+            and state != StudyState.NOT_ROUTED
             and age_s > 4 * 3600
         ):
             row["priority_rank"] = RANK[Priority.HIGH]  # ageing, as store/lifecycle.py does

@@ -33,11 +33,21 @@ def bench_e2e(
     studies: Annotated[int, typer.Option(help="Studies per phase (steady, burst).")] = 20,
     model: Annotated[Path, typer.Option(help="Model artifact.")] = Path("models/ddn-cxr"),
     size: Annotated[int, typer.Option(help="Image rows and columns.")] = 2048,
+    phases: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: steady, burst, stat (a STAT study behind the backlog)."
+        ),
+    ] = "steady,burst,stat",
 ) -> None:
-    """End-to-end latency through Orthanc, and the node's memory."""
-    from ddn_node.bench.e2e import run
+    """End-to-end latency through Orthanc, a STAT study behind a backlog, and memory."""
+    from ddn_node.bench.e2e import PHASES, run
 
-    run(n_studies=studies, model=model, size=size)
+    chosen = tuple(p.strip() for p in phases.split(",") if p.strip())
+    unknown = set(chosen) - set(PHASES)
+    if unknown:
+        raise typer.BadParameter(f"unknown phase(s) {sorted(unknown)}; choose from {PHASES}")
+    run(n_studies=studies, model=model, size=size, phases=chosen)
 
 
 @bench_app.command("volume")

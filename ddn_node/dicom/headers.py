@@ -21,6 +21,8 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from ddn_node.vocabulary import ORDER_PRIORITIES, URGENCY_RANK
+
 INDEXED_TAGS = [
     Tag(k)
     for k in (
@@ -60,6 +62,14 @@ INDEXED_TAGS = [
         "Manufacturer",
         "ManufacturerModelName",
         "ContributingEquipmentSequence",
+        # How urgent the order is, and where the study comes from: the analysis queue's
+        # order (pipeline/urgency.py). Modalities copy the worklist's priority either at
+        # the top level or into the Request Attributes Sequence.
+        "StationName",
+        "InstitutionalDepartmentName",
+        "RequestAttributesSequence",
+        "RequestedProcedurePriority",
+        "ScheduledProcedureStepPriority",
     )
 ]
 
@@ -144,6 +154,34 @@ def _contributors(items: Any) -> dict[str, str]:
     return {"ContributingDeviceUIDs": "\\".join(uids), "ContributingPurposes": "\\".join(purposes)}
 
 
+# Items of the Request Attributes Sequence looked at: one per requested procedure; a
+# sender's thousand-item sequence is not a thousand orders.
+_MAX_REQUESTS = 16
+
+
+def _requested_priorities(items: Any) -> str:
+    """The Requested Procedure Priority of each Request Attributes item, backslash-joined
+    (``RequestedPriorities``)."""
+    said = []
+    for item in list(items or [])[:_MAX_REQUESTS]:
+        value = item.get("RequestedProcedurePriority")
+        if value:
+            said.append(str(value).strip())
+    return "\\".join(said)
+
+
+def order_priority(header: Header) -> str:
+    """The most urgent priority the instance's order gives, as written (``STAT``,
+    ``MEDIUM``...); "" when it gives none the node knows (``ORDER_PRIORITIES``)."""
+    said = [
+        header.text("RequestedProcedurePriority"),
+        *header.text("RequestedPriorities").split("\\"),
+        header.text("ScheduledProcedureStepPriority"),
+    ]
+    known = [v.strip().upper() for v in said if v.strip().upper() in ORDER_PRIORITIES]
+    return min(known, key=lambda v: URGENCY_RANK[ORDER_PRIORITIES[v]], default="")
+
+
 def header_from_dataset(ds: Dataset) -> Header:
     values: dict[str, Any] = {}
     for tag in INDEXED_TAGS:
@@ -168,6 +206,9 @@ def header_from_dataset(ds: Dataset) -> Header:
                 continue
             if keyword == "ContributingEquipmentSequence":
                 values.update(_contributors(elem.value))
+                continue
+            if keyword == "RequestAttributesSequence":
+                values["RequestedPriorities"] = _requested_priorities(elem.value)
                 continue
             values[keyword] = _as_text(elem.value)
         except _VALUE_ERRORS as exc:

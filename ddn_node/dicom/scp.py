@@ -43,7 +43,13 @@ from ddn_node.dicom.hardening import (
     register_server,
     stream_received_datasets,
 )
-from ddn_node.dicom.headers import Header, HeaderError, dataset_offset, read_header
+from ddn_node.dicom.headers import (
+    Header,
+    HeaderError,
+    dataset_offset,
+    order_priority,
+    read_header,
+)
 from ddn_node.dicom.origin import classify
 from ddn_node.dicom.scu import STORAGE_COMMITMENT
 from ddn_node.dicom.spool import Spool, StoredFile
@@ -647,4 +653,6 @@ def _record_of(
         institution_name=header.text("InstitutionName"),
         # A missing or nonsensical Number of Frames is one frame (PS3.3 C.7.6.6).
         frames=max(1, header.integer("NumberOfFrames") or 1),
+        order_priority=order_priority(header),
+        department=header.text("InstitutionalDepartmentName"),
     )

@@ -14,9 +14,11 @@ import datetime as dt
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ddn_node.config import Settings
 from ddn_node.pipeline.routing import header_lookup, route_study, study_instances
+from ddn_node.pipeline.urgency import Urgent, decide_urgency
 from ddn_node.store import lifecycle
 from ddn_node.store.engine import Database
 from ddn_node.store.lifecycle import Completed, Route
@@ -62,12 +64,14 @@ class CompletionTracker:
                 else None
             )
             modalities = sorted({f.modality for f in facts})
+            urgent = self._urgency(session, study_id)
             done = lifecycle.complete(
                 session,
                 study_id,
                 route,
                 now,
                 not_routed_reason=f"no routing rule matches this study (modalities {modalities})",
+                urgency=urgent.rank,
             )
         if done is None:
             return None
@@ -78,8 +82,26 @@ class CompletionTracker:
             routed_to=done.routed_to,
             forced=done.forced,
             instances=len(facts),
+            urgency=urgent.urgency.value if done.routed_to else None,
+            urgency_reason=urgent.reason if done.routed_to else None,
         )
         return done
+
+    def _urgency(self, session: Session, study_id: int) -> Urgent:
+        """The queue's class for the study's job, from what ingest kept of its order and
+        source."""
+        row = session.execute(
+            select(
+                Study.order_priority, Study.calling_ae, Study.station_name, Study.department
+            ).where(Study.id == study_id)
+        ).one()
+        return decide_urgency(
+            self.settings.queue.urgency,
+            order_priority=row.order_priority,
+            calling_ae=row.calling_ae,
+            station=row.station_name,
+            department=row.department,
+        )
 
     def sweep(self, now: dt.datetime | None = None) -> list[Completed]:
         out = []

@@ -30,7 +30,7 @@ import datetime as dt
 import functools
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -98,11 +98,21 @@ def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
 
 
 class Deliverer:
-    def __init__(self, settings: Settings, database: Database, spool: Spool, owner: str):
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        spool: Spool,
+        owner: str,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ):
         self.settings = settings
         self.database = database
         self.spool = spool
         self.owner = owner
+        # What "now" is for claims and back-offs: injected by tests, so that a back-off
+        # elapses when the test says and not when a loaded machine gets there.
+        self.clock = clock
         self.destinations = {d.name: d for d in settings.destinations}
         self._lock = threading.Lock()
 
@@ -115,7 +125,7 @@ class Deliverer:
         claimed: dict[str, list[Claimed]] = defaultdict(list)
         with self.database.session() as session:
             for _ in range(BATCH):
-                row = DELIVERIES.claim(session, self.owner, lease_s)
+                row = DELIVERIES.claim(session, self.owner, lease_s, now=self.clock())
                 if row is None:
                     break
                 claimed[row.destination].append(
@@ -136,6 +146,7 @@ class Deliverer:
                 lease_s,
                 Delivery.study_id == study_id,
                 Delivery.sop_instance_uid == sop_instance_uid,
+                now=self.clock(),
             )
             rows = [session.get(Delivery, i) for i in ids]
             claimed: dict[str, list[Claimed]] = defaultdict(list)
@@ -229,7 +240,7 @@ class Deliverer:
     def _record(self, name: str, rows: list[Claimed], outcomes: dict[int, Attempt]) -> None:
         """Each row's outcome in one transaction; then the audit of the studies whose
         results reached the destination, and every touched study's delivery summary."""
-        now = utcnow()
+        now = self.clock()
         sent_studies: set[int] = set()
         # A RIS may echo patient data in its error text: that stays in the table, not the log.
         adapter = name.startswith(ADAPTER_PREFIX)
@@ -247,7 +258,9 @@ class Deliverer:
                         status=outcome.status,
                     )
                 else:
-                    self._record_unsent(session, name, row_id, sop_uid, attempts, outcome, adapter)
+                    self._record_unsent(
+                        session, name, row_id, sop_uid, attempts, outcome, adapter, now
+                    )
             for study_id in sent_studies:
                 study_uid = (
                     session.scalar(select(Study.study_uid).where(Study.id == study_id)) or ""
@@ -297,6 +310,7 @@ class Deliverer:
         attempts: int,
         outcome: Attempt | None,
         adapter: bool,
+        now: dt.datetime,
     ) -> None:
         """Refused for good, failed after the last attempt, or tried again later."""
         cfg = self.settings.delivery
@@ -327,7 +341,7 @@ class Deliverer:
         else:
             delay = backoff_s(attempts, cfg.backoff_initial_s, cfg.backoff_max_s)
             DELIVERIES.retry_later(
-                session, row_id, self.owner, delay, last_status=status, last_error=error
+                session, row_id, self.owner, delay, now=now, last_status=status, last_error=error
             )
             log.warning(
                 "delivery.retry_scheduled",

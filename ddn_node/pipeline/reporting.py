@@ -15,6 +15,7 @@ are made even when no destination takes them: the study page shows them.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -56,10 +57,13 @@ class ReportingSteps:
         spool: Spool,
         send_now: Callable[[int, str], object] | None = None,
         on_results: Callable[[], None] | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
     ):
         self.settings = settings
         self.database = database
         self.spool = spool
+        # The worker's clock: the rows written here are due at its "now".
+        self.clock = clock
         # Sends one object (study id, SOP Instance UID) at once, from this thread: the SR.
         self.send_now = send_now
         # Wakes the delivery loop once results are queued.
@@ -125,7 +129,7 @@ class ReportingSteps:
     ) -> int | None:
         lease, sr = a.lease, objects.sr
         sr_uid = str(sr.SOPInstanceUID)
-        now = utcnow()
+        now = self.clock()
         with self.database.session() as session:
             if not lifecycle.hold(session, lease):
                 log.warning("worker.lease_lost", job_id=lease.job_id, study_id=lease.study_id)
@@ -252,7 +256,7 @@ class ReportingSteps:
         assert a.objects is not None and a.result_id is not None
         lease = a.lease
         prediction.timings_ms = dict(a.timings_ms)
-        now = utcnow()
+        now = self.clock()
         messages = queue_messages(
             self.settings, self.database, self.spool, lease.study_id, prediction, decision, now
         )

@@ -10,7 +10,8 @@ the worklist shows ("why is this study here?"):
   the ROUTINE band by arrival, never hidden below it.
 
 Ageing: an unread ROUTINE (or not analysed) study climbs one rank per
-``ageing_minutes_per_step`` minutes of waiting, up to HIGH, so nothing waits for ever. A
+``ageing_minutes_per_step`` minutes of waiting, up to HIGH, so nothing waits for ever;
+a study no rule routes (never analysed, and never to be) is listed, never raised. A
 radiologist's manual override wins over all of this.
 """
 

@@ -11,6 +11,7 @@ exactly once even when a worker dies half-way and another takes over its expired
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -58,13 +59,17 @@ class Worker:
         owner: str,
         on_results: Callable[[], None] | None = None,
         send_now: Callable[[int, str], object] | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
     ):
         self.settings = settings
         self.database = database
         self.owner = owner
+        # What "now" is for claims, retry delays and the rows written: injected by tests,
+        # so that a delay is due when the test says and not when a loaded machine gets there.
+        self.clock = clock
         self.model = ModelSteps(settings, database, spool, models)
         self.reporting = ReportingSteps(
-            settings, database, spool, send_now=send_now, on_results=on_results
+            settings, database, spool, send_now=send_now, on_results=on_results, clock=clock
         )
         # Studies whose SR is out and whose heat maps wait (their leases kept renewed).
         self._deferred: deque[tuple[_Held, Analysis]] = deque()
@@ -100,7 +105,9 @@ class Worker:
         """Claim a job and run its phase 1; phase 2 waits in ``_deferred``. False when the
         queue had nothing claimable."""
         with self.database.session() as session:
-            lease = lifecycle.claim(session, self.owner, self.settings.queue.lease_s)
+            lease = lifecycle.claim(
+                session, self.owner, self.settings.queue.lease_s, now=self.clock()
+            )
         if lease is None:
             return False
         if lease.attempts > self.settings.queue.max_attempts:
@@ -147,7 +154,7 @@ class Worker:
             held.stop_renewing.set()
             try:
                 with self.database.session() as session:
-                    released += lifecycle.release(session, held.lease)
+                    released += lifecycle.release(session, held.lease, now=self.clock())
             except Exception as exc:  # noqa: BLE001 - the lease expires instead
                 log.warning("worker.release_failed", job_id=held.lease.job_id, error=repr(exc))
         if released:
@@ -186,7 +193,9 @@ class Worker:
             self._give_up(lease, reason)
             return
         with self.database.session() as session:
-            retried = lifecycle.retry(session, lease, self.settings.queue.retry_delay_s, reason)
+            retried = lifecycle.retry(
+                session, lease, self.settings.queue.retry_delay_s, reason, now=self.clock()
+            )
         if retried:
             log.warning(
                 "worker.study_retry", study_id=lease.study_id, attempt=lease.attempts, error=reason
@@ -196,7 +205,7 @@ class Worker:
 
     def _give_up(self, lease: Lease, reason: str) -> None:
         with self.database.session() as session:
-            outcome = lifecycle.failed(session, lease, reason, utcnow())
+            outcome = lifecycle.failed(session, lease, reason, self.clock())
         if outcome is None:
             log.warning("worker.lease_lost", job_id=lease.job_id, study_id=lease.study_id)
             return

@@ -67,10 +67,14 @@ class InstanceRecord:
     rows: int | None = None
     columns: int | None = None
     origin: str = InstanceOrigin.SOURCE
+    # What routing rules match on (pipeline/routing.py).
     image_type: str = ""
-    station_name: str = ""
+    station_name: str = ""  # also the study's, for the analysis queue's urgency rules
     institution_name: str = ""
     frames: int = 1
+    # Where the study comes from and how urgent its order is (the analysis queue's order).
+    order_priority: str = ""
+    department: str = ""
 
 
 class IdentityConflict(Exception):
@@ -141,6 +145,9 @@ _STUDY_ATTRS = (
     "study_description",
     "referring_physician",
     "specific_character_set",
+    "order_priority",
+    "station_name",
+    "department",
 )
 
 

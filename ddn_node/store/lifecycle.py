@@ -32,7 +32,15 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ddn_node.store.models import Job, Result, Study, WorklistEvent, utcnow
 from ddn_node.store.queue import JOBS
-from ddn_node.vocabulary import RANK, JobState, Priority, ReadStatus, StudyState
+from ddn_node.vocabulary import (
+    RANK,
+    URGENCY_RANK,
+    JobState,
+    Priority,
+    ReadStatus,
+    StudyState,
+    Urgency,
+)
 
 # state_reason and priority_reason are TEXT; cap what we write so a runaway error message
 # cannot bloat every worklist row.
@@ -96,9 +104,11 @@ def complete(
     now: dt.datetime,
     *,
     not_routed_reason: str = "",
+    urgency: int = URGENCY_RANK[Urgency.ROUTINE],
 ) -> Completed | None:
-    """receiving -> queued (with its job) or not_routed; None if the study is not due any
-    more (another sweeper completed it, or an instance arrived meanwhile)."""
+    """receiving -> queued (with its job, in the queue's class ``urgency``) or not_routed;
+    None if the study is not due any more (another sweeper completed it, or an instance
+    arrived meanwhile)."""
     forced = bool(
         session.scalar(
             select(Study.id).where(
@@ -128,14 +138,18 @@ def complete(
                 not_before=now,
                 rule=route.rule,
                 instance_ids=list(route.instance_ids),
+                urgency=urgency,
             )
         )
     return Completed(study_id, study_uid, generation, route.rule if route else None, forced)
 
 
-def claim(session: Session, owner: str, lease_s: float) -> Lease | None:
-    """queued -> analysing: take the oldest claimable job with a lease."""
-    job = JOBS.claim(session, owner, lease_s)
+def claim(
+    session: Session, owner: str, lease_s: float, now: dt.datetime | None = None
+) -> Lease | None:
+    """queued -> analysing: take the most urgent claimable job (the oldest of its class)
+    with a lease."""
+    job = JOBS.claim(session, owner, lease_s, now)
     if job is None:
         return None
     route = Route(job.rule, tuple(job.instance_ids or ())) if job.rule else None
@@ -210,9 +224,13 @@ def analysed(session: Session, lease: Lease, now: dt.datetime) -> bool:
     return True
 
 
-def retry(session: Session, lease: Lease, delay_s: float, reason: str) -> bool:
-    """analysing -> queued again, after ``delay_s``."""
-    if not JOBS.retry_later(session, lease.job_id, lease.owner, delay_s, last_error=reason):
+def retry(
+    session: Session, lease: Lease, delay_s: float, reason: str, now: dt.datetime | None = None
+) -> bool:
+    """analysing -> queued again, ``delay_s`` after ``now``."""
+    if not JOBS.retry_later(
+        session, lease.job_id, lease.owner, delay_s, now=now, last_error=reason
+    ):
         return False
     session.execute(
         update(Study)
@@ -226,9 +244,9 @@ def retry(session: Session, lease: Lease, delay_s: float, reason: str) -> bool:
     return True
 
 
-def release(session: Session, lease: Lease) -> bool:
+def release(session: Session, lease: Lease, now: dt.datetime | None = None) -> bool:
     """Give the job back at once without counting the attempt (a clean shutdown)."""
-    return JOBS.release(session, lease.job_id, lease.owner)
+    return JOBS.release(session, lease.job_id, lease.owner, now)
 
 
 class Outcome(StrEnum):
@@ -326,7 +344,12 @@ def raise_by_ageing(
 ) -> int:
     """Raise unread routine (or not analysed) studies one rank per ``minutes_per_step``
     of waiting, never above HIGH; returns how many changed. The steps are recorded on the
-    study (``ageing_steps``), so the worklist can say why without parsing prose."""
+    study (``ageing_steps``), so the worklist can say why without parsing prose.
+
+    Only what waits for a read the node took part in ages: a study no rule routes (a CT,
+    an ultrasound) has no result and will get none, so it is listed as not analysed in
+    the routine band and left there. Raising it to HIGH would put every unrouted study of
+    the day above the chest films the model found abnormal, on the node's authority."""
     if minutes_per_step <= 0:
         return 0
     now = now or utcnow()
@@ -338,6 +361,12 @@ def raise_by_ageing(
             Study.priority_override.is_(None),
             Study.priority_rank >= routine,
             Study.first_received_at <= threshold,
+            # Not routed and never analysed: listed, never raised. (One that was analysed
+            # before keeps its report, and that report waits to be read.)
+            ~and_(
+                Study.state == StudyState.NOT_ROUTED,
+                Study.priority == Priority.NOT_ANALYSED.value,
+            ),
         )
     ).all()
     changed = 0

@@ -32,12 +32,14 @@ from sqlalchemy.types import TypeDecorator
 
 from ddn_node.store.ordering import effective_priority, effective_rank, not_read, score_key
 from ddn_node.vocabulary import (
+    URGENCY_RANK,
     DeliveryState,
     InstanceOrigin,
     JobState,
     Priority,
     ReadStatus,
     StudyState,
+    Urgency,
 )
 
 NAMING = {
@@ -107,6 +109,12 @@ class Study(Base):
     body_part: Mapped[str] = mapped_column(String(64), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    # What decides how soon the study is analysed (pipeline/urgency.py), from its first
+    # instance that says: the order's priority as written (Requested Procedure Priority or
+    # Scheduled Procedure Step Priority), Station Name, Institutional Department Name.
+    order_priority: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    station_name: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    department: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING)
     state_reason: Mapped[str] = mapped_column(Text, default="")
@@ -311,10 +319,15 @@ class Job(Base):
     # selected, so the worker analyses exactly what completion routed.
     rule: Mapped[str] = mapped_column(String(128), default="", server_default="")
     instance_ids: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    # The queue's class (URGENCY_RANK: 0 = STAT is claimed first), decided at completion;
+    # first in, first out within a class.
+    urgency: Mapped[int] = mapped_column(
+        Integer, default=URGENCY_RANK[Urgency.ROUTINE], server_default="2"
+    )
 
     __table_args__ = (
         UniqueConstraint("study_id", "generation", name="uq_jobs_study_generation"),
-        Index("ix_jobs_claim", "state", "not_before"),
+        Index("ix_jobs_claim", "state", "urgency", "not_before"),
         _SQLITE_ARGS,
     )
 

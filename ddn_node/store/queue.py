@@ -6,6 +6,11 @@ conditional ``UPDATE ... RETURNING`` on SQLite, whose writers are serialised any
 claimed row carries a lease; a worker that dies stops renewing it, and once it expires the
 row is claimable again. Completion is fenced by the lease owner, so a worker whose lease
 was taken over cannot also complete the row.
+
+Rows are claimed in the queue's ``order``: deliveries first in, first out; analysis jobs
+by urgency first (``jobs.urgency``: a STAT order before a backlog of routine ones), first
+in, first out within a class. The order is part of the same single statement, so it
+changes nothing of the exactly-once claim.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class LeaseQueue(Generic[Row]):
     model: type[Row]
     ready: str
     running: str
+    # The columns a claim orders by, most significant first (the last one unique).
+    order: tuple[str, ...] = ("not_before", "id")
+
+    def _order(self) -> list[Any]:
+        return [getattr(self.model, name) for name in self.order]
 
     def _claimable(self, now: dt.datetime) -> Any:
         m = self.model
@@ -49,7 +59,7 @@ class LeaseQueue(Generic[Row]):
     def claim(
         self, session: Session, owner: str, lease_s: float, now: dt.datetime | None = None
     ) -> Row | None:
-        """Take the oldest claimable row; the caller commits the session."""
+        """Take the first claimable row in the queue's order; the caller commits."""
         now = now or utcnow()
         m = self.model
         values = self._claim_values(owner, lease_s, now)
@@ -57,7 +67,7 @@ class LeaseQueue(Generic[Row]):
             row_id = session.scalar(
                 select(m.id)
                 .where(self._claimable(now))
-                .order_by(m.not_before, m.id)
+                .order_by(*self._order())
                 .limit(1)
                 .with_for_update(skip_locked=True)
             )
@@ -66,7 +76,7 @@ class LeaseQueue(Generic[Row]):
             session.execute(update(m).where(m.id == row_id).values(**values))
         else:
             subq = (
-                select(m.id).where(self._claimable(now)).order_by(m.not_before, m.id).limit(1)
+                select(m.id).where(self._claimable(now)).order_by(*self._order()).limit(1)
             ).scalar_subquery()
             row_id = session.scalar(
                 update(m).where(m.id == subq, self._claimable(now)).values(**values).returning(m.id)
@@ -124,18 +134,29 @@ class LeaseQueue(Generic[Row]):
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def retry_later(
-        self, session: Session, row_id: int, owner: str, delay_s: float, **values: Any
+        self,
+        session: Session,
+        row_id: int,
+        owner: str,
+        delay_s: float,
+        now: dt.datetime | None = None,
+        **values: Any,
     ) -> bool:
+        """Give a claimed row back, claimable ``delay_s`` after ``now`` (the caller's
+        clock, the one its claims use: a back-off is then never shorter or longer than
+        that clock says, however slow the machine)."""
         return self.finish(
             session,
             row_id,
             owner,
             self.ready,
-            not_before=utcnow() + dt.timedelta(seconds=delay_s),
+            not_before=(now or utcnow()) + dt.timedelta(seconds=delay_s),
             **values,
         )
 
-    def release(self, session: Session, row_id: int, owner: str) -> bool:
+    def release(
+        self, session: Session, row_id: int, owner: str, now: dt.datetime | None = None
+    ) -> bool:
         """Give a claimed row back, claimable at once, without counting the attempt (a
         worker shutting down cleanly did not fail at it)."""
         return self.finish(
@@ -143,7 +164,7 @@ class LeaseQueue(Generic[Row]):
             row_id,
             owner,
             self.ready,
-            not_before=utcnow(),
+            not_before=now or utcnow(),
             attempts=self.model.attempts - 1,
         )
 
@@ -159,7 +180,9 @@ class LeaseQueue(Generic[Row]):
         )
 
 
-JOBS: LeaseQueue[Job] = LeaseQueue(Job, JobState.QUEUED, JobState.RUNNING)
+JOBS: LeaseQueue[Job] = LeaseQueue(
+    Job, JobState.QUEUED, JobState.RUNNING, order=("urgency", "not_before", "id")
+)
 DELIVERIES: LeaseQueue[Delivery] = LeaseQueue(
     Delivery, DeliveryState.PENDING, DeliveryState.SENDING
 )

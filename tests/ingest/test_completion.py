@@ -170,3 +170,25 @@ def test_fast_path_for_known_series_keeps_the_same_semantics(db: Database) -> No
         session.delete(session.get(Study, study.id))
     again = rx(4, T0 + dt.timedelta(minutes=6))
     assert again.new_instance and again.study_id != study.id  # ids are never reused
+
+
+def test_ageing_raises_what_waits_to_be_read_and_only_lists_the_unrouted(db: Database) -> None:
+    """A CT no rule routes is listed as not analysed in the routine band and stays there;
+    a chest film received at the same time, whose analysis is pending, climbs to HIGH."""
+    from ddn_node.pipeline.triage import apply_ageing
+    from ddn_node.pipeline.worklist import WorklistQuery, fetch_worklist
+
+    s = settings()
+    tracker = CompletionTracker(s, db)
+    receive(db, s, instance("11.1", 1, modality="CT"), T0)
+    receive(db, s, instance("11.2", 1, modality="CR"), T0)
+    assert {d.routed_to for d in tracker.sweep(T0 + dt.timedelta(seconds=31))} == {None, "cxr"}
+    later = T0 + dt.timedelta(minutes=2 * 240 + 1)
+    assert apply_ageing(db, s.triage, now=later) == 1
+    with db.read() as session:
+        rows = {r.study_uid: r for r in fetch_worklist(session, WorklistQuery(), later).rows}
+    unrouted, waiting = rows["11.1"], rows["11.2"]
+    assert (unrouted.state, unrouted.priority.value) == ("not_routed", "NOT_ANALYSED")
+    assert unrouted.rank == 2 and not unrouted.aged
+    assert "raised by ageing" not in unrouted.why
+    assert waiting.rank == 1 and waiting.aged and "raised by ageing" in waiting.why

@@ -21,6 +21,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 from support.artifacts import make_test_artifact
+from support.clock import ManualClock
 from support.dicomgen import make_cr
 from support.sr_reader import read_sr
 
@@ -50,9 +51,9 @@ def _settings(tmp_path: Path, db_url: str, model: Path) -> Settings:
             "queue": {"retry_delay_s": 0.001, "max_attempts": 3},
             # Every finding gets a map: the test model has no localisation record.
             "worker": {"torch_threads": 1, "heat_maps": "all"},
-            # A failed send waits an hour: no retry in these tests comes due by itself,
-            # however slow the machine.
-            "delivery": {"backoff_initial_s": 3600},
+            # A failed send backs off 5 s (the default): the tests that send move a
+            # ManualClock, so it elapses only when they say, however slow the machine.
+            "delivery": {"backoff_initial_s": 5},
             "routing": [{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}],
             # Two destinations: the SR is queued once for each.
             "destinations": [
@@ -104,7 +105,10 @@ class _Node:
     spool: Spool
 
     def worker(
-        self, owner: str = "test-worker", send_now: Callable[[int, str], object] | None = None
+        self,
+        owner: str = "test-worker",
+        send_now: Callable[[int, str], object] | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> Worker:
         return Worker(
             self.settings,
@@ -113,6 +117,7 @@ class _Node:
             ModelRegistry(self.settings),
             owner=owner,
             send_now=send_now,
+            clock=clock,
         )
 
 
@@ -134,9 +139,11 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
 ) -> None:
     settings, database, spool = node.settings, node.database, node.spool
     study_id = _receive(settings, database, spool)
-    # Nothing listens on the destinations' ports: sending fails fast and backs off.
-    deliverer = Deliverer(settings, database, spool, owner="test-worker")
-    worker = node.worker(send_now=deliverer.deliver_object)
+    # Nothing listens on the destinations' ports: sending fails fast and backs off. Time
+    # moves only when the test moves it (the job's retry delay, the SR's back-off).
+    clock = ManualClock(utcnow())
+    deliverer = Deliverer(settings, database, spool, owner="test-worker", clock=clock)
+    worker = node.worker(send_now=deliverer.deliver_object, clock=clock)
 
     seen_when_drawing: list[list[tuple[str, str, int | None, int]]] = []
     draw = reporting_module.add_heat_map_objects
@@ -175,11 +182,25 @@ def test_sr_queued_before_heat_maps_and_not_twice_after_a_failure(
     first_sr = sr_path.read_bytes()
 
     monkeypatch.setattr(reporting_module, "add_heat_map_objects", draw)
+    # The job's retry delay passes; the SR's back-off has not.
+    assert settings.queue.retry_delay_s < settings.delivery.backoff_initial_s
+    clock.advance(settings.queue.retry_delay_s)
     assert worker.run_once() and worker.run_once()
     assert not worker.run_once()
-    # The retry did not send the SR again itself (its rows wait for their back-off).
-    with database.read() as s:
-        assert {d.attempts for d in s.scalars(select(Delivery).where(Delivery.kind == "sr"))} == {1}
+
+    def sr_attempts() -> set[int]:
+        with database.read() as s:
+            return {d.attempts for d in s.scalars(select(Delivery).where(Delivery.kind == "sr"))}
+
+    # The retry did not send the SR again itself (its rows wait for their back-off), nor
+    # does the delivery loop before the back-off is over...
+    assert sr_attempts() == {1}
+    deliverer.deliver_due()
+    assert sr_attempts() == {1}
+    # ...and once the back-off is over, the delivery loop tries each SR row once more.
+    clock.advance(settings.delivery.backoff_initial_s)
+    assert deliverer.deliver_due() > 0
+    assert sr_attempts() == {2}
 
     with database.read() as s:
         job = s.scalars(select(Job)).one()

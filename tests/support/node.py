@@ -72,6 +72,8 @@ class NodeProcess:
     log_path: Path = field(init=False)
     config_path: Path = field(init=False)
     starts: int = 0
+    # A command the node runs under (say strace): its arguments, before the node's own.
+    wrapper: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.config_path = self.tmp / "ddn-node.toml"
@@ -105,7 +107,7 @@ class NodeProcess:
         if self.starts == 0 and self.db_url.startswith("postgresql"):
             upgraded = self.cli("db", "upgrade")
             assert upgraded.returncode == 0, upgraded.stderr
-        args = [*DDN_NODE, "serve", "--config", str(self.config_path)]
+        args = [*self.wrapper, *DDN_NODE, "serve", "--config", str(self.config_path)]
         for role in self.roles:
             args += ["--role", role]
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
