@@ -63,9 +63,9 @@ INDEXED_TAGS = [
         "ManufacturerModelName",
         "ContributingEquipmentSequence",
         # How urgent the order is, and where the study comes from: the analysis queue's
-        # order (pipeline/urgency.py). Modalities copy the worklist's priority either at
-        # the top level or into the Request Attributes Sequence.
-        "StationName",
+        # order (pipeline/urgency.py; StationName above counts too). Modalities copy the
+        # worklist's priority either at the top level or into the Request Attributes
+        # Sequence.
         "InstitutionalDepartmentName",
         "RequestAttributesSequence",
         "RequestedProcedurePriority",
