@@ -18,6 +18,7 @@ from worklist_factory import MODEL_NAME, MODEL_VERSION, add_study, analyse
 
 from ddn_node.cli.main import app
 from ddn_node.pipeline.monitor import auc_delong, build_report, wilson
+from ddn_node.pipeline.monitor_plots import roc_points, time_to_read_png
 from ddn_node.store.engine import Database
 from ddn_node.store.feedback import record_feedback
 from ddn_node.store.models import Result, Study, WorklistEvent
@@ -90,6 +91,24 @@ def test_statistics_match_hand_computed_values() -> None:
     assert tied.value == pytest.approx(0.75) and tied.low is None
 
 
+def test_roc_points_step_through_every_threshold(sqlite_database: Database) -> None:
+    feedback_set(sqlite_database)
+    (mass,) = [
+        lab for lab in build_report(sqlite_database, []).models[0].labels if lab.label == "Mass"
+    ]
+    # Scores 0.9+ 0.8+ 0.7- 0.4+ 0.3- 0.2- 0.1-: 3 positives, 4 negatives.
+    assert roc_points(mass.scored) == [
+        (0.0, 0.0),
+        (0.0, 1 / 3),
+        (0.0, 2 / 3),
+        (0.25, 2 / 3),
+        (0.25, 1.0),
+        (0.5, 1.0),
+        (0.75, 1.0),
+        (1.0, 1.0),
+    ]
+
+
 def test_report_per_model_version_and_label(sqlite_database: Database) -> None:
     feedback_set(sqlite_database)
     report = build_report(sqlite_database, ["Pneumothorax"])
@@ -154,6 +173,8 @@ def test_triage_effect_against_arrival_order(database: Database) -> None:
     assert (effect.routine.median_s, effect.routine.baseline_median_s) == (7200.0, 4500.0)
     assert (effect.urgent.not_read, effect.routine.not_read) == (1, 0)
     assert effect.reads_per_hour == pytest.approx(4 / 4)  # 4 reads from 0 h to 4 h
+    figure = time_to_read_png(effect)
+    assert figure is not None and figure.startswith(b"\x89PNG")
 
 
 def test_monitor_command_prints_the_report_and_writes_plots(
