@@ -423,7 +423,8 @@ class UserSettings(_Section):
 
 
 # What an API token may do. "read": GET anything a user can see (worklist, studies, images,
-# metrics); "worklist:write": mark studies opened / read / unread and override priorities.
+# metrics); "worklist:write": mark studies opened / read / unread, override priorities and
+# record feedback on findings (POST /api/studies/{uid}/feedback).
 # A token is never an admin: the /admin pages need a person's login.
 TokenScope = Literal["read", "worklist:write"]
 

@@ -159,3 +159,15 @@ class CommitmentState(StrEnum):
     REQUESTED = "requested"
     COMMITTED = "committed"  # the destination says it keeps it
     FAILED = "failed"  # the destination says it does not (its N-EVENT-REPORT gives why)
+
+
+class Verdict(StrEnum):
+    """A radiologist's word on one label of a result (``feedback_findings.verdict``).
+
+    Said of what the model called present (a reported finding) or absent: *disagree* with
+    an absent label is a finding the model missed. The radiologist's answer is therefore
+    ``model_present`` XOR ``verdict == disagree``.
+    """
+
+    AGREE = "agree"
+    DISAGREE = "disagree"

@@ -1,7 +1,7 @@
 """``ddn-node``: the command line for administrators and ML engineers.
 
 Each group of commands lives with what it drives (``node_cmds``, ``model_cmds``,
-``ops_cmds``, ``bench_cmds``); this module only assembles them.
+``ops_cmds``, ``monitor_cmds``, ``bench_cmds``); this module only assembles them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ import os
 
 import typer
 
-from ddn_node.cli import bench_cmds, conflict_cmds, model_cmds, node_cmds, ops_cmds
+from ddn_node.cli import (
+    bench_cmds,
+    conflict_cmds,
+    model_cmds,
+    monitor_cmds,
+    node_cmds,
+    ops_cmds,
+)
 
 app = typer.Typer(
     name="ddn-node",
@@ -22,6 +29,7 @@ node_cmds.register(app)
 model_cmds.register(app)
 ops_cmds.register(app)
 conflict_cmds.register(app)
+monitor_cmds.register(app)
 bench_cmds.register(app)
 
 

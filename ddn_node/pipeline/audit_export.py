@@ -79,6 +79,8 @@ _KINDS: dict[str, _Kind] = {
     AuditEventName.IMAGE_VIEWED: _Kind(_ACCESSED, "R"),
     AuditEventName.AUDIT_READ: _Kind(("110101", "Audit Log Used"), "R"),
     AuditEventName.WORKLIST_CHANGED: _Kind(_ACCESSED, "U"),
+    # New data about the study (the radiologist's verdicts), none of its instances changed.
+    AuditEventName.FEEDBACK_RECORDED: _Kind(_ACCESSED, "C"),
     AuditEventName.PURGED: _Kind(("110105", "DICOM Study Deleted"), "D", actor_is_requestor=False),
 }
 _UNKNOWN = _Kind(("110100", "Application Activity"), "E")

@@ -34,6 +34,9 @@ class AuditEventName:
     IMAGE_VIEWED = "image.viewed"  # a thumbnail or a heat-map overlay
     AUDIT_READ = "audit.read"  # someone read the audit trail itself
     WORKLIST_CHANGED = "worklist.changed"
+    # A radiologist's review of a result's findings (detail: via, generation, how many
+    # labels, whether a note came with it; never which labels or what was said).
+    FEEDBACK_RECORDED = "feedback.recorded"
     PURGED = "retention.purged"
 
 

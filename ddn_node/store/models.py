@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -40,6 +41,7 @@ from ddn_node.vocabulary import (
     ReadStatus,
     StudyState,
     Urgency,
+    Verdict,
 )
 
 NAMING = {
@@ -467,3 +469,61 @@ class WebSession(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     ended_by: Mapped[str] = mapped_column(String(128), default="")  # the user, or an admin
+
+
+class Feedback(Base):
+    """One radiologist's review of one result: what they said of its findings.
+
+    Kept when retention deletes the study: nothing here cascades from ``studies``. The link
+    to the result (``result_id``) is set to NULL then; what the monitor needs stays on the
+    row (the model, its version and head, the priority triage decided) with no patient
+    identifiers. The study is named only by ``study_ref``, the sha256 of its Study Instance
+    UID (store/feedback.py): whoever holds the UID (the PACS, the SR) can find its feedback
+    again, nobody can read a UID, let alone a patient, out of the table.
+    """
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    user: Mapped[str] = mapped_column(String(128))
+    result_id: Mapped[int | None] = mapped_column(
+        ForeignKey("results.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    study_ref: Mapped[str] = mapped_column(String(64), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    head: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(16))  # what triage decided from the result
+    note: Mapped[str] = mapped_column(Text, default="")
+
+    findings: Mapped[list[FindingFeedback]] = relationship(
+        back_populates="feedback", cascade="all, delete-orphan", order_by="FindingFeedback.id"
+    )
+
+
+class FindingFeedback(Base):
+    """The verdict on one label of a result, with what the model said of it then."""
+
+    __tablename__ = "feedback_findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feedback_id: Mapped[int] = mapped_column(
+        ForeignKey("feedback.id", ondelete="CASCADE"), index=True
+    )
+    label: Mapped[str] = mapped_column(String(64))
+    model_present: Mapped[bool] = mapped_column(Boolean)  # probability >= threshold
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+
+    feedback: Mapped[Feedback] = relationship(back_populates="findings")
+
+    __table_args__ = (
+        CheckConstraint(
+            "verdict IN (" + ", ".join(f"'{v.value}'" for v in Verdict) + ")",
+            name="ck_feedback_findings_verdict",
+        ),
+        _SQLITE_ARGS,
+    )

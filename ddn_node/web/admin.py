@@ -1,17 +1,26 @@
-"""Pages for the administrator: instances the node refused, and why.
+"""Pages for the administrator: instances the node refused, and why; the monitor.
 
 Only the ``admin`` role sees them (a radiologist gets 403): they name studies of two
 patients side by side, and the decision they ask for (correct the PACS, then re-send or
-discard) is the administrator's.
+discard) is the administrator's. The monitor (``/admin/monitor``) is the report of
+``ddn-node monitor`` with its figures.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, Response
 
+from ddn_node.pipeline.monitor import (
+    MonitorReport,
+    auc_text,
+    build_report,
+    hours_text,
+    proportion_text,
+)
+from ddn_node.pipeline.monitor_plots import calibration_png, roc_png, time_to_read_png
 from ddn_node.store.quarantine import EXPLANATIONS, open_conflicts
 from ddn_node.vocabulary import ConflictKind
 from ddn_node.web.auth import Principal, require_admin
@@ -42,3 +51,53 @@ def conflicts_page(
             for c in open_conflicts(session)
         ]
     return _render(request, "admin_conflicts.html", rows=rows)
+
+
+# -- the monitor: the model against radiologists' feedback, and the triage effect ----------
+
+PLOTS = ("roc", "calibration", "time-to-read")
+
+
+def _report(request: Request) -> MonitorReport:
+    settings = request.app.state.settings
+    return build_report(request.app.state.database, settings.triage.critical_findings)
+
+
+@router.get("/admin/monitor")
+def monitor_page(
+    request: Request, _admin: Annotated[Principal, Depends(require_admin)]
+) -> HTMLResponse:
+    # Aggregates of feedback that holds no patient identifiers: not a read of patient data.
+    report = _report(request)
+    return _render(
+        request,
+        "admin_monitor.html",
+        report=report,
+        models=list(enumerate(report.models)),
+        proportion=proportion_text,
+        auc=auc_text,
+        hours=hours_text,
+    )
+
+
+@router.get("/admin/monitor/{plot}.png")
+def monitor_plot(
+    request: Request,
+    plot: str,
+    _admin: Annotated[Principal, Depends(require_admin)],
+    model: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
+    """One figure of the monitor; ``model`` indexes the page's list of model versions."""
+    if plot not in PLOTS:
+        raise HTTPException(status_code=404, detail="no such figure")
+    report = _report(request)
+    data: bytes | None
+    if plot == "time-to-read":
+        data = time_to_read_png(report.triage)
+    elif model >= len(report.models):
+        data = None
+    else:
+        data = (roc_png if plot == "roc" else calibration_png)(report.models[model])
+    if data is None:
+        raise HTTPException(status_code=404, detail="nothing to draw yet")
+    return Response(data, media_type="image/png")

@@ -3,7 +3,7 @@
 Authentication happens before routing (app.EdgeMiddleware): a bearer token is required on
 every ``/api`` path, so a call without a valid token gets 401 even when its body or
 parameters are also wrong, and one whose scopes do not allow the call gets 403 (reads need
-``read``, status and priority changes ``worklist:write``). The ``HTTPBearer`` dependency
+``read``; status and priority changes and feedback on findings ``worklist:write``). The ``HTTPBearer`` dependency
 below only puts the scheme in the OpenAPI document. Reads of patient data are audited
 (``web.reads``).
 """
@@ -33,10 +33,17 @@ from ddn_node.pipeline.worklist import (
     set_read_status,
 )
 from ddn_node.store.audit import AuditEventName
-from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus
+from ddn_node.store.feedback import (
+    MAX_NOTE,
+    FeedbackRefused,
+    NoResult,
+    StaleResult,
+    record_feedback,
+)
+from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus, Verdict
 from ddn_node.web.auth import Principal
 from ddn_node.web.reads import audit_read
-from ddn_node.web.study import StudyDetail, fetch_detail
+from ddn_node.web.study import ReviewView, StudyDetail, fetch_detail, review_view
 
 log = structlog.get_logger("ddn_node.web")
 
@@ -65,6 +72,36 @@ class PriorityChange(BaseModel):
     priority: Priority | None = Field(
         description="STAT, HIGH or ROUTINE to override triage; null clears the override"
     )
+
+
+class FindingVerdictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(max_length=64, description="a label of the result's model head")
+    verdict: Verdict = Field(
+        description="agree / disagree with what the model said (present or absent)"
+    )
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    generation: int | None = Field(
+        default=None,
+        description="the analysis reviewed (result.generation of the study); 409 if it is "
+        "no longer the latest. Omitted: the latest",
+    )
+    findings: list[FindingVerdictIn] = Field(default_factory=list, max_length=256)
+    missed: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="labels the model called absent that are present",
+    )
+    absent_confirmed: bool = Field(
+        default=False,
+        description="every other label the model called absent is absent (recorded as agree)",
+    )
+    note: str = Field(default="", max_length=MAX_NOTE, description="free text; no patient data")
 
 
 class ChangeOutcome(BaseModel):
@@ -193,6 +230,53 @@ def api_priority(request: Request, study_uid: str, body: PriorityChange) -> Chan
             user=principal.actor,
         )
     return _outcome(request, study_uid, changed)
+
+
+@router.post(
+    "/studies/{study_uid}/feedback",
+    response_model=ReviewView,
+    status_code=201,
+    summary="Agree / disagree with the findings of the latest result, add missed ones "
+    "(scope worklist:write)",
+    responses={
+        404: {"description": "no such study"},
+        409: {"description": "the study has no result, or `generation` is not the latest"},
+        422: {"description": "a label not of the model's head, or nothing to record"},
+    },
+)
+def api_feedback(request: Request, study_uid: str, body: FeedbackIn) -> ReviewView:
+    principal = _principal(request)
+    verdicts: dict[str, Verdict] = {}
+    for item in body.findings:
+        if verdicts.setdefault(item.label, item.verdict) is not item.verdict:
+            raise HTTPException(status_code=422, detail=f"two verdicts for {item.label}")
+    try:
+        review = record_feedback(
+            request.app.state.database,
+            study_uid,
+            verdicts=verdicts,
+            missed=body.missed,
+            absent_confirmed=body.absent_confirmed,
+            note=body.note,
+            generation=body.generation,
+            user=principal.actor,
+            host=_client(request),
+            via="api",
+        )
+    except NoResult as exc:
+        raise HTTPException(status_code=409 if exc.study_exists else 404, detail=str(exc)) from None
+    except StaleResult as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except FeedbackRefused as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    log.info(
+        "web.feedback_recorded",
+        study_uid=study_uid,
+        generation=review.generation,
+        labels=len(review.findings),
+        user=principal.actor,
+    )
+    return review_view(review)
 
 
 @router.api_route(

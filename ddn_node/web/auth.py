@@ -99,7 +99,10 @@ class _Token:
 
 # Token requests that change something, and the scope each needs. Any other request but a
 # GET / HEAD is not for tokens at all (form posts need a person's session and CSRF token).
-_TOKEN_WRITES = ((re.compile(r"^/api/studies/[^/]+/(status|priority)$"), "worklist:write"),)
+# Feedback on findings is a radiologist's work on the worklist: the same scope.
+_TOKEN_WRITES = (
+    (re.compile(r"^/api/studies/[^/]+/(status|priority|feedback)$"), "worklist:write"),
+)
 
 
 def scope_needed(method: str, path: str) -> str | None:

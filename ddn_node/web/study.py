@@ -17,7 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ddn_node.pipeline.worklist import HistoryEntry, WorklistRow, fetch_history, fetch_row
+from ddn_node.store.feedback import Review, reviews_of_study
 from ddn_node.store.models import Delivery, ImageResult, Instance, Result, Series, Study
+from ddn_node.vocabulary import Verdict
 
 log = structlog.get_logger("ddn_node.web")
 
@@ -85,6 +87,49 @@ class DeliveryView(BaseModel):
     sent_at: dt.datetime | None
 
 
+class FindingFeedbackView(BaseModel):
+    label: str
+    model_present: bool = Field(description="the model reported it (probability >= threshold)")
+    probability: float
+    threshold: float | None
+    verdict: Verdict = Field(
+        description="agree / disagree with the model's call; disagree with an absent label: missed"
+    )
+    radiologist_present: bool = Field(description="what the radiologist says")
+
+
+class ReviewView(BaseModel):
+    at: dt.datetime
+    user: str
+    generation: int = Field(description="the analysis reviewed (results.generation)")
+    model_name: str
+    model_version: str
+    note: str
+    findings: list[FindingFeedbackView]
+
+
+def review_view(review: Review) -> ReviewView:
+    return ReviewView(
+        at=review.at,
+        user=review.user,
+        generation=review.generation,
+        model_name=review.model_name,
+        model_version=review.model_version,
+        note=review.note,
+        findings=[
+            FindingFeedbackView(
+                label=f.label,
+                model_present=f.model_present,
+                probability=f.probability,
+                threshold=f.threshold,
+                verdict=f.verdict,
+                radiologist_present=f.radiologist_present,
+            )
+            for f in review.findings
+        ],
+    )
+
+
 class StudyDetail(BaseModel):
     study: WorklistRow
     patient_sex: str
@@ -97,6 +142,9 @@ class StudyDetail(BaseModel):
     images_omitted: int
     deliveries: list[DeliveryView]
     history: list[HistoryEntry]
+    feedback: list[ReviewView] = Field(
+        default_factory=list, description="radiologists' reviews of the findings, newest first"
+    )
 
 
 def _heat_map_note(result: Result, label: str) -> str | None:
@@ -277,6 +325,7 @@ def fetch_detail(session: Session, study_uid: str) -> StudyDetail | None:
         images_omitted=max(0, len(instances) - MAX_IMAGES),
         deliveries=deliveries,
         history=fetch_history(session, study.id),
+        feedback=[review_view(r) for r in reviews_of_study(session, study.id)],
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlparse
 
+import anyio
 import jinja2
 import structlog
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
@@ -39,7 +40,14 @@ from ddn_node.pipeline.worklist import (
     set_read_status,
 )
 from ddn_node.store.audit import AuditEventName, audit
-from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus
+from ddn_node.store.feedback import (
+    MAX_NOTE,
+    FeedbackRefused,
+    NoResult,
+    StaleResult,
+    record_feedback,
+)
+from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus, Verdict
 from ddn_node.web.auth import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -399,6 +407,13 @@ def study_page(request: Request, study_uid: str) -> HTMLResponse:
     if detail is None:
         return _render(request, "not_found.html", status_code=404)
     audit_read(request, AuditEventName.STUDY_VIEWED, study_uid=study_uid)
+    # The verdicts already given on the analysis shown, newest first: the form starts there.
+    given: dict[str, str] = {}
+    if detail.result is not None:
+        for review in detail.feedback:
+            if review.generation == detail.result.generation:
+                for finding in review.findings:
+                    given.setdefault(finding.label, finding.verdict.value)
     return _render(
         request,
         "study.html",
@@ -406,6 +421,8 @@ def study_page(request: Request, study_uid: str) -> HTMLResponse:
         s=detail.study,
         here=study_path(study_uid),
         overridable=[p.value for p in TRIAGE_PRIORITIES],
+        given=given,
+        max_note=MAX_NOTE,
     )
 
 
@@ -467,6 +484,67 @@ def change_priority(
             user=principal.actor,
         )
     return _after_change(request, study_uid, changed, next)
+
+
+VERDICT_FIELD = "verdict:"  # + the label: one radio group per reported finding
+
+
+@router.post("/studies/{study_uid}/feedback")
+async def give_feedback(
+    request: Request,
+    study_uid: str,
+    principal: Annotated[Principal, Depends(csrf_protect)],
+) -> Response:
+    """The study page's feedback form: one radio group per reported finding (field
+    ``verdict:<label>``, agree / disagree / nothing), ``missed`` checkboxes for the labels
+    the model called absent, ``absent_confirmed``, ``note`` and the ``generation`` the
+    page showed. Field names carry labels, so the form is read as a whole."""
+    form = await request.form()  # parsed once already by csrf_protect: cached
+    verdicts: dict[str, Verdict] = {}
+    for key, value in form.multi_items():
+        if key.startswith(VERDICT_FIELD) and isinstance(value, str) and value:
+            if value not in Verdict.__members__.values():
+                raise HTTPException(status_code=422, detail="a verdict is agree or disagree")
+            verdicts[key.removeprefix(VERDICT_FIELD)] = Verdict(value)
+    missed = [v for v in form.getlist("missed") if isinstance(v, str) and v]
+    note = form.get("note")
+    raw_generation = form.get("generation")
+    try:
+        generation = int(raw_generation) if isinstance(raw_generation, str) else None
+    except ValueError:
+        generation = None
+    next_url = form.get("next")
+    try:
+        # A database write: off the event loop, like the plain-def routes.
+        review = await anyio.to_thread.run_sync(
+            lambda: record_feedback(
+                request.app.state.database,
+                study_uid,
+                verdicts=verdicts,
+                missed=missed,
+                absent_confirmed=form.get("absent_confirmed") == "1",
+                note=note if isinstance(note, str) else "",
+                generation=generation,
+                user=principal.actor,
+                host=_client(request),
+                via="ui",
+            )
+        )
+    except NoResult as exc:
+        raise HTTPException(status_code=409 if exc.study_exists else 404, detail=str(exc)) from None
+    except StaleResult as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except FeedbackRefused as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    log.info(
+        "web.feedback_recorded",
+        study_uid=study_uid,
+        generation=review.generation,
+        labels=len(review.findings),
+        user=principal.actor,
+    )
+    target = safe_next(next_url if isinstance(next_url, str) else "", study_path(study_uid))
+    return RedirectResponse(target, status_code=303)
 
 
 def _png(data: bytes) -> Response:

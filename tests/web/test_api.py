@@ -199,6 +199,7 @@ def test_every_api_call_needs_a_valid_token(database: Database, make_client: Cli
         ("POST", f"/api/studies/{study}/status", {"status": "read"}),
         ("POST", f"/api/studies/{study}/priority", {"priority": "STAT"}),
         ("POST", f"/api/studies/{study}/status", "{not json"),
+        ("POST", f"/api/studies/{study}/feedback", {"missed": ["Mass"]}),
         ("GET", "/api/no-such-thing", None),
         ("DELETE", f"/api/studies/{study}", None),
     ]
@@ -233,6 +234,7 @@ def test_every_api_call_needs_a_valid_token(database: Database, make_client: Cli
         "/api/studies/{study_uid}",
         "/api/studies/{study_uid}/status",
         "/api/studies/{study_uid}/priority",
+        "/api/studies/{study_uid}/feedback",
     }
     assert openapi["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     with database.read() as session:

@@ -188,6 +188,18 @@ def test_radiologist_path(
         assert page.inner_text("#priority-badge") == "STAT"
         page.screenshot(path=str(screenshot_dir / "study.png"), full_page=True)
 
+        # Feedback on the findings: agree with Effusion, add the missed Mass, a note.
+        page.check("input[name='verdict:Effusion'][value=agree]")
+        page.check("input[name=missed][value=Mass]")
+        page.fill("textarea[name=note]", "small left effusion")
+        page.click(".feedback-form button:text('Record feedback')")
+        page.wait_for_selector("#feedback-history")
+        history = page.inner_text("#feedback-history")
+        assert "Effusion: agreed" in history and "Mass: missed by the model" in history
+        assert "small left effusion" in history
+        assert page.is_checked("input[name='verdict:Effusion'][value=agree]")
+        page.screenshot(path=str(screenshot_dir / "study-feedback.png"), full_page=True)
+
         assert problems == []
         context.close()
     finally:
