@@ -11,9 +11,12 @@ run: setup
 
 demo: run
 
-# The whole test suite (what CI runs through .ci/run), after the gate.
+# The whole test suite (what CI runs through .ci/run), after the gate: on two processes
+# (most of a test's time is spent waiting for a node, Orthanc or a peer), then the few
+# tests that change what every test shares, alone.
 test: setup lint
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile -m "not soak and not serial"
+	.venv/bin/python -m pytest -q -m serial
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"

@@ -16,7 +16,7 @@ from support.net import wait_for
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def _pg_restart() -> subprocess.CompletedProcess[str]:
