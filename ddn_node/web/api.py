@@ -35,13 +35,10 @@ from ddn_node.pipeline.worklist import (
 from ddn_node.store.audit import AuditEventName
 from ddn_node.store.feedback import (
     MAX_NOTE,
-    FeedbackRefused,
-    NoResult,
-    StaleResult,
-    record_feedback,
 )
 from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus, Verdict
 from ddn_node.web.auth import Principal
+from ddn_node.web.feedback import submit_feedback
 from ddn_node.web.reads import audit_read
 from ddn_node.web.study import ReviewView, StudyDetail, fetch_detail, review_view
 
@@ -250,31 +247,17 @@ def api_feedback(request: Request, study_uid: str, body: FeedbackIn) -> ReviewVi
     for item in body.findings:
         if verdicts.setdefault(item.label, item.verdict) is not item.verdict:
             raise HTTPException(status_code=422, detail=f"two verdicts for {item.label}")
-    try:
-        review = record_feedback(
-            request.app.state.database,
-            study_uid,
-            verdicts=verdicts,
-            missed=body.missed,
-            absent_confirmed=body.absent_confirmed,
-            note=body.note,
-            generation=body.generation,
-            user=principal.actor,
-            host=_client(request),
-            via="api",
-        )
-    except NoResult as exc:
-        raise HTTPException(status_code=409 if exc.study_exists else 404, detail=str(exc)) from None
-    except StaleResult as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    except FeedbackRefused as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
-    log.info(
-        "web.feedback_recorded",
-        study_uid=study_uid,
-        generation=review.generation,
-        labels=len(review.findings),
-        user=principal.actor,
+    review = submit_feedback(
+        request,
+        principal,
+        study_uid,
+        verdicts=verdicts,
+        missed=body.missed,
+        absent_confirmed=body.absent_confirmed,
+        note=body.note,
+        generation=body.generation,
+        host=_client(request),
+        via="api",
     )
     return review_view(review)
 

@@ -42,10 +42,6 @@ from ddn_node.pipeline.worklist import (
 from ddn_node.store.audit import AuditEventName, audit
 from ddn_node.store.feedback import (
     MAX_NOTE,
-    FeedbackRefused,
-    NoResult,
-    StaleResult,
-    record_feedback,
 )
 from ddn_node.vocabulary import TRIAGE_PRIORITIES, Priority, ReadStatus, Verdict
 from ddn_node.web.auth import (
@@ -58,6 +54,7 @@ from ddn_node.web.auth import (
     Principal,
     require_admin,
 )
+from ddn_node.web.feedback import submit_feedback
 from ddn_node.web.images import FULL_PX, THUMB_PX, ImageUnavailable, dicom_thumbnail, png_scaled
 from ddn_node.web.reads import audit_read
 from ddn_node.web.study import fetch_detail, instance_relpath, overlay_relpath, study_path
@@ -514,34 +511,20 @@ async def give_feedback(
     except ValueError:
         generation = None
     next_url = form.get("next")
-    try:
-        # A database write: off the event loop, like the plain-def routes.
-        review = await anyio.to_thread.run_sync(
-            lambda: record_feedback(
-                request.app.state.database,
-                study_uid,
-                verdicts=verdicts,
-                missed=missed,
-                absent_confirmed=form.get("absent_confirmed") == "1",
-                note=note if isinstance(note, str) else "",
-                generation=generation,
-                user=principal.actor,
-                host=_client(request),
-                via="ui",
-            )
+    # A database write: off the event loop, like the plain-def routes.
+    await anyio.to_thread.run_sync(
+        lambda: submit_feedback(
+            request,
+            principal,
+            study_uid,
+            verdicts=verdicts,
+            missed=missed,
+            absent_confirmed=form.get("absent_confirmed") == "1",
+            note=note if isinstance(note, str) else "",
+            generation=generation,
+            host=_client(request),
+            via="ui",
         )
-    except NoResult as exc:
-        raise HTTPException(status_code=409 if exc.study_exists else 404, detail=str(exc)) from None
-    except StaleResult as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    except FeedbackRefused as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
-    log.info(
-        "web.feedback_recorded",
-        study_uid=study_uid,
-        generation=review.generation,
-        labels=len(review.findings),
-        user=principal.actor,
     )
     target = safe_next(next_url if isinstance(next_url, str) else "", study_path(study_uid))
     return RedirectResponse(target, status_code=303)
