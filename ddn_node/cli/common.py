@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -63,6 +63,17 @@ def credentials_or_exit(settings: Settings, config: Path | None) -> list[ConfigP
     for problem in problems:
         console.print(f"[yellow]demo[/yellow] {problem}", highlight=False)
     return problems
+
+
+def exit_unreadable(what: str, exc: Exception) -> NoReturn:
+    """Exit 1 saying the database could not be read, and the likely cause."""
+    orig = getattr(exc, "orig", None)
+    console.print(
+        f"[red]cannot read the {what}:[/red] {type(orig).__name__ if orig else exc}; "
+        "is the database migrated ('ddn-node db upgrade')?",
+        highlight=False,
+    )
+    raise typer.Exit(1) from None
 
 
 def setup_logging(settings: Settings) -> None:

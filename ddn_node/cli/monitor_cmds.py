@@ -16,7 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ddn_node.cli.common import ConfigOption, load_or_exit
+from ddn_node.cli.common import ConfigOption, exit_unreadable, load_or_exit
 from ddn_node.pipeline.monitor import MonitorReport, Waits, auc_text, hours_text, proportion_text
 
 
@@ -123,12 +123,7 @@ def monitor(
     try:
         report = build_report(database, settings.triage.critical_findings)
     except (OperationalError, ProgrammingError) as exc:
-        Console(stderr=True).print(
-            f"[red]cannot read the feedback:[/red] {type(exc.orig).__name__ if exc.orig else exc}; "
-            "is the database migrated ('ddn-node db upgrade')?",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+        exit_unreadable("feedback", exc)
     finally:
         database.dispose()
     if json_output:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ddn_node.cli.common import load_or_exit
+from ddn_node.cli.common import exit_unreadable, load_or_exit
 from ddn_node.vocabulary import Priority
 
 # Patient names come from DICOM headers: a terminal escape sequence in one would be
@@ -85,12 +85,7 @@ def worklist(
     try:
         page = get_worklist(database, query)
     except (OperationalError, ProgrammingError) as exc:
-        Console(stderr=True).print(
-            f"[red]cannot read the worklist:[/red] {type(exc.orig).__name__ if exc.orig else exc}; "
-            "is the database migrated ('ddn-node db upgrade')?",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+        exit_unreadable("worklist", exc)
     finally:
         database.dispose()
     if json_output:
