@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 # Statuses the SCP documents (scp.py, docs/conformance-statement.md); 0xC211 ("exception
 # in the handler", pynetdicom's own answer when our handler raises) is *not* among them.
-STORE_STATUSES = {0x0000, 0xA700, 0xC000, 0xC001, 0xC002}
+STORE_STATUSES = {0x0000, 0xA700, 0xC000, 0xC001, 0xC002, 0xC003}
 SR_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.11",
     "1.2.840.10008.5.1.4.1.1.88.22",

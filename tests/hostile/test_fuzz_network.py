@@ -3,7 +3,8 @@ PDUs (random, mutated A-ASSOCIATE-RQ, mutated P-DATA-TF, PDUs out of order) on T
 
 The node is the real one (``ddn-node serve --role scp`` in a subprocess). For C-STORE,
 every answer must be a status the SCP documents (0x0000 stored; 0xA700; 0xC000, 0xC001,
-0xC002 refused) on an association that stays up, each refusal must have its log event,
+0xC002 refused; 0xC003 when a mutated UID or Patient ID contradicts an instance already
+stored) on an association that stays up, each refusal must have its log event,
 and nothing may reach pynetdicom as a handler exception (0xC211). For raw PDUs, the node
 must close every bad connection and send only well-formed PDU types. Afterwards the node
 is alive, answers C-ECHO, and has all its association slots free.
@@ -75,6 +76,7 @@ ANSWER_EVENTS = {
     0xC000: ("scp.store_unparseable", "scp.store_uid_too_long"),
     0xC001: ("scp.store_missing_uid",),
     0xC002: ("scp.store_uid_mismatch",),
+    0xC003: ("scp.store_identity_conflict",),
 }
 
 
