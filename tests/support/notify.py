@@ -13,6 +13,7 @@ with itself.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import socket
@@ -20,7 +21,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+from fhir.resources.R4B.task import Task
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.exceptions import ValidationError
+from hl7apy.parser import parse_message as hl7apy_parse
+from pydantic import ValidationError as PydanticError
 
 from ddn_node.config import AdaptersSettings
 from ddn_node.notify import StudySummary
@@ -394,4 +402,65 @@ def task_problems(task: dict[str, Any]) -> list[str]:
                     problems.append(f"{where}.valueDecimal is not a JSON number")
                 if key == "valueIdentifier":
                     problems += _identifier(entry[key], f"{where}.valueIdentifier")
+    return problems
+
+
+# -- independent validators: hl7apy (HL7 v2 structures) and fhir.resources (FHIR models) ---
+
+# hl7apy 1.3.5 validates a "choice" group as if every alternative were required: ORM_O01's
+# order detail (OBR | RQD | RQ1 | RXO | ODS | ODT, v2.5.1 4.4.1) then misses the five it did
+# not get. Only those five, and only beside an OBR, are hl7apy's mistake.
+_ORM_CHOICE = re.compile(r"Missing required child ORM_O01_OBRRQDRQ1RXOODSODT_SUPPGRP\.(\w+)$")
+# hl7apy's table 0396 lists its literal entries only; the table itself (v2.5.1) also has the
+# patterns "HL7nnnn" (HL7 table nnnn, as in HL70485) and "99zzz" (local codes, the node's
+# 99DDN), which are valid values.
+_TABLE_PATTERN = re.compile(
+    r"Value (99[A-Z0-9]{1,3}|HL7\d{4}) not in table HL70396 in element \S+$"
+)
+
+
+@dataclass(frozen=True)
+class HL7ApyReport:
+    message: Any  # hl7apy.core.Message
+    errors: list[str]
+    warnings: list[str]
+
+
+def hl7apy_validate(payload: bytes, tmp: Path) -> HL7ApyReport:
+    """Parse ``payload`` with hl7apy (strict, groups found) and validate it against its
+    v2.5.1 message structure; hl7apy's known false findings (above) are left out."""
+    message = hl7apy_parse(
+        payload.decode("utf-8"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True
+    )
+    report = tmp / "hl7apy-report.txt"
+    with contextlib.suppress(ValidationError):  # every finding is in the report
+        message.validate(report_file=str(report))
+    errors, warnings = [], []
+    segment_names = {s.split("|", 1)[0] for s in payload.decode("utf-8").split("\r") if s}
+    for line in report.read_text().splitlines():
+        kind, _, text = line.partition(": ")
+        choice = _ORM_CHOICE.match(text)
+        if choice and choice.group(1) != "OBR" and "OBR" in segment_names:
+            continue
+        if _TABLE_PATTERN.match(text):
+            continue
+        (errors if kind == "Error" else warnings).append(text)
+    return HL7ApyReport(message, errors, warnings)
+
+
+def fhir_task_problems(task: dict[str, Any]) -> list[str]:
+    """What fhir.resources' R4B Task model refuses (types, cardinality, required elements),
+    plus codes outside the value sets the model itself declares in full (``enum_values``
+    without a trailing "+"): the model does not enforce required bindings."""
+    try:
+        model = Task.model_validate(task)
+    except PydanticError as exc:
+        return [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    problems = []
+    for name, info in Task.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        codes = extra.get("enum_values")
+        value = getattr(model, name, None)
+        if isinstance(codes, list) and "+" not in codes and value not in (None, *codes):
+            problems.append(f"{name}: {value!r} not in {codes}")
     return problems
