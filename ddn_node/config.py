@@ -489,6 +489,13 @@ class WebSettings(_Section):
         return self.tls_cert is not None or self.behind_https_proxy
 
 
+HL7Message = Literal["oru", "orm"]
+
+
+def _oru_only() -> list[HL7Message]:
+    return ["oru"]
+
+
 class HL7Settings(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -498,6 +505,18 @@ class HL7Settings(_Section):
     receiving_application: str = "RIS"
     receiving_facility: str = "RAD"
     timeout_s: Seconds = 10
+    # Which messages go to the RIS, in this order, over the same MLLP connection settings:
+    # "oru" the ORU^R01 result (informational: the RIS shows it, its worklist is unchanged),
+    # "orm" the ORM^O01 order change (ORC-1 XO) that raises the order's own priority where
+    # the RIS sorts its worklist by it. Both: ["oru", "orm"].
+    messages: list[HL7Message] = Field(default_factory=_oru_only, min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _once_each(cls, value: list[HL7Message]) -> list[HL7Message]:
+        if len(set(value)) != len(value):
+            raise ValueError("each message type once (a RIS would get the same message twice)")
+        return value
 
 
 class HttpAdapterSettings(_Section):
@@ -511,7 +530,6 @@ class AdaptersSettings(_Section):
     hl7: HL7Settings = HL7Settings()
     fhir: HttpAdapterSettings = HttpAdapterSettings()
     webhook: HttpAdapterSettings = HttpAdapterSettings()
-    ups: bool = False
 
 
 class RetentionSettings(_Section):

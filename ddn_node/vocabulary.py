@@ -96,7 +96,10 @@ class ResultKind(StrEnum):
 class MessageKind(StrEnum):
     """The notifications sent to other systems (``Delivery.kind`` of adapter rows)."""
 
-    HL7 = "hl7"
+    HL7 = "hl7"  # the ORU^R01 result
+    # The ORM^O01 order change: its own kind, so that it has its own delivery row (and its
+    # own retries) beside the ORU of the same analysis.
+    HL7_ORDER = "hl7_order"
     FHIR = "fhir"
     WEBHOOK = "webhook"
 

@@ -1,7 +1,8 @@
 """Telling the rest of the hospital: HL7 v2, FHIR R4 and webhook adapters.
 
 Each adapter is off by default (``[adapters.hl7]``, ``[adapters.fhir]``,
-``[adapters.webhook]``, ``enabled = true`` to turn one on). The worker calls
+``[adapters.webhook]``, ``enabled = true`` to turn one on). ``[adapters.hl7] messages``
+chooses the ORU^R01 result, the ORM^O01 order change, or both. The worker calls
 :func:`messages_for` once per analysed study, stores every :class:`OutgoingMessage` (one per
 enabled adapter) and calls :func:`send` for each until it succeeds; ``send`` makes exactly
 one attempt and never raises for network trouble.
@@ -11,10 +12,11 @@ retry is recognisably the same message (HL7 MSH-10, FHIR ``Task.identifier`` and
 webhook ``id`` all derive from the Study Instance UID and the analysis time).
 
 Modules: :mod:`.summary` (the shared types, priority mappings and text), :mod:`.hl7`
-(ORU^R01 and ACKs), :mod:`.mllp` (framing and the TCP exchange), :mod:`.fhir` (Task),
+(ORU^R01, ORM^O01 and ACKs), :mod:`.mllp` (framing and the TCP exchange), :mod:`.fhir` (Task),
 :mod:`.webhook` (JSON document), :mod:`.httppost` (one POST).
 
-Logging: ``notify.messages_built``, ``notify.<kind>_sent`` and ``notify.<kind>_failed``
+Logging: ``notify.messages_built``, ``notify.order_change_skipped`` (an ORM^O01 not built:
+``routine`` or ``no_accession``), ``notify.<kind>_sent`` and ``notify.<kind>_failed``
 with the study UID or message id, status and a failure class; never patient data, and
 never the receiver's error text (a RIS may echo names in it); that text is in the
 returned :class:`NotifyResult` for the delivery table.
@@ -40,7 +42,7 @@ from ddn_node.notify.summary import (
     OutgoingMessage,
     StudySummary,
 )
-from ddn_node.vocabulary import MessageKind
+from ddn_node.vocabulary import MessageKind, Priority
 
 __all__ = [
     "FHIR_PRIORITY",
@@ -64,11 +66,21 @@ def messages_for(settings: AdaptersSettings, summary: StudySummary) -> list[Outg
     """One message per enabled adapter, in the order hl7, fhir, webhook; [] when all are off."""
     messages: list[OutgoingMessage] = []
     if settings.hl7.enabled:
-        messages.append(
-            OutgoingMessage(
-                MessageKind.HL7, hl7.build_oru_r01(settings.hl7, summary), HL7_CONTENT_TYPE
-            )
-        )
+        for name in settings.hl7.messages:
+            if name == "oru":
+                messages.append(
+                    OutgoingMessage(
+                        MessageKind.HL7, hl7.build_oru_r01(settings.hl7, summary), HL7_CONTENT_TYPE
+                    )
+                )
+            elif _order_change_wanted(summary):
+                messages.append(
+                    OutgoingMessage(
+                        MessageKind.HL7_ORDER,
+                        hl7.build_orm_o01(settings.hl7, summary),
+                        HL7_CONTENT_TYPE,
+                    )
+                )
     if settings.fhir.enabled:
         messages.append(
             OutgoingMessage(MessageKind.FHIR, fhir.task_bytes(summary), fhir.CONTENT_TYPE)
@@ -90,16 +102,42 @@ def messages_for(settings: AdaptersSettings, summary: StudySummary) -> list[Outg
     return messages
 
 
+def _order_change_wanted(summary: StudySummary) -> bool:
+    """Whether the ORM^O01 goes out: only to raise an order the RIS can find.
+
+    The node does not know the priority the clinician ordered; an XO to "routine" could
+    demote a STAT order, so a routine result changes nothing (the ORU still tells). Without
+    an Accession Number the RIS cannot find the order (ORC-2/3 would be empty).
+    """
+    reason = ""
+    if summary.priority == Priority.ROUTINE.value:
+        reason = "routine"
+    elif not summary.accession_number.strip():
+        reason = "no_accession"
+    if reason:
+        log.info(
+            "notify.order_change_skipped",
+            study_uid=summary.study_uid,
+            message_id=summary.notification_id,
+            reason=reason,
+        )
+    return not reason
+
+
 def send(settings: AdaptersSettings, message: OutgoingMessage) -> NotifyResult:
     """Deliver ``message`` once with the current settings; ok=False with the reason on failure.
 
-    A message whose adapter has since been disabled is not sent (ok=False, "disabled").
+    A message whose adapter has since been disabled is not sent (ok=False, "disabled"), nor
+    an ORM^O01 once "orm" is no longer in ``[adapters.hl7] messages``.
     """
     started = time.monotonic()
     failure = ""
-    if message.kind == MessageKind.HL7:
+    if message.kind in (MessageKind.HL7, MessageKind.HL7_ORDER):
         if not settings.hl7.enabled:
             result, failure = _disabled("hl7")
+        elif message.kind == MessageKind.HL7_ORDER and "orm" not in settings.hl7.messages:
+            # Taken out of [adapters.hl7] messages since it was queued: as good as disabled.
+            result, failure = _disabled("hl7 ORM^O01")
         else:
             result, failure = _send_hl7(settings, message)
     elif message.kind in (MessageKind.FHIR, MessageKind.WEBHOOK):
@@ -190,7 +228,7 @@ def _plain_http_off_host(url: str) -> bool:
 
 def _message_id(message: OutgoingMessage) -> str:
     """MSH-10 of an HL7 message, the identifier of a JSON one; '' if it cannot be read."""
-    if message.kind == MessageKind.HL7:
+    if message.kind in (MessageKind.HL7, MessageKind.HL7_ORDER):
         header = message.payload.split(b"\r", 1)[0].decode("utf-8", errors="replace")
         fields = header.split("|")
         return fields[9] if header.startswith("MSH|") and len(fields) > 9 else ""

@@ -1,4 +1,5 @@
-"""HL7 v2.5.1 ORU^R01 (unsolicited observation result) telling a RIS a study's AI priority.
+"""HL7 v2.5.1 ORU^R01 (unsolicited observation result) telling a RIS a study's AI priority,
+and the ORM^O01 order change that sets it on the order (:func:`build_orm_o01`).
 
 Message structure (HL7 v2.5.1 chapter 7, 7.3.1 ORU^R01 / ORU_R01)::
 
@@ -148,6 +149,105 @@ def control_id(summary: StudySummary) -> str:
     return summary.notification_id.replace("-", "").upper()[:20]
 
 
+def order_control_id(summary: StudySummary) -> str:
+    """MSH-10 of the ORM^O01: like :func:`control_id` with a non-hex first letter, so it
+    never equals the ORU's of the same analysis (a RIS drops a repeated MSH-10)."""
+    return "O" + control_id(summary)[:19]
+
+
+def _msh(settings: HL7Settings, message_type: str, control: str, when: str) -> str:
+    return segment(
+        "MSH",
+        {
+            2: ENCODING_CHARS,
+            3: hd(settings.sending_application),
+            4: hd(settings.sending_facility),
+            5: hd(settings.receiving_application),
+            6: hd(settings.receiving_facility),
+            7: when,
+            9: message_type,
+            10: control,
+            11: "P",
+            12: HL7_VERSION,
+            18: CHARSET,
+        },
+    )
+
+
+def _pid(summary: StudySummary) -> str:
+    sex = summary.patient_sex.strip().upper()
+    birth = summary.patient_birth_date.strip()
+    return segment(
+        "PID",
+        {
+            1: "1",
+            3: escape(summary.patient_id.strip()),
+            5: xpn_from_dicom(summary.patient_name),
+            7: birth if _DA.match(birth) else "",
+            8: sex if sex in {"M", "F", "O"} else "",  # DICOM M/F/O = table 0001 M/F/O
+        },
+    )
+
+
+def build_orm_o01(settings: HL7Settings, summary: StudySummary) -> bytes:
+    """The ORM^O01 "change order" (ORC-1 XO) that sets the order's priority to the AI's.
+
+    v2.5.1 chapter 4, 4.4.1 ORM^O01 (ORM_O01, kept for backward compatibility and the order
+    message RIS speak, IHE Radiology's Procedure Update in its v2.3.1 form; OMG^O19 is
+    its v2.5 successor, which few RIS accept)::
+
+        MSH              MSH-9 ORM^O01^ORM_O01, MSH-10 :func:`order_control_id`
+        PID              the patient, as in the ORU (the RIS checks the order is theirs)
+        ORC              ORC-1 XO, ORC-2/3 the Accession Number, ORC-7 priority (TQ.6),
+                         ORC-9 the analysis time, ORC-16 the reason: AI triage
+        OBR              OBR-2/3 the Accession Number, OBR-4 the study description as
+                         text (the node does not know the RIS's procedure code), OBR-27
+                         priority (TQ.6)
+        [NTE]            the triage reason; "NOT FOR DIAGNOSTIC USE" for a demo model
+
+    ORM_O01 has no TQ1 segment: the priority is in the TQ fields ORC-7 and OBR-27
+    (component 6, table 0027: S stat, A ASAP, R routine).
+    """
+    when = ts(summary.analysed_at)
+    accession = escape(summary.accession_number.strip())
+    code, _display = HL7_PRIORITY[summary.priority]
+    service = summary.study_description.strip() or "Imaging study"
+    notes = []
+    if summary.priority_reason:
+        notes.append(f"Priority from AI triage: {summary.priority_reason}")
+    if summary.is_demo:
+        notes.append(DEMO_NOTICE)
+    segments = [
+        _msh(settings, "ORM^O01^ORM_O01", order_control_id(summary), when),
+        _pid(summary),
+        segment(
+            "ORC",
+            {
+                1: "XO",  # table 0119: change order/service request
+                2: accession,
+                3: accession,
+                7: "^^^^^" + code,
+                9: when,
+                16: components("DDN-TRIAGE", "Priority from AI triage", LOCAL),
+            },
+        ),
+        segment(
+            "OBR",
+            {
+                1: "1",
+                2: accession,
+                3: accession,
+                4: components("", service),
+                27: "^^^^^" + code,
+            },
+        ),
+    ]
+    segments.extend(
+        segment("NTE", {1: str(n), 2: "L", 3: escape(text)}) for n, text in enumerate(notes, 1)
+    )
+    return (SEGMENT_END.join(segments) + SEGMENT_END).encode("utf-8")
+
+
 def build_oru_r01(settings: HL7Settings, summary: StudySummary) -> bytes:
     """The ORU^R01 for one analysed study, without MLLP framing (UTF-8, CR after each segment)."""
     when = ts(summary.analysed_at)
@@ -155,36 +255,10 @@ def build_oru_r01(settings: HL7Settings, summary: StudySummary) -> bytes:
     accession = escape(summary.accession_number.strip())
     code, display = HL7_PRIORITY[summary.priority]
     model = escape(f"{summary.model_name} {summary.model_version}".strip())
-    sex = summary.patient_sex.strip().upper()
-    birth = summary.patient_birth_date.strip()
 
     segments = [
-        segment(
-            "MSH",
-            {
-                2: ENCODING_CHARS,
-                3: hd(settings.sending_application),
-                4: hd(settings.sending_facility),
-                5: hd(settings.receiving_application),
-                6: hd(settings.receiving_facility),
-                7: when,
-                9: "ORU^R01^ORU_R01",
-                10: control_id(summary),
-                11: "P",
-                12: HL7_VERSION,
-                18: CHARSET,
-            },
-        ),
-        segment(
-            "PID",
-            {
-                1: "1",
-                3: escape(summary.patient_id.strip()),
-                5: xpn_from_dicom(summary.patient_name),
-                7: birth if _DA.match(birth) else "",
-                8: sex if sex in {"M", "F", "O"} else "",  # DICOM M/F/O = table 0001 M/F/O
-            },
-        ),
+        _msh(settings, "ORU^R01^ORU_R01", control_id(summary), when),
+        _pid(summary),
         segment("ORC", {1: "RE", 2: accession, 3: accession, 9: when}),
         segment(
             "OBR",

@@ -58,6 +58,7 @@ BATCH = 32
 # Keyed by str: a row's kind is the adapter name's suffix (MessageKind is a StrEnum).
 CONTENT_TYPES: dict[str, str] = {
     MessageKind.HL7: HL7_CONTENT_TYPE,
+    MessageKind.HL7_ORDER: HL7_CONTENT_TYPE,
     MessageKind.FHIR: fhir_adapter.CONTENT_TYPE,
     MessageKind.WEBHOOK: webhook_adapter.CONTENT_TYPE,
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from support.net import free_port, wait_for
 from support.notify import (
@@ -166,3 +166,67 @@ def test_ack_reader_honours_other_delimiters() -> None:
     ack = parse_ack(b"MSH#*$!%#RIS#RAD\rMSA#AE#ID1#bad !F! value\rERR####E####user*msg")
     assert ack.code == "AE" and ack.control_id == "ID1"
     assert ack.text == "bad # value; user msg"
+
+
+# -- the ORM^O01 order change: the same MLLP exchange, its own delivery kind -----------------
+
+
+def orm_settings(port: int, messages: list[str]) -> AdaptersSettings:
+    return adapters(hl7={"enabled": True, "host": "127.0.0.1", "port": port, "messages": messages})
+
+
+def test_oru_and_orm_both_reach_the_ris_each_acknowledged(
+    mllp_listener: ListenerFactory, make_summary: SummaryFactory
+) -> None:
+    listener = mllp_listener(lambda m: ack_for(m, "AA"))
+    settings = orm_settings(listener.port, ["oru", "orm"])
+    messages = messages_for(settings, make_summary(priority="STAT"))
+    assert [m.kind for m in messages] == ["hl7", "hl7_order"]
+    assert all(send(settings, m).ok for m in messages)
+    types = [one_segment(parse_message(r), "MSH").components(9)[:2] for r in listener.received]
+    assert types == [["ORU", "R01"], ["ORM", "O01"]]
+    orc = one_segment(parse_message(listener.received[1]), "ORC")
+    assert orc.raw(1) == "XO" and orc.components(7) == ["", "", "", "", "", "S"]
+
+
+def test_orm_ae_is_retried_with_the_same_bytes_and_ar_is_refused(
+    mllp_listener: ListenerFactory, make_summary: SummaryFactory
+) -> None:
+    err = "ERR||ORC^1^2|204^Unknown key identifier^HL70357|E||||Order not found"
+    answers = iter([("AE", err), ("AA", ""), ("AR", "")])
+    listener = mllp_listener(lambda m: _answer(m, answers))
+    settings = orm_settings(listener.port, ["orm"])
+    [message] = messages_for(settings, make_summary(priority="HIGH"))
+    first = send(settings, message)
+    assert not first.ok and first.error.startswith("MSA-1 AE") and "Order not found" in first.error
+    assert send(settings, message).ok
+    rejected = send(settings, message)
+    assert not rejected.ok and rejected.error.startswith("MSA-1 AR")
+    assert listener.received == [message.payload] * 3
+
+
+def _answer(message: bytes, answers: Iterator[tuple[str, str]]) -> bytes:
+    code, err = next(answers)
+    return ack_for(message, code, err=err)
+
+
+def test_routine_or_unordered_study_sends_no_order_change(
+    mllp_listener: ListenerFactory, make_summary: SummaryFactory
+) -> None:
+    # The node does not know what the clinician ordered: it raises priorities, never lowers
+    # one, and an order without an Accession Number is not one the RIS can find.
+    listener = mllp_listener(lambda m: ack_for(m, "AA"))
+    settings = orm_settings(listener.port, ["oru", "orm"])
+    assert [m.kind for m in messages_for(settings, make_summary(priority="ROUTINE"))] == ["hl7"]
+    no_accession = make_summary(priority="STAT", accession_number="  ")
+    assert [m.kind for m in messages_for(settings, no_accession)] == ["hl7"]
+
+
+def test_orm_taken_out_of_the_settings_is_not_sent(
+    mllp_listener: ListenerFactory, make_summary: SummaryFactory
+) -> None:
+    listener = mllp_listener(lambda m: ack_for(m, "AA"))
+    [message] = messages_for(orm_settings(listener.port, ["orm"]), make_summary())
+    result = send(orm_settings(listener.port, ["oru"]), message)
+    assert not result.ok and "disabled" in result.error
+    assert listener.connections == 0
