@@ -104,3 +104,75 @@ def test_adapters_through_the_node(
     )
     log = node.log_path.read_text()
     assert "DEMO^ALPHA" not in log and "DEMO0001" not in log
+
+
+def test_order_change_through_the_node_is_its_own_delivery_retried_after_ae(
+    make_node, sqlite_url: str, repo_root: Path, tmp_path: Path
+) -> None:
+    model = make_test_artifact(tmp_path / "model", threshold=0.0)  # every study urgent
+    refused_once: list[bytes] = []
+
+    def respond(message: bytes) -> bytes:
+        is_orm = one_segment(parse_message(message), "MSH").raw(9).startswith("ORM")
+        if is_orm and not refused_once:
+            refused_once.append(message)
+            return ack_for(message, "AE", text="order locked")
+        return ack_for(message, "AA")
+
+    ris = MLLPListener(respond)
+    try:
+        node = make_node(
+            sqlite_url,
+            roles=("scp", "worker"),
+            routing=[
+                {"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR", "DX"]}
+            ],
+            adapters={
+                "hl7": {
+                    "enabled": True,
+                    "host": "127.0.0.1",
+                    "port": ris.port,
+                    "messages": ["oru", "orm"],
+                }
+            },
+            delivery={"sweep_interval_s": 0.3, "backoff_initial_s": 0.3, "backoff_max_s": 0.6},
+            demo=True,
+        )
+        sample = repo_root / "sample_studies" / "demo01" / "demo01_PA.dcm"
+        ds = pydicom.dcmread(sample, stop_before_pixels=True)
+        with node:
+            with raw_association(
+                node.port, contexts=[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))]
+            ) as assoc:
+                assert store_file(assoc, sample) == 0
+            db = make_database(sqlite_url)
+            try:
+
+                def states() -> dict[str, tuple[str, int]]:
+                    with db.read() as s:
+                        return {
+                            d.destination: (d.state, d.attempts)
+                            for d in s.scalars(
+                                select(Delivery).where(Delivery.kind.in_(["hl7", "hl7_order"]))
+                            )
+                        }
+
+                wait_for(
+                    lambda: (
+                        {state for state, _ in states().values()} == {"sent"} and len(states()) == 2
+                    ),
+                    120,
+                    "ORU and ORM sent",
+                )
+                final = states()
+            finally:
+                db.dispose()
+    finally:
+        ris.stop()
+
+    assert final["adapter:hl7"][1] == 1 and final["adapter:hl7_order"][1] == 2
+    orms = [m for m in ris.received if m.startswith(b"MSH|^~\\&|DDN_NODE") and b"ORM^O01" in m]
+    assert len(orms) == 2 and orms[0] == orms[1] == refused_once[0]  # the retry is the same
+    orc = one_segment(parse_message(orms[0]), "ORC")
+    assert orc.raw(1) == "XO" and orc.components(7)[5] in {"S", "A"}
+    assert orc.raw(2) == str(ds.AccessionNumber)
