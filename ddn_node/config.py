@@ -526,7 +526,7 @@ class DriftSettings(_Section):
 
     enabled: bool = True
     window: Annotated[int, Field(ge=10)] = 200  # the latest images of a model version and head
-    min_images: Annotated[int, Field(ge=10)] = 50  # fewer: figures shown, no alarm
+    min_images: Annotated[int, Field(ge=10)] = 100  # fewer: figures shown, no alarm
     psi_alarm: Annotated[float, Field(gt=0)] = 0.25
     # Back under this before the alarm clears, so a PSI wavering at the threshold raises
     # one alarm, not one per image.
