@@ -538,6 +538,19 @@ class RetentionSettings(_Section):
     interval_s: Seconds = 3600
 
 
+class DriftSettings(_Section):
+    """``[drift]``: the input and score distributions against the model's validation set
+    (``pipeline/drift.py``). PSI bands as usually read: < 0.1 no change, >= 0.25 a shift."""
+
+    enabled: bool = True
+    window: Annotated[int, Field(ge=10)] = 200  # the latest images of a model version and head
+    min_images: Annotated[int, Field(ge=10)] = 100  # fewer: figures shown, no alarm
+    psi_alarm: Annotated[float, Field(gt=0)] = 0.25
+    # Back under this before the alarm clears, so a PSI wavering at the threshold raises
+    # one alarm, not one per image.
+    psi_clear: Annotated[float, Field(gt=0)] = 0.1
+
+
 class AuditSettings(_Section):
     """Where the audit trail goes besides the database: a syslog audit repository.
 
@@ -591,6 +604,7 @@ class Settings(_Section):
     adapters: AdaptersSettings = AdaptersSettings()
     retention: RetentionSettings = RetentionSettings()
     audit: AuditSettings = AuditSettings()
+    drift: DriftSettings = DriftSettings()
     logging: LoggingSettings = LoggingSettings()
     demo: bool = Field(
         default=False, description="marks results 'NOT FOR DIAGNOSTIC USE' even for clinical models"

@@ -307,7 +307,43 @@ def model_bench(
     )
 
 
+def drift_reference(
+    model: Annotated[
+        Path, typer.Option(help="Artifact directory (models/NAME)", exists=True, file_okay=False)
+    ],
+    images: Annotated[
+        Path, typer.Option(help="Folder of the training images", exists=True, file_okay=False)
+    ],
+    labels: Annotated[
+        Path,
+        typer.Option(
+            help="NIH label CSV (View Position, OrigWidth, OrigHeight)", exists=True, dir_okay=False
+        ),
+    ],
+    head: Annotated[str | None, typer.Option(help="Head (default: the first)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Write the artifact's drift reference (drift_reference.json) from its validation split."""
+    from ddn_node.model.drift_reference import write_reference
+    from ddn_node.training.drift_reference import (
+        DriftReferenceError,
+        ReferenceConfig,
+        compute_reference,
+    )
+
+    try:
+        reference = compute_reference(
+            ReferenceConfig(model=model, images=images, labels=labels, head=head, device=device)
+        )
+    except (DriftReferenceError, OSError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    out = write_reference(model, reference)
+    typer.echo(f"wrote {out} ({reference.provenance['n_images']} validation images)")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``evaluate`` to the node's CLI."""
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("drift-reference")(drift_reference)

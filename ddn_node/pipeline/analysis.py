@@ -34,6 +34,7 @@ from ddn_node.dicom.results.overlay import MAX_SIDE, fit_display
 from ddn_node.dicom.spool import Spool
 from ddn_node.model.inference import ForwardPass, Predictor, study_probabilities
 from ddn_node.model.types import StudyPrediction
+from ddn_node.pipeline.drift import ImageInputs, image_inputs
 from ddn_node.pipeline.registry import AnalysisError, ModelRegistry
 from ddn_node.pipeline.routing import (
     StoredInstance,
@@ -89,6 +90,7 @@ class Analysis:
     forward: ForwardPass | None = None  # the backbone's features, until the maps are drawn
     prediction: StudyPrediction | None = None
     decision: TriageDecision | None = None
+    inputs: tuple[ImageInputs, ...] = ()  # per scored image, for the drift monitor
     objects: ResultObjects | None = None
     result_id: int | None = None
     files: tuple[tuple[ResultKind, Dataset, str], ...] = ()
@@ -250,10 +252,21 @@ class ModelSteps:
             normal=normal,
             scored_images=len(predictions),
         )
+        # A few numbers per scored image while its pixels and probabilities are at hand.
+        inputs = tuple(
+            image_inputs(
+                image,
+                a.sources[s.source].dataset,
+                p.probabilities,
+                predictor.abnormality_score(head, p.probabilities),
+            )
+            for image, s, p in zip(a.images, a.scored, predictions, strict=True)
+        )
         return replace(
             a,
             forward=forward,
             prediction=prediction,
+            inputs=inputs,
             decision=decide(self.settings.triage, labels, study_probs, score),
             timings_ms=a.timed(
                 model_ms=ms_since(t0), forward_ms=predictor.timings_ms.get("model", 0.0)

@@ -82,6 +82,10 @@ _KINDS: dict[str, _Kind] = {
     # New data about the study (the radiologist's verdicts), none of its instances changed.
     AuditEventName.FEEDBACK_RECORDED: _Kind(_ACCESSED, "C"),
     AuditEventName.PURGED: _Kind(("110105", "DICOM Study Deleted"), "D", actor_is_requestor=False),
+    # The node's own finding about the model it runs: no instance, no user asked for it.
+    AuditEventName.DRIFT_ALARM: _Kind(
+        ("110100", "Application Activity"), "E", actor_is_requestor=False
+    ),
 }
 _UNKNOWN = _Kind(("110100", "Application Activity"), "E")
 

@@ -150,3 +150,20 @@ def write_plots(report: MonitorReport, directory: Path) -> list[Path]:
             path.write_bytes(data)
             written.append(path)
     return written
+
+
+def drift_png(feature: str, histogram: dict[str, list], psi: float, ks: float | None) -> bytes:
+    """One feature's shares per bin: the validation set against the node's window."""
+    bins = [str(b) for b in histogram.get("bins", [])]
+    reference = [float(v) for v in histogram.get("reference", [])]
+    current = [float(v) for v in histogram.get("current", [])]
+    figure = Figure(figsize=(6, 3.6))
+    ax = figure.subplots()
+    xs = list(range(len(bins)))
+    ax.bar([x - 0.2 for x in xs], reference, width=0.4, label="validation set", color="0.6")
+    ax.bar([x + 0.2 for x in xs], current, width=0.4, label="this node (window)", color="C3")
+    ax.set_xticks(xs, bins, rotation=45, ha="right", fontsize=7)
+    stat = f"PSI {psi:.3f}" + ("" if ks is None else f", KS {ks:.3f}")
+    ax.set(ylabel="share of images", title=f"{feature}: {stat}")
+    ax.legend(loc="best", fontsize=8)
+    return _png(figure)

@@ -37,6 +37,7 @@ from ddn_node.dicom.results.content import make_uid
 from ddn_node.dicom.results.rejection import Withdrawn, build_rejection_note
 from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline.analysis import Analysis, ms_since
+from ddn_node.pipeline.drift import DriftMonitor, ModelKey, record_inputs
 from ddn_node.pipeline.notices import queue_messages
 from ddn_node.store import lifecycle
 from ddn_node.store import results as records
@@ -68,6 +69,7 @@ class ReportingSteps:
         self.send_now = send_now
         # Wakes the delivery loop once results are queued.
         self.on_results = on_results
+        self.drift = DriftMonitor(settings.drift, database, clock)
 
     def wanted(self, kind: ResultKind) -> list[str]:
         """The destinations that take ``kind`` (a rejection note: those that withdraw
@@ -116,6 +118,8 @@ class ReportingSteps:
         result_id = self._record_report(a, objects, relpath, earlier)
         if result_id is None:
             return None
+        if earlier is None and a.inputs:
+            self.drift.after_report(self._model_key(a), a.predictor.artifact.path)
         return replace(
             a, objects=objects, result_id=result_id, timings_ms=a.timed(sr_ms=ms_since(t0))
         )
@@ -152,9 +156,17 @@ class ReportingSteps:
                 deliveries=deliveries,
                 now=now,
             )
+            # With the result, so a retried job records its images once.
+            if self.settings.drift.enabled:
+                record_inputs(session, self._model_key(a), a.inputs, now)
             # The worklist re-orders as the SR leaves, not after the other objects.
             lifecycle.triage(session, lease, self._triage_of(a), now)
             return result_id
+
+    @staticmethod
+    def _model_key(a: Analysis) -> ModelKey:
+        prediction, _ = a.predicted()
+        return ModelKey(prediction.algorithm.name, prediction.algorithm.version, prediction.head)
 
     @staticmethod
     def _report_of(a: Analysis, sr: Dataset, relpath: str) -> records.Report:

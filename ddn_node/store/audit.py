@@ -38,6 +38,9 @@ class AuditEventName:
     # labels, whether a note came with it; never which labels or what was said).
     FEEDBACK_RECORDED = "feedback.recorded"
     PURGED = "retention.purged"
+    # A model's inputs or scores left its validation set's distribution (detail: model,
+    # version, head, the features newly over the PSI threshold with their PSI / KS, window).
+    DRIFT_ALARM = "model.drift_alarm"
 
 
 def add_audit(

@@ -527,3 +527,62 @@ class FindingFeedback(Base):
         ),
         _SQLITE_ARGS,
     )
+
+
+class DriftObservation(Base):
+    """What one analysed image looked like to the drift monitor (``pipeline/drift.py``).
+
+    A handful of numbers per scored image, no identifiers at all (no study, no UID): the
+    monitor compares their distribution over a window with the model's validation set, so
+    nothing here cascades from ``studies`` and retention leaves it alone.
+    """
+
+    __tablename__ = "drift_observations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    head: Mapped[str] = mapped_column(String(64))
+    intensity_mean: Mapped[float] = mapped_column(Float)
+    intensity_std: Mapped[float] = mapped_column(Float)
+    size: Mapped[int] = mapped_column(Integer)  # the long side in pixels (Rows, Columns)
+    manufacturer: Mapped[str] = mapped_column(String(64), default="")
+    view: Mapped[str] = mapped_column(String(16), default="")
+    score: Mapped[float] = mapped_column(Float)  # the image's abnormality score
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+
+    __table_args__ = (
+        # The window: the latest rows of one model version and head.
+        Index("ix_drift_observations_model", "model_name", "model_version", "head", "id"),
+        _SQLITE_ARGS,
+    )
+
+
+class DriftState(Base):
+    """The latest drift figures of one feature of one model version and head, and whether
+    it is in alarm: the metrics and the admin page read these, the alarm's audit event is
+    written when ``alarmed`` turns true."""
+
+    __tablename__ = "drift_states"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    head: Mapped[str] = mapped_column(String(64))
+    feature: Mapped[str] = mapped_column(String(80))
+    n: Mapped[int] = mapped_column(Integer)  # images in the window
+    psi: Mapped[float] = mapped_column(Float)
+    ks: Mapped[float | None] = mapped_column(Float, nullable=True)  # numeric features only
+    alarmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    alarmed_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # {"bins": [names], "reference": [shares], "current": [shares]} for the page's plots.
+    histogram: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "model_name", "model_version", "head", "feature", name="uq_drift_states_feature"
+        ),
+        _SQLITE_ARGS,
+    )

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import func, select
 
 from ddn_node.pipeline.monitor import (
     MonitorReport,
@@ -20,7 +21,8 @@ from ddn_node.pipeline.monitor import (
     hours_text,
     proportion_text,
 )
-from ddn_node.pipeline.monitor_plots import calibration_png, roc_png, time_to_read_png
+from ddn_node.pipeline.monitor_plots import calibration_png, drift_png, roc_png, time_to_read_png
+from ddn_node.store.models import DriftObservation, DriftState
 from ddn_node.store.quarantine import EXPLANATIONS, open_conflicts
 from ddn_node.vocabulary import ConflictKind
 from ddn_node.web.auth import Principal, require_admin
@@ -100,4 +102,67 @@ def monitor_plot(
         data = (roc_png if plot == "roc" else calibration_png)(report.models[model])
     if data is None:
         raise HTTPException(status_code=404, detail="nothing to draw yet")
+    return Response(data, media_type="image/png")
+
+
+# -- drift: the inputs and scores against the model's validation set -------------------
+
+
+@router.get("/admin/drift")
+def drift_page(
+    request: Request, _admin: Annotated[Principal, Depends(require_admin)]
+) -> HTMLResponse:
+    # Distributions of numbers without identifiers: not a read of patient data.
+    with request.app.state.database.read() as session:
+        states = list(
+            session.scalars(
+                select(DriftState).order_by(
+                    DriftState.model_name,
+                    DriftState.model_version,
+                    DriftState.head,
+                    DriftState.alarmed.desc(),
+                    DriftState.psi.desc(),
+                )
+            )
+        )
+        manufacturers = session.execute(
+            select(
+                DriftObservation.model_name,
+                DriftObservation.model_version,
+                DriftObservation.head,
+                DriftObservation.manufacturer,
+                func.count(),
+            ).group_by(
+                DriftObservation.model_name,
+                DriftObservation.model_version,
+                DriftObservation.head,
+                DriftObservation.manufacturer,
+            )
+        ).all()
+    models: dict[tuple[str, str, str], dict[str, list]] = {}
+    for st in states:
+        entry = models.setdefault(
+            (st.model_name, st.model_version, st.head), {"states": [], "manufacturers": []}
+        )
+        entry["states"].append(st)
+    for name, version, head, maker, n in manufacturers:
+        entry = models.setdefault((name, version, head), {"states": [], "manufacturers": []})
+        entry["manufacturers"].append((maker or "(none given)", n))
+    return _render(
+        request,
+        "admin_drift.html",
+        models=list(models.items()),
+        settings=request.app.state.settings.drift,
+    )
+
+
+@router.get("/admin/drift/{state_id}.png")
+def drift_plot(
+    request: Request, state_id: int, _admin: Annotated[Principal, Depends(require_admin)]
+) -> Response:
+    with request.app.state.database.read() as session:
+        state = session.get(DriftState, state_id)
+        if state is None:
+            raise HTTPException(status_code=404, detail="no such feature")
+        data = drift_png(state.feature, state.histogram, state.psi, state.ks)
     return Response(data, media_type="image/png")

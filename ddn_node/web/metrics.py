@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ddn_node.pipeline.worklist import EFFECTIVE_PRIORITY, NOT_READ
 from ddn_node.store.engine import Database
-from ddn_node.store.models import Delivery, Instance, Job, Result, Study, utcnow
+from ddn_node.store.models import Delivery, DriftState, Instance, Job, Result, Study, utcnow
 from ddn_node.vocabulary import DeliveryState, JobState
 
 log = structlog.get_logger("ddn_node.web")
@@ -184,6 +184,37 @@ class DatabaseCollector(Collector):
                     oldest.add_metric([priority], max(0.0, (now - first).total_seconds()))
             yield unread
             yield oldest
+
+            yield from _drift_metrics(list(session.scalars(select(DriftState))))
+
+
+def _drift_metrics(states: list[DriftState]) -> Iterator[Metric]:
+    """The drift monitor's latest figures per model version, head and feature."""
+    names = ["model", "version", "head", "feature"]
+    psi = GaugeMetricFamily(
+        "ddn_drift_psi", "population stability index against the validation set", labels=names
+    )
+    ks = GaugeMetricFamily(
+        "ddn_drift_ks", "Kolmogorov-Smirnov statistic against the validation set", labels=names
+    )
+    alarm = GaugeMetricFamily(
+        "ddn_drift_alarm", "1 while a feature is in drift alarm", labels=names
+    )
+    n = GaugeMetricFamily("ddn_drift_window_images", "images in the drift window", labels=names[:3])
+    windows: dict[tuple[str, str, str], int] = {}
+    for s in states:
+        key = [s.model_name, s.model_version, s.head, s.feature]
+        psi.add_metric(key, s.psi)
+        if s.ks is not None:
+            ks.add_metric(key, s.ks)
+        alarm.add_metric(key, 1 if s.alarmed else 0)
+        windows[(s.model_name, s.model_version, s.head)] = s.n
+    for key3, images in windows.items():
+        n.add_metric(list(key3), images)
+    yield psi
+    yield ks
+    yield alarm
+    yield n
 
 
 class WebMetrics:
