@@ -44,7 +44,7 @@ from ddn_node.pipeline.worker import Worker
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.ingest import record_instance
 from ddn_node.store.migrate import upgrade
-from ddn_node.store.models import Delivery, Job, Result, utcnow
+from ddn_node.store.models import Delivery, DriftObservation, Job, Result, utcnow
 from ddn_node.vocabulary import InstanceOrigin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,6 +213,16 @@ def test_real_mr_series_scores_primary_slices_and_the_most_abnormal_decides(
     assert read_sr(sr).abnormality_score == pytest.approx(want["score"], abs=1e-3)
     notumor = next(s for s in predictor.artifact.labels("brain_mri") if s.name == "notumor")
     _assert_normal_class_is_no_finding(result, sr, notumor.threshold)
+
+    # The drift monitor saw each scored slice once, with what the worker scored.
+    with node.database.read() as s:
+        seen = s.scalars(select(DriftObservation).order_by(DriftObservation.id)).all()
+    assert len(seen) == len(series)
+    assert {o.head for o in seen} == {"brain_mri"}
+    assert sorted(round(o.score, 4) for o in seen) == sorted(
+        round(1 - p["notumor"], 4) for p in want["per_image"]
+    )
+    assert all(o.size == 512 and 0 <= o.intensity_mean <= 1 for o in seen)
 
 
 def _multiframe(shared_data: Path, frames: Sequence[np.ndarray]) -> Dataset:
