@@ -1,7 +1,7 @@
 """``ddn-node``: the command line for administrators and ML engineers.
 
 Each group of commands lives with what it drives (``node_cmds``, ``model_cmds``,
-``ops_cmds``, ``monitor_cmds``, ``bench_cmds``); this module only assembles them.
+``ops_cmds``, ``monitor_cmds``, ``promotion_cmds``, ``bench_cmds``); this module only assembles them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ddn_node.cli import (
     monitor_cmds,
     node_cmds,
     ops_cmds,
+    promotion_cmds,
 )
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ model_cmds.register(app)
 ops_cmds.register(app)
 conflict_cmds.register(app)
 monitor_cmds.register(app)
+promotion_cmds.register(app)
 bench_cmds.register(app)
 
 

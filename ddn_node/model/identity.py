@@ -28,3 +28,15 @@ def manifest_device_uid(artifact: Path) -> str | None:
         return device_uid_from_sha256(str(manifest["weights"]["sha256"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def manifest_name(artifact: Path) -> tuple[str, str, bool]:
+    """(name, version, is_demo) from the manifest in ``artifact``, without torch, for the
+    pages and commands that only say which model is where; ValueError when unreadable."""
+    try:
+        manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+        return str(manifest["name"]), str(manifest["version"]), bool(manifest.get("is_demo", True))
+    except OSError as exc:
+        raise ValueError(f"cannot read {artifact / 'manifest.json'}: {exc.strerror}") from exc
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{artifact / 'manifest.json'} is not a model manifest") from exc

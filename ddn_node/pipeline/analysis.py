@@ -4,13 +4,19 @@ The steps here are the model's side: which images, their pixels, the model's pro
 and triage decision, the heat maps. ``pipeline/reporting.py`` holds the results' side (the
 SR and the other objects, their files and records). The worker runs them in two phases::
 
-    phase 1 (the report)    start -> decode -> predict -> localise -> report -> send -> park
+    phase 1 (the report)    start -> decode -> predict -> localise -> report -> send
+                            -> shadow -> park
     phase 2 (the pictures)  build_objects -> record
 
 Heat maps are drawn in phase 1 because the SR outlines each finding on its image; they are
 cheap (Grad-CAM back-propagates only through the layers after the last stage). The
 Parametric Maps and overlays, which take longer to build, wait for phase 2, so the SRs of
 studies that arrive meanwhile go first.
+
+A candidate model assigned to the rule (``ddn-node model shadow``, store/assignments.py)
+scores the same images in ``shadow``, after the live report has been sent: what it says
+is stored (store/shadow.py) and never sent, and nothing it does, fails included, changes
+the live analysis.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import datetime as dt
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -44,8 +51,11 @@ from ddn_node.pipeline.routing import (
     study_instances,
 )
 from ddn_node.pipeline.triage import TriageDecision, decide
+from ddn_node.store.assignments import assignment
 from ddn_node.store.engine import Database
+from ddn_node.store.feedback import study_ref
 from ddn_node.store.lifecycle import Lease
+from ddn_node.store.shadow import ShadowRecord, record_shadow
 from ddn_node.vocabulary import ResultKind
 
 log = structlog.get_logger("ddn_node.worker")
@@ -81,6 +91,7 @@ class Analysis:
     rule: RoutingRule
     predictor: Predictor
     routed: tuple[StoredInstance, ...]
+    shadow: Predictor | None = None  # a candidate beside the live model (never sent)
     sources: tuple[Source, ...] = ()
     # One per scored image (frame) until the heat maps are drawn, then one per source:
     # the frame that decided for it (``localise``).
@@ -91,6 +102,10 @@ class Analysis:
     prediction: StudyPrediction | None = None
     decision: TriageDecision | None = None
     inputs: tuple[ImageInputs, ...] = ()  # per scored image, for the drift monitor
+    # Every scored image as the live model saw it, with its SOP Instance UID, kept from
+    # ``localise`` (which keeps one per source) until the candidate has scored them too;
+    # empty without a candidate.
+    shadow_images: tuple[tuple[str, np.ndarray], ...] = ()
     objects: ResultObjects | None = None
     result_id: int | None = None
     files: tuple[tuple[ResultKind, Dataset, str], ...] = ()
@@ -134,6 +149,12 @@ class ModelSteps:
         """The route completion decided: the rule, and the instances it selected."""
         with self.database.read() as session:
             stored = study_instances(session, lease.study_id)
+            rule_name = lease.route.rule if lease.route is not None else None
+            assigned = (
+                None
+                if rule_name is None
+                else assignment(session, rule_name, self.models.rule(rule_name).model)
+            )
         if lease.route is None:
             # A job queued before routes were stored on jobs: route it now, once.
             paths = {s.facts.instance_id: s.path for s in stored}
@@ -147,9 +168,25 @@ class ModelSteps:
         routed = tuple(s for s in stored if s.facts.instance_id in wanted)
         if not routed:
             raise AnalysisError("the routed instances are no longer stored", permanent=True)
+        live = self.models.predictor(rule, assigned.live if assigned else None)
         return Analysis(
-            lease=lease, rule=rule, predictor=self.models.predictor(rule), routed=routed
+            lease=lease,
+            rule=rule,
+            predictor=live,
+            routed=routed,
+            shadow=self._candidate(rule, assigned.shadow if assigned else None),
         )
+
+    def _candidate(self, rule: RoutingRule, path: Path | None) -> Predictor | None:
+        """The shadow's predictor; one that cannot be loaded is logged and skipped (the
+        live analysis goes on)."""
+        if path is None:
+            return None
+        try:
+            return self.models.predictor(rule, path)
+        except Exception as exc:  # noqa: BLE001 - a candidate never fails the live analysis
+            log.warning("worker.shadow_failed", rule=rule.name, model=str(path), error=str(exc))
+            return None
 
     def decode(self, a: Analysis) -> Analysis:
         """Every frame of every routed instance, thinned evenly to the rule's
@@ -298,7 +335,18 @@ class ModelSteps:
                 )
         if allowed & set(prediction.positive):
             a.predictor.add_heatmaps(prediction.images, a.forward, only=allowed)
-        return self._per_source(replace(a, timings_ms=a.timed(gradcam_ms=ms_since(t0))))
+        return self._per_source(
+            replace(
+                a,
+                timings_ms=a.timed(gradcam_ms=ms_since(t0)),
+                shadow_images=tuple(
+                    (a.sources[s.source].sop_instance_uid, image)
+                    for s, image in zip(a.scored, a.images, strict=True)
+                )
+                if a.shadow is not None
+                else (),
+            )
+        )
 
     @staticmethod
     def _per_source(a: Analysis) -> Analysis:
@@ -326,6 +374,76 @@ class ModelSteps:
             scored=tuple(a.scored[i] for i in keep),
         )
 
+    def shadow(self, a: Analysis) -> Analysis:
+        """The candidate's verdict on the images the live model scored, stored and never
+        sent; it runs after the live report left, and whatever happens here leaves the live
+        analysis as it was."""
+        if a.shadow is None or not a.shadow_images:
+            return a
+        t0 = time.perf_counter()
+        try:
+            record = self._shadow_record(a, a.shadow)
+            with self.database.session() as session:
+                stored = record_shadow(session, replace(record, model_ms=ms_since(t0)))
+            log.info(
+                "worker.shadow_scored",
+                study_id=a.lease.study_id,
+                rule=a.rule.name,
+                model=record.model_name,
+                version=record.model_version,
+                abnormality_score=round(record.abnormality_score, 4),
+                priority=record.priority,
+                recorded=stored,
+                ms=round(ms_since(t0), 1),
+            )
+        except Exception as exc:  # noqa: BLE001 - a candidate never fails the live analysis
+            log.warning(
+                "worker.shadow_failed",
+                study_id=a.lease.study_id,
+                rule=a.rule.name,
+                model=a.shadow.artifact.name,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        return replace(a, shadow_images=())
+
+    def _shadow_record(self, a: Analysis, candidate: Predictor) -> ShadowRecord:
+        head, artifact = a.rule.head, candidate.artifact
+        predictions, _forward = candidate.predict_deferred(
+            [image for _uid, image in a.shadow_images],
+            head=head,
+            sop_instance_uids=[uid for uid, _image in a.shadow_images],
+        )
+        labels, normal = artifact.labels(head), artifact.head(head).normal_labels
+        probabilities = study_probabilities(predictions, normal)
+        said = StudyPrediction(
+            head=head,
+            labels=labels,
+            probabilities=probabilities,
+            abnormality_score=candidate.abnormality_score(head, probabilities),
+            images=predictions,
+            algorithm=artifact.algorithm,
+            normal=normal,
+            scored_images=len(predictions),
+        )
+        decision = decide(self.settings.triage, labels, probabilities, said.abnormality_score)
+        live = a.predictor.artifact
+        return ShadowRecord(
+            study_ref=study_ref(a.study_uid),
+            generation=a.lease.generation,
+            rule=a.rule.name,
+            model_name=artifact.name,
+            model_version=artifact.version,
+            head=head,
+            live_model_name=live.name,
+            live_model_version=live.version,
+            probabilities=probabilities,
+            thresholds={spec.name: spec.threshold for spec in labels},
+            positive=said.positive,
+            abnormality_score=said.abnormality_score,
+            priority=decision.priority.value,
+            model_ms=0.0,
+        )
+
     @staticmethod
     def park(a: Analysis) -> Analysis:
         """What phase 2 needs, kept small while it waits: no backbone features, display
@@ -337,7 +455,10 @@ class ModelSteps:
                 name: _shrink(m, PARKED_MAP_SIDE) for name, m in image.heatmaps.items()
             }
         return replace(
-            a, forward=None, images=tuple(fit_display(img, MAX_SIDE) for img in a.images)
+            a,
+            forward=None,
+            shadow_images=(),
+            images=tuple(fit_display(img, MAX_SIDE) for img in a.images),
         )
 
     @staticmethod

@@ -86,6 +86,17 @@ _KINDS: dict[str, _Kind] = {
     AuditEventName.DRIFT_ALARM: _Kind(
         ("110100", "Application Activity"), "E", actor_is_requestor=False
     ),
+    # A change of the software that produces results (PS3.15 A.5.3.11 Security Alert,
+    # CID 403 "Software Configuration"), by the engineer named on the row.
+    **{
+        name: _Kind(("110113", "Security Alert"), "E", ("110131", "Software Configuration"))
+        for name in (
+            AuditEventName.MODEL_SHADOW,
+            AuditEventName.MODEL_SHADOW_STOPPED,
+            AuditEventName.MODEL_PROMOTED,
+            AuditEventName.MODEL_ROLLED_BACK,
+        )
+    },
 }
 _UNKNOWN = _Kind(("110100", "Application Activity"), "E")
 

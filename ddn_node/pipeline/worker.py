@@ -127,11 +127,12 @@ class Worker:
         return True
 
     def _phase1(self, lease: Lease) -> Analysis | None:
-        """The report: the findings, their outlines and the SR, sent."""
+        """The report: the findings, their outlines and the SR, sent; then a candidate
+        model's verdict, if one shadows the rule (stored, never sent)."""
         model, reporting = self.model, self.reporting
         analysis = model.localise(model.predict(model.decode(model.start(lease))))
         reported = reporting.report(analysis)
-        return None if reported is None else model.park(reporting.send(reported))
+        return None if reported is None else model.park(model.shadow(reporting.send(reported)))
 
     def _phase2(self, analysis: Analysis) -> bool:
         """The pictures: Parametric Maps and overlays, and everything recorded."""

@@ -41,6 +41,13 @@ class AuditEventName:
     # A model's inputs or scores left its validation set's distribution (detail: model,
     # version, head, the features newly over the PSI threshold with their PSI / KS, window).
     DRIFT_ALARM = "model.drift_alarm"
+    # Which model a routing rule runs (detail: rule, model name and version, artifact path,
+    # the one it replaced): a candidate put beside the live model, taken away, promoted to
+    # live, or rolled back.
+    MODEL_SHADOW = "model.shadow_started"
+    MODEL_SHADOW_STOPPED = "model.shadow_stopped"
+    MODEL_PROMOTED = "model.promoted"
+    MODEL_ROLLED_BACK = "model.rolled_back"
 
 
 def add_audit(

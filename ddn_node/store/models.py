@@ -586,3 +586,67 @@ class DriftState(Base):
         ),
         _SQLITE_ARGS,
     )
+
+
+class ModelAssignment(Base):
+    """Which model artifact a routing rule runs live, and which candidate shadows it.
+
+    The config's ``[[routing]] model`` is where a rule starts; a promotion writes the
+    candidate here, and every worker reads this row when it starts a job, so a promotion
+    takes effect at the next study without restarting any process (``store/assignments.py``).
+    """
+
+    __tablename__ = "model_assignments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule: Mapped[str] = mapped_column(String(64), unique=True)
+    # None: the rule's configured model is live.
+    live_model: Mapped[str | None] = mapped_column(Text, nullable=True)
+    shadow_model: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What was live before the last promotion: what a rollback restores (None: the config's).
+    previous_model: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(128), default="")
+
+    __table_args__ = (_SQLITE_ARGS,)
+
+
+class ShadowResult(Base):
+    """What a candidate model said of one study generation: stored, never sent.
+
+    Like feedback, named only by ``study_ref`` (the sha256 of the Study Instance UID,
+    store/feedback.py) and kept when retention deletes the study, so ``ddn-node monitor``
+    can go on comparing the candidate with the live model on the same reviewed studies.
+    """
+
+    __tablename__ = "shadow_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    study_ref: Mapped[str] = mapped_column(String(64), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    rule: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    head: Mapped[str] = mapped_column(String(64))
+    # The live model of the same analysis, for the comparison's pairs.
+    live_model_name: Mapped[str] = mapped_column(String(128))
+    live_model_version: Mapped[str] = mapped_column(String(128))
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)  # study level, per label
+    thresholds: Mapped[dict[str, float]] = mapped_column(JSON)  # the candidate's own
+    positive: Mapped[list[str]] = mapped_column(JSON)
+    abnormality_score: Mapped[float] = mapped_column(Float)
+    priority: Mapped[str] = mapped_column(String(16))  # what triage would have decided
+    model_ms: Mapped[float] = mapped_column(Float, default=0.0)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "study_ref",
+            "generation",
+            "model_name",
+            "model_version",
+            "head",
+            name="uq_shadow_results_case",
+        ),
+        _SQLITE_ARGS,
+    )

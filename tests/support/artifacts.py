@@ -40,6 +40,7 @@ def make_test_artifact(
     threshold: float = 0.0,
     seed: int = 0,
     evidence: Mapping[str, bool] | None = None,
+    version: str = "2026.11.27-test",
 ) -> Path:
     torch.manual_seed(seed)
     config = DDNConfig(
@@ -48,7 +49,7 @@ def make_test_artifact(
     model = DDN(config).eval()
     manifest = Manifest(
         name="ddn-test",
-        version="2026.11.27-test",
+        version=version,
         algorithm_name="DDN test model",
         architecture=architecture_of(model.config),
         heads={
