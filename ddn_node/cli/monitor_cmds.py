@@ -17,7 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ddn_node.cli.common import ConfigOption, exit_unreadable, load_or_exit
-from ddn_node.pipeline.monitor import MonitorReport, Waits, auc_text, hours_text, proportion_text
+from ddn_node.pipeline.monitor import (
+    MonitorReport,
+    ShadowComparison,
+    Waits,
+    auc_text,
+    difference_text,
+    hours_text,
+    proportion_text,
+)
 
 
 def report_json(report: MonitorReport) -> dict[str, Any]:
@@ -26,6 +34,10 @@ def report_json(report: MonitorReport) -> dict[str, Any]:
     for model in out["models"]:
         for label in model["labels"]:
             label.pop("scored")
+    for shadow in out["shadows"]:
+        for label in shadow["labels"]:
+            label["live"].pop("scored")
+            label["candidate"].pop("scored")
     for waits in (out["triage"]["urgent"], out["triage"]["routine"]):
         waits.pop("waits_s")
         waits.pop("baseline_waits_s")
@@ -63,6 +75,8 @@ def print_report(report: MonitorReport, console: Console) -> None:
             f"{', '.join(report.critical_findings)}): {proportion_text(model.stat_precision)}",
             highlight=False,
         )
+    for shadow in report.shadows:
+        print_shadow(shadow, report.critical_findings, console)
     triage = Table(
         title="Triage effect: arrival to first read",
         title_justify="left",
@@ -99,6 +113,52 @@ def print_report(report: MonitorReport, console: Console) -> None:
     console.print(
         "baseline: the same reading moments given to the studies in arrival order"
         + ("" if rate is None else f"; {rate:.1f} reads per hour"),
+        highlight=False,
+    )
+
+
+def print_shadow(shadow: ShadowComparison, critical: list[str], console: Console) -> None:
+    table = Table(
+        title=(
+            f"Shadow: candidate {shadow.candidate_name} {shadow.candidate_version} vs live "
+            f"{shadow.live_name} {shadow.live_version} ({shadow.head}): scored "
+            f"{shadow.scored} studies, {shadow.reviewed} reviewed, priority different in "
+            f"{shadow.priority_changed}"
+        ),
+        title_justify="left",
+        header_style="bold",
+        pad_edge=False,
+        box=box.SIMPLE_HEAD,
+    )
+    for column in (
+        "Label",
+        "Sensitivity live",
+        "Sensitivity candidate",
+        "PPV live",
+        "PPV candidate",
+        "AUC live",
+        "AUC candidate",
+        "AUC difference",
+    ):
+        table.add_column(column, justify="left" if column == "Label" else "right")
+    for lab in shadow.labels:
+        table.add_row(
+            lab.label,
+            proportion_text(lab.live.sensitivity),
+            proportion_text(lab.candidate.sensitivity),
+            proportion_text(lab.live.ppv),
+            proportion_text(lab.candidate.ppv),
+            auc_text(lab.live.auc),
+            auc_text(lab.candidate.auc),
+            difference_text(lab.auc_difference),
+        )
+    console.print(table)
+    console.print(
+        f"precision of STAT ({', '.join(critical)}): live "
+        f"{proportion_text(shadow.live_stat_precision)}, candidate "
+        f"{proportion_text(shadow.candidate_stat_precision)}; AUC difference = candidate - "
+        "live with the paired DeLong 95 % interval: an interval that holds 0 is no evidence "
+        "either way",
         highlight=False,
     )
 

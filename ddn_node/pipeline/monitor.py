@@ -17,6 +17,12 @@ confirmed absent a true negative. Labels nobody gave a verdict on count for noth
   the critical findings (``[triage] critical_findings``), the share where the radiologist
   says one of them is present (Wilson interval).
 
+A candidate model in shadow (``ddn-node model shadow``, store/shadow.py) is compared with
+the live model it ran beside, on the same reviewed study generations: the verdicts on the
+live result are the truth for both, and each label's AUC difference (candidate - live)
+has the paired DeLong interval (DeLong et al. 1988, the covariance of the two models'
+structural components on the same cases), far narrower than two unpaired intervals.
+
 Triage effect, from the worklist's own events: for each study that triage ranked
 (STAT / HIGH: urgent; ROUTINE: routine) and that someone marked read, the time from its
 arrival (first instance received) to its first *read*. The baseline is the same reading
@@ -42,6 +48,7 @@ from sqlalchemy import func, select
 
 from ddn_node.store.engine import Database
 from ddn_node.store.models import Feedback, FindingFeedback, Study, WorklistEvent
+from ddn_node.store.shadow import ShadowRecord, shadow_results
 from ddn_node.vocabulary import Priority, ReadStatus, Verdict
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
@@ -97,6 +104,52 @@ def auc_delong(positives: Sequence[float], negatives: Sequence[float], z: float 
     variance = statistics.variance(v10) / m + statistics.variance(v01) / n
     half = z * math.sqrt(variance)
     return Auc(value, max(0.0, value - half), min(1.0, value + half), m, n)
+
+
+@dataclass(frozen=True)
+class AucDifference:
+    """One model's AUC minus another's on the same cases, with the paired DeLong 95 %
+    interval (the two are correlated: the same studies, the same truth)."""
+
+    value: float
+    low: float | None
+    high: float | None
+
+
+def auc_difference_delong(
+    first: tuple[Sequence[float], Sequence[float]],
+    second: tuple[Sequence[float], Sequence[float]],
+    z: float = Z95,
+) -> AucDifference:
+    """AUC(second) - AUC(first); each is (scores of the positives, of the negatives), in
+    the same case order for both models."""
+    (p1, n1), (p2, n2) = first, second
+    m, n = len(p1), len(n1)
+    if m == 0 or n == 0 or (m, n) != (len(p2), len(n2)):
+        raise ValueError("paired AUCs need the same cases, of both classes, for both models")
+
+    def components(pos: Sequence[float], neg: Sequence[float]) -> tuple[list[float], list[float]]:
+        return (
+            [sum(_psi(x, y) for y in neg) / n for x in pos],
+            [sum(_psi(x, y) for x in pos) / m for y in neg],
+        )
+
+    v10a, v01a = components(p1, n1)
+    v10b, v01b = components(p2, n2)
+    value = sum(v10b) / m - sum(v10a) / m
+    if m < 2 or n < 2:
+        return AucDifference(value, None, None)
+    variance = (
+        statistics.variance(v10a)
+        + statistics.variance(v10b)
+        - 2 * statistics.covariance(v10a, v10b)
+    ) / m + (
+        statistics.variance(v01a)
+        + statistics.variance(v01b)
+        - 2 * statistics.covariance(v01a, v01b)
+    ) / n
+    half = z * math.sqrt(max(variance, 0.0))
+    return AucDifference(value, max(-1.0, value - half), min(1.0, value + half))
 
 
 @dataclass(frozen=True)
@@ -157,11 +210,44 @@ class TriageEffect:
 
 
 @dataclass
+class LabelComparison:
+    """One label on the reviewed cases both models scored."""
+
+    label: str
+    live: LabelPerformance
+    candidate: LabelPerformance
+    auc_difference: AucDifference | None  # candidate - live; None without both classes
+
+
+@dataclass
+class ShadowComparison:
+    """A candidate (shadow) model against the live model it ran beside, on the same
+    studies, judged by the radiologists' verdicts on the live results."""
+
+    live_name: str
+    live_version: str
+    candidate_name: str
+    candidate_version: str
+    head: str
+    scored: int  # study generations the candidate scored
+    reviewed: int  # of those, how many have a verdict on the live result
+    priority_changed: int  # reviewed cases where the candidate's priority would differ
+    labels: list[LabelComparison]
+    live_stat_precision: Proportion
+    candidate_stat_precision: Proportion
+
+    @property
+    def key(self) -> str:
+        return f"{self.candidate_name} {self.candidate_version} vs {self.live_name} {self.live_version}"
+
+
+@dataclass
 class MonitorReport:
     generated_at: dt.datetime
     models: list[ModelPerformance]
     triage: TriageEffect
     critical_findings: list[str]
+    shadows: list[ShadowComparison] = field(default_factory=list)
 
 
 def _quantile(values: Sequence[float], q: float) -> float | None:
@@ -300,11 +386,30 @@ def label_performance(label: str, scored: list[Scored]) -> LabelPerformance:
     )
 
 
+def _stat_precision(
+    cases: Iterable[tuple[str, dict[str, Scored]]], critical: set[str]
+) -> Proportion:
+    """Of the cases ranked STAT (priority, verdicts by label) with a verdict on a critical
+    finding, the share where the radiologist says one is present."""
+    n = k = 0
+    for priority, verdicts in cases:
+        if priority != Priority.STAT.value:
+            continue
+        answers = [s.truth for label, s in verdicts.items() if label.lower() in critical]
+        if answers:  # a verdict on a critical finding: the STAT can be judged
+            n += 1
+            k += any(answers)
+    return wilson(k, n)
+
+
+CaseKey = tuple[str, int, str, str]  # study_ref, generation, model name, version
+
+
 def build_report(
     database: Database, critical_findings: Sequence[str], now: dt.datetime | None = None
 ) -> MonitorReport:
     cases, latest = _latest_verdicts(database)
-    by_case: dict[tuple[str, int, str, str], dict[str, Scored]] = {}
+    by_case: dict[CaseKey, dict[str, Scored]] = {}
     for (ref, generation, name, version, label), scored in latest.items():
         by_case.setdefault((ref, generation, name, version), {})[label] = scored
     critical = {name.lower() for name in critical_findings}
@@ -312,29 +417,108 @@ def build_report(
     for name, version in sorted({(c.model_name, c.model_version) for c in cases.values()}):
         mine = [k for k, c in cases.items() if (c.model_name, c.model_version) == (name, version)]
         per_label: dict[str, list[Scored]] = {}
-        stat_n = stat_k = 0
         for case in mine:
             for label, scored in by_case[case].items():
                 per_label.setdefault(label, []).append(scored)
-            if cases[case].priority == Priority.STAT.value:
-                answers = [s.truth for lab, s in by_case[case].items() if lab.lower() in critical]
-                if answers:  # a verdict on a critical finding: the STAT can be judged
-                    stat_n += 1
-                    stat_k += any(answers)
         models.append(
             ModelPerformance(
                 model_name=name,
                 model_version=version,
                 results_reviewed=len(mine),
                 labels=[label_performance(lab, per_label[lab]) for lab in sorted(per_label)],
-                stat_precision=wilson(stat_k, stat_n),
+                stat_precision=_stat_precision(
+                    ((cases[c].priority, by_case[c]) for c in mine), critical
+                ),
             )
         )
+    with database.read() as session:
+        shadow_rows = shadow_results(session)
     return MonitorReport(
         generated_at=now or dt.datetime.now(dt.UTC),
         models=models,
         triage=triage_effect(_study_times(database)),
         critical_findings=list(critical_findings),
+        shadows=compare_shadows(cases, by_case, shadow_rows, critical),
+    )
+
+
+def compare_shadows(
+    cases: dict[CaseKey, _Case],
+    by_case: dict[CaseKey, dict[str, Scored]],
+    shadows: Sequence[ShadowRecord],
+    critical: set[str],
+) -> list[ShadowComparison]:
+    """Each candidate against the live model it shadowed, on the cases both scored and a
+    radiologist reviewed: the live result's verdicts are the truth for both."""
+    groups: dict[tuple[str, str, str, str, str], list[ShadowRecord]] = {}
+    for row in shadows:
+        key = (row.live_model_name, row.live_model_version, row.model_name, row.model_version)
+        groups.setdefault((*key, row.head), []).append(row)
+    out: list[ShadowComparison] = []
+    for (live_name, live_version, name, version, head), rows in sorted(groups.items()):
+        live_by_label: dict[str, list[Scored]] = {}
+        candidate_by_label: dict[str, list[Scored]] = {}
+        live_stat: list[tuple[str, dict[str, Scored]]] = []
+        candidate_stat: list[tuple[str, dict[str, Scored]]] = []
+        reviewed = changed = 0
+        for row in rows:
+            case = (row.study_ref, row.generation, live_name, live_version)
+            verdicts = by_case.get(case)
+            if not verdicts:
+                continue
+            reviewed += 1
+            changed += row.priority != cases[case].priority
+            mine: dict[str, Scored] = {}
+            for label, truth in verdicts.items():
+                if label not in row.probabilities:
+                    continue  # a label the candidate does not have
+                live_by_label.setdefault(label, []).append(truth)
+                mine[label] = Scored(
+                    probability=row.probabilities[label],
+                    threshold=row.thresholds.get(label),
+                    model_present=label in row.positive,
+                    truth=truth.truth,
+                )
+                candidate_by_label.setdefault(label, []).append(mine[label])
+            live_stat.append((cases[case].priority, verdicts))
+            candidate_stat.append((row.priority, mine))
+        labels = []
+        for label in sorted(live_by_label):
+            live, candidate = live_by_label[label], candidate_by_label[label]
+            difference = None
+            if any(s.truth for s in live) and not all(s.truth for s in live):
+                difference = auc_difference_delong(_classes(live), _classes(candidate))
+            labels.append(
+                LabelComparison(
+                    label=label,
+                    live=label_performance(label, live),
+                    candidate=label_performance(label, candidate),
+                    auc_difference=difference,
+                )
+            )
+        out.append(
+            ShadowComparison(
+                live_name=live_name,
+                live_version=live_version,
+                candidate_name=name,
+                candidate_version=version,
+                head=head,
+                scored=len(rows),
+                reviewed=reviewed,
+                priority_changed=changed,
+                labels=labels,
+                live_stat_precision=_stat_precision(live_stat, critical),
+                candidate_stat_precision=_stat_precision(candidate_stat, critical),
+            )
+        )
+    return out
+
+
+def _classes(scored: Sequence[Scored]) -> tuple[list[float], list[float]]:
+    """(probabilities of the truly present, of the truly absent), in case order."""
+    return (
+        [s.probability for s in scored if s.truth],
+        [s.probability for s in scored if not s.truth],
     )
 
 
@@ -345,6 +529,13 @@ def proportion_text(p: Proportion) -> str:
     if p.value is None or p.low is None or p.high is None:
         return f"- (0/{p.n})" if p.n == 0 else "-"
     return f"{p.value:.2f} [{p.low:.2f}-{p.high:.2f}] ({p.k}/{p.n})"
+
+
+def difference_text(d: AucDifference | None) -> str:
+    if d is None:
+        return "-"
+    ci = "" if d.low is None or d.high is None else f" [{d.low:+.2f} to {d.high:+.2f}]"
+    return f"{d.value:+.2f}{ci}"
 
 
 def auc_text(auc: Auc | None) -> str:
