@@ -18,6 +18,7 @@ from ddn_node.pipeline.monitor import (
     MonitorReport,
     auc_text,
     build_report,
+    difference_text,
     hours_text,
     proportion_text,
 )
@@ -78,6 +79,7 @@ def monitor_page(
         models=list(enumerate(report.models)),
         proportion=proportion_text,
         auc=auc_text,
+        difference=difference_text,
         hours=hours_text,
     )
 

@@ -264,7 +264,7 @@ def create_app(
 
     ``clock`` (aware UTC) is what token expiry and sessions are checked against.
     """
-    from ddn_node.web import admin, api, security, views
+    from ddn_node.web import admin, api, promotion, security, views
 
     app = FastAPI(
         title="ddn-node",
@@ -299,6 +299,7 @@ def create_app(
     app.include_router(views.router)
     app.include_router(admin.router)
     app.include_router(security.router)
+    app.include_router(promotion.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/healthz", include_in_schema=False)
