@@ -124,6 +124,13 @@ def train(
         int, typer.Option(min=0, help="CPU threads for torch (0: torch default)")
     ] = 0,
     progress: Annotated[bool, typer.Option(help="Progress bars")] = True,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="The artifact's version (default: date-name; with --add-head-to, the base's)."
+            " A candidate for 'ddn-node model shadow' needs its own"
+        ),
+    ] = None,
 ) -> None:
     """Train the DDN (Adam, weighted BCE, augmentation; patient-disjoint splits) and write an artifact."""
     from ddn_node.training.data import DatasetError
@@ -153,6 +160,7 @@ def train(
         threads=threads,
         progress=progress,
         command=invoked_command(ctx),
+        version=version,
     )
     try:
         manifest = run_training(cfg)

@@ -29,6 +29,7 @@ from ddn_node.model.artifact import HeadInfo, Manifest, ModelArtifact, save_arti
 from ddn_node.model.ddn import DDN, HeadConfig
 from ddn_node.model.preprocess import normalise
 from ddn_node.training.data import (
+    DatasetError,
     ImageCache,
     LabelTable,
     data_fingerprint,
@@ -43,7 +44,7 @@ from ddn_node.training.manifest_parts import (
     label_specs,
 )
 from ddn_node.training.metrics import BootstrapSpec, classification_report
-from ddn_node.training.splits import kfold_groups
+from ddn_node.training.splits import kfold_groups, read_split_csv
 
 log = structlog.get_logger()
 
@@ -101,12 +102,30 @@ def _probs(lin: nn.Linear, feats: torch.Tensor, activation: str) -> np.ndarray:
         return (torch.softmax(z, 1) if activation == "softmax" else torch.sigmoid(z)).numpy()
 
 
+def _without_test_images(table: LabelTable, base: Any) -> tuple[LabelTable, int]:
+    """The rows the base artifact's ``split.csv`` does not hold out for ``evaluate``: a
+    head refitted on the same data set (say, a new cxr head as a candidate) must never
+    learn from the images that measure it."""
+    split_csv = base / "split.csv"
+    if not split_csv.is_file():
+        return table, 0
+    recorded = read_split_csv(split_csv)
+    keep = [i for i, f in enumerate(table.files) if recorded.get(f) != "test"]
+    if len(keep) == len(table):
+        return table, 0
+    if not keep:
+        raise DatasetError(f"every image given is in the test split of {split_csv}")
+    log.info("train.test_images_left_out", images=len(table) - len(keep), split_csv=str(split_csv))
+    return table.subset(keep), len(table) - len(keep)
+
+
 def add_head(cfg: Any) -> Manifest:
     """Train ``cfg.head`` on the frozen backbone of ``cfg.add_head_to``; write to ``cfg.out``."""
     t0 = time.monotonic()
     art = ModelArtifact.load(cfg.add_head_to)
     model, spec = art.model, art.preprocess
     table: LabelTable = read_label_csv(cfg.images, cfg.labels, cfg.label_columns or None)
+    table, held_out = _without_test_images(table, cfg.add_head_to)
     cache = load_images(table, spec.size, progress=cfg.progress)
     fp = data_fingerprint(table, cache.file_sha256)
     feats = pooled_features(model, cache, spec)
@@ -185,15 +204,20 @@ def add_head(cfg: Any) -> Manifest:
                 "layout": table.layout,
             },
             "final_model": "fitted on all images after cross-validation",
+            "test_images_left_out": held_out,
             "seconds": round(time.monotonic() - t0, 1),
         },
         metrics=json_clean({"cross_validation": cv}),
     )
     heads = {n: h for n, h in art.manifest.heads.items() if n != cfg.head}
     heads[cfg.head] = head
-    manifest = art.manifest.model_copy(
-        update={"heads": heads, "created": datetime.now(UTC).isoformat(timespec="seconds")}
-    )
+    update: dict[str, Any] = {
+        "heads": heads,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if cfg.version:
+        update["version"] = cfg.version
+    manifest = art.manifest.model_copy(update=update)
     cfg.out.mkdir(parents=True, exist_ok=True)
     final_manifest = save_artifact(cfg.out, new_model, manifest)
     if cfg.out.resolve() != cfg.add_head_to.resolve() and (cfg.add_head_to / "split.csv").is_file():

@@ -115,6 +115,9 @@ class TrainConfig:
     channels_last: bool = True
     command: str = ""
     name: str | None = None
+    # The artifact's version; by default the date and its name (or, for --add-head-to,
+    # the base artifact's). A candidate to run beside the live model needs its own.
+    version: str | None = None
 
     def checkpoint_dir(self) -> Path:
         return self.checkpoints or Path("runs") / self.out.name
@@ -629,7 +632,7 @@ def run_training(cfg: TrainConfig) -> Manifest:  # noqa: PLR0915 - the command's
     name = cfg.name or cfg.out.name
     manifest = Manifest(
         name=name,
-        version=f"{datetime.now(UTC):%Y.%m.%d}-{name}",
+        version=cfg.version or f"{datetime.now(UTC):%Y.%m.%d}-{name}",
         algorithm_name="DDN chest X-ray" if cfg.head == "cxr" else f"DDN {cfg.head}",
         architecture=architecture_of(model_config),
         heads={cfg.head: head},

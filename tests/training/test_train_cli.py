@@ -346,6 +346,47 @@ def test_add_a_softmax_head_on_the_same_backbone(
     assert set(pred.probabilities) == {"glioma", "meningioma", "notumor", "pituitary"}
 
 
+def test_a_refitted_head_is_a_candidate_that_never_saw_the_test_split(
+    trained: tuple[Path, Path], nih_like: Path, tmp_path: Path
+) -> None:
+    """The cxr head refitted on the frozen backbone, from the same NIH-layout data: the
+    images the base model's split.csv holds out for evaluation are left out of the fit,
+    and the artifact carries the version given, so it can run in shadow beside the base."""
+    from ddn_node.training.splits import read_split_csv
+
+    out, _ = trained
+    split = read_split_csv(out / "split.csv")
+    test_images = sum(1 for s in split.values() if s == "test")
+    assert test_images > 0
+    candidate = tmp_path / "candidate"
+    _run(
+        "train",
+        "--add-head-to",
+        out,
+        "--head",
+        "cxr",
+        "--images",
+        nih_like / "png",
+        "--labels",
+        nih_like / "labels.csv",
+        "--out",
+        candidate,
+        "--folds",
+        "3",
+        "--version",
+        "2026.12.01-refit",
+        "--no-progress",
+    )
+    art, base = ModelArtifact.load(candidate), ModelArtifact.load(out)
+    assert (art.name, art.version) == (base.name, "2026.12.01-refit")
+    assert art.weights_sha256 != base.weights_sha256
+    training = art.heads["cxr"].training
+    assert training["test_images_left_out"] == test_images
+    assert training["data"]["n_images"] == 60 - test_images
+    # The same split travels with it: `ddn-node evaluate` measures it on the same patients.
+    assert read_split_csv(candidate / "split.csv") == split
+
+
 def test_kfold_training_records_cross_validation(nih_like: Path, tmp_path: Path) -> None:
     out = tmp_path / "cv"
     _run(
