@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import tomli_w
+from argon2 import PasswordHasher
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -28,6 +30,7 @@ from ddn_node.config import (
     NodeSettings,
     PeerSettings,
     Settings,
+    UserSettings,
     load_settings,
 )
 from ddn_node.demo.ohif import OHIF_VERSION, OhifError, OhifServer, ohif_available
@@ -38,6 +41,11 @@ from ddn_node.store.models import Delivery, Study
 from ddn_node.vocabulary import DeliveryState, HeatMapPolicy, StudyState
 
 DEMO_USER = ("radiologist", "radiologist")
+# The pages under /admin (the monitor, drift, models, refused instances) need the admin
+# role; the example configuration, which operators copy, has no admin with a guessable
+# password, so the demo adds its own.
+DEMO_ADMIN = ("admin", "admin")
+CONFIG_NAME = "ddn-node.toml"
 
 
 def _port_free(port: int) -> bool:
@@ -106,11 +114,39 @@ def demo_settings(plan: DemoPlan) -> Settings:
                 quiet_period_s=3, force_complete_s=120, sweep_interval_s=0.5
             ),
             "destinations": destinations,
-            "web": base.web.model_copy(update={"port": plan.web_port, "host": "127.0.0.1"}),
+            "web": base.web.model_copy(
+                update={
+                    "port": plan.web_port,
+                    "host": "127.0.0.1",
+                    "users": [*base.web.users, _demo_admin(base)],
+                }
+            ),
             "worker": base.worker.model_copy(update={"heat_maps": plan.heat_maps}),
             "demo": True,
         }
     )
+
+
+def _demo_admin(base: Settings) -> UserSettings:
+    name, password = DEMO_ADMIN
+    for user in base.web.users:
+        if user.name == name:
+            return user
+    # Cheap parameters: a demo password is public anyway (every page's banner says so).
+    hasher = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    return UserSettings(name=name, password_hash=hasher.hash(password), role="admin")
+
+
+def write_settings(settings: Settings, path: Path) -> Path:
+    """The demo's effective configuration, so that every other command (``ddn-node monitor``,
+    ``model``, ``conflicts`` ...) can be pointed at the running demo with ``--config``."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    path.write_text(
+        "# Written by 'ddn-node demo': the running demo's settings (demo credentials).\n"
+        + tomli_w.dumps(data),
+        encoding="utf-8",
+    )
+    return path
 
 
 @dataclass
@@ -207,11 +243,16 @@ def run_demo(
             else:
                 viewer = _start_viewer(plan, orthanc)
         console.print("Starting the node (SQLite, CPU, bundled model)...")
+        written = write_settings(settings, home / CONFIG_NAME)
         node = start_node(settings)
         sender = threading.Thread(target=_send, args=(plan, orthanc, files, console), daemon=True)
         sender.start()
         _wait_for_results(node, sender, len(study_uids), timeout_s, console)
         _summary(console, node, plan, orthanc, viewer, study_uids)
+        console.print(
+            f"Commands:  ddn-node monitor --config {written}   (also: model status, conflicts list)",
+            highlight=False,
+        )
         if exit_when_done:
             return 0
         console.print("\nThe node keeps running. Press Ctrl-C to stop everything.")
@@ -333,7 +374,8 @@ def _summary(
     settings = node.settings
     if settings.web.enabled:
         console.print(
-            f"Worklist:  http://127.0.0.1:{settings.web.port}/   (login {DEMO_USER[0]} / {DEMO_USER[1]})",
+            f"Worklist:  http://127.0.0.1:{settings.web.port}/   (login {DEMO_USER[0]} / {DEMO_USER[1]};"
+            f" {DEMO_ADMIN[0]} / {DEMO_ADMIN[1]} for /admin/monitor, /admin/models, /admin/drift)",
             highlight=False,
         )
     if orthanc is not None:

@@ -105,3 +105,17 @@ def test_demo_without_orthanc(repo_root: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "studies received 4, analysed 4, failed 0" in result.stdout
     assert "Orthanc:" not in result.stdout and "Worklist:" in result.stdout
+    # The demo's own settings, for every other command against it (as its summary says).
+    config = home / "ddn-node.toml"
+    assert f"Commands: ddn-node monitor --config {config}" in " ".join(result.stdout.split())
+    status = subprocess.run(
+        [sys.executable, "-m", "ddn_node", "model", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=repo_root,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert status.returncode == 0, status.stderr
+    assert "chest-xray" in status.stderr and "brain-mri" in status.stderr
+    assert "config" in status.stderr
