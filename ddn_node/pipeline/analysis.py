@@ -426,13 +426,15 @@ class ModelSteps:
             scored_images=len(predictions),
         )
         decision = decide(self.settings.triage, labels, probabilities, said.abnormality_score)
-        live = a.predictor.artifact
+        # Named as results and feedback name models (the algorithm's name and version,
+        # what the SR says), so the monitor pairs a shadow row with the live result.
+        live = a.predictor.artifact.algorithm
         return ShadowRecord(
             study_ref=study_ref(a.study_uid),
             generation=a.lease.generation,
             rule=a.rule.name,
-            model_name=artifact.name,
-            model_version=artifact.version,
+            model_name=said.algorithm.name,
+            model_version=said.algorithm.version,
             head=head,
             live_model_name=live.name,
             live_model_version=live.version,

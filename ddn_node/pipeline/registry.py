@@ -92,7 +92,8 @@ def check_candidate(rule: RoutingRule, live: ModelArtifact, path: Path) -> Model
             f" {live.name} {live.version} on head {rule.head!r}: nothing to compare",
             permanent=True,
         )
-    if (candidate.name, candidate.version) == (live.name, live.version):
+    # Results, SRs and the monitor name a model by its algorithm name and version.
+    if (candidate.algorithm.name, candidate.version) == (live.algorithm.name, live.version):
         same = candidate.weights_sha256 == live.weights_sha256
         raise AnalysisError(
             f"the candidate is {live.name} {live.version} itself"

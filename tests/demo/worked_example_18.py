@@ -34,6 +34,7 @@ here, they are not one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -43,7 +44,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -154,24 +157,34 @@ def wait_analysed(db_url: str, uids: set[str], timeout: float = 1800) -> None:
     raise SystemExit(f"{len(uids - done)} studies not analysed in {timeout} s")
 
 
-def review_in_browser(base: str, studies: dict[str, list[str]], shots: Path) -> int:
-    """Each study's page, as the radiologist: a verdict from the NIH labels, submitted."""
+@contextlib.contextmanager
+def logged_in(base: str, user: str) -> Iterator[Any]:
+    """A headless Chromium page, logged in to the demo's web part as ``user``."""
     from playwright.sync_api import sync_playwright
 
-    reviewed = 0
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.goto(f"{base}/login")
-        page.fill("input[name=username]", "radiologist")
-        page.fill("input[name=password]", "radiologist")
+        page.fill("input[name=username]", user)
+        page.fill("input[name=password]", user)  # the demo's passwords are the names
         page.click("button[type=submit]")
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def review_in_browser(base: str, studies: dict[str, list[str]], shots: Path) -> int:
+    """Each study's page, as the radiologist: a verdict from the NIH labels, submitted."""
+    reviewed = 0
+    with logged_in(base, "radiologist") as page:
         for i, (uid, truth) in enumerate(studies.items()):
             page.goto(f"{base}/studies/{uid}#feedback")
             for radio in page.query_selector_all("input[type=radio][name^='verdict:']"):
-                label = radio.get_attribute("name").split(":", 1)[1]  # type: ignore[union-attr]
+                label = radio.get_attribute("name").split(":", 1)[1]
                 wanted = "agree" if label in truth else "disagree"
                 if radio.get_attribute("value") == wanted:
                     radio.check()
@@ -183,28 +196,13 @@ def review_in_browser(base: str, studies: dict[str, list[str]], shots: Path) -> 
             page.click("form.feedback-form button[type=submit]")
             page.wait_for_selector("#feedback-history")
             reviewed += 1
-        page.goto(f"{base}/login")
-        browser.close()
     return reviewed
 
 
-def admin_page(base: str, path: str, shots: Path, name: str) -> str:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(f"{base}/login")
-        page.fill("input[name=username]", "admin")
-        page.fill("input[name=password]", "admin")
-        page.click("button[type=submit]")
+def admin_page(base: str, path: str, shots: Path, name: str) -> None:
+    with logged_in(base, "admin") as page:
         page.goto(f"{base}{path}")
         page.screenshot(path=str(shots / name), full_page=True)
-        text = page.inner_text("main") if page.query_selector("main") else page.content()
-        browser.close()
-    return text
 
 
 def main() -> None:

@@ -33,10 +33,12 @@ from support.sr_reader import read_sr
 from ddn_node.dicom.pixels import load_display_image
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import Predictor
+from ddn_node.pipeline.monitor import build_report
 from ddn_node.store.audit import AuditEventName
 from ddn_node.store.engine import make_database
-from ddn_node.store.feedback import study_ref
+from ddn_node.store.feedback import record_feedback, study_ref
 from ddn_node.store.models import AuditEvent, Delivery, Result, ShadowResult, Study
+from ddn_node.vocabulary import Verdict
 
 RULE = "chest-xray"
 
@@ -139,6 +141,16 @@ def test_shadow_promote_and_rollback_in_a_running_node(
         _r, _s, deliveries = _rows(db_url, uid1)
         assert {d.result_id for d in deliveries} == {result1.id}
         assert _pacs_sr_version(pacs, uid1) == ["1.0-live"]
+        # A radiologist's verdict on the live result is what both are judged by.
+        db = make_database(db_url)
+        try:
+            record_feedback(db, uid1, user="dr-a", verdicts={"Effusion": Verdict.AGREE})
+            (compared,) = build_report(db, []).shadows
+        finally:
+            db.dispose()
+        assert (compared.scored, compared.reviewed) == (1, 1)
+        assert (compared.live_name, compared.candidate_name) == ("DDN test model",) * 2
+        assert [lab.label for lab in compared.labels] == ["Effusion"]
 
         # 2. Promotion, in the same process.
         promoted = node.cli(
