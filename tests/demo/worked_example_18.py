@@ -18,9 +18,10 @@ What it does:
 2. the candidate put in shadow (``ddn-node model shadow``);
 3. ``--studies`` NIH ChestX-ray14 images of the bundled model's **test** patients (never
    trained or tuned on by either model), each as a one-image CR study, sent to the node;
-4. in headless Chromium, logged in as the demo radiologist, a review of every one of them
-   on its study page, the NIH labels standing in for the radiologist (agree / disagree
-   with each reported finding, tick the missed ones, the rest confirmed absent);
+4. in headless Chromium, logged in as the demo radiologist, in the worklist's order, a
+   review of every one of them on its study page, the NIH labels standing in for the
+   radiologist (agree / disagree with each reported finding, tick the missed ones, the
+   rest confirmed absent), then "Mark read";
 5. ``ddn-node monitor`` (and its plots);
 6. ``--drift-images`` more test-patient images, inverted (a modality sending MONOCHROME1
    pixels labelled MONOCHROME2) from another manufacturer: the drift alarm, its audit
@@ -82,9 +83,9 @@ def run(*args: str, config: Path) -> str:
     return done.stdout + done.stderr
 
 
-def test_images(n_total: int) -> list[tuple[str, str, list[str]]]:
-    """(file, view, findings) of the bundled model's test patients, in file order."""
-    split = {}
+def test_images(n_total: int) -> list[tuple[str, str, list[str], tuple[int, int]]]:
+    """(file, view, findings, original (width, height)) of the bundled model's test
+    patients, in file order."""
     with (REPO / "models" / "ddn-cxr" / "split.csv").open() as fh:
         split = {r["file"]: r["split"] for r in csv.DictReader(fh)}
     out = []
@@ -93,12 +94,27 @@ def test_images(n_total: int) -> list[tuple[str, str, list[str]]]:
             if split.get(row["Image Index"]) != "test":
                 continue
             findings = [f for f in row["Finding Labels"].split("|") if f != "No Finding"]
-            out.append((row["Image Index"], row["View Position"], findings))
+            size = (int(row["OrigWidth"]), int(row["OrigHeight"]))
+            out.append((row["Image Index"], row["View Position"], findings, size))
     return out[:n_total]
 
 
-def cr_study(png: Path, view: str, *, index: int, inverted: bool, manufacturer: str) -> Dataset:
-    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
+def cr_study(
+    png: Path,
+    view: str,
+    size: tuple[int, int],
+    *,
+    index: int,
+    inverted: bool,
+    manufacturer: str,
+) -> Dataset:
+    """A one-image CR study of an NIH image as a modality would send it: at the original
+    radiograph's size (what the drift reference records; the 256 px PNG upsampled, which
+    the model's 224 px input cannot tell apart) with a window over the full 8-bit range
+    (without one the node windows at the 0.5-99.5 percentiles, which the reference,
+    computed from the PNGs, did not)."""
+    image = Image.open(png).convert("L").resize(size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
     if inverted:
         pixels = 255 - pixels
     ds = Dataset()
@@ -121,6 +137,7 @@ def cr_study(png: Path, view: str, *, index: int, inverted: bool, manufacturer: 
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.WindowCenter, ds.WindowWidth = 127.5, 256
     ds.PixelData = pixels.tobytes()
     return ds
 
@@ -181,7 +198,14 @@ def review_in_browser(base: str, studies: dict[str, list[str]], shots: Path) -> 
     """Each study's page, as the radiologist: a verdict from the NIH labels, submitted."""
     reviewed = 0
     with logged_in(base, "radiologist") as page:
-        for i, (uid, truth) in enumerate(studies.items()):
+        # In the worklist's order, as a radiologist reads: most urgent first.
+        page.goto(f"{base}/?limit=200")
+        order: list[str] = page.eval_on_selector_all(
+            "#rows tr[data-study-uid]", "rows => rows.map(r => r.dataset.studyUid)"
+        )
+        page.screenshot(path=str(shots / "worklist.png"), full_page=True)
+        for i, uid in enumerate(u for u in order if u in studies):
+            truth = studies[uid]
             page.goto(f"{base}/studies/{uid}#feedback")
             for radio in page.query_selector_all("input[type=radio][name^='verdict:']"):
                 label = radio.get_attribute("name").split(":", 1)[1]
@@ -195,6 +219,8 @@ def review_in_browser(base: str, studies: dict[str, list[str]], shots: Path) -> 
                 page.screenshot(path=str(shots / "feedback-form.png"), full_page=True)
             page.click("form.feedback-form button[type=submit]")
             page.wait_for_selector("#feedback-history")
+            page.click("button[name=status][value=read]")
+            page.wait_for_selector("#read-status.read-status-read")
             reviewed += 1
     return reviewed
 
@@ -255,8 +281,10 @@ def main() -> None:
             chosen[-1],
         )
         files, truth = [], {}
-        for i, (name, view, findings) in enumerate(normal):
-            ds = cr_study(NIH / "png256" / name, view, index=i, inverted=False, manufacturer="NIH")
+        for i, (name, view, findings, size) in enumerate(normal):
+            ds = cr_study(
+                NIH / "png256" / name, view, size, index=i, inverted=False, manufacturer="NIH"
+            )
             path = home / f"n{i:03d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
@@ -279,8 +307,8 @@ def main() -> None:
 
         files = []
         drift_uids = set()
-        for i, (name, view, _findings) in enumerate(drifted):
-            ds = cr_study(NIH / "png256" / name, view, index=500 + i, inverted=True,
+        for i, (name, view, _findings, size) in enumerate(drifted):
+            ds = cr_study(NIH / "png256" / name, view, size, index=500 + i, inverted=True,
                           manufacturer="OTHER VENDOR")  # fmt: skip
             path = home / f"d{i:03d}.dcm"
             ds.save_as(path, enforce_file_format=True)
@@ -319,8 +347,10 @@ def main() -> None:
         version = json.loads((args.candidate / "manifest.json").read_text())["version"]
         print(run("model", "promote", "chest-xray", "--by", "ml-engineer",
                   "--expect-version", version, config=config).strip())  # fmt: skip
-        name, view, _ = last
-        ds = cr_study(NIH / "png256" / name, view, index=999, inverted=False, manufacturer="NIH")
+        name, view, _, size = last
+        ds = cr_study(
+            NIH / "png256" / name, view, size, index=999, inverted=False, manufacturer="NIH"
+        )
         path = home / "after-promotion.dcm"
         ds.save_as(path, enforce_file_format=True)
         send([path], port)
