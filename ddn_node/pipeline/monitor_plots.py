@@ -1,4 +1,5 @@
-"""The monitor's figures as PNG: ROC and calibration per model version, time to read.
+"""The monitor's figures as PNG: ROC and calibration per model version, time to read, and
+each shadow candidate's AUC difference per label.
 
 Built on ``matplotlib.figure.Figure`` (never ``pyplot``): pyplot keeps global state, and
 the admin page draws these in the web server's worker threads. Each function returns
@@ -14,7 +15,13 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ddn_node.pipeline.monitor import ModelPerformance, MonitorReport, Scored, TriageEffect
+from ddn_node.pipeline.monitor import (
+    ModelPerformance,
+    MonitorReport,
+    Scored,
+    ShadowComparison,
+    TriageEffect,
+)
 
 CALIBRATION_BINS = 10
 
@@ -131,6 +138,32 @@ def time_to_read_png(effect: TriageEffect) -> bytes | None:
     return _png(figure)
 
 
+def shadow_png(shadow: ShadowComparison) -> bytes | None:
+    """Per label, candidate AUC - live AUC with its paired 95 % interval (a forest plot):
+    at a glance, which labels the candidate moves, and whether the evidence says so."""
+    rows = [lab for lab in shadow.labels if lab.auc_difference is not None]
+    if not rows:
+        return None
+    figure = Figure(figsize=(6.5, 0.35 * len(rows) + 1.6))
+    ax = figure.subplots()
+    ax.axvline(0, color="0.6", linewidth=1)
+    for y, lab in enumerate(reversed(rows)):
+        d = lab.auc_difference
+        assert d is not None
+        if d.low is not None and d.high is not None:
+            clear = d.low > 0 or d.high < 0
+            ax.plot([d.low, d.high], [y, y], color="C2" if clear else "0.4", linewidth=2)
+        ax.plot([d.value], [y], marker="o", color="C2" if d.value > 0 else "C3")
+    ax.set_yticks(range(len(rows)), [lab.label for lab in reversed(rows)], fontsize=8)
+    ax.set(
+        xlim=(-1, 1),
+        xlabel="AUC candidate - AUC live (paired DeLong 95 % interval)",
+        title=(f"{shadow.candidate_version} vs {shadow.live_version}: {shadow.reviewed} reviewed"),
+    )
+    ax.grid(axis="x", color="0.9")
+    return _png(figure)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
@@ -144,6 +177,8 @@ def write_plots(report: MonitorReport, directory: Path) -> list[Path]:
         figures.append((f"roc-{slug(model.key)}.png", roc_png(model)))
         figures.append((f"calibration-{slug(model.key)}.png", calibration_png(model)))
     figures.append(("time-to-read.png", time_to_read_png(report.triage)))
+    for shadow in report.shadows:
+        figures.append((f"shadow-{slug(shadow.key)}.png", shadow_png(shadow)))
     for name, data in figures:
         if data is not None:
             path = directory / name

@@ -22,7 +22,13 @@ from ddn_node.pipeline.monitor import (
     hours_text,
     proportion_text,
 )
-from ddn_node.pipeline.monitor_plots import calibration_png, drift_png, roc_png, time_to_read_png
+from ddn_node.pipeline.monitor_plots import (
+    calibration_png,
+    drift_png,
+    roc_png,
+    shadow_png,
+    time_to_read_png,
+)
 from ddn_node.store.models import DriftObservation, DriftState
 from ddn_node.store.quarantine import EXPLANATIONS, open_conflicts
 from ddn_node.vocabulary import ConflictKind
@@ -58,7 +64,7 @@ def conflicts_page(
 
 # -- the monitor: the model against radiologists' feedback, and the triage effect ----------
 
-PLOTS = ("roc", "calibration", "time-to-read")
+PLOTS = ("roc", "calibration", "time-to-read", "shadow")
 
 
 def _report(request: Request) -> MonitorReport:
@@ -77,6 +83,7 @@ def monitor_page(
         "admin_monitor.html",
         report=report,
         models=list(enumerate(report.models)),
+        shadows=list(enumerate(report.shadows)),
         proportion=proportion_text,
         auc=auc_text,
         difference=difference_text,
@@ -91,13 +98,16 @@ def monitor_plot(
     _admin: Annotated[Principal, Depends(require_admin)],
     model: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
-    """One figure of the monitor; ``model`` indexes the page's list of model versions."""
+    """One figure of the monitor; ``model`` indexes the page's list of model versions (of
+    shadow comparisons, for ``shadow``)."""
     if plot not in PLOTS:
         raise HTTPException(status_code=404, detail="no such figure")
     report = _report(request)
     data: bytes | None
     if plot == "time-to-read":
         data = time_to_read_png(report.triage)
+    elif plot == "shadow":
+        data = shadow_png(report.shadows[model]) if model < len(report.shadows) else None
     elif model >= len(report.models):
         data = None
     else:

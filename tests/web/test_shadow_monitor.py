@@ -161,6 +161,15 @@ def test_monitor_command_and_page_show_the_comparison(
     assert page.status_code == 200
     assert f"candidate {MODEL_NAME} {CANDIDATE} vs live" in html.unescape(page.text)
     assert "+0.17 [" in page.text and "scored 6 studies" in page.text
+    assert '<img src="/admin/monitor/shadow.png?model=0"' in page.text
+    figure = admin.get("/admin/monitor/shadow.png?model=0")
+    assert figure.status_code == 200 and figure.content.startswith(b"\x89PNG")
+    assert admin.get("/admin/monitor/shadow.png?model=1").status_code == 404
+    plots = tmp_path / "plots"
+    written = CliRunner().invoke(app, ["monitor", "--config", str(config), "--plots", str(plots)])
+    assert written.exit_code == 0, written.output
+    shadow_plot = plots / f"shadow-DDN-test-model-{CANDIDATE}-vs-DDN-test-model-{MODEL_VERSION}.png"
+    assert shadow_plot.read_bytes().startswith(b"\x89PNG"), sorted(plots.iterdir())
 
 
 USERS = [
