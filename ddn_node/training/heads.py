@@ -175,10 +175,12 @@ def add_head(cfg: Any) -> Manifest:
         }
     final = fit_probe(feats, y, table.activation, model.config.dropout, cfg.seed)
 
-    heads_cfg = (
-        *(h for h in model.config.heads if h.name != cfg.head),
-        HeadConfig(cfg.head, tuple(table.labels), table.activation),  # type: ignore[arg-type]
-    )
+    # A refitted head keeps its place (the first head is what `evaluate` reads by default).
+    fitted = HeadConfig(cfg.head, tuple(table.labels), table.activation)  # type: ignore[arg-type]
+    names = [h.name for h in model.config.heads]
+    heads_cfg = tuple(fitted if h.name == cfg.head else h for h in model.config.heads)
+    if cfg.head not in names:
+        heads_cfg = (*heads_cfg, fitted)
     new_model = DDN(replace(model.config, heads=heads_cfg))
     state = {
         k2: v for k2, v in model.state_dict().items() if not k2.startswith(f"heads.{cfg.head}.")
@@ -209,8 +211,8 @@ def add_head(cfg: Any) -> Manifest:
         },
         metrics=json_clean({"cross_validation": cv}),
     )
-    heads = {n: h for n, h in art.manifest.heads.items() if n != cfg.head}
-    heads[cfg.head] = head
+    heads = {n: (head if n == cfg.head else h) for n, h in art.manifest.heads.items()}
+    heads.setdefault(cfg.head, head)
     update: dict[str, Any] = {
         "heads": heads,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
