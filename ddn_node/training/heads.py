@@ -119,6 +119,14 @@ def _without_test_images(table: LabelTable, base: Any) -> tuple[LabelTable, int]
     return table.subset(keep), len(table) - len(keep)
 
 
+def _in_place(heads: tuple[HeadConfig, ...], fitted: HeadConfig) -> tuple[HeadConfig, ...]:
+    """The heads with ``fitted`` where its namesake was (the first head is what `evaluate`
+    reads by default), or after them for a new one."""
+    if any(h.name == fitted.name for h in heads):
+        return tuple(fitted if h.name == fitted.name else h for h in heads)
+    return (*heads, fitted)
+
+
 def add_head(cfg: Any) -> Manifest:
     """Train ``cfg.head`` on the frozen backbone of ``cfg.add_head_to``; write to ``cfg.out``."""
     t0 = time.monotonic()
@@ -175,12 +183,8 @@ def add_head(cfg: Any) -> Manifest:
         }
     final = fit_probe(feats, y, table.activation, model.config.dropout, cfg.seed)
 
-    # A refitted head keeps its place (the first head is what `evaluate` reads by default).
     fitted = HeadConfig(cfg.head, tuple(table.labels), table.activation)  # type: ignore[arg-type]
-    names = [h.name for h in model.config.heads]
-    heads_cfg = tuple(fitted if h.name == cfg.head else h for h in model.config.heads)
-    if cfg.head not in names:
-        heads_cfg = (*heads_cfg, fitted)
+    heads_cfg = _in_place(model.config.heads, fitted)
     new_model = DDN(replace(model.config, heads=heads_cfg))
     state = {
         k2: v for k2, v in model.state_dict().items() if not k2.startswith(f"heads.{cfg.head}.")
