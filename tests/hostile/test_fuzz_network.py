@@ -97,10 +97,15 @@ def assert_node_healthy(node: Any, baseline_threads: int) -> None:
     # Threads: the node's scheduler and database pools grow lazily (up to ~10 each), so
     # only a leak per connection or per case (hundreds) is a finding here; the slots
     # check above is the precise one.
-    threads = threads_of(node.proc.pid)
-    assert threads < baseline_threads + 25, (
-        f"{threads} threads after the run, {baseline_threads} before"
-    )
+    # Waited for, not read once: the handler threads of the last, closed associations end
+    # on their own time on a loaded machine (38 were still winding down once in CI).
+    pid = node.proc.pid
+    try:
+        wait_for(lambda: threads_of(pid) < baseline_threads + 25, 30, "threads back", interval=0.5)
+    except TimeoutError:
+        raise AssertionError(
+            f"{threads_of(pid)} threads after the run, {baseline_threads} before"
+        ) from None
 
 
 def all_slots_free(port: int) -> bool:
