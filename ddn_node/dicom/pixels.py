@@ -564,6 +564,10 @@ def _mask_high_bits(arr: np.ndarray, g: _Geometry) -> np.ndarray:
     """Keep only Bits Stored bits (high bits may carry overlays), sign-extending if signed."""
     if arr.dtype.kind not in "iu" or g.bits_stored >= g.bits_allocated or g.bits_allocated > 32:
         return arr
+    if not g.signed and arr.dtype.kind == "u":
+        # Unsigned: one pass in the decoded dtype (a 2048 x 2048 image is 8 MiB, not the
+        # 32 MiB of an int64 copy).
+        return np.bitwise_and(arr, arr.dtype.type((1 << g.bits_stored) - 1))
     a = arr.astype(np.int64)
     mask = (1 << g.bits_stored) - 1
     a &= mask
@@ -606,7 +610,11 @@ def _percentile_window(arr: np.ndarray) -> np.ndarray:
         lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.float64)
-    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    # One new array, scaled and clipped in place: three passes over a 2048 x 2048 image
+    # instead of five.
+    out = np.subtract(arr, lo)
+    out *= 1.0 / (hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _first(v: object) -> float:
@@ -633,7 +641,7 @@ def _voi(arr: np.ndarray, ds: Dataset, g: _Geometry) -> tuple[np.ndarray, str]:
             c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
             fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
             if w > 0 and np.isfinite(c) and np.isfinite(w):
-                out = _window(arr.astype(np.float64), c, w, fn)
+                out = _window(np.asarray(arr, dtype=np.float64), c, w, fn)
                 # A header window that puts every pixel on one side shows nothing: a
                 # mislabelled window (seen after rescaling by gateways); use the data instead.
                 if float(out.max()) - float(out.min()) > 1e-6 or float(arr.max()) == float(
@@ -643,7 +651,8 @@ def _voi(arr: np.ndarray, ds: Dataset, g: _Geometry) -> tuple[np.ndarray, str]:
                 log.info("pixels.window_outside_data", center=c, width=w)
         except (ValueError, TypeError, IndexError) as e:
             log.info("pixels.window_unusable", error=str(e)[:200])
-    return _percentile_window(arr.astype(np.float64)), "percentile"
+    # asarray: the caller's array is already float64, a copy would be a wasted pass.
+    return _percentile_window(np.asarray(arr, dtype=np.float64)), "percentile"
 
 
 def _to_gray(arr: np.ndarray, ds: Dataset, g: _Geometry, photometric: str) -> np.ndarray:
@@ -716,10 +725,13 @@ def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits
         except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
             log.info("pixels.modality_lut_unusable", error=str(e)[:200])
         arr = np.asarray(arr, dtype=np.float64)
-        arr[~np.isfinite(arr)] = np.nan
-        if np.isnan(arr).all():
-            raise CorruptPixelData("no finite pixel values")
-        if np.isnan(arr).any():
+        # One pass when every value is finite (always, for integer pixels with a finite
+        # rescale): the repairs below cost four more over the whole image.
+        finite = np.isfinite(arr)
+        if not finite.all():
+            arr[~finite] = np.nan
+            if np.isnan(arr).all():
+                raise CorruptPixelData("no finite pixel values")
             arr = np.nan_to_num(arr, nan=float(np.nanmin(arr)))
         out, how = _voi(arr, ds, g)
         if photometric == "MONOCHROME1":
@@ -733,6 +745,8 @@ def _display_image(source: Dataset | str | Path, frame: int, limits: PixelLimits
         how = "colour -> BT.601 luma"
     else:  # pragma: no cover - _geometry limits samples to 1, 3, 4
         raise CorruptPixelData(f"unsupported photometric interpretation {photometric}")
-    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0).astype(np.float32)
+    out = np.asarray(out, dtype=np.float32)
+    if not np.isfinite(out).all():  # windows and LUTs clip; only a repair needs the passes
+        out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
     _ = how  # kept for debugging sessions; not logged per image (the worker logs per study)
     return np.clip(out, 0.0, 1.0, out=out)
