@@ -275,6 +275,20 @@ class WorkerSettings(_Section):
     # for the bundled model and about 2x faster on a CPU with native bf16; on one without,
     # it can be slower. `ddn-node bench backends` measures both on this machine.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Where the backbone's trunk (up to layer4) runs: "torch", or "onnxruntime" (CPU only,
+    # fp32; the ONNX graph is exported from the loaded weights at start-up). Grad-CAM
+    # differentiates only the layers after layer4, which stay in torch either way, so
+    # probabilities and heat maps match torch fp32 (`ddn-node bench backends` checks the
+    # validation AUC and measures both on this machine: pick the faster one there).
+    backend: Literal["torch", "onnxruntime"] = "torch"
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> WorkerSettings:
+        if self.backend == "onnxruntime" and self.precision != "fp32":
+            raise ValueError('backend = "onnxruntime" runs fp32: set precision = "fp32"')
+        if self.backend == "onnxruntime" and self.device != "cpu":
+            raise ValueError('backend = "onnxruntime" runs on the CPU: set device = "cpu"')
+        return self
 
 
 class RoutingRule(_Section):
