@@ -8,6 +8,7 @@ from pathlib import Path
 import structlog
 
 from ddn_node.config import RoutingRule, Settings
+from ddn_node.dicom.results.region import CONTOUR_GRID
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import Predictor
 
@@ -53,12 +54,17 @@ class ModelRegistry:
                     device=worker.device,
                     threads=worker.torch_threads,
                     precision=worker.precision,
+                    backend=worker.backend,
+                    # The SR outlines on this grid and phase 2 keeps maps no wider
+                    # (analysis.PARKED_MAP_SIDE): larger maps would only be shrunk again.
+                    heatmap_max_side=CONTOUR_GRID,
                 )
                 log.info(
                     "worker.model_loaded",
                     model=artifact.name,
                     version=artifact.version,
                     device=worker.device,
+                    backend=worker.backend,
                 )
             return self._predictors[path]
 
