@@ -54,7 +54,7 @@ class ModelRegistry:
                     device=worker.device,
                     threads=worker.torch_threads,
                     precision=worker.precision,
-                    backend=worker.backend,
+                    backend=worker.effective_backend,
                     # The SR outlines on this grid and phase 2 keeps maps no wider
                     # (analysis.PARKED_MAP_SIDE): larger maps would only be shrunk again.
                     heatmap_max_side=CONTOUR_GRID,
@@ -64,7 +64,7 @@ class ModelRegistry:
                     model=artifact.name,
                     version=artifact.version,
                     device=worker.device,
-                    backend=worker.backend,
+                    backend=worker.effective_backend,
                 )
             return self._predictors[path]
 

@@ -91,7 +91,12 @@ def test_onnx_backend_refuses_what_it_cannot_do(artifact: ModelArtifact) -> None
         WorkerSettings(backend="onnxruntime", precision="bf16")
     with pytest.raises(ValidationError, match="CPU"):
         WorkerSettings(backend="onnxruntime", device="cuda")
-    assert WorkerSettings(backend="onnxruntime").backend == "onnxruntime"
+    assert WorkerSettings(backend="onnxruntime").effective_backend == "onnxruntime"
+    # The default: ONNX Runtime where it runs (the CPU, fp32), torch where it does not.
+    assert WorkerSettings().effective_backend == "onnxruntime"
+    assert WorkerSettings(precision="bf16").effective_backend == "torch"
+    assert WorkerSettings(device="cuda").effective_backend == "torch"
+    assert WorkerSettings(backend="torch").effective_backend == "torch"
 
 
 def test_capped_heat_maps_are_the_full_maps_sampled_coarsely(artifact: ModelArtifact) -> None:
