@@ -175,9 +175,10 @@ class Predictor:
         forward: ForwardPass,
         only: Collection[str] | None = None,
     ) -> None:
-        """Grad-CAM heat maps, at source size (at most ``heatmap_max_side``), for the labels at/above their threshold and
-        in ``only`` when given (the labels whose maps carry evidence), into
-        ``predictions[i].heatmaps`` (the predictions :meth:`predict_deferred` made)."""
+        """Grad-CAM heat maps, at source size (at most ``heatmap_max_side`` wide), for the
+        labels at/above their threshold and in ``only`` when given (the labels whose maps
+        carry evidence), into ``predictions[i].heatmaps`` (the predictions
+        :meth:`predict_deferred` made)."""
         labels = self.artifact.head(forward.head).labels
         # A normal class has nothing to point at: never mapped, whatever ``only`` says.
         normal = self.artifact.head(forward.head).normal_labels
