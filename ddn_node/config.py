@@ -275,6 +275,31 @@ class WorkerSettings(_Section):
     # for the bundled model and about 2x faster on a CPU with native bf16; on one without,
     # it can be slower. `ddn-node bench backends` measures both on this machine.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Where the backbone's trunk (up to layer4) runs: "torch", or "onnxruntime" (CPU only,
+    # fp32; the ONNX graph is exported from the loaded weights at start-up). Grad-CAM
+    # differentiates only the layers after layer4, which stay in torch either way, so
+    # probabilities and heat maps match torch fp32. "auto" (the default) is onnxruntime
+    # on the CPU at fp32 and torch otherwise (a GPU, bf16): `ddn-node bench backends` on
+    # the 2-core development machine, 2026-12-01, validation split: AUC 0.6104 for both
+    # (difference 0.0000, no present/absent call changed) and the forward pass 2.4x eager
+    # fp32 at batch 16 vs 1.3x for torch channels_last; under load from other processes
+    # torch's thread pool collapsed at batch 1 (10x slower) where ONNX Runtime did not.
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> WorkerSettings:
+        if self.backend == "onnxruntime" and self.precision != "fp32":
+            raise ValueError('backend = "onnxruntime" runs fp32: set precision = "fp32"')
+        if self.backend == "onnxruntime" and self.device != "cpu":
+            raise ValueError('backend = "onnxruntime" runs on the CPU: set device = "cpu"')
+        return self
+
+    @property
+    def effective_backend(self) -> Literal["torch", "onnxruntime"]:
+        """The backend ``auto`` stands for here, or the one asked for."""
+        if self.backend != "auto":
+            return self.backend
+        return "onnxruntime" if self.device == "cpu" and self.precision == "fp32" else "torch"
 
 
 class RoutingRule(_Section):

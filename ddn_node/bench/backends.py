@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ddn_node.bench.common import header
 from ddn_node.bench.model import _Logits, _onnx_runner
 from ddn_node.model.artifact import ModelArtifact
+from ddn_node.model.onnx_trunk import OnnxTrunk
 from ddn_node.model.preprocess import prepare_batch
 from ddn_node.training.data import read_label_csv
 from ddn_node.training.images import load_image_file
@@ -97,11 +98,20 @@ def _variants(
                 feats = cl.model.features(x)
             return cl.model.forward_from_features(feats.float(), heads=[head])[head]
 
+    trunk = OnnxTrunk(model, art.preprocess.size, threads=torch.get_num_threads())
+
+    def onnx_trunk(x: torch.Tensor) -> Any:
+        # What the worker runs with backend = "onnxruntime": the trunk in ONNX Runtime, the
+        # attention, pooling and heads (what Grad-CAM differentiates) in torch fp32.
+        with torch.inference_mode():
+            return cl.model.forward_from_features(trunk(x, torch.channels_last), heads=[head])[head]
+
     variants: dict[str, Callable[[torch.Tensor], Any]] = {
         "torch fp32 (eager, the reference)": torch_run(eager, False, False),
         "torch fp32 channels_last (precision = fp32)": torch_run(cl, True, False),
         "torch bf16 backbone, fp32 tail (precision = bf16)": bf16_backbone,
         "torch bf16 autocast, whole model": torch_run(cl, True, True),
+        "ONNX Runtime trunk, torch tail (backend = onnxruntime)": onnx_trunk,
     }
     fp32_onnx = _onnx_runner(_Logits(model, head).eval(), int8=False, size=art.preprocess.size)
     variants["ONNX Runtime fp32"] = fp32_onnx

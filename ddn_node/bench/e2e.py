@@ -71,7 +71,9 @@ class Latencies:
     behind_backlog: list[BehindBacklog] = field(default_factory=list)
 
 
-def _config(work: Path, port: int, pacs_port: int, model: Path, web: bool) -> Path:
+def _config(
+    work: Path, port: int, pacs_port: int, model: Path, web: bool, worker: str = ""
+) -> Path:
     path = work / "node.toml"
     path.write_text(
         "demo = true\n"
@@ -79,7 +81,7 @@ def _config(work: Path, port: int, pacs_port: int, model: Path, web: bool) -> Pa
         f'[[peers]]\nae_title = "ORTHANC"\nhosts = ["127.0.0.1"]\nquiet_period_s = {QUIET_S}\n'
         f'[database]\nurl = "sqlite:///{work / "node.db"}"\n'
         "[completion]\nsweep_interval_s = 0.5\n"
-        "[worker]\npoll_interval_s = 0.2\n"
+        f"[worker]\npoll_interval_s = 0.2\n{worker}"
         f'[[routing]]\nname = "cxr"\nmodel = "{model}"\nhead = "cxr"\nmodalities = ["CR", "DX"]\n'
         f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
         "[delivery]\nsweep_interval_s = 0.5\n"
@@ -160,6 +162,8 @@ def run(
     model: Path = Path("models/ddn-cxr"),
     size: int = 2048,
     phases: tuple[str, ...] = PHASES,
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> Latencies | None:
     header("end to end: last instance in -> SR stored in the PACS", "ddn-node bench e2e")
     if not orthanc_available():
@@ -173,7 +177,13 @@ def run(
         node_port = free_port()
         pacs = LocalOrthanc(work / "orthanc", free_port(), free_port(), node_port)
         pacs.start()
-        config = _config(work, node_port, pacs.dicom_port, model.resolve(), web=True)
+        # The node's defaults unless asked: the figures are what an operator gets.
+        worker = "".join(
+            f'{k} = "{v}"\n' for k, v in (("backend", backend), ("precision", precision)) if v
+        )
+        if worker:
+            print(f"  [worker] {worker.strip().replace(chr(10), ', ')}")
+        config = _config(work, node_port, pacs.dicom_port, model.resolve(), web=True, worker=worker)
         node = Proc([*ddn_node_cmd(), "serve", "--config", str(config)], work / "node.log").start()
         memory: dict[str, float] = {}
         try:

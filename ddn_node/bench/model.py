@@ -304,10 +304,17 @@ def _end_to_end(cfg: BenchConfig, rounds: int) -> list[dict[str, Any]]:
     path = cfg.model or (DEFAULT_MODEL if (DEFAULT_MODEL / "manifest.json").is_file() else None)
     if path is None:
         return [{"skipped": "needs a model artifact (--model)"}]
-    files = list(cfg.dicom) or sorted(Path("sample_studies").rglob("*.dcm"))[:1]
-    if not files:
-        return [{"skipped": "needs a DICOM file (--dicom)"}]
-    return [_end_to_end_one(path, f, rounds) for f in files]
+    import tempfile
+
+    from ddn_node.bench.common import write_instances
+
+    with tempfile.TemporaryDirectory(prefix="ddn-bench-model-") as tmp:
+        # By default the issue's case (an uncompressed 2048 x 2048 DX) and a sample study.
+        files = list(cfg.dicom) or [
+            *write_instances(Path(tmp), 1, 2048),
+            *sorted(Path("sample_studies").rglob("*.dcm"))[:1],
+        ]
+        return [_end_to_end_one(path, f, rounds) for f in files]
 
 
 def _end_to_end_one(path: Path, dicom: Path, rounds: int) -> dict[str, Any]:
@@ -352,19 +359,155 @@ def _end_to_end_one(path: Path, dicom: Path, rounds: int) -> dict[str, Any]:
     run(predictor)
     shipped, three, decode = [], [], []
     n_maps = 0
+    workers = _worker_variants(art)
+    worker_times: dict[str, list[float]] = {k: [] for k in workers}
+    for fn in workers.values():  # warm-up
+        fn(dicom, head)
     for _ in range(rounds):
         d, t, n_maps = run(predictor)
         shipped.append(t)
         decode.append(d)
         three.append(run(predictor3)[1])
+        for name, fn in workers.items():
+            worker_times[name].append(fn(dicom, head))
+    base = _median(shipped)
     return {
         "dicom": str(dicom),
         "image_size": list(img.shape),
         "decode_ms": 1000 * _median(decode),
-        "as_shipped": {"seconds": _median(shipped), "heatmaps": n_maps},
+        "as_shipped": {"seconds": base, "heatmaps": n_maps},
         "three_heatmaps": {"seconds": _median(three)},
+        "as_the_worker_runs_it": {
+            name: {"seconds": _median(v), "speed_vs_as_shipped": base / _median(v)}
+            for name, v in worker_times.items()
+        },
         "target_seconds": 0.5,
     }
+
+
+def _worker_variants(art: Any) -> dict[str, Callable[[Path, str], float]]:
+    """File -> probabilities + heat maps as ``pipeline/analysis.py`` runs it: the display
+    image no wider than the overlays (JPEG 2000 from a lower level), heat maps as wide as
+    the SR's outline grid, for each backend the worker offers. Seconds per call."""
+    from ddn_node.dicom.pixels import load_display_image
+    from ddn_node.dicom.results.overlay import MAX_SIDE
+    from ddn_node.dicom.results.region import CONTOUR_GRID
+    from ddn_node.model.inference import Predictor
+
+    out: dict[str, Callable[[Path, str], float]] = {}
+    for name, precision, backend in (
+        ("worker, backend torch fp32", "fp32", "torch"),
+        ("worker, backend torch bf16", "bf16", "torch"),
+        ("worker, backend onnxruntime", "fp32", "onnxruntime"),
+    ):
+        try:
+            p = Predictor(
+                art,
+                device="cpu",
+                heatmap_max_side=CONTOUR_GRID,
+                precision=precision,
+                backend=backend,
+            )
+        except Exception as e:  # noqa: BLE001 - an optional backend: report, don't fail
+            log.info("bench.variant_skipped", variant=name, error=str(e)[:200])
+            continue
+
+        def run(dicom: Path, head: str, p: Predictor = p) -> float:
+            t0 = time.perf_counter()
+            p.predict([load_display_image(dicom, max_side=MAX_SIDE)], head=head, heatmaps=True)
+            return time.perf_counter() - t0
+
+        out[name] = run
+    return out
+
+
+def _wg04_j2k() -> tuple[Path, ...]:
+    """The real 2140 x 1760 JPEG 2000 CR of the shared test data, where it is."""
+    path = Path("../shared/data/dicom/xray_other_real/wg04__RG2_J2KR.dcm")
+    return (path,) if path.is_file() else ()
+
+
+def _large_j2k(folder: Path, side: int = 3000) -> Path:
+    """A lossless 12-bit JPEG 2000 DX of ``side`` x ``side`` (a smooth synthetic chest),
+    as a modality sends a large radiograph."""
+    import openjpeg
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    from ddn_node.bench.common import dx_instance
+
+    ds = dx_instance(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 64, seed=0)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    body = 1800 + 900 * np.exp(-((xx - 0.5) ** 2) / 0.02)  # the mediastinum
+    lungs = 700 * (np.exp(-((xx - 0.3) ** 2 + (yy - 0.45) ** 2) / 0.02))
+    lungs += 700 * np.exp(-((xx - 0.7) ** 2 + (yy - 0.45) ** 2) / 0.02)
+    noise = np.random.default_rng(0).normal(0, 25, (side, side))
+    arr = np.clip(body - lungs + noise, 0, 4095).astype(np.uint16)
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([openjpeg.encode(arr, bits_stored=12)])
+    ds["PixelData"].VR = "OB"
+    path = folder / "large-j2k.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _j2k_decoders(rounds: int, extra: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """A large JPEG 2000 image through each installed decoder at full resolution, against
+    the node's path (at full resolution, and as the worker asks for it: no wider than the
+    overlays), in alternating rounds."""
+    import tempfile
+    import warnings
+
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    from ddn_node.dicom.pixels import load_display_image
+    from ddn_node.dicom.results.overlay import MAX_SIDE
+
+    out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ddn-bench-j2k-") as tmp:
+        files = [_large_j2k(Path(tmp)), *extra]
+        for path in files:
+            ds = pydicom.dcmread(path)
+            cases: dict[str, Callable[[], Any]] = {}
+            for plugin in ("pylibjpeg", "pillow", "gdcm"):
+
+                def decode(plugin: str = plugin, ds: Any = ds) -> Any:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        return pixel_array(ds, decoding_plugin=plugin)
+
+                try:
+                    decode()
+                except Exception:  # noqa: BLE001 - not installed, or refuses this file
+                    continue
+                cases[
+                    f"pydicom + {plugin}" + (" (never used: unsafe)" if plugin == "gdcm" else "")
+                ] = decode
+            cases["node: display image, full resolution"] = partial(load_display_image, path)
+            cases[f"node: display image, max_side {MAX_SIDE} (the worker)"] = partial(
+                load_display_image, path, max_side=MAX_SIDE
+            )
+            for fn in cases.values():
+                fn()
+            times: dict[str, list[float]] = {k: [] for k in cases}
+            for _ in range(max(3, rounds)):
+                for k, fn in cases.items():
+                    times[k].append(_time_call(fn, 1))
+            med = {k: _median(v) for k, v in times.items()}
+            fastest = min(v for k, v in med.items() if not k.startswith("node"))
+            out.append(
+                {
+                    "dicom": path.name if path.parent == Path(tmp) else str(path),
+                    "size": [int(ds.Rows), int(ds.Columns)],
+                    "ms": {k: 1000 * v for k, v in med.items()},
+                    "vs_fastest_full_decoder": {k: v / fastest for k, v in med.items()},
+                }
+            )
+    return out
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -398,6 +541,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "skipped": skipped,
         "gradcam": _gradcam_cost(model, head, rounds),
         "end_to_end": _end_to_end(cfg, rounds),
+        "jpeg2000": _j2k_decoders(rounds, _wg04_j2k()),
     }
     _print(result)
     if cfg.json_out:
@@ -462,3 +606,14 @@ def _print(r: dict[str, Any]) -> None:
             f"{e['as_shipped']['heatmaps']} heat map(s) {e['as_shipped']['seconds']:.3f} s; with 3 heat maps "
             f"{e['three_heatmaps']['seconds']:.3f} s (target < {e['target_seconds']} s)"
         )
+        for name, v in e.get("as_the_worker_runs_it", {}).items():
+            con.print(
+                f"  {name}: DICOM -> probabilities + heat maps {v['seconds']:.3f} s "
+                f"({v['speed_vs_as_shipped']:.2f}x the line above, same rounds)"
+            )
+    for j in r.get("jpeg2000", []):
+        con.print(
+            f"JPEG 2000 decode, {j['dicom']} {j['size']}: median ms (x the fastest full-resolution decoder)"
+        )
+        for k, ms in j["ms"].items():
+            con.print(f"  {k:48s} {ms:7.1f} ms  {j['vs_fastest_full_decoder'][k]:5.2f}x")

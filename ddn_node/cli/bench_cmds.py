@@ -39,6 +39,13 @@ def bench_e2e(
             help="Comma-separated: steady, burst, stat (a STAT study behind the backlog)."
         ),
     ] = "steady,burst,stat",
+    backend: Annotated[
+        str | None,
+        typer.Option(help='[worker] backend ("torch", "onnxruntime"); default: the node\'s.'),
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help='[worker] precision ("fp32", "bf16"); default: the node\'s.')
+    ] = None,
 ) -> None:
     """End-to-end latency through Orthanc, a STAT study behind a backlog, and memory."""
     from ddn_node.bench.e2e import PHASES, run
@@ -47,7 +54,14 @@ def bench_e2e(
     unknown = set(chosen) - set(PHASES)
     if unknown:
         raise typer.BadParameter(f"unknown phase(s) {sorted(unknown)}; choose from {PHASES}")
-    run(n_studies=studies, model=model, size=size, phases=chosen)
+    run(
+        n_studies=studies,
+        model=model,
+        size=size,
+        phases=chosen,
+        backend=backend,
+        precision=precision,
+    )
 
 
 @bench_app.command("volume")

@@ -19,10 +19,15 @@ from ddn_node.dicom.pixels import CorruptPixelData, PixelDataError, PixelLimits,
 
 
 def load_display_frames(
-    path: Path, frames: Sequence[int], limits: PixelLimits | None = None
+    path: Path,
+    frames: Sequence[int],
+    limits: PixelLimits | None = None,
+    max_side: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray | PixelDataError]]:
     """``(frame, image)`` for each 0-based frame asked for, in that order; ``image`` is
-    the :class:`PixelDataError` where that frame cannot be displayed.
+    the :class:`PixelDataError` where that frame cannot be displayed. ``max_side``: as
+    for :func:`~ddn_node.dicom.pixels.load_display_image` (JPEG 2000 frames may come at a
+    lower resolution, the long side still at least that).
 
     When the first frame fails, every frame is given that error: the failure may be a
     guard (a bomb, a size over the limit) that a plain read would walk into.
@@ -31,7 +36,7 @@ def load_display_frames(
         return
     first, rest = frames[0], frames[1:]
     try:
-        image: np.ndarray | PixelDataError = load_display_image(path, first, limits)
+        image: np.ndarray | PixelDataError = load_display_image(path, first, limits, max_side)
     except PixelDataError as exc:
         image = exc
     if isinstance(image, PixelDataError):
@@ -50,7 +55,7 @@ def load_display_frames(
         return
     for frame in rest:
         try:
-            image = load_display_image(ds, frame, limits)
+            image = load_display_image(ds, frame, limits, max_side)
         except PixelDataError as exc:
             image = exc
         yield frame, image

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import structlog
@@ -24,6 +25,7 @@ import torch
 
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.gradcam import logits_and_cams
+from ddn_node.model.onnx_trunk import OnnxTrunk
 from ddn_node.model.preprocess import Geometry, map_to_source, prepare_batch
 from ddn_node.model.types import ImagePrediction
 
@@ -58,6 +60,9 @@ class Predictor:
         batch_size: int = 16,
         channels_last: bool = True,
         precision: str = "fp32",
+        backend: str = "torch",
+        heatmap_max_side: int | None = None,
+        onnx_cache_dir: Path | None = None,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
@@ -77,6 +82,31 @@ class Predictor:
         # bf16 covers the backbone only: the features come back as fp32, so the heads,
         # the probabilities and Grad-CAM's back-propagation all run in fp32.
         self.bf16 = precision == "bf16"
+        if backend not in ("torch", "onnxruntime"):
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+        self.backend = backend
+        # The trunk (up to layer4) in ONNX Runtime, the tail in torch: Grad-CAM only
+        # differentiates the tail, so the maps are computed exactly as with torch.
+        self._trunk: OnnxTrunk | None = None
+        if backend == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ValueError("backend 'onnxruntime' runs on the CPU only (device = 'cpu')")
+            if self.bf16:
+                raise ValueError(
+                    "precision 'bf16' is a torch autocast setting: use backend 'torch'"
+                )
+            self._trunk = OnnxTrunk(
+                artifact.model,
+                self.spec.size,
+                threads=torch.get_num_threads(),
+                weights_sha256=artifact.weights_sha256,
+                cache_dir=onnx_cache_dir,
+            )
+        # Heat maps at most this many pixels on their long side (aspect kept), None: at the
+        # source image's size. Every consumer resamples a map against the source's Rows
+        # and Columns, so a worker that outlines on a 256 grid and parks maps at 256 px
+        # need not draw 2048 x 2048 maps first (most of the Grad-CAM stage's time).
+        self.heatmap_max_side = heatmap_max_side
         self.timings_ms: dict[str, float] = {}
 
     def predict(
@@ -116,11 +146,14 @@ class Predictor:
         for s in range(0, len(images), self.batch_size):
             chunk = images[s : s + self.batch_size]
             x, geoms = prepare_batch(chunk, self.spec)
-            x = x.to(self.device).contiguous(memory_format=self._fmt)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    feats = self.model.features(x)
+                if self._trunk is not None:
+                    feats = self._trunk(x, self._fmt)
+                else:
+                    x = x.to(self.device).contiguous(memory_format=self._fmt)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                        feats = self.model.features(x)
                 feats = feats.float()
                 logits = self.model.forward_from_features(feats, heads=[head])[head]
             probs = self.model.probabilities({head: logits})[head].float().cpu().numpy()
@@ -142,9 +175,10 @@ class Predictor:
         forward: ForwardPass,
         only: Collection[str] | None = None,
     ) -> None:
-        """Grad-CAM heat maps, at source size, for the labels at/above their threshold and
-        in ``only`` when given (the labels whose maps carry evidence), into
-        ``predictions[i].heatmaps`` (the predictions :meth:`predict_deferred` made)."""
+        """Grad-CAM heat maps, at source size (at most ``heatmap_max_side`` wide), for the
+        labels at/above their threshold and in ``only`` when given (the labels whose maps
+        carry evidence), into ``predictions[i].heatmaps`` (the predictions
+        :meth:`predict_deferred` made)."""
         labels = self.artifact.head(forward.head).labels
         # A normal class has nothing to point at: never mapped, whatever ``only`` says.
         normal = self.artifact.head(forward.head).normal_labels
@@ -172,7 +206,9 @@ class Predictor:
                 if ks:
                     # All of one image's maps are resized in one call: one pass at full size.
                     maps = map_to_source(
-                        torch.stack([cams[(b, k)] for k in ks]).float().cpu(), batch.geoms[b]
+                        torch.stack([cams[(b, k)] for k in ks]).float().cpu(),
+                        batch.geoms[b],
+                        max_side=self.heatmap_max_side,
                     )
                     for i, k in enumerate(ks):
                         predictions[batch.start + b].heatmaps[labels[k].name] = maps[i]

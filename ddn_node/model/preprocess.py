@@ -103,8 +103,21 @@ def prepare_batch(
     return normalise(torch.stack(squares), spec), geoms
 
 
-def map_to_source(cam: torch.Tensor, geom: Geometry) -> np.ndarray:
+def map_size(geom: Geometry, max_side: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of a heat map for the source of ``geom``: the source's size, or
+    scaled (aspect kept) so its long side is at most ``max_side``."""
+    h, w = geom.src_h, geom.src_w
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    scale = max_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def map_to_source(cam: torch.Tensor, geom: Geometry, max_side: int | None = None) -> np.ndarray:
     """Map(s) over the padded square -> float32 at the source image's rows x columns, in [0, 1].
+
+    With ``max_side``, on the source's grid scaled to at most that long side instead
+    (:func:`map_size`): the same map, sampled more coarsely.
 
     ``cam``: (h, w) or (k, h, w), non-negative (Grad-CAM after ReLU). Each map is upsampled
     to the square, the padding cropped off and the map scaled to [0, 1] by its maximum while
@@ -122,9 +135,8 @@ def map_to_source(cam: torch.Tensor, geom: Geometry) -> np.ndarray:
     )
     peak = crop.amax(dim=(2, 3), keepdim=True)
     crop = torch.where(peak > 0, crop / peak.clamp(min=1e-12), torch.zeros_like(crop))
-    if (geom.src_h, geom.src_w) != (geom.new_h, geom.new_w):
-        crop = F.interpolate(
-            crop, size=(geom.src_h, geom.src_w), mode="bilinear", align_corners=False
-        )
+    out_size = map_size(geom, max_side)
+    if out_size != (geom.new_h, geom.new_w):
+        crop = F.interpolate(crop, size=out_size, mode="bilinear", align_corners=False)
     out = crop[0].cpu().numpy().astype(np.float32, copy=False)
     return out[0] if single else out

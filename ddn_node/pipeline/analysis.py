@@ -217,8 +217,9 @@ class ModelSteps:
             multi = facts.frames > 1
             index = len(sources)
             # From the path, so the decoder's guards (deflate and decompression bombs)
-            # see the file before anything is inflated (dicom/frames.py).
-            for frame, image in load_display_frames(path, frames):
+            # see the file before anything is inflated (dicom/frames.py). No wider than
+            # the overlays need: JPEG 2000 then decodes from a lower resolution level.
+            for frame, image in load_display_frames(path, frames, max_side=MAX_SIDE):
                 if isinstance(image, PixelDataError):
                     problems.append(
                         self._unreadable(

@@ -8,6 +8,7 @@ from pathlib import Path
 import structlog
 
 from ddn_node.config import RoutingRule, Settings
+from ddn_node.dicom.results.region import CONTOUR_GRID
 from ddn_node.model.artifact import ArtifactError, ModelArtifact
 from ddn_node.model.inference import Predictor
 
@@ -55,12 +56,17 @@ class ModelRegistry:
                     device=worker.device,
                     threads=worker.torch_threads,
                     precision=worker.precision,
+                    backend=worker.effective_backend,
+                    # The SR outlines on this grid and phase 2 keeps maps no wider
+                    # (analysis.PARKED_MAP_SIDE): larger maps would only be shrunk again.
+                    heatmap_max_side=CONTOUR_GRID,
                 )
                 log.info(
                     "worker.model_loaded",
                     model=artifact.name,
                     version=artifact.version,
                     device=worker.device,
+                    backend=worker.effective_backend,
                 )
             return self._predictors[path]
 

@@ -134,7 +134,7 @@ def test_shadow_promote_and_rollback_in_a_running_node(
             [load_display_image(pydicom.dcmread(file1))], head="cxr", heatmaps=False
         )[0]
         for label, p in on_its_own.probabilities.items():
-            assert abs(shadow.probabilities[label] - p) < 1e-5, label
+            assert abs(shadow.probabilities[label] - p) < 1e-4, label  # ONNX trunk vs torch
         assert set(shadow.positive) == {
             lab for lab, p in shadow.probabilities.items() if p >= shadow.thresholds[lab]
         }
