@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,6 +52,14 @@ def _mark_demo(
     return event_dict
 
 
+def _add_fields(
+    fields: dict[str, Any], _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in fields.items():
+        event_dict.setdefault(key, value)
+    return event_dict
+
+
 def configure_logging(
     level: str = "INFO",
     json_output: bool = True,
@@ -58,6 +67,7 @@ def configure_logging(
     stream: TextIO | None = None,
     *,
     demo: bool = False,
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
     """Configure structlog and the standard library once, at process start. In a demo
     (``demo = true``) every line says so, so that no one mistakes its log for a
@@ -79,6 +89,10 @@ def configure_logging(
     ]
     if demo:
         shared.append(_mark_demo)
+    if fields:
+        # Said on every line of the process, from every thread (one of several SCP
+        # processes says which it is).
+        shared.append(partial(_add_fields, dict(fields)))
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output

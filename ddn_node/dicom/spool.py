@@ -53,6 +53,11 @@ def file_sha256(path: Path, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
+def _unlinked(path: Path) -> bool:
+    path.unlink(missing_ok=True)
+    return True
+
+
 def _link_beside(tmp: Path, final: Path, relpath: str) -> str:
     """Give ``tmp`` the name ``final`` unless that exists, else a fresh name beside it.
 
@@ -90,25 +95,37 @@ class StoredFile:
 class Spool:
     """The spool directory layout and its durable write protocol."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, incoming: str = "incoming"):
         self.root = root
         # fsync and hashing release the GIL: overlapping them halves the wait per instance.
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-io")
-        self.incoming = root / "incoming"
+        # One of several SCP processes writes into a folder of its own under incoming/
+        # (same filesystem: the rename stays atomic), so that when it starts again after a
+        # crash it removes its own leftovers and never another process's file in flight.
+        self.incoming = root / incoming
         self.studies = root / "studies"
         self.results = root / "results"
         self.quarantined = root / "quarantine"
 
-    def prepare(self) -> int:
-        """Create the layout and remove half-written leftovers; returns how many were removed."""
+    def prepare(self, *, folders: bool = False) -> int:
+        """Create the layout and remove half-written leftovers; returns how many were removed.
+
+        With ``folders``, also those in the folders of incoming/ that SCP processes write
+        into (only while none runs: before a group of them starts)."""
         for path in (self.incoming, self.studies, self.results):
             path.mkdir(parents=True, exist_ok=True)
         removed = 0
         for leftover in self.incoming.iterdir():
-            if leftover.is_file():
+            if leftover.is_dir() and folders:
+                removed += sum(1 for f in leftover.iterdir() if f.is_file() and _unlinked(f))
+            elif leftover.is_file():
                 leftover.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def half_written(self) -> list[Path]:
+        """Files in incoming/ and its folders: instances still arriving, or left by a crash."""
+        return [p for p in self.incoming.rglob("*") if p.is_file()]
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -94,6 +94,15 @@ class Database:
                 raise
 
     @contextmanager
+    def rolled_back(self) -> Iterator[Session]:
+        """A writing session that is always rolled back (to warm caches up, or to try)."""
+        with self.write_lock or nullcontext(), self.sessions() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for queries only (on SQLite it never takes the write lock)."""
         # Closing (not rolling back) ends the transaction without expiring loaded objects.
