@@ -229,8 +229,25 @@ class _Bell:
         self._read.setblocking(False)
         self._write.setblocking(False)
 
+    # Whether the DUL thread is (about to be) in select(): set before it last looks at its
+    # queue, so a put after that look sees it and writes; one before is seen by the look.
+    # Otherwise a put costs no system call.
+    dul_waiting = False
+
     def ring(self) -> None:
+        """Wake both threads (a kill, the end of the DUL)."""
         self.event.set()
+        self._wake_dul()
+
+    def ring_association(self) -> None:
+        if not self.event.is_set():
+            self.event.set()
+
+    def ring_dul(self) -> None:
+        if self.dul_waiting:
+            self._wake_dul()
+
+    def _wake_dul(self) -> None:
         # OSError: full (a wake-up is pending anyway) or closed (the DUL has ended).
         with contextlib.suppress(OSError):
             self._write.send(b"\0")
@@ -260,19 +277,19 @@ class _Bell:
 
 
 class _RingingQueue(queue.Queue[Any]):
-    """A queue whose every put rings the association's bell."""
+    """A queue whose every put wakes the thread that takes from it."""
 
-    bell: _Bell
+    wake: Callable[[], None]
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self.bell.ring()
+        self.wake()
 
 
-def _ringing(old: queue.Queue[Any], bell: _Bell) -> _RingingQueue:
+def _ringing(old: queue.Queue[Any], wake: Callable[[], None]) -> _RingingQueue:
     assert old.empty()  # swapped before the threads that fill it start
     new = _RingingQueue()
-    new.bell = bell
+    new.wake = wake
     return new
 
 
@@ -301,12 +318,17 @@ class QuietDUL(DULServiceProvider):
         return False
 
     def _wait_for_work(self) -> None:
-        if not self.to_provider_queue.empty():
-            return  # a primitive to send is waiting already
-        sock = self.socket.socket if self.socket is not None else None
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return  # decrypted bytes buffered in the SSL object: select cannot see them
-        self.bell.wait_dul(sock, REACTOR_TICK_S)
+        bell = self.bell
+        bell.dul_waiting = True  # before the look at the queue (see _Bell.dul_waiting)
+        try:
+            if not self.to_provider_queue.empty():
+                return  # a primitive to send is waiting already
+            sock = self.socket.socket if self.socket is not None else None
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return  # decrypted bytes buffered in the SSL object: select cannot see them
+            bell.wait_dul(sock, REACTOR_TICK_S)
+        finally:
+            bell.dul_waiting = False
 
     def run_reactor(self) -> None:
         try:
@@ -414,9 +436,10 @@ def quieten(assoc: Association) -> None:
     start)."""
     bell = _Bell()
     dul = assoc.dul
-    dul.to_provider_queue = _ringing(dul.to_provider_queue, bell)
-    dul.to_user_queue = _ringing(dul.to_user_queue, bell)
-    assoc.dimse.msg_queue = _ringing(assoc.dimse.msg_queue, bell)
+    # Filled by the association thread for the DUL, and by the DUL for the association.
+    dul.to_provider_queue = _ringing(dul.to_provider_queue, bell.ring_dul)
+    dul.to_user_queue = _ringing(dul.to_user_queue, bell.ring_association)
+    assoc.dimse.msg_queue = _ringing(assoc.dimse.msg_queue, bell.ring_association)
     dul.__class__ = QuietDUL
     cast(QuietDUL, dul).bell = bell
     # Thread.__init__ bound the original run_reactor as the thread's target.

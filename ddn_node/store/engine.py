@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -92,6 +92,17 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Connection, RootTransaction]]:
+        """A core connection in a transaction (no ORM session), under the write lock:
+        committed on success unless rolled back, rolled back on any exception."""
+        with (
+            self.write_lock or nullcontext(),
+            self.engine.connect() as connection,
+            connection.begin() as transaction,
+        ):
+            yield connection, transaction
 
     @contextmanager
     def rolled_back(self) -> Iterator[Session]:
