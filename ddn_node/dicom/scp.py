@@ -47,6 +47,7 @@ from ddn_node.dicom.hardening import (
     register_server,
     share_contexts,
     stream_received_datasets,
+    streamed_sha256,
 )
 from ddn_node.dicom.headers import (
     Header,
@@ -567,9 +568,11 @@ class StorageSCP:
             )
             return SUCCESS
         try:
+            streamed = streamed_sha256(tmp, tmp.stat().st_size - offset)
             stored = self.spool.commit(
                 tmp,
                 self.spool.instance_relpath(study_uid, sop_uid),
+                sha256=streamed,
                 hash_from=offset,
                 overlap=True,
                 keep_existing=True,
