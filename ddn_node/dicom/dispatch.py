@@ -190,6 +190,8 @@ class AcceptingServer(socketserver.TCPServer):
         self.dispatcher = dispatcher
         self.port_index = port_index
         self.network_timeout = network_timeout
+        # "::" listens on IPv6 (and, dual stack, IPv4-mapped), as pynetdicom's servers do.
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         # Bound now (the port is known, and taken), listening only once activate() is
         # called: until the serving processes are up a peer is refused, not kept waiting.
         super().__init__(address, socketserver.BaseRequestHandler, bind_and_activate=False)
