@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pydicom.config
@@ -256,9 +257,13 @@ class ScpGroup:
         ours, theirs = zip(*(channel_pair() for _ in self._servers), strict=True)
         fds = tuple(s.fileno() for s in theirs)
         spec = _ScpProcessSpec(self.settings, index, fds)
+        # The same code as this process runs, wherever it was imported from.
+        here = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
         proc = subprocess.Popen(
             [sys.executable, "-c", "from ddn_node.node import run_scp_process; run_scp_process()"],
             stdin=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path},
             pass_fds=fds,
             # Not the terminal's Ctrl-C: this process stops them, after its own listener.
             start_new_session=True,
@@ -351,9 +356,9 @@ def run_scp_process() -> None:
     channels = [socket.socket(fileno=fd) for fd in spec.channel_fds]
     scp.serve_handed(channels, stop)
     scheduler.start()
-    # The SIGTERM of the group, or the accepting process gone (its pair closed).
-    while not stop.wait(1.0):
-        pass
+    # The SIGTERM of the group, or the accepting process gone (its pair closed): then at
+    # once, so that a node started again after a crash does not meet this one's leftovers.
+    stop.wait()
     scp.stop()
     scheduler.stop()
     database.dispose()
