@@ -54,7 +54,7 @@ from ddn_node.dicom.headers import (
     HeaderError,
     dataset_offset,
     order_priority,
-    read_header,
+    read_received_header,
 )
 from ddn_node.dicom.origin import classify
 from ddn_node.dicom.scu import STORAGE_COMMITMENT
@@ -241,8 +241,7 @@ class StorageSCP:
         path = self.spool.incoming / f"warm-up-{os.getpid()}.dcm"
         try:
             probe.save_as(path, enforce_file_format=True)
-            read_header(path)
-            dataset_offset(path)
+            read_received_header(path, dataset_offset(path), ExplicitVRLittleEndian)
         except (OSError, HeaderError) as exc:
             log.warning("scp.warm_up_failed", error=type(exc).__name__)
         finally:
@@ -532,9 +531,10 @@ class StorageSCP:
         refused = self._refusal(tmp, sop_uid)
         if refused is not None:
             return refused
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
-            header = read_header(tmp)
             offset = dataset_offset(tmp)
+            header = read_received_header(tmp, offset, transfer_syntax)
         except HeaderError as exc:
             log.warning(
                 "scp.store_unparseable",
@@ -583,7 +583,6 @@ class StorageSCP:
             else:
                 log.error("scp.store_write_failed", sop_instance_uid=sop_uid, error=str(exc))
             return OUT_OF_RESOURCES
-        transfer_syntax = str(event.context.transfer_syntax)
         record = _record_of(header, request, stored, calling, transfer_syntax, origin)
         try:
             outcome = record_instance(
