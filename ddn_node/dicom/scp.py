@@ -531,6 +531,9 @@ class StorageSCP:
         refused = self._refusal(tmp, sop_uid)
         if refused is not None:
             return refused
+        # The file's fsync runs while its header is read and checked; nothing is renamed
+        # or committed before it has completed (Spool.commit waits for it).
+        synced = self.spool.start_sync(tmp)
         transfer_syntax = str(event.context.transfer_syntax)
         try:
             offset = dataset_offset(tmp)
@@ -576,6 +579,7 @@ class StorageSCP:
                 hash_from=offset,
                 overlap=True,
                 keep_existing=True,
+                synced=synced,
             )
         except OSError as exc:
             if exc.errno == errno.ENOSPC:

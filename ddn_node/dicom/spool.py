@@ -148,6 +148,7 @@ class Spool:
         *,
         overlap: bool = False,
         keep_existing: bool = False,
+        synced: Future[int] | None = None,
     ) -> StoredFile:
         """Make ``tmp`` durable and move it to ``relpath`` atomically.
 
@@ -163,8 +164,12 @@ class Spool:
         one goes beside it under a fresh name (returned in :attr:`StoredFile.relpath`), so
         that the database decides which one an instance names (a re-send may be identical,
         a changed version, or another patient's instance under a colliding UID).
+
+        ``synced``: the file's fsync, started earlier with :meth:`start_sync` (so that
+        it runs while the caller reads the header); the rename waits for it all the same.
         """
-        synced = self._io.submit(_fsync_file, tmp)
+        if synced is None:
+            synced = self.start_sync(tmp)
         digest = sha256 or file_sha256(tmp, hash_from)
         size = synced.result()
         final = self.root / relpath
@@ -181,6 +186,11 @@ class Spool:
         if not overlap:
             stored.wait_durable()
         return stored
+
+    def start_sync(self, tmp: Path) -> Future[int]:
+        """Start fsyncing a file in ``incoming/`` (its size is the result); pass it to
+        :meth:`commit`. Harmless if the file is then refused and removed instead."""
+        return self._io.submit(_fsync_file, tmp)
 
     def quarantine(self, relpath: str) -> str:
         """Move a received file out of ``studies/`` into ``quarantine/``, durably; returns
