@@ -211,6 +211,7 @@ class ScpGroup:
         )
         self.dispatcher = Dispatcher(self.gate)
         self._servers: list[AcceptingServer] = []
+        self._serving: list[AcceptingServer] = []
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -245,13 +246,10 @@ class ScpGroup:
                 name=f"scp-accept-{server.server_address[1]}",
                 daemon=True,
             ).start()
+            self._serving.append(server)
         ports = [int(s.server_address[1]) for s in self._servers]
         log.info("scp.started", ae_title=node.ae_title, ports=ports, processes=len(ready))
         return ports
-
-    def pids(self) -> list[int]:
-        with self._lock:
-            return [p.pid for p in self._procs.values()]
 
     def _spawn(self, index: int) -> threading.Event:
         ours, theirs = zip(*(channel_pair() for _ in self._servers), strict=True)
@@ -297,7 +295,9 @@ class ScpGroup:
     def stop(self) -> None:
         self._stopping.set()
         for server in self._servers:
-            server.shutdown()
+            # shutdown() waits for serve_forever, forever if it never ran (a failed start).
+            if server in self._serving:
+                server.shutdown()
             server.server_close()
         with self._lock:
             procs = list(self._procs.values())
