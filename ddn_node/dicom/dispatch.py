@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from ddn_node.dicom.hardening import ConnectionGate, HardenedServer
+from ddn_node.dicom.hardening import ConnectionGate, HardenedServer, wait_association_over
 
 log = structlog.get_logger("ddn_node.scp")
 
@@ -295,8 +295,8 @@ class HandedServer(HardenedServer):
                 assoc = self._assocs.pop(client_address, None)
             if assoc is not None:
                 # The association runs in its own thread; the connection counts against
-                # its host until that has ended.
-                assoc.join()
+                # its host until it is over.
+                wait_association_over(assoc)
         finally:
             if token is not None:
                 self.say(DONE + _TOKEN.pack(token))

@@ -322,6 +322,13 @@ class QuietDUL(DULServiceProvider):
         return False
 
     def _wait_for_work(self) -> None:
+        if self.state_machine.current_state == "Sta13":
+            # Waiting for the connection to close (after a release or abort): pynetdicom
+            # closes it itself as soon as no more data is pending, which nothing would
+            # wake this loop for; at pynetdicom's own pace, so that the association ends
+            # (and stops counting against its host) as soon as it did.
+            time.sleep(self._run_loop_delay)
+            return
         bell = self.bell
         bell.dul_waiting = True  # before the look at the queue (see _Bell.dul_waiting)
         try:
@@ -388,10 +395,23 @@ class QuietAssociation(Association):
     """
 
     bell: _Bell
+    # Set once the association is over (released, aborted, killed), which is when its
+    # connection stops counting against its host: the peer may connect again as soon as
+    # it has the A-RELEASE-RP, not only once this thread has wound down (and logged and
+    # audited the close) some milliseconds later.
+    ended: threading.Event
 
     def kill(self) -> None:
+        # pynetdicom 3.0.4's kill(), but looking every 1 ms, not 10, whether the DUL has
+        # stopped.
+        self.ended.set()
         self.bell.ring()
-        super().kill()
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
+        while self.dul.is_alive() and not self.dul.stop_dul():
+            time.sleep(0.001)
 
     def _run_reactor(self) -> None:
         self._is_paused = False
@@ -408,12 +428,14 @@ class QuietAssociation(Association):
                 self._serve_request(msg, cast(int, context_id))
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
+                self.ended.set()
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
                 return
             if self.acse.is_aborted():
+                self.ended.set()
                 self.dul.receive_pdu(wait=False)
                 self.is_aborted = True
                 self.is_established = False
@@ -450,6 +472,23 @@ def quieten(assoc: Association) -> None:
     dul._target = dul.run_reactor  # type: ignore[attr-defined]
     assoc.__class__ = QuietAssociation
     cast(QuietAssociation, assoc).bell = bell
+    cast(QuietAssociation, assoc).ended = threading.Event()
+
+
+def association_over(assoc: Association) -> bool:
+    """Whether an acceptor's association is over (its thread may still be winding down)."""
+    ended = getattr(assoc, "ended", None)
+    return not assoc.is_alive() or (ended is not None and ended.is_set())
+
+
+def wait_association_over(assoc: Association) -> None:
+    ended = getattr(assoc, "ended", None)
+    if ended is None:
+        assoc.join()
+        return
+    # A thread that died without kill() (a bug) never sets it: look at the thread too.
+    while not ended.wait(1.0) and assoc.is_alive():
+        pass
 
 
 class SharedContexts(list[Any]):
@@ -496,8 +535,8 @@ class _Connection:
 
     def open(self) -> bool:
         # Once the request thread is done, the connection lives as long as the
-        # association thread it started (none: the handshake failed, it is closed).
-        return self.handling or (self.assoc is not None and self.assoc.is_alive())
+        # association it started (none: the handshake failed, it is closed).
+        return self.handling or (self.assoc is not None and not association_over(self.assoc))
 
 
 class ConnectionGate:

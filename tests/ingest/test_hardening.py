@@ -67,6 +67,7 @@ def test_the_reactor_loops_the_quiet_ones_copy_are_unchanged() -> None:
     assert _digest(DULServiceProvider.run_reactor) == "e3a10eb3a0931e48"
     assert _digest(Association._run_reactor) == "f28838c5559e462a"
     assert _digest(DULServiceProvider.stop_dul) == "28a7e0be126e7b30"
+    assert _digest(Association.kill) == "8f9713666a7f4cff"
     # What they wake on: the queues the DUL and the DIMSE provider make in __init__, and
     # the thread target Thread.__init__ bound (replaced before the thread starts).
     dul_init = inspect.getsource(DULServiceProvider.__init__)
