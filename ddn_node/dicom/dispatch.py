@@ -28,11 +28,17 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
 
-from ddn_node.dicom.hardening import ConnectionGate, HardenedServer, wait_association_over
+from ddn_node.dicom.hardening import (
+    ConnectionGate,
+    HardenedServer,
+    wait_association_over,
+    when_over,
+)
 
 log = structlog.get_logger("ddn_node.scp")
 
@@ -134,14 +140,34 @@ class Dispatcher:
             if not message:
                 self._lost(server)  # end of file: the process has exited (or was killed)
                 return
-            if message[:1] == READY:
-                server.ready.set()
-            elif message[:1] == DONE and len(message) == _MESSAGE_BYTES:
-                (token,) = _TOKEN.unpack(message[1:])
-                with self._lock:
-                    address = server.open.pop(token, None)
-                if address is not None:
-                    self.gate.handled(address)
+            self._heard(server, message)
+
+    def _heard(self, server: _Server, message: bytes) -> None:
+        if message[:1] == READY:
+            server.ready.set()
+        elif message[:1] == DONE and len(message) == _MESSAGE_BYTES:
+            (token,) = _TOKEN.unpack(message[1:])
+            with self._lock:
+                address = server.open.pop(token, None)
+            if address is not None:
+                self.gate.handled(address)
+
+    def drain(self) -> None:
+        """Take in what the serving processes have said already (on the accept loop,
+        before the gate decides): a peer whose association just ended, and which
+        connects again at once, finds its earlier connection counted off."""
+        with self._lock:
+            servers = [s for s in self._servers.values() if s.alive]
+        for server in servers:
+            for channel in server.channels:
+                while True:
+                    try:
+                        message = channel.recv(_MESSAGE_BYTES, socket.MSG_DONTWAIT)
+                    except OSError:  # BlockingIOError: nothing more; or closed
+                        break
+                    if not message:
+                        break  # end of file: its listener sees it too and handles it
+                    self._heard(server, message)
 
     def _lost(self, server: _Server) -> None:
         """A serving process is gone: its connections died with it (their descriptors
@@ -213,6 +239,7 @@ class AcceptingServer(socketserver.TCPServer):
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.dispatcher.drain()
         return self.dispatcher.gate.admit(client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -247,6 +274,7 @@ class HandedServer(HardenedServer):
         self.parent_gone = parent_gone
         self._tokens: dict[Any, int] = {}
         self._assocs: dict[Any, Any] = {}
+        self._said: set[int] = set()  # tokens whose DONE has been said
         self._mutex = threading.Lock()
 
     def say(self, message: bytes) -> None:
@@ -285,10 +313,23 @@ class HandedServer(HardenedServer):
     def associated(self, address: Any, assoc: Any) -> None:
         with self._mutex:
             self._assocs[address] = assoc
+            token = self._tokens.get(address)
+        if token is not None:
+            # DONE is said by the association's own thread as it ends, before its
+            # A-RELEASE-RP leaves: the accepting process has it before the peer can
+            # connect again (and reads it before admitting: Dispatcher.drain).
+            when_over(assoc, partial(self._done, token))
+
+    def _done(self, token: int) -> None:
+        with self._mutex:
+            if token in self._said:
+                return
+            self._said.add(token)
+        self.say(DONE + _TOKEN.pack(token))
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         with self._mutex:
-            token = self._tokens.pop(client_address, None)
+            token = self._tokens.get(client_address)
         try:
             super().finish_request(request, client_address)
             with self._mutex:
@@ -298,5 +339,9 @@ class HandedServer(HardenedServer):
                 # its host until it is over.
                 wait_association_over(assoc)
         finally:
+            with self._mutex:
+                self._tokens.pop(client_address, None)
             if token is not None:
-                self.say(DONE + _TOKEN.pack(token))
+                self._done(token)
+                with self._mutex:
+                    self._said.discard(token)

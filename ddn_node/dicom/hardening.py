@@ -400,11 +400,20 @@ class QuietAssociation(Association):
     # it has the A-RELEASE-RP, not only once this thread has wound down (and logged and
     # audited the close) some milliseconds later.
     ended: threading.Event
+    # Called once, in this thread, as the association ends, before the A-RELEASE-RP is
+    # queued: whoever counts connections hears of it before the peer can connect again.
+    on_over: Callable[[], None] | None = None
+
+    def _over(self) -> None:
+        if not self.ended.is_set():
+            self.ended.set()
+            if self.on_over is not None:
+                self.on_over()
 
     def kill(self) -> None:
         # pynetdicom 3.0.4's kill(), but looking every 1 ms, not 10, whether the DUL has
         # stopped.
-        self.ended.set()
+        self._over()
         self.bell.ring()
         self._reactor_checkpoint.set()
         self._kill = True
@@ -427,15 +436,15 @@ class QuietAssociation(Association):
                 bell.set()  # more may be queued: look again at once
                 self._serve_request(msg, cast(int, context_id))
             if self.is_established and self.acse.is_release_requested():
+                self._over()
                 self.acse.send_release(is_response=True)
-                self.ended.set()
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
                 return
             if self.acse.is_aborted():
-                self.ended.set()
+                self._over()
                 self.dul.receive_pdu(wait=False)
                 self.is_aborted = True
                 self.is_established = False
@@ -473,6 +482,15 @@ def quieten(assoc: Association) -> None:
     assoc.__class__ = QuietAssociation
     cast(QuietAssociation, assoc).bell = bell
     cast(QuietAssociation, assoc).ended = threading.Event()
+
+
+def when_over(assoc: Association, callback: Callable[[], None]) -> bool:
+    """Have ``callback`` called as the association ends (see QuietAssociation.on_over);
+    False if it is not a quiet one (the caller waits for its thread instead)."""
+    if not isinstance(assoc, QuietAssociation):
+        return False
+    assoc.on_over = callback
+    return True
 
 
 def association_over(assoc: Association) -> bool:
