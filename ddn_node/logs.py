@@ -101,7 +101,10 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (print() writes the line, then its newline): several SCP
+        # processes append to the same stream, and two writes per line let another
+        # process's line land between a line and its newline.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     # Route the standard library (uvicorn, apscheduler, pynetdicom) through the same renderer.
