@@ -92,9 +92,27 @@ class NodeSettings(_Section):
     # handshake, which has as long). Real peers send it at once; an idle connection holds
     # an association slot for this long at most. Never longer than acse_timeout_s.
     first_pdu_timeout_s: Seconds = 5
+    # Processes that serve associations. Python runs one thread at a time per process, so
+    # one SCP process uses one core however many associations it serves. Above 1, the
+    # process ``serve`` starts accepts on the ports (and applies the allow-list and
+    # max_connections_per_host there, for all of them together) and hands each connection
+    # to the serving process with the fewest open; max_associations is shared out among
+    # them. 0: one per CPU core, at most 4; 1: a single process.
+    scp_processes: Annotated[int, Field(ge=0, le=64)] = 0
     tls: TLSSettings = TLSSettings()
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @property
+    def scp_process_count(self) -> int:
+        """How many processes serve associations (``scp_processes``, 0 resolved)."""
+        if self.scp_processes:
+            return self.scp_processes
+        try:
+            cores = len(os.sched_getaffinity(0))  # the cores this process may run on
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 4))
 
 
 # The subject attributes a peer's ``tls_subject`` may name, by their usual short names, as

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,6 +52,14 @@ def _mark_demo(
     return event_dict
 
 
+def _add_fields(
+    fields: dict[str, Any], _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in fields.items():
+        event_dict.setdefault(key, value)
+    return event_dict
+
+
 def configure_logging(
     level: str = "INFO",
     json_output: bool = True,
@@ -58,6 +67,7 @@ def configure_logging(
     stream: TextIO | None = None,
     *,
     demo: bool = False,
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
     """Configure structlog and the standard library once, at process start. In a demo
     (``demo = true``) every line says so, so that no one mistakes its log for a
@@ -79,6 +89,10 @@ def configure_logging(
     ]
     if demo:
         shared.append(_mark_demo)
+    if fields:
+        # Said on every line of the process, from every thread (one of several SCP
+        # processes says which it is).
+        shared.append(partial(_add_fields, dict(fields)))
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output
@@ -87,7 +101,10 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (print() writes the line, then its newline): several SCP
+        # processes append to the same stream, and two writes per line let another
+        # process's line land between a line and its newline.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     # Route the standard library (uvicorn, apscheduler, pynetdicom) through the same renderer.

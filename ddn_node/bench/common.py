@@ -168,6 +168,21 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of a process and of all its live descendants (a node with
+    several SCP processes does its work in children that outlive the measurement)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        total += cpu_seconds(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue  # exited meanwhile: its reaped children counted with its parent
+    return total
+
+
 def rss_mib(pid: int) -> tuple[float, float]:
     """(current, peak) resident memory of a process, MiB."""
     values = {}

@@ -15,20 +15,29 @@ pynetdicom's public API plus the functions below.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
+import os
+import queue
+import select
 import socket
 import ssl
 import struct
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -193,12 +202,336 @@ class RequestGuard(AssociationSocket):
         queued = list(self.assoc.dul.to_user_queue.queue)
         if any(isinstance(p, A_ASSOCIATE) or p is None for p in queued):
             return  # a request, or the wake-up, is already on its way
-        self.assoc.dul.to_user_queue.put(None)
+        # None is what the wait gets on its timeout; the queue's annotation omits it.
+        self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+
+# How long a reactor waits for a wake-up before it looks again regardless: what bounds how
+# late it notices a timer (ARTIM, the network idle timeout) or a peer thread's death. Every
+# event it must react to at once (a PDU arriving, a primitive to send, a decoded DIMSE
+# message, a release or abort, a kill) wakes it immediately.
+REACTOR_TICK_S = 0.05
+
+
+class _Bell:
+    """One wake-up per association for both of its reactor threads.
+
+    pynetdicom's DUL thread polls its socket (``select`` with no timeout) and sleeps 1 ms
+    between empty looks, and the association thread sleeps 1 ms before every look at its
+    queues: two threads per association waking 1000 times a second each, each wake taking
+    the GIL. With eight associations that was ~28% of the SCP's busy time, and it grew with
+    every association (the GIL serialises them). Here each thread sleeps until there is
+    something to do: the DUL thread in ``select`` on its socket and a pipe that the queues
+    it serves write to, the association thread on an Event the same queues set.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()  # the association thread's
+        # Socket objects, not bare pipe fds: once closed, a late ring() fails on the
+        # object (fd -1) instead of writing into whatever file reused the number.
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+
+    # Whether the DUL thread is (about to be) in select(): set before it last looks at its
+    # queue, so a put after that look sees it and writes; one before is seen by the look.
+    # Otherwise a put costs no system call.
+    dul_waiting = False
+
+    def ring(self) -> None:
+        """Wake both threads (a kill, the end of the DUL)."""
+        self.event.set()
+        self._wake_dul()
+
+    def ring_association(self) -> None:
+        if not self.event.is_set():
+            self.event.set()
+
+    def ring_dul(self) -> None:
+        if self.dul_waiting:
+            self._wake_dul()
+
+    def _wake_dul(self) -> None:
+        # OSError: full (a wake-up is pending anyway) or closed (the DUL has ended).
+        with contextlib.suppress(OSError):
+            self._write.send(b"\0")
+
+    def wait_dul(self, sock: socket.socket | None, timeout: float) -> None:
+        """Until the socket is readable or the bell rings (or ``timeout``)."""
+        watched: list[socket.socket] = [self._read]
+        if sock is not None and sock.fileno() >= 0:
+            watched.append(sock)
+        try:
+            readable, _, _ = select.select(watched, [], [], timeout)
+        except (OSError, ValueError):
+            time.sleep(0.001)  # a socket was closed meanwhile: pynetdicom's own pace
+            return
+        if self._read in readable:
+            try:
+                while self._read.recv(4096):
+                    pass
+            except OSError:
+                pass  # drained (BlockingIOError) or closed
+
+    def close(self) -> None:
+        """By the DUL thread as it ends (it alone selects on the pair)."""
+        self.event.set()
+        self._read.close()
+        self._write.close()
+
+
+class _RingingQueue(queue.Queue[Any]):
+    """A queue whose every put wakes the thread that takes from it."""
+
+    wake: Callable[[], None]
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake()
+
+
+def _ringing(old: queue.Queue[Any], wake: Callable[[], None]) -> _RingingQueue:
+    assert old.empty()  # swapped before the threads that fill it start
+    new = _RingingQueue()
+    new.wake = wake
+    return new
+
+
+class QuietDUL(DULServiceProvider):
+    """pynetdicom's DUL reactor, woken by events instead of polling every millisecond.
+
+    The loop is pynetdicom 3.0.4's ``run_reactor`` with its ``time.sleep`` replaced by
+    :meth:`_Bell.wait_dul`; ``tests/ingest/test_hardening.py`` checks that loop is unchanged.
+    """
+
+    bell: _Bell
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.bell.ring()
+
+    def stop_dul(self) -> bool:
+        # As pynetdicom's, but woken: its 1 ms poll would notice the flag at once, the
+        # quiet reactor only at its next tick.
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self.bell.ring()
+            while self.is_alive():
+                time.sleep(0.001)
+            return True
+        return False
+
+    def _wait_for_work(self) -> None:
+        if self.state_machine.current_state == "Sta13":
+            # Waiting for the connection to close (after a release or abort): pynetdicom
+            # closes it itself as soon as no more data is pending, which nothing would
+            # wake this loop for; at pynetdicom's own pace, so that the association ends
+            # (and stops counting against its host) as soon as it did.
+            time.sleep(self._run_loop_delay)
+            return
+        bell = self.bell
+        bell.dul_waiting = True  # before the look at the queue (see _Bell.dul_waiting)
+        try:
+            if not self.to_provider_queue.empty():
+                return  # a primitive to send is waiting already
+            sock = self.socket.socket if self.socket is not None else None
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return  # decrypted bytes buffered in the SSL object: select cannot see them
+            bell.wait_dul(sock, REACTOR_TICK_S)
+        finally:
+            bell.dul_waiting = False
+
+    def run_reactor(self) -> None:
+        try:
+            self._quiet_reactor()
+        finally:
+            # Wakes the association thread, which watches whether the DUL is alive.
+            self.bell.close()
+
+    def _quiet_reactor(self) -> None:
+        self._idle_timer.start()
+        sleep = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+            if sleep:
+                self._wait_for_work()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                log.exception("scp.dul_failed")
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                if self.socket is not None:
+                    self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+            self.state_machine.do_action(event)
+            sleep = False
+
+
+class QuietAssociation(Association):
+    """pynetdicom's acceptor reactor, woken by its queues instead of every millisecond.
+
+    The loop is pynetdicom 3.0.4's ``Association._run_reactor`` with its
+    ``time.sleep(0.001)`` replaced by a wait on the association's bell.
+    """
+
+    bell: _Bell
+    # Set once the association is over (released, aborted, killed), which is when its
+    # connection stops counting against its host: the peer may connect again as soon as
+    # it has the A-RELEASE-RP, not only once this thread has wound down (and logged and
+    # audited the close) some milliseconds later.
+    ended: threading.Event
+    # Called once, in this thread, as the association ends, before the A-RELEASE-RP is
+    # queued: whoever counts connections hears of it before the peer can connect again.
+    on_over: Callable[[], None] | None = None
+
+    def _over(self) -> None:
+        if not self.ended.is_set():
+            self.ended.set()
+            if self.on_over is not None:
+                self.on_over()
+
+    def kill(self) -> None:
+        # pynetdicom 3.0.4's kill(), but looking every 1 ms, not 10, whether the DUL has
+        # stopped.
+        self._over()
+        self.bell.ring()
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
+        while self.dul.is_alive() and not self.dul.stop_dul():
+            time.sleep(0.001)
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        bell = self.bell.event
+        while not self._kill:
+            bell.wait(REACTOR_TICK_S)
+            bell.clear()  # before looking: a put from now on rings again
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                bell.set()  # more may be queued: look again at once
+                self._serve_request(msg, cast(int, context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self._over()
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self._over()
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def quieten(assoc: Association) -> None:
+    """Make a freshly built acceptor's two reactor threads sleep until woken (before they
+    start)."""
+    bell = _Bell()
+    dul = assoc.dul
+    # Filled by the association thread for the DUL, and by the DUL for the association.
+    dul.to_provider_queue = _ringing(dul.to_provider_queue, bell.ring_dul)
+    dul.to_user_queue = _ringing(dul.to_user_queue, bell.ring_association)
+    assoc.dimse.msg_queue = _ringing(assoc.dimse.msg_queue, bell.ring_association)
+    dul.__class__ = QuietDUL
+    cast(QuietDUL, dul).bell = bell
+    # Thread.__init__ bound the original run_reactor as the thread's target.
+    dul._target = dul.run_reactor  # type: ignore[attr-defined]
+    assoc.__class__ = QuietAssociation
+    cast(QuietAssociation, assoc).bell = bell
+    cast(QuietAssociation, assoc).ended = threading.Event()
+
+
+def when_over(assoc: Association, callback: Callable[[], None]) -> bool:
+    """Have ``callback`` called as the association ends (see QuietAssociation.on_over);
+    False if it is not a quiet one (the caller waits for its thread instead)."""
+    if not isinstance(assoc, QuietAssociation):
+        return False
+    assoc.on_over = callback
+    return True
+
+
+def association_over(assoc: Association) -> bool:
+    """Whether an acceptor's association is over (its thread may still be winding down)."""
+    ended = getattr(assoc, "ended", None)
+    return not assoc.is_alive() or (ended is not None and ended.is_set())
+
+
+def wait_association_over(assoc: Association) -> None:
+    ended = getattr(assoc, "ended", None)
+    if ended is None:
+        assoc.join()
+        return
+    # A thread that died without kill() (a bug) never sets it: look at the thread too.
+    while not ended.wait(1.0) and assoc.is_alive():
+        pass
+
+
+class SharedContexts(list[Any]):
+    """A server's supported presentation contexts, shared by its associations.
+
+    pynetdicom deep-copies them for every association (``deepcopy(self.server.contexts)``
+    in ``RequestHandler._create_association``): with the ~130 storage SOP classes of ten
+    transfer syntaxes each, ~100 ms of CPU per association, held under the GIL while other
+    associations wait. Negotiation (``negotiate_as_acceptor``) only reads them, so every
+    association may use the same objects; the copy is a new list of them.
+    """
+
+    def __deepcopy__(self, _memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
+def share_contexts(server: ThreadedAssociationServer) -> None:
+    """Let a server's associations share its supported contexts (see SharedContexts)."""
+    server.contexts = SharedContexts(server.contexts)
 
 
 class GuardedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        quieten(assoc)
         sock = assoc.dul.socket
         # pynetdicom builds the AssociationSocket itself (and queues the transport event
         # in its constructor, so it cannot be built twice); give it the guard's recv.
@@ -207,8 +540,8 @@ class GuardedRequestHandler(RequestHandler):
         server = self.server
         first_pdu = server.first_pdu_timeout_s if isinstance(server, HardenedServer) else 30.0
         cast(RequestGuard, sock).guard(self.ae.acse_timeout, str(self.client_address[0]), first_pdu)
-        if isinstance(server, HardenedServer) and server.gate is not None:
-            server.gate.associated(self.client_address, assoc)
+        if isinstance(server, HardenedServer):
+            server.associated(self.client_address, assoc)
         return assoc
 
 
@@ -220,8 +553,8 @@ class _Connection:
 
     def open(self) -> bool:
         # Once the request thread is done, the connection lives as long as the
-        # association thread it started (none: the handshake failed, it is closed).
-        return self.handling or (self.assoc is not None and self.assoc.is_alive())
+        # association it started (none: the handshake failed, it is closed).
+        return self.handling or (self.assoc is not None and not association_over(self.assoc))
 
 
 class ConnectionGate:
@@ -318,6 +651,11 @@ class HardenedServer(ThreadedAssociationServer):
         client.settimeout(self.ae.network_timeout)
         return client, address
 
+    def associated(self, address: Any, assoc: Association) -> None:
+        """The association a connection's request thread has built (not yet started)."""
+        if self.gate is not None:
+            self.gate.associated(address, assoc)
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         # On the accept loop, before a thread is started: a refused connection is closed
         # there and then (socketserver's shutdown_request).
@@ -353,14 +691,92 @@ class HardenedServer(ThreadedAssociationServer):
 
 
 def stream_received_datasets(incoming: Path) -> None:
-    """Received C-STORE datasets go straight to files in ``incoming`` (never to memory).
+    """Received C-STORE datasets go straight to files in ``incoming`` (never to memory),
+    hashed as they arrive (:func:`streamed_sha256`).
 
     pynetdicom streams them to tempfile's directory: making it the spool's incoming/ keeps
     the final rename atomic (same filesystem). Process-wide, because pynetdicom offers no
     per-AE setting.
     """
     tempfile.tempdir = str(incoming)
+    _INCOMING[0] = str(incoming)
     _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _hashing_temporary_file  # type: ignore[assignment]
+
+
+class _HashingFile:
+    """pynetdicom's temporary file for one received data set, hashing the data set as it
+    streams in, in the DUL thread while the rest is still on the wire: re-reading the file
+    afterwards put ~6 ms per 2048x2048 instance on the path to the answer.
+
+    pynetdicom writes the preamble and File Meta Information first (plain ``write``
+    calls), then each data set fragment as ``write(fragment)`` followed by
+    ``.file.flush()`` (``tests/ingest/test_hardening.py`` checks that it still does): a
+    flush hashes the fragment just written, so the digest covers exactly the data set's
+    bytes, what the spool's sha256 covers (from ``dataset_offset``).
+
+    It stands in for ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``: a
+    new file in the incoming folder, which pynetdicom closes and unlinks itself. Named
+    by a counter, not tempfile's random names (whose making was ~3% of the SCP's time).
+    """
+
+    def __init__(self, folder: str):
+        while True:
+            self.name = os.path.join(folder, f"{os.getpid()}-{next(_SEQUENCE)}.dcm")
+            try:
+                fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:
+                continue  # a leftover of an earlier process with this pid
+        self._raw = open(fd, "wb")  # noqa: SIM115 - closed by pynetdicom through close()
+        self.file = self  # pynetdicom flushes through .file
+        self.digest = hashlib.sha256()
+        self.hashed = 0
+        self._last: bytes | bytearray | memoryview | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        written = self._raw.write(data)
+        self._last = data
+        return written
+
+    def flush(self) -> None:
+        if self._last is not None:
+            self.digest.update(self._last)  # releases the GIL for all but tiny fragments
+            self.hashed += len(self._last)
+            self._last = None
+        self._raw.flush()
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+_SEQUENCE = itertools.count(1)
+_INCOMING = [tempfile.gettempdir()]  # set by stream_received_datasets
+
+# Files being received or received and not yet stored, by path. Bounded: an association
+# aborted mid-data-set leaves its entry behind.
+_STREAMED: OrderedDict[str, _HashingFile] = OrderedDict()
+_STREAMED_LOCK = threading.Lock()
+_STREAMED_MAX = 4096
+
+
+def _hashing_temporary_file(*_args: Any, **_kwargs: Any) -> _HashingFile:
+    handle = _HashingFile(_INCOMING[0])
+    with _STREAMED_LOCK:
+        _STREAMED[handle.name] = handle
+        while len(_STREAMED) > _STREAMED_MAX:
+            _STREAMED.popitem(last=False)
+    return handle
+
+
+def streamed_sha256(path: Path, dataset_bytes: int) -> str | None:
+    """The sha256 of a received file's data set, hashed as it arrived; None when it was
+    not hashed so, or not all of its ``dataset_bytes`` were (the caller hashes the file)."""
+    with _STREAMED_LOCK:
+        handle = _STREAMED.pop(str(path), None)
+    if handle is None or handle._last is not None or handle.hashed != dataset_bytes:
+        return None
+    return handle.digest.hexdigest()
 
 
 def send_datasets_from_files() -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
@@ -35,20 +38,23 @@ from pynetdicom.sop_class import uid_to_sop_class
 from sqlalchemy.exc import SQLAlchemyError
 
 from ddn_node.config import PeerSettings, Settings
+from ddn_node.dicom.dispatch import READY, HandedServer
 from ddn_node.dicom.hardening import (
     ConnectionGate,
     GuardedRequestHandler,
     HardenedServer,
     peer_certificate,
     register_server,
+    share_contexts,
     stream_received_datasets,
+    streamed_sha256,
 )
 from ddn_node.dicom.headers import (
     Header,
     HeaderError,
     dataset_offset,
     order_priority,
-    read_header,
+    read_received_header,
 )
 from ddn_node.dicom.origin import classify
 from ddn_node.dicom.scu import STORAGE_COMMITMENT
@@ -68,6 +74,7 @@ from ddn_node.store.ingest import (
     InstanceRecord,
     KnownSeries,
     record_instance,
+    warm_up,
 )
 from ddn_node.store.models import UID_LEN, utcnow
 from ddn_node.store.quarantine import Refusal, record_refusal
@@ -218,10 +225,33 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
         ]
 
+    def warm_up(self) -> None:
+        """Do once, before the first peer, what the first instance would otherwise wait
+        for: compiling the ingest statements, pydicom's first parse."""
+        try:
+            warm_up(self.database)
+        except (SQLAlchemyError, IdentityConflict) as exc:
+            log.warning("scp.warm_up_failed", error=type(exc).__name__)
+        probe = Dataset()
+        probe.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        probe.SOPInstanceUID = probe.StudyInstanceUID = probe.SeriesInstanceUID = "2.25.1"
+        probe.PatientID = "warm-up"
+        probe.file_meta = FileMetaDataset()
+        probe.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = self.spool.incoming / f"warm-up-{os.getpid()}.dcm"
+        try:
+            probe.save_as(path, enforce_file_format=True)
+            read_received_header(path, dataset_offset(path), ExplicitVRLittleEndian)
+        except (OSError, HeaderError) as exc:
+            log.warning("scp.warm_up_failed", error=type(exc).__name__)
+        finally:
+            path.unlink(missing_ok=True)
+
     def start(self) -> list[int]:
         """Start listening (non-blocking); returns the bound ports (plain first)."""
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
+        self.warm_up()
         node = self.settings.node
         ports = [self._serve(node.host, node.port, None)]
         if node.tls.enabled:
@@ -231,34 +261,76 @@ class StorageSCP:
         log.info("scp.started", ae_title=node.ae_title, ports=ports)
         return ports
 
-    def _serve(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
+    def serve_handed(self, channels: list[socket.socket], parent_gone: threading.Event) -> None:
+        """Serve the connections another process accepts and hands over (one of a group
+        of ``[node] scp_processes``; ``dicom/dispatch.py``): one pair per port, plain
+        first. That process applies the allow-list gate and the per-host limit; this one
+        gets its share of ``max_associations``."""
+        self.spool.prepare()
+        stream_received_datasets(self.spool.incoming)
+        self.warm_up()
+        node = self.settings.node
+        self.ae.maximum_associations = max(1, -(-node.max_associations // node.scp_process_count))
+        tls = None
+        if node.tls.enabled:
+            assert node.tls.cert is not None and node.tls.key is not None
+            tls = server_tls_context(node.tls.cert, node.tls.key, node.tls.ca)
+        ports = [node.port, node.tls.port]
+        for index, channel in enumerate(channels):
+            server = self._make_server(
+                node.host, ports[index], tls if index else None, HandedServer, gate=False
+            )
+            assert isinstance(server, HandedServer)
+            server.attach(channel, parent_gone)
+            self._run(server, f"scp-handed-{index}")
+        cast(HandedServer, self._servers[0]).say(READY)
+        log.info("scp.started", ae_title=node.ae_title, ports=ports[: len(channels)], handed=True)
+
+    def _make_server(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        server_class: type[HardenedServer] = HardenedServer,
+        *,
+        gate: bool = True,
+    ) -> HardenedServer:
         node = self.settings.node
         server = self.ae.make_server(
             (host, port),
             evt_handlers=self._handlers(),
-            server_class=HardenedServer,
+            server_class=server_class,
             request_handler=GuardedRequestHandler,
         )
         assert isinstance(server, HardenedServer)
+        share_contexts(server)
         server.tls = tls
         # The TLS handshake and then the A-ASSOCIATE-RQ each get the first-PDU timeout.
         server.first_pdu_timeout_s = min(node.first_pdu_timeout_s, node.acse_timeout_s)
         server.handshake_timeout_s = server.first_pdu_timeout_s
         # One gate for both ports, so that the per-host limit counts them together. On
         # accept only the address is known: any entry's hosts let it in ("*": any).
-        server.gate = (
-            self._servers[0].gate
-            if self._servers
-            else ConnectionGate(
-                lambda address: peer_allowed(self.settings.peers, None, address),
-                node.max_connections_per_host,
+        if gate:
+            server.gate = (
+                self._servers[0].gate
+                if self._servers
+                else ConnectionGate(
+                    lambda address: peer_allowed(self.settings.peers, None, address),
+                    node.max_connections_per_host,
+                )
             )
-        )
         register_server(self.ae, server)
-        thread = threading.Thread(target=server.serve_forever, name=f"scp-{port}", daemon=True)
+        return server
+
+    def _run(self, server: HardenedServer, name: str) -> None:
+        thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
         thread.start()
         self._servers.append(server)
         self._threads.append(thread)
+
+    def _serve(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
+        server = self._make_server(host, port, tls)
+        self._run(server, f"scp-{port}")
         return int(server.server_address[1])
 
     def stop(self) -> None:
@@ -459,9 +531,13 @@ class StorageSCP:
         refused = self._refusal(tmp, sop_uid)
         if refused is not None:
             return refused
+        # The file's fsync runs while its header is read and checked; nothing is renamed
+        # or committed before it has completed (Spool.commit waits for it).
+        synced = self.spool.start_sync(tmp)
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
-            header = read_header(tmp)
             offset = dataset_offset(tmp)
+            header = read_received_header(tmp, offset, transfer_syntax)
         except HeaderError as exc:
             log.warning(
                 "scp.store_unparseable",
@@ -495,12 +571,15 @@ class StorageSCP:
             )
             return SUCCESS
         try:
+            streamed = streamed_sha256(tmp, tmp.stat().st_size - offset)
             stored = self.spool.commit(
                 tmp,
                 self.spool.instance_relpath(study_uid, sop_uid),
+                sha256=streamed,
                 hash_from=offset,
                 overlap=True,
                 keep_existing=True,
+                synced=synced,
             )
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -508,7 +587,6 @@ class StorageSCP:
             else:
                 log.error("scp.store_write_failed", sop_instance_uid=sop_uid, error=str(exc))
             return OUT_OF_RESOURCES
-        transfer_syntax = str(event.context.transfer_syntax)
         record = _record_of(header, request, stored, calling, transfer_syntax, origin)
         try:
             outcome = record_instance(

@@ -53,6 +53,11 @@ def file_sha256(path: Path, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
+def _unlinked(path: Path) -> bool:
+    path.unlink(missing_ok=True)
+    return True
+
+
 def _link_beside(tmp: Path, final: Path, relpath: str) -> str:
     """Give ``tmp`` the name ``final`` unless that exists, else a fresh name beside it.
 
@@ -90,25 +95,37 @@ class StoredFile:
 class Spool:
     """The spool directory layout and its durable write protocol."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, incoming: str = "incoming"):
         self.root = root
         # fsync and hashing release the GIL: overlapping them halves the wait per instance.
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-io")
-        self.incoming = root / "incoming"
+        # One of several SCP processes writes into a folder of its own under incoming/
+        # (same filesystem: the rename stays atomic), so that when it starts again after a
+        # crash it removes its own leftovers and never another process's file in flight.
+        self.incoming = root / incoming
         self.studies = root / "studies"
         self.results = root / "results"
         self.quarantined = root / "quarantine"
 
-    def prepare(self) -> int:
-        """Create the layout and remove half-written leftovers; returns how many were removed."""
+    def prepare(self, *, folders: bool = False) -> int:
+        """Create the layout and remove half-written leftovers; returns how many were removed.
+
+        With ``folders``, also those in the folders of incoming/ that SCP processes write
+        into (only while none runs: before a group of them starts)."""
         for path in (self.incoming, self.studies, self.results):
             path.mkdir(parents=True, exist_ok=True)
         removed = 0
         for leftover in self.incoming.iterdir():
-            if leftover.is_file():
+            if leftover.is_dir() and folders:
+                removed += sum(1 for f in leftover.iterdir() if f.is_file() and _unlinked(f))
+            elif leftover.is_file():
                 leftover.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def half_written(self) -> list[Path]:
+        """Files in incoming/ and its folders: instances still arriving, or left by a crash."""
+        return [p for p in self.incoming.rglob("*") if p.is_file()]
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -131,6 +148,7 @@ class Spool:
         *,
         overlap: bool = False,
         keep_existing: bool = False,
+        synced: Future[int] | None = None,
     ) -> StoredFile:
         """Make ``tmp`` durable and move it to ``relpath`` atomically.
 
@@ -146,8 +164,12 @@ class Spool:
         one goes beside it under a fresh name (returned in :attr:`StoredFile.relpath`), so
         that the database decides which one an instance names (a re-send may be identical,
         a changed version, or another patient's instance under a colliding UID).
+
+        ``synced``: the file's fsync, started earlier with :meth:`start_sync` (so that
+        it runs while the caller reads the header); the rename waits for it all the same.
         """
-        synced = self._io.submit(_fsync_file, tmp)
+        if synced is None:
+            synced = self.start_sync(tmp)
         digest = sha256 or file_sha256(tmp, hash_from)
         size = synced.result()
         final = self.root / relpath
@@ -164,6 +186,11 @@ class Spool:
         if not overlap:
             stored.wait_durable()
         return stored
+
+    def start_sync(self, tmp: Path) -> Future[int]:
+        """Start fsyncing a file in ``incoming/`` (its size is the result); pass it to
+        :meth:`commit`. Harmless if the file is then refused and removed instead."""
+        return self._io.submit(_fsync_file, tmp)
 
     def quarantine(self, relpath: str) -> str:
         """Move a received file out of ``studies/`` into ``quarantine/``, durably; returns

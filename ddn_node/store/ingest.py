@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, exists, select, update
+from sqlalchemy import Connection, bindparam, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -238,21 +239,24 @@ def _fast_statements(dialect_name: str) -> tuple[Any, Any]:
 
 
 def _fast_path(
-    session: Session,
+    connection: Connection,
     rec: InstanceRecord,
     ids: tuple[int, int],
     now: dt.datetime,
     complete_after: dt.datetime,
 ) -> IngestOutcome | None:
-    """A new instance of a known series in a study still receiving; None if not that case."""
+    """A new instance of a known series in a study still receiving; None if not that case.
+
+    On a bare connection, not a Session: its two core statements need none of the ORM's
+    unit of work, whose set-up and commit cost more Python time than the statements."""
     study_id, series_id = ids
-    insert_instance, touch_study = _fast_statements(session.get_bind().dialect.name)
+    insert_instance, touch_study = _fast_statements(connection.dialect.name)
     values = _instance_values(rec, study_id, series_id, now)
     row = {name: values.get(name) for name in _INSTANCE_COLUMNS}
-    inserted = session.execute(insert_instance, row).scalar()
+    inserted = connection.execute(insert_instance, row).scalar()
     if inserted is None:
         return None  # a duplicate: the full path compares content
-    touched = session.execute(
+    touched = connection.execute(
         touch_study,
         {
             "study_id": study_id,
@@ -289,10 +293,10 @@ def record_instance(
     ids = known.get(series_key(rec)) if known is not None and source else None
     if ids is not None:
         try:
-            with database.session() as session:
-                outcome = _fast_path(session, rec, ids, now, complete_after)
+            with database.transaction() as (connection, transaction):
+                outcome = _fast_path(connection, rec, ids, now, complete_after)
                 if outcome is None:
-                    session.rollback()
+                    transaction.rollback()
                 else:
                     return outcome
         except IntegrityError:
@@ -367,6 +371,28 @@ class _Full:
     series_id: int
 
 
+def warm_up(database: Database) -> None:
+    """Run both paths once on a made-up instance, and roll back: SQLAlchemy compiles each
+    statement on its first use in a process (~0.1 s for the full path), which the first
+    instance after a start would otherwise wait for, once per SCP process."""
+    now = utcnow()
+    uid = f"2.25.{uuid.uuid4().int}"  # no instance the node holds
+    rec = InstanceRecord(
+        study_uid=uid,
+        series_uid=f"{uid}.1",
+        sop_instance_uid=f"{uid}.1.1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path="",
+        size=0,
+        sha256="",
+    )
+    with database.rolled_back() as session:
+        full = _full_in(session, rec, now, now, 0.0, may_reopen=False)
+        second = replace(rec, sop_instance_uid=f"{uid}.1.2")
+        _fast_path(session.connection(), second, (full.study_id, full.series_id), now, now)
+
+
 def _full_path(
     database: Database,
     rec: InstanceRecord,
@@ -377,96 +403,108 @@ def _full_path(
     may_reopen: bool,
 ) -> _Full:
     with database.session() as session:
-        _insert_ignore(
-            session,
-            Study,
-            {
-                "study_uid": rec.study_uid,
-                "calling_ae": rec.calling_ae,
-                "first_received_at": now,
-                "last_received_at": now,
-                "complete_after": complete_after,
-                "force_complete_at": now + dt.timedelta(seconds=force_complete_s),
-                "state": StudyState.RECEIVING,
-                **{a: getattr(rec, a) for a in _STUDY_ATTRS},
-            },
-            "study_uid",
-        )
-        study = session.scalars(
-            select(Study).where(Study.study_uid == rec.study_uid).with_for_update()
-        ).one()
-        _insert_ignore(
-            session,
-            Series,
-            {
-                "study_id": study.id,
-                "series_uid": rec.series_uid,
-                "modality": rec.modality,
-                "body_part": rec.body_part,
-                "series_number": rec.series_number,
-                "series_description": rec.series_description,
-            },
-            "series_uid",
-        )
-        series = session.scalars(select(Series).where(Series.series_uid == rec.series_uid)).one()
-        existing = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
-        ).one_or_none()
-        _check_identity(session, rec, study, series, existing)
-        new_instance = existing is None
-        changed = False
-        if existing is None:
-            session.add(Instance(**_instance_values(rec, study.id, series.id, now)))
-            study.num_instances += 1
-        elif existing.sha256 != rec.sha256:
-            # Same UID, new content (a corrected image): analyse the new bytes, and keep
-            # the earlier ones (their file stays where it is) for whoever asks what was
-            # analysed before.
-            changed = True
-            _keep_version(session, existing, rec, now)
-        if not (new_instance or changed):
-            # An idempotent re-send: nothing about the study changes.
-            assert existing is not None
-            return _Full(
-                IngestOutcome(
-                    study.id,
-                    False,
-                    False,
-                    False,
-                    study.complete_after or now,
-                    touched=False,
-                    path=existing.path,
-                ),
-                study.id,
-                series.id,
-            )
+        return _full_in(session, rec, now, complete_after, force_complete_s, may_reopen=may_reopen)
 
-        # Fill attributes an earlier instance left empty (the first one may be a KO or PR).
-        for attr in _STUDY_ATTRS:
-            if not getattr(study, attr) and getattr(rec, attr):
-                setattr(study, attr, _fit(Study, {attr: getattr(rec, attr)})[attr])
-        modalities = set(filter(None, study.modalities.split("\\"))) | {rec.modality} - {""}
-        study.modalities = "\\".join(sorted(modalities))[:64]
-        if not study.body_part and rec.body_part:
-            study.body_part = rec.body_part[:64]
 
-        reopened = study.state != StudyState.RECEIVING and may_reopen
-        if reopened:
-            lifecycle.reopen(session, study, now, force_complete_s)
-        touched = study.state == StudyState.RECEIVING and rec.origin == InstanceOrigin.SOURCE
-        if touched:
-            study.last_received_at = now
-            study.complete_after = complete_after
+def _full_in(
+    session: Session,
+    rec: InstanceRecord,
+    now: dt.datetime,
+    complete_after: dt.datetime,
+    force_complete_s: float,
+    *,
+    may_reopen: bool,
+) -> _Full:
+    _insert_ignore(
+        session,
+        Study,
+        {
+            "study_uid": rec.study_uid,
+            "calling_ae": rec.calling_ae,
+            "first_received_at": now,
+            "last_received_at": now,
+            "complete_after": complete_after,
+            "force_complete_at": now + dt.timedelta(seconds=force_complete_s),
+            "state": StudyState.RECEIVING,
+            **{a: getattr(rec, a) for a in _STUDY_ATTRS},
+        },
+        "study_uid",
+    )
+    study = session.scalars(
+        select(Study).where(Study.study_uid == rec.study_uid).with_for_update()
+    ).one()
+    _insert_ignore(
+        session,
+        Series,
+        {
+            "study_id": study.id,
+            "series_uid": rec.series_uid,
+            "modality": rec.modality,
+            "body_part": rec.body_part,
+            "series_number": rec.series_number,
+            "series_description": rec.series_description,
+        },
+        "series_uid",
+    )
+    series = session.scalars(select(Series).where(Series.series_uid == rec.series_uid)).one()
+    existing = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid)
+    ).one_or_none()
+    _check_identity(session, rec, study, series, existing)
+    new_instance = existing is None
+    changed = False
+    if existing is None:
+        session.add(Instance(**_instance_values(rec, study.id, series.id, now)))
+        study.num_instances += 1
+    elif existing.sha256 != rec.sha256:
+        # Same UID, new content (a corrected image): analyse the new bytes, and keep
+        # the earlier ones (their file stays where it is) for whoever asks what was
+        # analysed before.
+        changed = True
+        _keep_version(session, existing, rec, now)
+    if not (new_instance or changed):
+        # An idempotent re-send: nothing about the study changes.
+        assert existing is not None
         return _Full(
             IngestOutcome(
                 study.id,
-                new_instance,
-                changed,
-                reopened,
-                study.complete_after or complete_after,
-                touched,
-                rec.path,
+                False,
+                False,
+                False,
+                study.complete_after or now,
+                touched=False,
+                path=existing.path,
             ),
             study.id,
             series.id,
         )
+
+    # Fill attributes an earlier instance left empty (the first one may be a KO or PR).
+    for attr in _STUDY_ATTRS:
+        if not getattr(study, attr) and getattr(rec, attr):
+            setattr(study, attr, _fit(Study, {attr: getattr(rec, attr)})[attr])
+    modalities = set(filter(None, study.modalities.split("\\"))) | {rec.modality} - {""}
+    study.modalities = "\\".join(sorted(modalities))[:64]
+    if not study.body_part and rec.body_part:
+        study.body_part = rec.body_part[:64]
+
+    reopened = study.state != StudyState.RECEIVING and may_reopen
+    if reopened:
+        lifecycle.reopen(session, study, now, force_complete_s)
+    touched = study.state == StudyState.RECEIVING and rec.origin == InstanceOrigin.SOURCE
+    if touched:
+        study.last_received_at = now
+        study.complete_after = complete_after
+    return _Full(
+        IngestOutcome(
+            study.id,
+            new_instance,
+            changed,
+            reopened,
+            study.complete_after or complete_after,
+            touched,
+            rec.path,
+        ),
+        study.id,
+        series.id,
+    )

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
 from support.net import wait_for
 
+from ddn_node.dicom.spool import Spool
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance, Study
 
@@ -198,5 +199,5 @@ def test_an_instance_above_the_configured_maximum_is_refused(
         ) as assoc:
             assert store_file(assoc, path) == 0xA700
         assert not list((node.spool / "studies").rglob("*.dcm"))
-        assert not list((node.spool / "incoming").iterdir())
+        assert not Spool(node.spool).half_written()
     assert any(e.get("reason") == "instance above max_instance_mb" for e in node.events())

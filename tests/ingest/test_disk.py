@@ -12,6 +12,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from support.dicomgen import make_cr, raw_association, store_file, to_file_bytes
 
+from ddn_node.dicom.spool import Spool
+
 
 def _associates(port: int) -> tuple[bool, bool]:
     """(established, rejected) for a plain echo association."""
@@ -93,7 +95,7 @@ def test_full_disk_answers_a700_then_resumes(
         with open(filler, "ab") as handle:
             handle.write(b"\0" * (1024 * 1024))
         assert _associates(node.port) == (False, True)
-        assert not list((small_fs / "spool" / "incoming").iterdir()), "half-written file visible"
+        assert not Spool(small_fs / "spool").half_written(), "half-written file visible"
 
         # Space returns: ingest resumes.
         filler.unlink()

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
 from support.net import wait_for
 
+from ddn_node.dicom.spool import Spool
 from ddn_node.store.engine import make_database
 from ddn_node.store.models import Instance, Job, Study
 
@@ -89,7 +90,7 @@ def test_sigkill_during_ingest_loses_nothing(make_node, db_url: str, tmp_path: P
         sender.join(30)
         # Everything acknowledged so far is durable, whatever moment the kill hit.
         _check_acked(node, db_url, acked)
-        assert not any((node.spool / "incoming").iterdir()), "half-written file left visible"
+        assert not Spool(node.spool).half_written(), "half-written file left visible"
 
     # The PACS re-sends whatever was not acknowledged; then the study completes once.
     stop = threading.Event()

@@ -7,18 +7,27 @@ tests/hostile (slow peers, oversized PDUs, port probes) and tests/ingest.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 import socketserver
+import threading
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pynetdicom
 import structlog
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationServer,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from ddn_node.dicom.hardening import PYNETDICOM_VERSION, ConnectionGate
 
@@ -45,6 +54,42 @@ def test_the_internals_the_hardening_uses_exist() -> None:
     assert re.search(r"self\.to_user_queue\b", source)
     assert "socket" in inspect.getsource(DULServiceProvider)
     assert "requestor" in inspect.getsource(Association.__init__)
+
+
+def _digest(function: Any) -> str:
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+
+
+def test_the_reactor_loops_the_quiet_ones_copy_are_unchanged() -> None:
+    # QuietDUL and QuietAssociation are copies of these loops with their polling sleep
+    # replaced by a wait; after an upgrade, compare them line by line and update the
+    # copies (and these digests).
+    assert _digest(DULServiceProvider.run_reactor) == "e3a10eb3a0931e48"
+    assert _digest(Association._run_reactor) == "f28838c5559e462a"
+    assert _digest(DULServiceProvider.stop_dul) == "28a7e0be126e7b30"
+    assert _digest(Association.kill) == "8f9713666a7f4cff"
+    # What they wake on: the queues the DUL and the DIMSE provider make in __init__, and
+    # the thread target Thread.__init__ bound (replaced before the thread starts).
+    dul_init = inspect.getsource(DULServiceProvider.__init__)
+    assert "self.to_provider_queue" in dul_init and "self.to_user_queue" in dul_init
+    assert "target=make_target(self.run_reactor)" in dul_init
+    assert "self.msg_queue" in inspect.getsource(DIMSEServiceProvider.__init__)
+    assert hasattr(threading.Thread(target=print), "_target")
+    # Received data sets are hashed as they stream: pynetdicom makes the file with the
+    # NamedTemporaryFile of its module's namespace, writes the File Meta Information with
+    # plain writes, then each data set fragment as a write followed by .file.flush().
+    decode = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    assert "NamedTemporaryFile(delete=False" in decode
+    assert hasattr(dimse_messages, "NamedTemporaryFile")
+    fragment = (
+        "self._data_set_file.write(data[1:])\n                    self._data_set_file.file.flush()"
+    )
+    assert fragment in decode
+    assert decode.count(".file.flush()") == 1
+    # The per-association deep copy of the supported contexts, and where they live.
+    create = inspect.getsource(RequestHandler._create_association)
+    assert "deepcopy(self.server.contexts)" in create
+    assert "self.contexts = contexts" in inspect.getsource(AssociationServer.__init__)
 
 
 def test_the_internals_the_port_limits_use_exist() -> None:
