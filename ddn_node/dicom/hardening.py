@@ -202,8 +202,10 @@ class RequestGuard(AssociationSocket):
         queued = list(self.assoc.dul.to_user_queue.queue)
         if any(isinstance(p, A_ASSOCIATE) or p is None for p in queued):
             return  # a request, or the wake-up, is already on its way
-        # None is what the wait gets on its timeout; the queue's annotation omits it.
-        self.assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+        # None is what the wait gets on its timeout; the queue's annotation omits it (Any:
+        # pynetdicom's annotations of it differ between releases).
+        waiting: Any = self.assoc.dul.to_user_queue
+        waiting.put(None)
 
 
 # How long a reactor waits for a wake-up before it looks again regardless: what bounds how
