@@ -134,7 +134,7 @@ def run(rounds: int = 3, quick: bool = False) -> dict[str, Figure]:
         data = {size: write_instances(root / f"data{size}", n, size) for size, n in sets.items()}
         for r in range(rounds):
             for size, files in data.items():
-                for assocs in (1, 4, 8):
+                for assocs in (1, 2, 4, 8):
                     batches = [files[i::assocs] for i in range(assocs)] if assocs > 1 else [files]
                     order = receivers if r % 2 == 0 else list(reversed(receivers))
                     for rec in order:
