@@ -7,25 +7,22 @@ backend, on the tiny test artifact (every finding positive, so every finding is 
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pydicom
 import pytest
 from sqlalchemy import select
 from support.artifacts import make_test_artifact
-from support.dicomgen import make_cr
+from support.received import receive_cr
 from support.sr_reader import SRContent, read_sr
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
-from ddn_node.pipeline.completion import CompletionTracker
 from ddn_node.pipeline.registry import ModelRegistry
 from ddn_node.pipeline.worker import Worker
 from ddn_node.store.engine import make_database
-from ddn_node.store.ingest import InstanceRecord, record_instance
 from ddn_node.store.migrate import upgrade
-from ddn_node.store.models import Result, utcnow
+from ddn_node.store.models import Result
 
 pytest.importorskip("onnxruntime")
 
@@ -48,32 +45,7 @@ def _analyse(home: Path, model: Path, backend: str) -> tuple[Result, SRContent]:
     spool = Spool(settings.node.spool_dir)
     spool.prepare()
     try:
-        ds = make_cr(STUDY, size=SIZE, seed=5)
-        tmp = spool.incoming / "x.part"
-        ds.save_as(tmp, enforce_file_format=True)
-        stored = spool.commit(tmp, spool.instance_relpath(STUDY, str(ds.SOPInstanceUID)))
-        outcome = record_instance(
-            database,
-            InstanceRecord(
-                study_uid=STUDY,
-                series_uid=str(ds.SeriesInstanceUID),
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                path=stored.relpath,
-                size=stored.size,
-                sha256=stored.sha256,
-                modality="CR",
-                body_part="CHEST",
-                view_position="PA",
-                rows=SIZE,
-                columns=SIZE,
-            ),
-            quiet_period_s=0,
-            force_complete_s=60,
-            now=utcnow() - dt.timedelta(seconds=2),
-        )
-        assert CompletionTracker(settings, database).complete(outcome.study_id) is not None
+        receive_cr(settings, database, spool, STUDY, size=SIZE, seed=5)
         worker = Worker(settings, database, spool, ModelRegistry(settings), owner=backend)
         assert worker.run_once()  # phase 1: the SR
         assert worker.run_once()  # phase 2: the heat-map objects

@@ -22,20 +22,18 @@ import pytest
 from sqlalchemy import select
 from support.artifacts import make_test_artifact
 from support.clock import ManualClock
-from support.dicomgen import make_cr
+from support.received import receive_cr
 from support.sr_reader import read_sr
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
 from ddn_node.pipeline import reporting as reporting_module
 from ddn_node.pipeline.analysis import ModelSteps
-from ddn_node.pipeline.completion import CompletionTracker
 from ddn_node.pipeline.delivery import Deliverer
 from ddn_node.pipeline.registry import AnalysisError, ModelRegistry
 from ddn_node.pipeline.worker import Worker
 from ddn_node.pipeline.worklist import fetch_row
 from ddn_node.store.engine import Database, make_database
-from ddn_node.store.ingest import InstanceRecord, record_instance
 from ddn_node.store.migrate import upgrade
 from ddn_node.store.models import Delivery, Job, Result, Study, utcnow
 
@@ -69,33 +67,7 @@ def _receive(
 ) -> int:
     """One CR instance stored as the SCP stores it, and its study completed; returns the
     study id."""
-    ds = make_cr(study_uid, size=96, seed=seed)
-    tmp = spool.incoming / "x.part"
-    ds.save_as(tmp, enforce_file_format=True)
-    stored = spool.commit(tmp, spool.instance_relpath(study_uid, str(ds.SOPInstanceUID)))
-    outcome = record_instance(
-        database,
-        InstanceRecord(
-            study_uid=study_uid,
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            path=stored.relpath,
-            size=stored.size,
-            sha256=stored.sha256,
-            modality="CR",
-            body_part="CHEST",
-            view_position="PA",
-            rows=96,
-            columns=96,
-        ),
-        quiet_period_s=0,
-        force_complete_s=60,
-        now=utcnow() - dt.timedelta(seconds=2),  # its quiet period is over
-    )
-    assert CompletionTracker(settings, database).complete(outcome.study_id) is not None
-    return outcome.study_id
+    return receive_cr(settings, database, spool, study_uid, seed=seed)
 
 
 @dataclass
