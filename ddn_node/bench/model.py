@@ -18,7 +18,6 @@ burst of load from another process hits every variant alike.
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 import time
@@ -174,18 +173,9 @@ def _onnx_runner(
     images, for accuracy checks) or on noise (enough for timing)."""
     import onnxruntime as ort
 
-    buf = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (torch.randn(1, 3, size, size),),
-        buf,  # type: ignore[arg-type]  # the stub says a path; the TorchScript exporter takes a file too
-        dynamo=False,
-        input_names=["x"],
-        output_names=["logits"],
-        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-    )
-    data = buf.getvalue()
+    from ddn_node.model.onnx_trunk import export_onnx
+
+    data = export_onnx(model, size, output="logits")
     if int8:
         import tempfile
 

@@ -44,25 +44,30 @@ class _Trunk(nn.Module):
         return self.model.features(x)
 
 
-def export_trunk(model: DDN, size: int) -> bytes:
-    """The trunk of ``model`` (eval mode, fp32) as ONNX bytes, batch axis dynamic."""
-    trunk = _Trunk(model).eval()
+def export_onnx(module: nn.Module, size: int, output: str = "features") -> bytes:
+    """``module`` (eval mode, fp32, one image tensor in, one tensor out) as ONNX bytes for
+    ``size`` x ``size`` inputs, batch axis dynamic."""
     buf = io.BytesIO()
     # The TorchScript exporter: it takes the module as it is, without tracing through
     # torch.export (whose deprecation warning it raises every time).
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            trunk,
+            module,
             (torch.zeros(1, 3, size, size),),
             buf,  # type: ignore[arg-type]  # the stub says a path; the TorchScript exporter takes a file too
             dynamo=False,
             input_names=["x"],
-            output_names=["features"],
-            dynamic_axes={"x": {0: "batch"}, "features": {0: "batch"}},
+            output_names=[output],
+            dynamic_axes={"x": {0: "batch"}, output: {0: "batch"}},
             opset_version=OPSET,
         )
     return buf.getvalue()
+
+
+def export_trunk(model: DDN, size: int) -> bytes:
+    """The trunk of ``model`` (eval mode, fp32) as ONNX bytes, batch axis dynamic."""
+    return export_onnx(_Trunk(model).eval(), size)
 
 
 def _cached_export(model: DDN, size: int, weights_sha256: str, cache_dir: Path | None) -> bytes:
