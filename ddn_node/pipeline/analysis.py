@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -112,6 +113,10 @@ class Analysis:
     built_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     phase1_done: float = 0.0
+    # The SR's send on the SR sender's thread (how many rows it attempted), until it is
+    # over the heat maps wait; None when the SR was sent from the worker's thread or left
+    # to the delivery loop.
+    sr_sending: Future[int] | None = None
 
     @property
     def study_uid(self) -> str:

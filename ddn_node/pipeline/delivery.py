@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import structlog
-from sqlalchemy import ColumnElement, case, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from ddn_node.config import DestinationSettings, Settings
@@ -136,19 +136,26 @@ class Deliverer:
 
     def deliver_object(self, study_id: int, sop_instance_uid: str) -> int:
         """Send one object's pending deliveries now, from the calling thread; returns how
-        many rows were attempted. The worker sends its SR this way, so the findings leave
-        on their own association instead of waiting for the delivery loop, which may be
-        busy with earlier heat maps; failures back off and retry through the loop."""
+        many rows were attempted. The worker sends its SR this way (or through
+        ``pipeline/sr_sender.py``), so the findings leave on their own association instead
+        of waiting for the delivery loop, which may be busy with earlier heat maps;
+        failures back off and retry through the loop."""
+        return self.deliver_objects([(study_id, sop_instance_uid)])
+
+    def deliver_objects(self, objects: Sequence[tuple[int, str]]) -> int:
+        """Send the pending deliveries of several objects (study id, SOP Instance UID) now,
+        one association per destination; returns how many rows were attempted."""
+        if not objects:
+            return 0
         lease_s = self.settings.delivery.timeout_s * 4 + 60
-        with self.database.session() as session:
-            ids = DELIVERIES.claim_where(
-                session,
-                self.owner,
-                lease_s,
-                Delivery.study_id == study_id,
-                Delivery.sop_instance_uid == sop_instance_uid,
-                now=self.clock(),
+        wanted = or_(
+            *(
+                and_(Delivery.study_id == study_id, Delivery.sop_instance_uid == uid)
+                for study_id, uid in objects
             )
+        )
+        with self.database.session() as session:
+            ids = DELIVERIES.claim_where(session, self.owner, lease_s, wanted, now=self.clock())
             rows = [session.get(Delivery, i) for i in ids]
             claimed: dict[str, list[Claimed]] = defaultdict(list)
             for row in rows:

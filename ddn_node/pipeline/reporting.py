@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 from io import BytesIO
 
@@ -209,22 +210,40 @@ class ReportingSteps:
         )
 
     def send(self, a: Analysis) -> Analysis:
-        """The SR to the PACS before the other objects are built: sent from this thread
-        when this process delivers, else left to the delivery loop (woken here)."""
+        """The SR to the PACS before the other objects are built: handed to ``send_now``
+        when this process delivers (the SR sender's thread, or this one), else left to the
+        delivery loop (woken here)."""
         assert a.objects is not None
         t0 = time.perf_counter()
         study_id, sr_uid = a.lease.study_id, str(a.objects.sr.SOPInstanceUID)
+        sending: Future[int] | None = None
         if self.send_now is None:
             self._wake_delivery()
         else:
             try:
-                self.send_now(study_id, sr_uid)
+                handed = self.send_now(study_id, sr_uid)
             except Exception as exc:  # noqa: BLE001 - the delivery loop retries whatever is left
                 log.warning("worker.sr_send_failed", study_id=study_id, error=repr(exc))
                 self._wake_delivery()
+            else:
+                sending = handed if isinstance(handed, Future) else None
         return replace(
-            a, timings_ms=a.timed(sr_send_ms=ms_since(t0)), phase1_done=time.perf_counter()
+            a,
+            timings_ms=a.timed(sr_send_ms=ms_since(t0)),
+            phase1_done=time.perf_counter(),
+            sr_sending=sending,
         )
+
+    def _sr_sent(self, a: Analysis) -> None:
+        """Wait until the study's SR send is over, so that its heat maps, queued next, never
+        reach a PACS before it. Bounded by the delivery lease: a send that hangs longer
+        than that has lost its claim anyway."""
+        if a.sr_sending is None:
+            return
+        try:
+            a.sr_sending.result(timeout=self.settings.delivery.timeout_s * 4 + 60)
+        except TimeoutError:
+            log.warning("worker.sr_send_slow", study_id=a.lease.study_id)
 
     # -- phase 2 -----------------------------------------------------------------------
 
@@ -277,6 +296,7 @@ class ReportingSteps:
             for kind, ds, relpath in a.files
             for name in self.wanted(kind)
         ]
+        self._sr_sent(a)
         with self.database.session() as session:
             if not lifecycle.analysed(session, lease, now):
                 log.warning("worker.lease_lost", job_id=lease.job_id, study_id=lease.study_id)

@@ -20,6 +20,7 @@ from ddn_node.pipeline.delivery import Deliverer
 from ddn_node.pipeline.registry import ModelRegistry
 from ddn_node.pipeline.retention import purge_expired
 from ddn_node.pipeline.scheduler import NodeScheduler
+from ddn_node.pipeline.sr_sender import SrSender
 from ddn_node.pipeline.triage import apply_ageing
 from ddn_node.pipeline.worker import Worker
 from ddn_node.store.engine import Database
@@ -52,6 +53,7 @@ def start_worker_parts(
     if settings.worker.enabled:
         models.preload()
     deliverer = Deliverer(settings, database, spool, owner)
+    sr_sender = SrSender(deliverer)
     worker = Worker(
         settings,
         database,
@@ -59,10 +61,11 @@ def start_worker_parts(
         models,
         owner,
         on_results=deliver_wake.set,
-        send_now=deliverer.deliver_object,
+        send_now=sr_sender.submit,
     )
     threads = []
     if settings.worker.enabled:
+        sr_sender.start()
         threads.append(
             threading.Thread(
                 target=worker.run, args=(stop, scheduler.wakeup), name="worker", daemon=True
@@ -103,5 +106,7 @@ def start_worker_parts(
         deliver_wake.set()
         for thread in threads:
             thread.join(timeout=30)
+        # After the worker: a study it was finishing may still wait on its SR.
+        sr_sender.stop()
 
     return [stop_all]
