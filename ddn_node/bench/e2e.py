@@ -208,17 +208,11 @@ def run(
                 # Steady means one study at a time: its heat maps, drawn after the SR left,
                 # are delivered too before the next study comes.
                 wait_until(partial(_all_sent, db_url, uids[i]), 120, f"study {i} heat maps")
-            burst: list[float] = []
-            burst_stages: dict[str, float] = {}
-            if "burst" in phases:
-                burst_ids, burst_uids = ids[n_studies:], set(uids[n_studies:])
-                pacs.send_to_node(burst_ids)
-                wait_until(lambda: _latencies(db_url, burst_uids) is not None, 600, "burst")
-                burst = _latencies(db_url, burst_uids) or []
-                # The worker's timings are recorded with the heat maps, after the SRs.
-                for uid in burst_uids:
-                    wait_until(partial(_all_sent, db_url, uid), 600, "the burst's heat maps")
-                burst_stages = _stages(db_url, burst_uids)
+            burst, burst_stages = (
+                _burst(pacs, db_url, ids[n_studies:], uids[n_studies:])
+                if "burst" in phases
+                else ([], {})
+            )
             behind: list[BehindBacklog] = []
             if "stat" in phases:
                 # The peer first: the same study with nothing in its order.
@@ -238,6 +232,20 @@ def run(
     result = Latencies(steady, burst, memory, stages, behind, burst_stages_ms=burst_stages)
     _print(result, size)
     return result
+
+
+def _burst(
+    pacs: LocalOrthanc, db_url: str, ids: list[str], uids: list[str]
+) -> tuple[list[float], dict[str, float]]:
+    """All the studies at once: each one's time to SR, and the stages' medians."""
+    burst_uids = set(uids)
+    pacs.send_to_node(ids)
+    wait_until(lambda: _latencies(db_url, burst_uids) is not None, 600, "burst")
+    burst = _latencies(db_url, burst_uids) or []
+    # The worker's timings are recorded with the heat maps, after the SRs.
+    for uid in burst_uids:
+        wait_until(partial(_all_sent, db_url, uid), 600, "the burst's heat maps")
+    return burst, _stages(db_url, burst_uids)
 
 
 def _stages(db_url: str, study_uids: set[str]) -> dict[str, float]:

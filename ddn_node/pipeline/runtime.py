@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -54,6 +55,8 @@ def start_worker_parts(
         models.preload()
     deliverer = Deliverer(settings, database, spool, owner)
     sr_sender = SrSender(deliverer)
+    # One thread, so that reports are built in the order their studies were claimed.
+    reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reporter")
     worker = Worker(
         settings,
         database,
@@ -62,6 +65,7 @@ def start_worker_parts(
         owner,
         on_results=deliver_wake.set,
         send_now=sr_sender.submit,
+        reporter=reporter,
     )
     threads = []
     if settings.worker.enabled:
@@ -106,7 +110,9 @@ def start_worker_parts(
         deliver_wake.set()
         for thread in threads:
             thread.join(timeout=30)
-        # After the worker: a study it was finishing may still wait on its SR.
+        # After the worker, which waits for the reports under way before it stops; a
+        # study it was finishing may still wait on its SR.
+        reporter.shutdown(wait=True)
         sr_sender.stop()
 
     return [stop_all]

@@ -5,6 +5,12 @@ the queue. Each study is analysed in two phases (``pipeline/analysis.py`` and
 ``pipeline/reporting.py``): the report first, then the Parametric Maps and overlays, and
 the SRs of newly claimed studies go before the pictures of earlier ones (up to
 ``MAX_DEFERRED`` studies, or ``MAX_DEFERRED_BYTES`` of images, wait).
+
+The report itself (building the SR, recording it, handing it to the sender) may run on a
+reporter thread (``reporter``): the worker then decodes and scores the next study while
+the previous one's SR is built, which on two cores is most of what a burst of studies
+waits for. At most ``REPORTS_AHEAD`` reports wait for that thread, so that the images the
+worker holds stay bounded.
 Every write is fenced by the job's lease, so a study generation is analysed and delivered
 exactly once even when a worker dies half-way and another takes over its expired lease.
 """
@@ -15,8 +21,9 @@ import datetime as dt
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -37,6 +44,9 @@ log = structlog.get_logger("ddn_node.worker")
 # a 1024 x 1024 float32 image).
 MAX_DEFERRED = 64
 MAX_DEFERRED_BYTES = 256 * 1024 * 1024
+# Scored studies whose reports wait for the reporter thread: one being built and one
+# ready keeps both the worker and the reporter busy.
+REPORTS_AHEAD = 2
 
 _T = TypeVar("_T")
 
@@ -47,6 +57,36 @@ class _Held:
 
     lease: Lease
     stop_renewing: threading.Event
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A study whose SR is built (or being built) and whose heat maps wait: ``reported``
+    is what the report step made of the scored analysis (parked; None when the report
+    failed or the lease was lost), ``scored_bytes`` the images it held until then."""
+
+    held: _Held
+    scored_bytes: int
+    reported: Future[Analysis | None]
+
+    def held_bytes(self) -> int:
+        if not self.reported.done():
+            return self.scored_bytes
+        analysis = self.reported.result()
+        return 0 if analysis is None else ModelSteps.held_bytes(analysis)
+
+
+class InlineExecutor(Executor):
+    """Runs each submitted call at once, in the caller's thread: the report in the
+    worker's own thread (the default, and what in-process tests step through)."""
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        done: Future[_T] = Future()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the future's reader
+            done.set_exception(exc)
+        return done
 
 
 class Worker:
@@ -60,6 +100,7 @@ class Worker:
         on_results: Callable[[], None] | None = None,
         send_now: Callable[[int, str], object] | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        reporter: Executor | None = None,
     ):
         self.settings = settings
         self.database = database
@@ -71,8 +112,11 @@ class Worker:
         self.reporting = ReportingSteps(
             settings, database, spool, send_now=send_now, on_results=on_results, clock=clock
         )
-        # Studies whose SR is out and whose heat maps wait (their leases kept renewed).
-        self._deferred: deque[tuple[_Held, Analysis]] = deque()
+        # Where reports are built: a single thread, so that they go in the order claimed.
+        self.reporter = reporter or InlineExecutor()
+        # Studies whose SR is out (or being built) and whose heat maps wait, in the order
+        # claimed (their leases kept renewed).
+        self._deferred: deque[_Waiting] = deque()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -119,29 +163,48 @@ class Worker:
         threading.Thread(
             target=self._renew_lease, args=(held,), name=f"lease-{lease.job_id}", daemon=True
         ).start()
-        analysis = self._guarded(held, lambda: self._phase1(lease))
-        if analysis is None:
+        scored = self._guarded(held, lambda: self._score(lease))
+        if scored is None:
             held.stop_renewing.set()
-        else:
-            self._deferred.append((held, analysis))
+            return True
+        self._wait_for_reports(REPORTS_AHEAD - 1)
+        reported = self.reporter.submit(self._guarded, held, lambda: self._report(scored))
+        self._deferred.append(_Waiting(held, ModelSteps.held_bytes(scored), reported))
         return True
 
-    def _phase1(self, lease: Lease) -> Analysis | None:
-        """The report: the findings, their outlines and the SR, sent; then a candidate
-        model's verdict, if one shadows the rule (stored, never sent)."""
+    def _score(self, lease: Lease) -> Analysis:
+        """The model's side of phase 1: the images decoded and scored, the findings'
+        heat maps drawn (the SR outlines them)."""
+        model = self.model
+        return model.localise(model.predict(model.decode(model.start(lease))))
+
+    def _report(self, scored: Analysis) -> Analysis | None:
+        """The results' side of phase 1: the SR built, recorded and sent; then a candidate
+        model's verdict, if one shadows the rule (stored, never sent). On the reporter's
+        thread when there is one."""
         model, reporting = self.model, self.reporting
-        analysis = model.localise(model.predict(model.decode(model.start(lease))))
-        reported = reporting.report(analysis)
+        reported = reporting.report(scored)
         return None if reported is None else model.park(model.shadow(reporting.send(reported)))
+
+    def _wait_for_reports(self, most: int) -> None:
+        """Until at most ``most`` reports wait for the reporter thread."""
+        for waiting in list(self._deferred):
+            if sum(not w.reported.done() for w in self._deferred) <= most:
+                return
+            wait([waiting.reported])
 
     def _phase2(self, analysis: Analysis) -> bool:
         """The pictures: Parametric Maps and overlays, and everything recorded."""
         return self.reporting.record(self.reporting.build_objects(analysis))
 
     def _finish_deferred(self) -> None:
-        held, analysis = self._deferred.popleft()
+        waiting = self._deferred.popleft()
+        held = waiting.held
         try:
-            self._guarded(held, lambda: self._phase2(analysis))
+            # The report's own failures were recorded on the reporter's thread (None).
+            analysis = waiting.reported.result()
+            if analysis is not None:
+                self._guarded(held, lambda: self._phase2(analysis))
         finally:
             held.stop_renewing.set()
 
@@ -151,7 +214,10 @@ class Worker:
         for their leases to expire."""
         released = 0
         while self._deferred:
-            held, _analysis = self._deferred.popleft()
+            waiting = self._deferred.popleft()
+            held = waiting.held
+            # A report under way finishes first: its SR may be on the wire.
+            wait([waiting.reported])
             held.stop_renewing.set()
             try:
                 with self.database.session() as session:
@@ -163,7 +229,7 @@ class Worker:
 
     def _may_defer(self) -> bool:
         """Room for one more study's phase 2 to wait: by count and by image memory."""
-        held = sum(ModelSteps.held_bytes(a) for _held, a in self._deferred)
+        held = sum(w.held_bytes() for w in self._deferred)
         return len(self._deferred) < MAX_DEFERRED and held < MAX_DEFERRED_BYTES
 
     def _guarded(self, held: _Held, step: Callable[[], _T]) -> _T | None:

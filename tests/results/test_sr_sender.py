@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from support.received import receive_cr
 
 from ddn_node.config import Settings
 from ddn_node.dicom.spool import Spool
+from ddn_node.pipeline import reporting as reporting_module
 from ddn_node.pipeline.delivery import Deliverer
 from ddn_node.pipeline.registry import ModelRegistry
 from ddn_node.pipeline.reporting import ReportingSteps
@@ -37,7 +39,7 @@ from ddn_node.pipeline.worker import Worker
 from ddn_node.store import results as records
 from ddn_node.store.engine import Database, make_database
 from ddn_node.store.migrate import upgrade
-from ddn_node.store.models import Delivery, Study
+from ddn_node.store.models import Delivery, Job, Study
 
 STUDY = "1.2.826.0.1.3680043.10.1.91.7"
 SR_CLASSES = {Comprehensive3DSRStorage, EnhancedSRStorage}
@@ -213,3 +215,65 @@ def test_a_stopping_sender_leaves_what_it_has_not_sent_to_the_delivery_loop(
     with database.read() as s:
         kinds = sorted({d.kind for d in s.scalars(select(Delivery))})
     assert kinds == ["pm", "sc", "sr"]
+
+
+def test_with_a_reporter_thread_the_worker_scores_the_next_study_while_an_sr_is_built(
+    node: _Node, pacs: _Pacs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime's arrangement: reports built on one thread of their own, in the order
+    the studies were claimed; one that fails there is retried like any other failure."""
+    settings, database, spool = node.settings, node.database, node.spool
+    pacs.release.set()  # this PACS answers at once
+    for n in range(1, 4):
+        receive_cr(settings, database, spool, f"{STUDY}.{n}", seed=n)
+    reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reporter")
+    worker = Worker(
+        settings,
+        database,
+        spool,
+        ModelRegistry(settings),
+        "test-worker",
+        send_now=node.sender.submit,
+        reporter=reporter,
+    )
+    building, finish_building = threading.Event(), threading.Event()
+    scored: list[int] = []
+    build = reporting_module.build_sr_result
+    calls = 0
+
+    def held_then_failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            building.set()
+            finish_building.wait(60)
+            raise RuntimeError("the SR builder fell over")
+        return build(*args, **kwargs)
+
+    score = Worker._score
+
+    def noting_score(self: Worker, lease: Any) -> Any:
+        scored.append(lease.study_id)
+        return score(self, lease)
+
+    monkeypatch.setattr(reporting_module, "build_sr_result", held_then_failing_once)
+    monkeypatch.setattr(Worker, "_score", noting_score)
+    try:
+        assert worker.run_once()  # study 1 scored; its SR is being built
+        wait_for(building.is_set, 60, "study 1's SR to be under construction")
+        # While study 1's SR is still being built, study 2 is scored and its report queued.
+        assert worker.run_once()
+        assert len(scored) == 2 and not _sr_states(database)
+        finish_building.set()
+        while worker.run_once():
+            pass
+        # Study 1's report failed on the reporter's thread: its job waits for the queue's
+        # retry delay. The other two went, in the order they were claimed.
+        with database.read() as s:
+            jobs = {j.study_id: (j.state, j.attempts) for j in s.scalars(select(Job))}
+        first, second, third = scored[0], scored[1], scored[2]
+        assert jobs == {first: ("queued", 1), second: ("done", 1), third: ("done", 1)}
+        wait_for(lambda: set(_sr_states(database).values()) == {"sent"}, 60, "the SRs sent")
+        assert [study for _a, study in pacs.srs()] == [f"{STUDY}.2", f"{STUDY}.3"]
+    finally:
+        reporter.shutdown(wait=True)
