@@ -28,7 +28,7 @@ import structlog
 from sqlalchemy.orm import configure_mappers
 
 from ddn_node.config import Settings
-from ddn_node.dicom.dispatch import AcceptingServer, Dispatcher, channel_pair
+from ddn_node.dicom.dispatch import WORK, AcceptingServer, Dispatcher, channel_pair
 from ddn_node.dicom.hardening import ConnectionGate
 from ddn_node.dicom.scp import StorageSCP, peer_allowed
 from ddn_node.dicom.spool import Spool
@@ -123,7 +123,7 @@ def start_node(
         node.shutdown_requested = shutdown
     try:
         if "scp" in roles and settings.node.scp_process_count > 1:
-            node.scp_group = ScpGroup(settings)
+            node.scp_group = ScpGroup(settings, on_work=scheduler.wakeup.set)
             node.stoppers.append(node.scp_group.stop)
             node.ports = node.scp_group.start()
         elif "scp" in roles:
@@ -202,14 +202,15 @@ class ScpGroup:
     answered 0x0000 was durable before the answer, and its open associations end with it
     (their peers send again)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_work: Callable[[], None] | None = None):
         self.settings = settings
         node = settings.node
         self.gate = ConnectionGate(
             lambda address: peer_allowed(settings.peers, None, address),
             node.max_connections_per_host,
         )
-        self.dispatcher = Dispatcher(self.gate)
+        # A study completed in a serving process: this process's worker may claim it.
+        self.dispatcher = Dispatcher(self.gate, on_work=on_work)
         self._servers: list[AcceptingServer] = []
         self._serving: list[AcceptingServer] = []
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -340,7 +341,10 @@ def run_scp_process() -> None:
     if removed:
         log.info("serve.spool_cleaned", half_written_removed=removed)
     tracker = CompletionTracker(settings, database)
-    scheduler = NodeScheduler(tracker, settings.completion.sweep_interval_s)
+    # A completion here wakes the worker of the accepting process (WORK on the pair).
+    scheduler = NodeScheduler(
+        tracker, settings.completion.sweep_interval_s, on_work=lambda: scp.say_to_group(WORK)
+    )
     scp = StorageSCP(
         settings,
         database,

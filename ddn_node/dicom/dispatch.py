@@ -44,10 +44,13 @@ log = structlog.get_logger("ddn_node.scp")
 
 # Messages on a pair (SOCK_SEQPACKET keeps each one whole): the accepting process sends
 # HAND + a connection token with the connection's descriptor; the serving process answers
-# DONE + the token once the connection has ended, and READY once it serves.
+# DONE + the token once the connection has ended, READY once it serves, and WORK when a
+# study it received has completed (its completion timers run there): the worker in the
+# accepting process claims it at once instead of at its next poll.
 HAND = b"H"
 DONE = b"D"
 READY = b"R"
+WORK = b"W"
 _TOKEN = struct.Struct("!Q")
 _MESSAGE_BYTES = 1 + _TOKEN.size
 
@@ -72,9 +75,15 @@ class _Server:
 class Dispatcher:
     """The accepting process's side: who serves what, and handing connections over."""
 
-    def __init__(self, gate: ConnectionGate, on_lost: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        gate: ConnectionGate,
+        on_lost: Callable[[int], None] | None = None,
+        on_work: Callable[[], None] | None = None,
+    ):
         self.gate = gate
         self._on_lost = on_lost
+        self._on_work = on_work
         self._lock = threading.Lock()
         self._servers: dict[int, _Server] = {}
         self._next_token = 0
@@ -131,7 +140,8 @@ class Dispatcher:
                 self._lost(server)
 
     def _listen(self, server: _Server, channel: socket.socket) -> None:
-        """What a serving process says on one pair: READY, and DONE per ended connection."""
+        """What a serving process says on one pair: READY, DONE per ended connection, and
+        WORK per completed study."""
         while True:
             try:
                 message = channel.recv(_MESSAGE_BYTES)
@@ -145,6 +155,9 @@ class Dispatcher:
     def _heard(self, server: _Server, message: bytes) -> None:
         if message[:1] == READY:
             server.ready.set()
+        elif message[:1] == WORK:
+            if self._on_work is not None:
+                self._on_work()
         elif message[:1] == DONE and len(message) == _MESSAGE_BYTES:
             (token,) = _TOKEN.unpack(message[1:])
             with self._lock:

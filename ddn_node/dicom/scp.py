@@ -283,8 +283,12 @@ class StorageSCP:
             assert isinstance(server, HandedServer)
             server.attach(channel, parent_gone)
             self._run(server, f"scp-handed-{index}")
-        cast(HandedServer, self._servers[0]).say(READY)
+        self.say_to_group(READY)
         log.info("scp.started", ae_title=node.ae_title, ports=ports[: len(channels)], handed=True)
+
+    def say_to_group(self, message: bytes) -> None:
+        """One message to the group's accepting process (after :meth:`serve_handed`)."""
+        cast(HandedServer, self._servers[0]).say(message)
 
     def _make_server(
         self,

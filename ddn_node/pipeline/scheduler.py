@@ -26,9 +26,17 @@ log = structlog.get_logger("ddn_node.scheduler")
 class NodeScheduler:
     """The process's scheduler; ``wakeup`` is set whenever new work may be claimable."""
 
-    def __init__(self, tracker: CompletionTracker, sweep_interval_s: float):
+    def __init__(
+        self,
+        tracker: CompletionTracker,
+        sweep_interval_s: float,
+        on_work: Callable[[], None] | None = None,
+    ):
         self.tracker = tracker
         self.wakeup = threading.Event()
+        # Called too when a study completes: a serving SCP process tells the process whose
+        # worker waits on ``wakeup`` (``dicom/dispatch.py``, WORK).
+        self.on_work = on_work
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -70,13 +78,18 @@ class NodeScheduler:
     def _complete_one(self, study_id: int) -> None:
         try:
             if self.tracker.complete(study_id) is not None:
-                self.wakeup.set()
+                self._work()
         except SQLAlchemyError as exc:
             log.warning("scheduler.completion_db_error", error=type(exc).__name__)
+
+    def _work(self) -> None:
+        self.wakeup.set()
+        if self.on_work is not None:
+            self.on_work()
 
     def _sweep_completions(self) -> None:
         try:
             if self.tracker.sweep():
-                self.wakeup.set()
+                self._work()
         except SQLAlchemyError as exc:
             log.warning("scheduler.completion_db_error", error=type(exc).__name__)

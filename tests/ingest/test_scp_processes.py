@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from support.artifacts import make_test_artifact
 from support.dicomgen import dataset_sha256, make_cr, raw_association, store_file, to_file_bytes
 from support.net import echo, wait_for
 
 from ddn_node.store.engine import make_database
-from ddn_node.store.models import Instance
+from ddn_node.store.models import Instance, Study
 
 SUCCESS, IDENTITY_CONFLICT = 0x0000, 0xC003
 ROOT = "1.2.826.0.1.3680043.8.498.17"
@@ -249,3 +250,36 @@ def _associated(port: int, calling: str) -> Iterator[Any]:
             return assoc if assoc.is_established else None
 
         yield wait_for(attempt, 30, f"an association as {calling}")
+
+
+def test_a_study_completed_in_a_serving_process_is_analysed_without_waiting_for_a_poll(
+    make_node, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The completion timers run in the serving process that received the study; it tells
+    the accepting process, whose worker claims the study at once."""
+    model = make_test_artifact(tmp_path / "model", threshold=0.0)
+    node = make_node(
+        sqlite_url,
+        roles=("scp", "worker"),
+        node={"scp_processes": 2},
+        # Neither the worker's poll nor the accepting process's own completion sweep comes
+        # within the test: only the serving process's word can start the analysis.
+        worker={"poll_interval_s": 3600, "torch_threads": 1},
+        completion={"quiet_period_s": 0.2, "sweep_interval_s": 3600},
+        routing=[{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}],
+    )
+    (path,) = _instances(tmp_path, f"{ROOT}.9", 1)
+    with node:
+        wait_for(lambda: any(e.get("event") == "worker.started" for e in node.events()), 60)
+        with raw_association(node.port, calling="TESTSCU") as assoc:
+            assert store_file(assoc, path) == SUCCESS
+
+        def analysed() -> bool:
+            db = make_database(node.db_url)
+            try:
+                with db.read() as s:
+                    return s.scalar(select(Study.state)) == "analysed"
+            finally:
+                db.dispose()
+
+        wait_for(analysed, 60, "the study analysed")
