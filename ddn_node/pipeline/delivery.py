@@ -73,15 +73,19 @@ class Attempt:
     error: str
     refused: bool = False  # permanent: do not try again
     commitment_uid: str | None = None
+    # When the destination answered (its C-STORE response), if known: the row's sent_at,
+    # rather than the end of the association (a commitment request and the release).
+    answered_at: dt.datetime | None = None
 
     @classmethod
-    def of_store(cls, outcome: SendOutcome) -> Attempt:
+    def of_store(cls, outcome: SendOutcome, answered_at: dt.datetime | None = None) -> Attempt:
         return cls(
             outcome.ok,
             outcome.status,
             outcome.error,
             refused=outcome.outcome is Disposition.REFUSED,
             commitment_uid=outcome.commitment_uid,
+            answered_at=answered_at,
         )
 
 
@@ -208,14 +212,21 @@ class Deliverer:
             by_path = {str(self.spool.path(row.path)): row.id for row in group}
             outcomes = {}
             ids = [row.id for row in group]
+            answered: dict[str, dt.datetime] = {}
             for outcome in scu.send(
                 [self.spool.path(row.path) for row in group],
+                progress=functools.partial(self._note_answer, answered),
                 commit=functools.partial(self._note_commitment, ids)
                 if dest.storage_commitment
                 else None,
             ):
-                outcomes[by_path[str(outcome.path)]] = Attempt.of_store(outcome)
+                path = str(outcome.path)
+                outcomes[by_path[path]] = Attempt.of_store(outcome, answered.get(path))
             self._record(name, group, outcomes)
+
+    def _note_answer(self, answered: dict[str, dt.datetime], outcome: SendOutcome) -> None:
+        """When the destination answered for this file (its C-STORE response)."""
+        answered.setdefault(str(outcome.path), self.clock())
 
     def _note_commitment(
         self, row_ids: list[int], transaction_uid: str, sops: Sequence[str]
@@ -289,7 +300,7 @@ class Deliverer:
             row_id,
             self.owner,
             DeliveryState.SENT,
-            sent_at=now,
+            sent_at=outcome.answered_at or now,
             last_status=outcome.status,
             # A commitment failure may already have been reported.
             last_error=case(
