@@ -2,9 +2,9 @@
 stores the report, the SRs that queued up meanwhile share one association, and a study's
 heat maps still reach the PACS after its SR.
 
-In process, on both databases: the worker's own code, the SR sender and a pynetdicom
-Storage SCP (not the node's) as the PACS, which holds the first SR until the test lets
-it go.
+In process, on SQLite: the worker's own code, the SR sender and a pynetdicom Storage SCP
+(not the node's) as the PACS, which holds the first SR until the test lets it go. On
+PostgreSQL the same path runs in the nodes of tests/results/test_shadow_models.py.
 """
 
 from __future__ import annotations
@@ -95,12 +95,12 @@ class _Node:
 
 
 @pytest.fixture
-def node(tmp_path: Path, db_url: str, pacs: _Pacs) -> Iterator[_Node]:
+def node(tmp_path: Path, sqlite_url: str, pacs: _Pacs) -> Iterator[_Node]:
     model = make_test_artifact(tmp_path / "model", threshold=0.0)
     settings = Settings.model_validate(
         {
             "node": {"spool_dir": str(tmp_path / "spool")},
-            "database": {"url": db_url},
+            "database": {"url": sqlite_url},
             "completion": {"quiet_period_s": 0.01},
             "worker": {"torch_threads": 1, "heat_maps": "all"},
             "routing": [{"name": "cxr", "model": str(model), "head": "cxr", "modalities": ["CR"]}],
@@ -115,7 +115,7 @@ def node(tmp_path: Path, db_url: str, pacs: _Pacs) -> Iterator[_Node]:
             ],
         }
     )
-    database = make_database(db_url)
+    database = make_database(sqlite_url)
     upgrade(database)
     spool = Spool(settings.node.spool_dir)
     spool.prepare()
