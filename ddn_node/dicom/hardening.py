@@ -51,6 +51,9 @@ PYNETDICOM_VERSION = "3.0.4"
 MAX_REQUEST_PDU_BYTES = 1 << 20
 
 P_DATA_TF = 0x04
+# How much more of a PDU's declared length is allocated at a time as it arrives (the
+# node's 128 KiB PDUs: at once).
+_RECV_STEP = 1 << 20
 # A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
 _ABORT_INVALID_PDU = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
 
@@ -107,7 +110,7 @@ class RequestGuard(AssociationSocket):
         if self.socket is None:
             return super().recv(nr_bytes)
         if self.assoc.is_established:
-            out = super().recv(nr_bytes)
+            out = self._recv_established(nr_bytes)
             if at_header and nr_bytes == 6 and len(out) == 6 and self._oversized(out):
                 return bytearray()  # as if closed: pynetdicom ends the association (Evt17)
             return out
@@ -120,6 +123,31 @@ class RequestGuard(AssociationSocket):
             self._no_request()
         elif not at_header and self.assoc.acse_timeout != self._acse_timeout:
             self.assoc.acse_timeout = self._acse_timeout  # the first PDU is in
+        return out
+
+    def _recv_established(self, nr_bytes: int) -> bytearray:
+        """``nr_bytes`` from the socket, fewer only if the peer closes (as pynetdicom's
+        recv). pynetdicom reads at most 4096 bytes per call: a 512x512 instance took ~140
+        recv calls (each a poll and a recv, the socket having a timeout) and as many turns
+        of a Python loop. Here each call takes whatever has arrived, into a buffer grown
+        ``_RECV_STEP`` at a time (what a peer declares is only allocated as it arrives,
+        also where no PDU limit was negotiated). Timeouts and errors propagate as from
+        pynetdicom's."""
+        assert self.socket is not None
+        out = bytearray()
+        got = 0
+        while got < nr_bytes:
+            if got == len(out):
+                out.extend(bytes(min(nr_bytes - got, _RECV_STEP)))
+            view = memoryview(out)
+            try:
+                count = self.socket.recv_into(view[got:])
+            finally:
+                view.release()
+            if not count:  # closed by the peer: what there is, as pynetdicom does
+                break
+            got += count
+        del out[got:]
         return out
 
     def _recv_before_association(self, nr_bytes: int) -> bytearray:
