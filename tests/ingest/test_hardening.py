@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import re
+import socket
 import socketserver
 import threading
 from importlib.metadata import version
@@ -17,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pynetdicom
+import pytest
 import structlog
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import (
     AssociationServer,
@@ -29,6 +35,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
+from ddn_node.dicom import hardening
 from ddn_node.dicom.hardening import PYNETDICOM_VERSION, ConnectionGate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,3 +162,107 @@ def test_refusals_are_logged_once_per_address_and_reason_per_interval() -> None:
         ("192.0.2.8", 0),
     ]
     assert all(e["reason"] == "host not on the allow-list" for e in refused)
+
+
+def test_the_received_file_meta_is_written_through_the_names_replaced() -> None:
+    # stream_received_datasets replaces the two names decode_msg writes the File Meta
+    # Information of a received data set with.
+    decode = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    assert "write_file_meta_info(" in decode and "create_file_meta(" in decode
+    for keyword in ("sop_class_uid=", "sop_instance_uid=", "transfer_syntax="):
+        assert keyword in decode
+    # ... and what it falls back to is what those names were.
+    assert hardening._original_write_file_meta_info is write_file_meta_info
+    assert hardening._original_create_file_meta is create_file_meta
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even, odd
+        ("1.2.840.10008.5.1.4.1.1.1", "1.2.33", "1.2.840.10008.1.2"),
+        ("1.2", "1.2.826.0.1.3680043.8.498.12345678901234567890", "1.2.840.10008.1.2.4.50"),
+    ],
+)
+def test_the_file_meta_is_written_as_pydicom_writes_it(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    args = {
+        "sop_class_uid": UID(sop_class),
+        "sop_instance_uid": UID(sop_instance),
+        "transfer_syntax": UID(syntax),
+    }
+    theirs, ours = io.BytesIO(), io.BytesIO()
+    write_file_meta_info(theirs, create_file_meta(**args))
+    hardening._write_file_meta(ours, hardening._file_meta(**args))
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def test_file_meta_pydicom_would_refuse_is_left_to_pydicom() -> None:
+    # An empty SOP Instance UID: pydicom refuses it (as it did without the direct
+    # encoding: the DUL thread aborts the association).
+    meta = hardening._file_meta(
+        sop_class_uid=UID("1.2.3"),
+        sop_instance_uid=UID(""),
+        transfer_syntax=UID("1.2.840.10008.1.2"),
+    )
+    with pytest.raises(AttributeError, match="Media Storage SOP Instance UID"):
+        hardening._write_file_meta(io.BytesIO(), meta)
+
+
+def test_the_established_read_returns_what_was_asked_or_what_came_before_the_close() -> None:
+    guard = hardening.RequestGuard.__new__(hardening.RequestGuard)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        guard.socket = ours
+        payload = bytes(range(256)) * 9000  # larger than one growth step of the buffer
+        sender = threading.Thread(target=theirs.sendall, args=(payload,))
+        sender.start()
+        assert guard._recv_established(len(payload) - 5) == payload[:-5]
+        sender.join()
+        theirs.shutdown(socket.SHUT_WR)
+        assert guard._recv_established(100) == payload[-5:]  # the peer closed
+        assert guard._recv_established(6) == b""
+
+
+def test_a_streamed_file_says_where_its_data_set_starts_and_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As pynetdicom writes a received data set: preamble, File Meta Information, then
+    # each fragment written and flushed; the handler takes what was learnt, once.
+    monkeypatch.setattr(hardening, "_INCOMING", [str(tmp_path)])
+    handle = hardening._hashing_temporary_file(delete=False, mode="wb", suffix=".dcm")
+    handle.write(b"\0" * 128)
+    handle.write(b"DICM")
+    handle.write(b"M" * 50)
+    fragments = [b"a" * 70000, b"b" * 3]
+    for fragment in fragments:
+        handle.write(fragment)
+        handle.file.flush()
+    path = Path(handle.name)
+    received = hardening.take_received(path)
+    assert received is not None
+    assert received.dataset_offset == 182 and received.size == 182 + 70003
+    assert received.head == (b"a" * 70000)[: hardening.HEAD_BYTES]
+    assert received.sha256 == hashlib.sha256(b"".join(fragments)).hexdigest()
+    assert hardening.take_received(path) is None
+    handle.close()
+    assert path.read_bytes()[182:] == b"".join(fragments)
+
+
+def test_a_file_pynetdicom_drops_is_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An association aborted in the middle of a data set drops its file: nothing of it
+    # (descriptor, first bytes) stays behind. pynetdicom holds the file from its DIMSE
+    # message to the C-STORE request the handler gets.
+    assert "primitive._dataset_file = self._data_set_file" in inspect.getsource(
+        dimse_messages.DIMSEMessage.message_to_primitive
+    )
+    monkeypatch.setattr(hardening, "_INCOMING", [str(tmp_path)])
+    handle = hardening._hashing_temporary_file()
+    handle.write(b"x")
+    name = handle.name
+    assert name in hardening._STREAMED
+    del handle
+    assert name not in hardening._STREAMED
