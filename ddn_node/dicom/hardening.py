@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import queue
 import select
@@ -939,6 +940,17 @@ def _write_file_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> 
             return
         file_meta = file_meta.dataset()
     _original_write_file_meta_info(fp, file_meta, enforce_standard)
+
+
+def skip_discarded_logging() -> None:
+    """Do not bind pynetdicom's standard logging handlers to the associations and servers
+    made from now on, while its logger discards what they log (``logs.py`` holds it at
+    WARNING; they log at DEBUG and INFO only): each PDU and DIMSE message sent or
+    received otherwise builds an Event and runs a handler that formats its fields (UID
+    names looked up) for nothing, on the path to every C-STORE answer. Process-wide,
+    like every ``_config`` setting."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _config.LOG_HANDLER_LEVEL = "none"
 
 
 def send_datasets_from_files() -> None:

@@ -47,6 +47,7 @@ from ddn_node.dicom.hardening import (
     peer_certificate,
     register_server,
     share_contexts,
+    skip_discarded_logging,
     stream_received_datasets,
     take_received,
 )
@@ -252,6 +253,7 @@ class StorageSCP:
         """Start listening (non-blocking); returns the bound ports (plain first)."""
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
+        skip_discarded_logging()
         self.warm_up()
         node = self.settings.node
         ports = [self._serve(node.host, node.port, None)]
@@ -269,6 +271,7 @@ class StorageSCP:
         gets its share of ``max_associations``."""
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
+        skip_discarded_logging()
         self.warm_up()
         node = self.settings.node
         self.ae.maximum_associations = max(1, -(-node.max_associations // node.scp_process_count))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import logging
 import re
 import socket
 import socketserver
@@ -266,3 +267,28 @@ def test_a_file_pynetdicom_drops_is_forgotten(
     assert name in hardening._STREAMED
     del handle
     assert name not in hardening._STREAMED
+
+
+def test_the_standard_logging_handlers_are_bound_only_where_their_output_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What skip_discarded_logging switches: the setting both the association and the
+    # server read when they bind their default handlers.
+    assert '_config.LOG_HANDLER_LEVEL == "standard"' in inspect.getsource(
+        Association._bind_defaults
+    )
+    assert '_config.LOG_HANDLER_LEVEL == "standard"' in inspect.getsource(
+        AssociationServer._bind_defaults
+    )
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    try:
+        logger.setLevel(logging.DEBUG)
+        hardening.skip_discarded_logging()
+        assert _config.LOG_HANDLER_LEVEL == "standard"
+        logger.setLevel(logging.WARNING)
+        hardening.skip_discarded_logging()
+        assert _config.LOG_HANDLER_LEVEL == "none"
+    finally:
+        logger.setLevel(level)
