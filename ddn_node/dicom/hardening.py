@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import queue
 import select
@@ -27,14 +28,23 @@ import struct
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from pynetdicom import AE, _config, dimse_messages, evt
+from pydicom.dataelem import DataElement
+from pydicom.uid import UID
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    dimse_messages,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -42,6 +52,11 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = structlog.get_logger("ddn_node.scp")
+
+# pynetdicom's own, before stream_received_datasets replaces them in its dimse_messages.
+_original_create_file_meta = dimse_messages.create_file_meta
+_original_write_file_meta_info = dimse_messages.write_file_meta_info
+_original_encode = dimse_messages.encode
 
 PYNETDICOM_VERSION = "3.0.4"
 
@@ -51,6 +66,9 @@ PYNETDICOM_VERSION = "3.0.4"
 MAX_REQUEST_PDU_BYTES = 1 << 20
 
 P_DATA_TF = 0x04
+# How much more of a PDU's declared length is allocated at a time as it arrives (the
+# node's 128 KiB PDUs: at once).
+_RECV_STEP = 1 << 20
 # A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
 _ABORT_INVALID_PDU = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06)
 
@@ -107,7 +125,7 @@ class RequestGuard(AssociationSocket):
         if self.socket is None:
             return super().recv(nr_bytes)
         if self.assoc.is_established:
-            out = super().recv(nr_bytes)
+            out = self._recv_established(nr_bytes)
             if at_header and nr_bytes == 6 and len(out) == 6 and self._oversized(out):
                 return bytearray()  # as if closed: pynetdicom ends the association (Evt17)
             return out
@@ -120,6 +138,31 @@ class RequestGuard(AssociationSocket):
             self._no_request()
         elif not at_header and self.assoc.acse_timeout != self._acse_timeout:
             self.assoc.acse_timeout = self._acse_timeout  # the first PDU is in
+        return out
+
+    def _recv_established(self, nr_bytes: int) -> bytearray:
+        """``nr_bytes`` from the socket, fewer only if the peer closes (as pynetdicom's
+        recv). pynetdicom reads at most 4096 bytes per call: a 512x512 instance took ~140
+        recv calls (each a poll and a recv, the socket having a timeout) and as many turns
+        of a Python loop. Here each call takes whatever has arrived, into a buffer grown
+        ``_RECV_STEP`` at a time (what a peer declares is only allocated as it arrives,
+        also where no PDU limit was negotiated). Timeouts and errors propagate as from
+        pynetdicom's."""
+        assert self.socket is not None
+        out = bytearray()
+        got = 0
+        while got < nr_bytes:
+            if got == len(out):
+                out.extend(bytes(min(nr_bytes - got, _RECV_STEP)))
+            view = memoryview(out)
+            try:
+                count = self.socket.recv_into(view[got:])
+            finally:
+                view.release()
+            if not count:  # closed by the peer: what there is, as pynetdicom does
+                break
+            got += count
+        del out[got:]
         return out
 
     def _recv_before_association(self, nr_bytes: int) -> bytearray:
@@ -694,7 +737,8 @@ class HardenedServer(ThreadedAssociationServer):
 
 def stream_received_datasets(incoming: Path) -> None:
     """Received C-STORE datasets go straight to files in ``incoming`` (never to memory),
-    hashed as they arrive (:func:`streamed_sha256`).
+    hashed as they arrive, their first bytes kept for the header read
+    (:func:`take_received`).
 
     pynetdicom streams them to tempfile's directory: making it the spool's incoming/ keeps
     the final rename atomic (same filesystem). Process-wide, because pynetdicom offers no
@@ -704,6 +748,16 @@ def stream_received_datasets(incoming: Path) -> None:
     _INCOMING[0] = str(incoming)
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _hashing_temporary_file  # type: ignore[assignment]
+    # The File Meta Information of each, encoded directly (see _write_file_meta).
+    dimse_messages.create_file_meta = _file_meta  # type: ignore[assignment]
+    dimse_messages.write_file_meta_info = _write_file_meta
+
+
+# The data set bytes a received file keeps in memory from its first fragments: the
+# indexed attributes sit in groups 0008-0028, a few kB into an image, so the header is
+# parsed from memory, not read back from the file (and pydicom's tell() on a file is a
+# system call, ~70 per instance). A longer header is read from the file.
+HEAD_BYTES = 64 << 10
 
 
 class _HashingFile:
@@ -715,11 +769,13 @@ class _HashingFile:
     calls), then each data set fragment as ``write(fragment)`` followed by
     ``.file.flush()`` (``tests/ingest/test_hardening.py`` checks that it still does): a
     flush hashes the fragment just written, so the digest covers exactly the data set's
-    bytes, what the spool's sha256 covers (from ``dataset_offset``).
+    bytes, what the spool's sha256 covers (from ``dataset_offset``), and keeps the first
+    ``HEAD_BYTES`` of them (``head``).
 
     It stands in for ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``: a
-    new file in the incoming folder, which pynetdicom closes and unlinks itself. Named
-    by a counter, not tempfile's random names (whose making was ~3% of the SCP's time).
+    new file in the incoming folder, which pynetdicom closes and unlinks itself once the
+    C-STORE handler has returned. Named by a counter, not tempfile's random names (whose
+    making was ~3% of the SCP's time).
     """
 
     def __init__(self, folder: str):
@@ -731,54 +787,223 @@ class _HashingFile:
             except FileExistsError:
                 continue  # a leftover of an earlier process with this pid
         self._raw = open(fd, "wb")  # noqa: SIM115 - closed by pynetdicom through close()
-        self.file = self  # pynetdicom flushes through .file
         self.digest = hashlib.sha256()
         self.hashed = 0
+        self.written = 0  # bytes written, preamble and File Meta Information included
+        self.dataset_start: int | None = None  # where the first fragment went
+        self.head = bytearray()
         self._last: bytes | bytearray | memoryview | None = None
+
+    @property
+    def file(self) -> _HashingFile:
+        """What pynetdicom flushes through (a property: an attribute naming itself would
+        be a cycle, keeping a dropped file open until the garbage collector runs)."""
+        return self
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         written = self._raw.write(data)
+        self.written += len(data)
         self._last = data
         return written
 
     def flush(self) -> None:
-        if self._last is not None:
-            self.digest.update(self._last)  # releases the GIL for all but tiny fragments
-            self.hashed += len(self._last)
+        last = self._last
+        if last is not None:
+            if self.dataset_start is None:
+                self.dataset_start = self.written - len(last)
+            self.digest.update(last)  # releases the GIL for all but tiny fragments
+            self.hashed += len(last)
+            if len(self.head) < HEAD_BYTES:
+                self.head += last[: HEAD_BYTES - len(self.head)]
             self._last = None
         self._raw.flush()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
 
     def close(self) -> None:
         self._raw.close()
 
 
+@dataclass(frozen=True)
+class Received:
+    """What streaming a received file learned about it (see :func:`take_received`)."""
+
+    fd: int  # the file, open until the C-STORE handler returns
+    size: int  # of the whole file
+    dataset_offset: int  # where the data set starts (after the File Meta Information)
+    head: bytes  # the data set's first bytes (all of it when len(head) == dataset_bytes)
+    sha256: str  # of the data set
+
+    @property
+    def dataset_bytes(self) -> int:
+        return self.size - self.dataset_offset
+
+
 _SEQUENCE = itertools.count(1)
 _INCOMING = [tempfile.gettempdir()]  # set by stream_received_datasets
 
-# Files being received or received and not yet stored, by path. Bounded: an association
-# aborted mid-data-set leaves its entry behind.
-_STREAMED: OrderedDict[str, _HashingFile] = OrderedDict()
+# Files being received or received and not yet stored, by path. Weakly: pynetdicom holds
+# each one (its DIMSE message, then its C-STORE request) until the handler has returned,
+# and an association aborted in the middle of a data set drops its file, which must then
+# go (its descriptor closed, its first bytes freed), not stay here.
+_STREAMED: weakref.WeakValueDictionary[str, _HashingFile] = weakref.WeakValueDictionary()
 _STREAMED_LOCK = threading.Lock()
-_STREAMED_MAX = 4096
 
 
 def _hashing_temporary_file(*_args: Any, **_kwargs: Any) -> _HashingFile:
     handle = _HashingFile(_INCOMING[0])
     with _STREAMED_LOCK:
         _STREAMED[handle.name] = handle
-        while len(_STREAMED) > _STREAMED_MAX:
-            _STREAMED.popitem(last=False)
     return handle
 
 
-def streamed_sha256(path: Path, dataset_bytes: int) -> str | None:
-    """The sha256 of a received file's data set, hashed as it arrived; None when it was
-    not hashed so, or not all of its ``dataset_bytes`` were (the caller hashes the file)."""
+def take_received(path: Path) -> Received | None:
+    """What was learnt streaming the received file at ``path`` (once: it is forgotten
+    then), for its C-STORE handler; None when it was not streamed so, or some of it was
+    written without being hashed (the caller reads and hashes the file)."""
     with _STREAMED_LOCK:
         handle = _STREAMED.pop(str(path), None)
-    if handle is None or handle._last is not None or handle.hashed != dataset_bytes:
+    if handle is None or handle._last is not None or handle._raw.closed:
         return None
-    return handle.digest.hexdigest()
+    # Everything after the first fragment was hashed (as pynetdicom writes: fragments
+    # only, each flushed), so the data set is exactly the hashed bytes.
+    offset = handle.written - handle.hashed
+    if handle.dataset_start is not None and handle.dataset_start != offset:
+        return None
+    return Received(
+        fd=handle.fileno(),
+        size=handle.written,
+        dataset_offset=offset,
+        head=bytes(handle.head),
+        sha256=handle.digest.hexdigest(),
+    )
+
+
+class _FileMeta:
+    """What pynetdicom's ``create_file_meta`` is given for a received C-STORE data set,
+    for :func:`_write_file_meta` to encode (see there)."""
+
+    def __init__(
+        self,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
+        implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
+    ):
+        self.values = (sop_class_uid, sop_instance_uid, transfer_syntax, implementation_uid)
+        self.version = implementation_version
+
+    def encoded(self) -> bytes | None:
+        """The File Meta Information, as pydicom's ``write_file_meta_info`` writes it;
+        None where that could differ (an empty or non-ASCII value: pydicom then refuses
+        or encodes it its own way)."""
+        uids = [str(v) for v in self.values]
+        if not all(v and v.isascii() for v in uids) or not (
+            self.version and self.version.isascii()
+        ):
+            return None
+        body = bytearray(b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01")
+        for element, value in zip((0x0002, 0x0003, 0x0010, 0x0012), uids, strict=True):
+            raw = value.encode("ascii")
+            raw += b"\x00" * (len(raw) % 2)
+            body += struct.pack("<HH2sH", 0x0002, element, b"UI", len(raw)) + raw
+        raw = self.version.encode("ascii")
+        raw += b" " * (len(raw) % 2)
+        body += struct.pack("<HH2sH", 0x0002, 0x0013, b"SH", len(raw)) + raw
+        return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+    def dataset(self) -> Any:
+        sop_class, sop_instance, syntax, implementation = (UID(v) for v in self.values)
+        return _original_create_file_meta(
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            transfer_syntax=syntax,
+            implementation_uid=implementation,
+            implementation_version=self.version,
+        )
+
+
+def _file_meta(**kwargs: Any) -> _FileMeta:
+    return _FileMeta(**kwargs)
+
+
+def _write_file_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    """pydicom's ``write_file_meta_info`` for the File Meta Information of a received
+    data set, encoded directly: through pydicom it was ~10% of the SCP's Python time per
+    512x512 instance. Anything it cannot encode byte for byte as pydicom does goes to
+    pydicom (``tests/ingest/test_hardening.py`` compares the two)."""
+    if isinstance(file_meta, _FileMeta):
+        encoded = file_meta.encoded()
+        if encoded is not None:
+            fp.write(encoded)
+            return
+        file_meta = file_meta.dataset()
+    _original_write_file_meta_info(fp, file_meta, enforce_standard)
+
+
+_US_MAX = 0xFFFF
+_UL_MAX = 0xFFFFFFFF
+
+
+def _encode_command_set(ds: Any) -> bytes | None:
+    """A command set (group 0000, Implicit VR Little Endian) encoded directly, as pydicom's
+    write_dataset encodes it; None for anything but single US, UL and UI values (an
+    Error Comment, an Offending Element...), which pydicom encodes instead."""
+    out = bytearray()
+    for elem in ds.elements():
+        tag = int(elem.tag)
+        if tag >> 16 or not isinstance(elem, DataElement):
+            return None  # not a command set, or an element not yet converted
+        vr, value = elem.VR, elem.value
+        if value is None or value == "":
+            raw = b""
+        elif vr == "UI" and isinstance(value, str) and value.isascii():
+            raw = value.encode("ascii")
+            raw += b"\x00" * (len(raw) % 2)
+        elif vr in ("US", "UL") and type(value) is int:
+            if not 0 <= value <= (_US_MAX if vr == "US" else _UL_MAX):
+                return None
+            raw = struct.pack("<H" if vr == "US" else "<I", value)
+        else:
+            return None
+        out += struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(raw))
+        out += raw
+    return bytes(out)
+
+
+def _encode(
+    ds: Any, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
+) -> bytes | None:
+    """pynetdicom's ``dsutils.encode`` as its DIMSE messages call it, with their command
+    sets encoded directly: each C-STORE answer's was encoded twice through pydicom (once
+    for its group length), ~6% of the SCP's Python time per 512x512 instance. Data sets,
+    and command sets it does not encode, go to pydicom as before
+    (``tests/ingest/test_hardening.py`` compares the two)."""
+    if is_implicit_vr and is_little_endian and not deflated:
+        encoded = _encode_command_set(ds)
+        if encoded is not None:
+            return encoded
+    return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
+
+
+def encode_command_sets_directly() -> None:
+    """Let pynetdicom's DIMSE messages encode their command sets through :func:`_encode`
+    (process-wide: the name their module calls)."""
+    dimse_messages.encode = _encode
+
+
+def skip_discarded_logging() -> None:
+    """Do not bind pynetdicom's standard logging handlers to the associations and servers
+    made from now on, while its logger discards what they log (``logs.py`` holds it at
+    WARNING; they log at DEBUG and INFO only): each PDU and DIMSE message sent or
+    received otherwise builds an Event and runs a handler that formats its fields (UID
+    names looked up) for nothing, on the path to every C-STORE answer. Process-wide,
+    like every ``_config`` setting."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _config.LOG_HANDLER_LEVEL = "none"
 
 
 def send_datasets_from_files() -> None:

@@ -43,11 +43,14 @@ from ddn_node.dicom.hardening import (
     ConnectionGate,
     GuardedRequestHandler,
     HardenedServer,
+    Received,
+    encode_command_sets_directly,
     peer_certificate,
     register_server,
     share_contexts,
+    skip_discarded_logging,
     stream_received_datasets,
-    streamed_sha256,
+    take_received,
 )
 from ddn_node.dicom.headers import (
     Header,
@@ -251,6 +254,8 @@ class StorageSCP:
         """Start listening (non-blocking); returns the bound ports (plain first)."""
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
+        skip_discarded_logging()
+        encode_command_sets_directly()
         self.warm_up()
         node = self.settings.node
         ports = [self._serve(node.host, node.port, None)]
@@ -268,6 +273,8 @@ class StorageSCP:
         gets its share of ``max_associations``."""
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
+        skip_discarded_logging()
+        encode_command_sets_directly()
         self.warm_up()
         node = self.settings.node
         self.ae.maximum_associations = max(1, -(-node.max_associations // node.scp_process_count))
@@ -504,16 +511,17 @@ class StorageSCP:
             origin is InstanceOrigin.OTHER and ingest.other_results == "drop"
         )
 
-    def _refusal(self, tmp: Path, sop_uid: str) -> int | None:
+    def _refusal(self, tmp: Path, sop_uid: str, size: int | None) -> int | None:
         """0xA700 when the instance cannot be kept: the disk is below its reserve, or the
-        instance is larger than allowed."""
+        instance is larger than allowed (``size``: of the file, None to look)."""
         if self._below_reserve():
             log.warning("scp.store_refused", sop_instance_uid=sop_uid, reason="disk below reserve")
             return OUT_OF_RESOURCES
-        try:
-            size = tmp.stat().st_size
-        except OSError:
-            size = 0
+        if size is None:
+            try:
+                size = tmp.stat().st_size
+            except OSError:
+                size = 0
         if size > self.settings.node.max_instance_mb * 1024 * 1024:
             # pynetdicom has already streamed it to disk (never to memory); refusing it
             # keeps it out of the spool, and the PACS sees why.
@@ -532,16 +540,18 @@ class StorageSCP:
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         calling = event.assoc.requestor.ae_title.strip()
         tmp = Path(event.dataset_path)
-        refused = self._refusal(tmp, sop_uid)
+        # What streaming the file learnt (its size, hash, first bytes): None if it was
+        # not streamed through the hashing file, and then the file itself is read.
+        received = take_received(tmp)
+        refused = self._refusal(tmp, sop_uid, received.size if received else None)
         if refused is not None:
             return refused
         # The file's fsync runs while its header is read and checked; nothing is renamed
         # or committed before it has completed (Spool.commit waits for it).
-        synced = self.spool.start_sync(tmp)
+        synced = self.spool.start_sync(tmp, received.fd if received else None)
         transfer_syntax = str(event.context.transfer_syntax)
         try:
-            offset = dataset_offset(tmp)
-            header = read_received_header(tmp, offset, transfer_syntax)
+            offset, header = _read_received(tmp, received, transfer_syntax)
         except HeaderError as exc:
             log.warning(
                 "scp.store_unparseable",
@@ -575,11 +585,10 @@ class StorageSCP:
             )
             return SUCCESS
         try:
-            streamed = streamed_sha256(tmp, tmp.stat().st_size - offset)
             stored = self.spool.commit(
                 tmp,
                 self.spool.instance_relpath(study_uid, sop_uid),
-                sha256=streamed,
+                sha256=received.sha256 if received else None,
                 hash_from=offset,
                 overlap=True,
                 keep_existing=True,
@@ -685,6 +694,19 @@ class StorageSCP:
         answer.Status = IDENTITY_CONFLICT
         answer.ErrorComment = CONFLICT_COMMENTS[conflict.kind]
         return answer
+
+
+def _read_received(
+    tmp: Path, received: Received | None, transfer_syntax: str
+) -> tuple[int, Header]:
+    """(where the data set starts, its indexed attributes): from what streaming the file
+    kept, or from the file itself where it was not streamed so."""
+    if received is None:
+        offset = dataset_offset(tmp)
+        return offset, read_received_header(tmp, offset, transfer_syntax)
+    offset = received.dataset_offset
+    head = received.head
+    return offset, read_received_header(tmp, offset, transfer_syntax, head, received.dataset_bytes)
 
 
 def _record_of(

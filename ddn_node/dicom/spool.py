@@ -44,6 +44,15 @@ def _fsync_file(path: Path) -> int:
         return os.fstat(handle.fileno()).st_size
 
 
+def _fsync_fd(fd: int) -> int:
+    """fsync an open file's data and close this descriptor of it; returns its size."""
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 def file_sha256(path: Path, offset: int = 0) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -187,9 +196,15 @@ class Spool:
             stored.wait_durable()
         return stored
 
-    def start_sync(self, tmp: Path) -> Future[int]:
+    def start_sync(self, tmp: Path, fd: int | None = None) -> Future[int]:
         """Start fsyncing a file in ``incoming/`` (its size is the result); pass it to
-        :meth:`commit`. Harmless if the file is then refused and removed instead."""
+        :meth:`commit`. Harmless if the file is then refused and removed instead.
+
+        ``fd``: the file, open (the SCP's received file): synced through a duplicate of
+        that descriptor, which is the sync's own to close whenever the writer closes
+        its, instead of opening the file again by name."""
+        if fd is not None:
+            return self._io.submit(_fsync_fd, os.dup(fd))
         return self._io.submit(_fsync_file, tmp)
 
     def quarantine(self, relpath: str) -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
+import logging
 import re
+import socket
 import socketserver
 import threading
 from importlib.metadata import version
@@ -17,10 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pynetdicom
+import pytest
 import structlog
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.dsutils import encode as pynetdicom_encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import (
     AssociationServer,
@@ -29,6 +40,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
+from ddn_node.dicom import hardening
 from ddn_node.dicom.hardening import PYNETDICOM_VERSION, ConnectionGate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,3 +167,173 @@ def test_refusals_are_logged_once_per_address_and_reason_per_interval() -> None:
         ("192.0.2.8", 0),
     ]
     assert all(e["reason"] == "host not on the allow-list" for e in refused)
+
+
+def test_the_received_file_meta_is_written_through_the_names_replaced() -> None:
+    # stream_received_datasets replaces the two names decode_msg writes the File Meta
+    # Information of a received data set with.
+    decode = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    assert "write_file_meta_info(" in decode and "create_file_meta(" in decode
+    for keyword in ("sop_class_uid=", "sop_instance_uid=", "transfer_syntax="):
+        assert keyword in decode
+    # ... and what it falls back to is what those names were.
+    assert hardening._original_write_file_meta_info is write_file_meta_info
+    assert hardening._original_create_file_meta is create_file_meta
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even, odd
+        ("1.2.840.10008.5.1.4.1.1.1", "1.2.33", "1.2.840.10008.1.2"),
+        ("1.2", "1.2.826.0.1.3680043.8.498.12345678901234567890", "1.2.840.10008.1.2.4.50"),
+    ],
+)
+def test_the_file_meta_is_written_as_pydicom_writes_it(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    args = {
+        "sop_class_uid": UID(sop_class),
+        "sop_instance_uid": UID(sop_instance),
+        "transfer_syntax": UID(syntax),
+    }
+    theirs, ours = io.BytesIO(), io.BytesIO()
+    write_file_meta_info(theirs, create_file_meta(**args))
+    hardening._write_file_meta(ours, hardening._file_meta(**args))
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def test_file_meta_pydicom_would_refuse_is_left_to_pydicom() -> None:
+    # An empty SOP Instance UID: pydicom refuses it (as it did without the direct
+    # encoding: the DUL thread aborts the association).
+    meta = hardening._file_meta(
+        sop_class_uid=UID("1.2.3"),
+        sop_instance_uid=UID(""),
+        transfer_syntax=UID("1.2.840.10008.1.2"),
+    )
+    with pytest.raises(AttributeError, match="Media Storage SOP Instance UID"):
+        hardening._write_file_meta(io.BytesIO(), meta)
+
+
+def test_the_established_read_returns_what_was_asked_or_what_came_before_the_close() -> None:
+    guard = hardening.RequestGuard.__new__(hardening.RequestGuard)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        guard.socket = ours
+        payload = bytes(range(256)) * 9000  # larger than one growth step of the buffer
+        sender = threading.Thread(target=theirs.sendall, args=(payload,))
+        sender.start()
+        assert guard._recv_established(len(payload) - 5) == payload[:-5]
+        sender.join()
+        theirs.shutdown(socket.SHUT_WR)
+        assert guard._recv_established(100) == payload[-5:]  # the peer closed
+        assert guard._recv_established(6) == b""
+
+
+def test_a_streamed_file_says_where_its_data_set_starts_and_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As pynetdicom writes a received data set: preamble, File Meta Information, then
+    # each fragment written and flushed; the handler takes what was learnt, once.
+    monkeypatch.setattr(hardening, "_INCOMING", [str(tmp_path)])
+    handle = hardening._hashing_temporary_file(delete=False, mode="wb", suffix=".dcm")
+    handle.write(b"\0" * 128)
+    handle.write(b"DICM")
+    handle.write(b"M" * 50)
+    fragments = [b"a" * 70000, b"b" * 3]
+    for fragment in fragments:
+        handle.write(fragment)
+        handle.file.flush()
+    path = Path(handle.name)
+    received = hardening.take_received(path)
+    assert received is not None
+    assert received.dataset_offset == 182 and received.size == 182 + 70003
+    assert received.head == (b"a" * 70000)[: hardening.HEAD_BYTES]
+    assert received.sha256 == hashlib.sha256(b"".join(fragments)).hexdigest()
+    assert hardening.take_received(path) is None
+    handle.close()
+    assert path.read_bytes()[182:] == b"".join(fragments)
+
+
+def test_a_file_pynetdicom_drops_is_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An association aborted in the middle of a data set drops its file: nothing of it
+    # (descriptor, first bytes) stays behind. pynetdicom holds the file from its DIMSE
+    # message to the C-STORE request the handler gets.
+    assert "primitive._dataset_file = self._data_set_file" in inspect.getsource(
+        dimse_messages.DIMSEMessage.message_to_primitive
+    )
+    monkeypatch.setattr(hardening, "_INCOMING", [str(tmp_path)])
+    handle = hardening._hashing_temporary_file()
+    handle.write(b"x")
+    name = handle.name
+    assert name in hardening._STREAMED
+    del handle
+    assert name not in hardening._STREAMED
+
+
+def test_the_standard_logging_handlers_are_bound_only_where_their_output_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What skip_discarded_logging switches: the setting both the association and the
+    # server read when they bind their default handlers.
+    assert '_config.LOG_HANDLER_LEVEL == "standard"' in inspect.getsource(
+        Association._bind_defaults
+    )
+    assert '_config.LOG_HANDLER_LEVEL == "standard"' in inspect.getsource(
+        AssociationServer._bind_defaults
+    )
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    try:
+        logger.setLevel(logging.DEBUG)
+        hardening.skip_discarded_logging()
+        assert _config.LOG_HANDLER_LEVEL == "standard"
+        logger.setLevel(logging.WARNING)
+        hardening.skip_discarded_logging()
+        assert _config.LOG_HANDLER_LEVEL == "none"
+    finally:
+        logger.setLevel(level)
+
+
+def _command_set(status: int, **more: Any) -> Dataset:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    rsp.AffectedSOPInstanceUID = "1.2.3.45"
+    rsp.Status = status
+    for keyword, value in more.items():
+        setattr(rsp, keyword, value)
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    return message.command_set
+
+
+def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
+    # The DIMSE messages encode their command sets through the module's encode.
+    assert "encode(self.command_set, True, True)" in inspect.getsource(
+        dimse_messages.DIMSEMessage.encode_msg
+    )
+    assert hardening._original_encode is pynetdicom_encode
+    echo = C_ECHO()
+    echo.MessageIDBeingRespondedTo = 3
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    echo.Status = 0
+    echo_message = C_ECHO_RSP()
+    echo_message.primitive_to_message(echo)
+    for command_set in (
+        _command_set(0x0000),
+        _command_set(0xA700),
+        _command_set(0xC003, ErrorComment="SOP Instance UID already stored in another study"),
+        echo_message.command_set,
+    ):
+        ours = hardening._encode(command_set, True, True)
+        assert ours is not None and ours == pynetdicom_encode(command_set, True, True)
+    # An Error Comment (LO) is left to pydicom; so is anything that is not a command set.
+    assert hardening._encode_command_set(_command_set(0xC003, ErrorComment="x")) is None
+    data = Dataset()
+    data.PatientID = "X"
+    assert hardening._encode_command_set(data) is None
+    assert hardening._encode(data, True, True) == pynetdicom_encode(data, True, True)

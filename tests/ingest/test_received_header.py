@@ -63,3 +63,36 @@ def test_garbage_after_the_meta_is_refused_as_read_header_refuses_it(tmp_path: P
         read_header(path)
     with pytest.raises(HeaderError):
         read_received_header(path, offset, ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_header_from_the_first_bytes_is_the_header_from_the_file(
+    syntax: str, tmp_path: Path
+) -> None:
+    # The SCP parses the first bytes it kept while streaming; wherever they end (inside
+    # an element, past the attributes, the whole data set), the header is the file's.
+    ds = make_cr("1.2.826.0.1.3680043.8.498.79", size=16, patient_name="Müller^Jörg")
+    ds.RequestedProcedurePriority = "STAT"
+    ds.StudyDescription = "x" * 5000  # longer than defer_size: skipped, not read
+    path = _saved(ds, syntax, tmp_path / "head.dcm")
+    offset = dataset_offset(path)
+    data = path.read_bytes()[offset:]
+    expected = read_received_header(path, offset, syntax)
+    # (The pixel data, the last 512 bytes, is where the parse stops.)
+    for cut in [*range(1, 400, 7), 5100, 5200, *range(len(data) - 600, len(data) + 10, 9)]:
+        head = data[:cut]
+        assert read_received_header(path, offset, syntax, head, len(data)) == expected, cut
+
+
+def test_garbage_in_the_first_bytes_is_refused_as_in_the_file(tmp_path: Path) -> None:
+    path = _saved(
+        make_cr("1.2.826.0.1.3680043.8.498.80", size=8), ExplicitVRLittleEndian, tmp_path / "x.dcm"
+    )
+    offset = dataset_offset(path)
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 12] = b"\x08\x00\x05\x00SQ\x00\x00\xff\xff\xff\x7f"
+    path.write_bytes(bytes(data))
+    dataset = bytes(data[offset:])
+    for head in (dataset[:64], dataset):
+        with pytest.raises(HeaderError):
+            read_received_header(path, offset, ExplicitVRLittleEndian, head, len(dataset))
