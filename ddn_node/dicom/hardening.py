@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from pydicom.dataelem import DataElement
 from pydicom.uid import UID
 from pynetdicom import (
     AE,
@@ -56,7 +55,6 @@ log = structlog.get_logger("ddn_node.scp")
 # pynetdicom's own, before stream_received_datasets replaces them in its dimse_messages.
 _original_create_file_meta = dimse_messages.create_file_meta
 _original_write_file_meta_info = dimse_messages.write_file_meta_info
-_original_encode = dimse_messages.encode
 
 PYNETDICOM_VERSION = "3.0.4"
 
@@ -942,57 +940,6 @@ def _write_file_meta(fp: Any, file_meta: Any, enforce_standard: bool = True) -> 
             return
         file_meta = file_meta.dataset()
     _original_write_file_meta_info(fp, file_meta, enforce_standard)
-
-
-_US_MAX = 0xFFFF
-_UL_MAX = 0xFFFFFFFF
-
-
-def _encode_command_set(ds: Any) -> bytes | None:
-    """A command set (group 0000, Implicit VR Little Endian) encoded directly, as pydicom's
-    write_dataset encodes it; None for anything but single US, UL and UI values (an
-    Error Comment, an Offending Element...), which pydicom encodes instead."""
-    out = bytearray()
-    for elem in ds.elements():
-        tag = int(elem.tag)
-        if tag >> 16 or not isinstance(elem, DataElement):
-            return None  # not a command set, or an element not yet converted
-        vr, value = elem.VR, elem.value
-        if value is None or value == "":
-            raw = b""
-        elif vr == "UI" and isinstance(value, str) and value.isascii():
-            raw = value.encode("ascii")
-            raw += b"\x00" * (len(raw) % 2)
-        elif vr in ("US", "UL") and type(value) is int:
-            if not 0 <= value <= (_US_MAX if vr == "US" else _UL_MAX):
-                return None
-            raw = struct.pack("<H" if vr == "US" else "<I", value)
-        else:
-            return None
-        out += struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(raw))
-        out += raw
-    return bytes(out)
-
-
-def _encode(
-    ds: Any, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
-) -> bytes | None:
-    """pynetdicom's ``dsutils.encode`` as its DIMSE messages call it, with their command
-    sets encoded directly: each C-STORE answer's was encoded twice through pydicom (once
-    for its group length), ~6% of the SCP's Python time per 512x512 instance. Data sets,
-    and command sets it does not encode, go to pydicom as before
-    (``tests/ingest/test_hardening.py`` compares the two)."""
-    if is_implicit_vr and is_little_endian and not deflated:
-        encoded = _encode_command_set(ds)
-        if encoded is not None:
-            return encoded
-    return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
-
-
-def encode_command_sets_directly() -> None:
-    """Let pynetdicom's DIMSE messages encode their command sets through :func:`_encode`
-    (process-wide: the name their module calls)."""
-    dimse_messages.encode = _encode
 
 
 def skip_discarded_logging() -> None:

@@ -44,7 +44,6 @@ from ddn_node.dicom.hardening import (
     GuardedRequestHandler,
     HardenedServer,
     Received,
-    encode_command_sets_directly,
     peer_certificate,
     register_server,
     share_contexts,
@@ -255,7 +254,6 @@ class StorageSCP:
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
         skip_discarded_logging()
-        encode_command_sets_directly()
         self.warm_up()
         node = self.settings.node
         ports = [self._serve(node.host, node.port, None)]
@@ -274,7 +272,6 @@ class StorageSCP:
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
         skip_discarded_logging()
-        encode_command_sets_directly()
         self.warm_up()
         node = self.settings.node
         self.ae.maximum_associations = max(1, -(-node.max_associations // node.scp_process_count))

@@ -22,16 +22,12 @@ from typing import Any
 import pynetdicom
 import pytest
 import structlog
-from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta
-from pynetdicom.dsutils import encode as pynetdicom_encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import (
     AssociationServer,
@@ -296,44 +292,3 @@ def test_the_standard_logging_handlers_are_bound_only_where_their_output_is_kept
         assert _config.LOG_HANDLER_LEVEL == "none"
     finally:
         logger.setLevel(level)
-
-
-def _command_set(status: int, **more: Any) -> Dataset:
-    rsp = C_STORE()
-    rsp.MessageIDBeingRespondedTo = 7
-    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    rsp.AffectedSOPInstanceUID = "1.2.3.45"
-    rsp.Status = status
-    for keyword, value in more.items():
-        setattr(rsp, keyword, value)
-    message = C_STORE_RSP()
-    message.primitive_to_message(rsp)
-    return message.command_set
-
-
-def test_command_sets_are_encoded_as_pydicom_encodes_them() -> None:
-    # The DIMSE messages encode their command sets through the module's encode.
-    assert "encode(self.command_set, True, True)" in inspect.getsource(
-        dimse_messages.DIMSEMessage.encode_msg
-    )
-    assert hardening._original_encode is pynetdicom_encode
-    echo = C_ECHO()
-    echo.MessageIDBeingRespondedTo = 3
-    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
-    echo.Status = 0
-    echo_message = C_ECHO_RSP()
-    echo_message.primitive_to_message(echo)
-    for command_set in (
-        _command_set(0x0000),
-        _command_set(0xA700),
-        _command_set(0xC003, ErrorComment="SOP Instance UID already stored in another study"),
-        echo_message.command_set,
-    ):
-        ours = hardening._encode(command_set, True, True)
-        assert ours is not None and ours == pynetdicom_encode(command_set, True, True)
-    # An Error Comment (LO) is left to pydicom; so is anything that is not a command set.
-    assert hardening._encode_command_set(_command_set(0xC003, ErrorComment="x")) is None
-    data = Dataset()
-    data.PatientID = "X"
-    assert hardening._encode_command_set(data) is None
-    assert hardening._encode(data, True, True) == pynetdicom_encode(data, True, True)
