@@ -80,8 +80,7 @@ class SrSender:
                 except queue.Empty:
                     break
                 if item is None:
-                    self._stopping.set()
-                    break
+                    break  # stop() has set _stopping before queueing None
                 batch.append(item)
             self._send(batch)
         self._drain_unsent()
