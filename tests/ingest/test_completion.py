@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from ddn_node.config import PeerSettings, RoutingRule, Settings
 from ddn_node.pipeline.completion import CompletionTracker
+from ddn_node.pipeline.scheduler import CompletionTimers
 from ddn_node.store.engine import Database
 from ddn_node.store.ingest import InstanceRecord, record_instance
 from ddn_node.store.models import Job, Study
@@ -192,3 +193,23 @@ def test_ageing_raises_what_waits_to_be_read_and_only_lists_the_unrouted(db: Dat
     assert unrouted.rank == 2 and not unrouted.aged
     assert "raised by ageing" not in unrouted.why
     assert waiting.rank == 1 and waiting.aged and "raised by ageing" in waiting.why
+
+
+def test_completion_timer_is_armed_once_per_quiet_period_and_never_late() -> None:
+    """A study receiving instance after instance arms its timer once; a timer that fires
+    before the study's latest deadline is armed again for that deadline; an earlier
+    deadline (force-complete) re-arms at once; a due study is forgotten."""
+    timers = CompletionTimers()
+    second = dt.timedelta(seconds=1)
+    assert timers.note(1, T0 + 5 * second)  # the first instance arms it
+    assert not any(timers.note(1, T0 + (5 + i) * second) for i in range(1, 50))  # 49 more
+    assert timers.note(2, T0 + 7 * second)  # another study has its own timer
+    # The timer fires at the first deadline: the study's quiet period has moved on.
+    assert timers.fired(1, T0 + 5 * second) == T0 + 54 * second
+    assert not timers.note(1, T0 + 55 * second)  # armed for 54 s: noted, not re-armed
+    assert timers.fired(1, T0 + 54 * second) == T0 + 55 * second
+    assert timers.fired(1, T0 + 55 * second) is None  # due: the caller completes it
+    assert len(timers) == 1  # only study 2 is still waiting
+    assert timers.note(1, T0 + 70 * second)  # a new instance after completion: a new timer
+    assert timers.note(1, T0 + 60 * second)  # force-complete moved it earlier: re-armed
+    assert timers.fired(1, T0 + 60 * second) is None  # the latest deadline is the one kept
