@@ -29,7 +29,10 @@ from support.dicomgen import make_cr, raw_association, store_file
 from support.net import wait_for
 from support.orthanc import Orthanc
 from support.sr_reader import read_sr
+from typer.testing import CliRunner
+from typer.testing import Result as CliResult
 
+from ddn_node.cli.main import app
 from ddn_node.dicom.pixels import load_display_image
 from ddn_node.model.artifact import ModelArtifact
 from ddn_node.model.inference import Predictor
@@ -92,6 +95,12 @@ class _Sender:
         return uid, path
 
 
+def _command(node: Any, *args: str) -> CliResult:
+    """``ddn-node ARGS --config <the node's>``, run in this process: the same code as the
+    command, without an interpreter loading torch for each (half a minute of the suite)."""
+    return CliRunner().invoke(app, [*args, "--config", str(node.config_path)])
+
+
 def _delivered(db_url: str, uid: str) -> Result:
     def done() -> Result | None:
         result, _shadows, deliveries = _rows(db_url, uid)
@@ -117,8 +126,8 @@ def test_shadow_promote_and_rollback_in_a_running_node(
     with node:
         pid = node.proc.pid if node.proc else None
         send = _Sender(tmp_path, node.port)
-        put = node.cli("model", "shadow", RULE, str(cand_dir), "--by", "ml-engineer")
-        assert put.returncode == 0, put.stderr
+        put = _command(node, "model", "shadow", RULE, str(cand_dir), "--by", "ml-engineer")
+        assert put.exit_code == 0, put.stderr
         assert "live ddn-test 1.0-live; shadow ddn-test 2.0-candidate" in put.stdout
 
         # 1. Shadow: stored, never sent.
@@ -153,12 +162,19 @@ def test_shadow_promote_and_rollback_in_a_running_node(
         assert [lab.label for lab in compared.labels] == ["Effusion"]
 
         # 2. Promotion, in the same process.
-        promoted = node.cli(
-            "model", "promote", RULE, "--by", "ml-engineer", "--expect-version", "2.0-candidate"
+        promoted = _command(
+            node,
+            "model",
+            "promote",
+            RULE,
+            "--by",
+            "ml-engineer",
+            "--expect-version",
+            "2.0-candidate",
         )
-        assert promoted.returncode == 0, promoted.stderr
+        assert promoted.exit_code == 0, promoted.stderr
         assert "live ddn-test 2.0-candidate; shadow none" in promoted.stdout
-        status = node.cli("model", "status")
+        status = _command(node, "model", "status")
         assert "promoted" in status.stderr + status.stdout
         uid2, _ = send.study()
         result2 = _delivered(db_url, uid2)
@@ -169,8 +185,8 @@ def test_shadow_promote_and_rollback_in_a_running_node(
         assert [e["version"] for e in loads] == ["1.0-live", "2.0-candidate"]
 
         # 3. Rollback.
-        back = node.cli("model", "rollback", RULE, "--by", "ml-engineer")
-        assert back.returncode == 0, back.stderr
+        back = _command(node, "model", "rollback", RULE, "--by", "ml-engineer")
+        assert back.exit_code == 0, back.stderr
         assert "live ddn-test 1.0-live" in back.stdout
         uid3, _ = send.study()
         assert _delivered(db_url, uid3).model_version == "1.0-live"
@@ -178,7 +194,10 @@ def test_shadow_promote_and_rollback_in_a_running_node(
 
         # 4. A candidate that breaks after it was checked never touches the live result.
         broken = make_test_artifact(tmp_path / "broken", seed=2, version="3.0-broken")
-        assert node.cli("model", "shadow", RULE, str(broken), "--by", "ml-engineer").returncode == 0
+        assert (
+            _command(node, "model", "shadow", RULE, str(broken), "--by", "ml-engineer").exit_code
+            == 0
+        )
         weights = broken / "weights.safetensors"
         weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
         uid4, _ = send.study()
@@ -217,11 +236,13 @@ def test_shadow_refuses_what_cannot_be_compared(make_node, sqlite_url: str, tmp_
     }
     with node:
         for expected, (rule, folder) in cases.items():
-            refused = node.cli("model", "shadow", rule, folder, "--by", "me")
-            assert refused.returncode == 2, (expected, refused.stdout)
+            refused = _command(node, "model", "shadow", rule, folder, "--by", "me")
+            assert refused.exit_code == 2, (expected, refused.stdout)
             assert expected in " ".join(refused.stderr.split()), refused.stderr
-        nothing = node.cli("model", "promote", RULE, "--by", "me")
-        assert nothing.returncode == 2 and "no shadow model to promote" in nothing.stderr
-        back = node.cli("model", "rollback", RULE, "--by", "me")
-        assert back.returncode == 2 and "nothing to roll back" in back.stderr
+        nothing = _command(node, "model", "promote", RULE, "--by", "me")
+        assert nothing.exit_code == 2 and "no shadow model to promote" in nothing.stderr
+        back = _command(node, "model", "rollback", RULE, "--by", "me")
+        assert back.exit_code == 2 and "nothing to roll back" in back.stderr
+        status = _command(node, "model", "status")
+        assert status.exit_code == 0 and "1.0-live" in status.stdout + status.stderr
     assert _audit(sqlite_url) == []
