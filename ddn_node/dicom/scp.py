@@ -46,6 +46,7 @@ from ddn_node.dicom.hardening import (
     Received,
     peer_certificate,
     register_server,
+    remember_valid_uids,
     share_contexts,
     skip_discarded_logging,
     stream_received_datasets,
@@ -254,6 +255,7 @@ class StorageSCP:
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
         skip_discarded_logging()
+        remember_valid_uids()
         self.warm_up()
         node = self.settings.node
         ports = [self._serve(node.host, node.port, None)]
@@ -272,6 +274,7 @@ class StorageSCP:
         self.spool.prepare()
         stream_received_datasets(self.spool.incoming)
         skip_discarded_logging()
+        remember_valid_uids()
         self.warm_up()
         node = self.settings.node
         self.ae.maximum_associations = max(1, -(-node.max_associations // node.scp_process_count))

@@ -292,3 +292,37 @@ def test_the_standard_logging_handlers_are_bound_only_where_their_output_is_kept
         assert _config.LOG_HANDLER_LEVEL == "none"
     finally:
         logger.setLevel(level)
+
+
+def test_each_uid_is_checked_once_and_a_wrong_one_still_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """remember_valid_uids: pynetdicom's primitives and presentation contexts keep their
+    UID checks, a UID seen before is not checked again (the ~130 contexts of every
+    association), and a value pynetdicom refuses is refused every time."""
+    from pynetdicom import dimse_primitives, presentation
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from ddn_node.dicom.hardening import remember_valid_uids
+
+    remember_valid_uids()
+    remember_valid_uids()  # idempotent: still one layer over pynetdicom's own
+    checks: list[str] = []
+    real = UID.is_valid
+
+    def counted(self: UID) -> bool:
+        checks.append(str(self))
+        return bool(real.fget(self))  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(UID, "is_valid", property(counted))
+    uid = "1.2.826.0.1.3680043.10.1.424242"
+    for _ in range(3):
+        request = C_STORE()
+        request.AffectedSOPInstanceUID = uid
+        assert request.AffectedSOPInstanceUID == uid
+        assert isinstance(request.AffectedSOPInstanceUID, UID)
+        context = presentation.PresentationContext()
+        context.abstract_syntax = uid
+    assert checks.count(uid) <= 2  # once per kind of use (here two), not once per use (six)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="must not exceed 64"):
+            C_STORE().AffectedSOPInstanceUID = "1." * 40
+    assert dimse_primitives.set_uid is presentation.set_uid
